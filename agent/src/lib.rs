@@ -1,0 +1,9 @@
+//! bai-agent: a Backend.AI-compatible node agent that runs kernels through Docker and
+//! accounts for each one with eBPF programs attached per cgroup.
+
+pub mod config;
+pub mod daemon;
+pub mod docker;
+pub mod logging;
+pub mod metrics;
+pub mod monitor;

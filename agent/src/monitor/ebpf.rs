@@ -1,0 +1,252 @@
+//! The eBPF object in user space: loaded once, `sched_switch` attached globally,
+//! `cgroup_skb` programs attached per container cgroup, counters read from the map.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{COUNTERS_MAP, CgroupCounters, CgroupId, programs};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError,
+        cgroup_skb::CgroupSkbLinkId,
+    },
+    util::nr_cpus,
+};
+
+/// The object built by `agent/build.rs` from `agent-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "loading the eBPF object failed: {0} (the agent needs root or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN and a kernel with BPF)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel BTF is unavailable ({0}); tp_btf programs need /sys/kernel/btf/vmlinux")]
+    Btf(#[from] aya::BtfError),
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF program `{0}` is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map `{0}` is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot count the number of CPUs: {0}")]
+    Cpus(String),
+    #[error("cgroup {0} is not attached")]
+    NotAttached(CgroupId),
+}
+
+/// Links of the per-cgroup programs for one attached cgroup.
+struct CgroupLinks {
+    ingress: CgroupSkbLinkId,
+    egress: CgroupSkbLinkId,
+}
+
+/// The loaded programs and the counters map. Dropping it detaches everything.
+pub struct EbpfMonitor {
+    ebpf: Ebpf,
+    counters: PerCpuHashMap<MapData, CgroupId, CgroupCounters>,
+    attached: HashMap<CgroupId, CgroupLinks>,
+    cpus: usize,
+}
+
+impl EbpfMonitor {
+    /// Loads the object and attaches the global programs.
+    pub fn load() -> Result<Self, EbpfError> {
+        raise_memlock_limit();
+        let btf = Btf::from_sys_fs()?;
+        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
+
+        let sched_switch: &mut BtfTracePoint = program(&mut ebpf, programs::SCHED_SWITCH)?;
+        let at = |source| EbpfError::Program {
+            name: programs::SCHED_SWITCH,
+            source,
+        };
+        sched_switch.load("sched_switch", &btf).map_err(at)?;
+        sched_switch.attach().map_err(at)?;
+
+        for name in [programs::SKB_INGRESS, programs::SKB_EGRESS] {
+            let skb: &mut CgroupSkb = program(&mut ebpf, name)?;
+            skb.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+
+        let map = ebpf
+            .take_map(COUNTERS_MAP)
+            .ok_or(EbpfError::MissingMap(COUNTERS_MAP))?;
+        let counters = PerCpuHashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: COUNTERS_MAP,
+            source,
+        })?;
+        let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
+        Ok(Self {
+            ebpf,
+            counters,
+            attached: HashMap::new(),
+            cpus,
+        })
+    }
+
+    /// Starts counting a cgroup: registers its id (so `sched_switch` counts it) and
+    /// attaches the packet counters to its directory.
+    pub fn attach(&mut self, id: CgroupId, path: &Path) -> Result<(), EbpfError> {
+        if self.attached.contains_key(&id) {
+            return Ok(());
+        }
+        let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![CgroupCounters::default(); self.cpus]).map_err(
+            |source| EbpfError::Map {
+                name: COUNTERS_MAP,
+                source: aya::maps::MapError::IoError(source),
+            },
+        )?;
+        self.counters
+            .insert(id, zeros, 0)
+            .map_err(|source| EbpfError::Map {
+                name: COUNTERS_MAP,
+                source,
+            })?;
+
+        let ingress = self.attach_skb(programs::SKB_INGRESS, &dir, CgroupSkbAttachType::Ingress);
+        let egress = self.attach_skb(programs::SKB_EGRESS, &dir, CgroupSkbAttachType::Egress);
+        match (ingress, egress) {
+            (Ok(ingress), Ok(egress)) => {
+                self.attached.insert(id, CgroupLinks { ingress, egress });
+                Ok(())
+            }
+            (ingress, egress) => {
+                // Leave nothing half-attached.
+                let mut failure = None;
+                match ingress {
+                    Ok(link) => {
+                        let _ = self
+                            .skb_program(programs::SKB_INGRESS)
+                            .and_then(|p| detach_link(p, link));
+                    }
+                    Err(err) => failure = Some(err),
+                }
+                match egress {
+                    Ok(link) => {
+                        let _ = self
+                            .skb_program(programs::SKB_EGRESS)
+                            .and_then(|p| detach_link(p, link));
+                    }
+                    Err(err) => failure = failure.or(Some(err)),
+                }
+                let _ = self.counters.remove(&id);
+                Err(failure.unwrap_or(EbpfError::NotAttached(id)))
+            }
+        }
+    }
+
+    /// Stops counting a cgroup and returns what it counted last.
+    pub fn detach(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        let links = self
+            .attached
+            .remove(&id)
+            .ok_or(EbpfError::NotAttached(id))?;
+        // Detaching fails harmlessly when the cgroup is already gone with its links.
+        let _ = self
+            .skb_program(programs::SKB_INGRESS)
+            .and_then(|p| detach_link(p, links.ingress));
+        let _ = self
+            .skb_program(programs::SKB_EGRESS)
+            .and_then(|p| detach_link(p, links.egress));
+        let last = self.read(id);
+        let _ = self.counters.remove(&id);
+        last
+    }
+
+    /// The cgroup's counters, summed over CPUs.
+    pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        let per_cpu = self.counters.get(&id, 0).map_err(|source| EbpfError::Map {
+            name: COUNTERS_MAP,
+            source,
+        })?;
+        let mut total = CgroupCounters::default();
+        for cpu in per_cpu.iter() {
+            total.accumulate(cpu);
+        }
+        Ok(total)
+    }
+
+    pub fn is_attached(&self, id: CgroupId) -> bool {
+        self.attached.contains_key(&id)
+    }
+
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
+
+    fn attach_skb(
+        &mut self,
+        name: &'static str,
+        dir: &File,
+        attach_type: CgroupSkbAttachType,
+    ) -> Result<CgroupSkbLinkId, EbpfError> {
+        // On kernels with bpf_link (5.7+) aya attaches through a link, which always
+        // coexists with other programs and must be created with no flags: `Single` is 0.
+        self.skb_program(name)?
+            .attach(dir, attach_type, CgroupAttachMode::Single)
+            .map_err(|source| EbpfError::Program { name, source })
+    }
+
+    fn skb_program(&mut self, name: &'static str) -> Result<&mut CgroupSkb, EbpfError> {
+        program(&mut self.ebpf, name)
+    }
+}
+
+fn detach_link(program: &mut CgroupSkb, link: CgroupSkbLinkId) -> Result<(), EbpfError> {
+    program.detach(link).map_err(|source| EbpfError::Program {
+        name: "cgroup_skb",
+        source,
+    })
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid struct; failure only matters on old kernels.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if rc != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK; fine on kernels with memcg-based BPF accounting"
+        );
+    }
+}

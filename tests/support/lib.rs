@@ -1,0 +1,460 @@
+//! Test support for the integration suite: checks the machine can run it, starts a
+//! real `bai-agent`, runs labelled containers on the real Docker engine, reads `/metrics`.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// The image `cargo xtask setup` builds: busybox in a `FROM scratch` image.
+pub const BUSYBOX_IMAGE: &str = "bai-test/busybox:latest";
+
+/// Fails the test with a list of what this machine lacks, instead of skipping it.
+pub fn require_environment() {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (eBPF programs and cgroup attachment need it)".to_string());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        missing.push("kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs need it)".to_string());
+    }
+    match Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let image = Command::new("docker")
+                .args(["image", "inspect", BUSYBOX_IMAGE])
+                .output();
+            if !image.is_ok_and(|out| out.status.success()) {
+                missing.push(format!("the test image {BUSYBOX_IMAGE}"));
+            }
+        }
+        _ => missing.push(
+            "a running Docker engine (dockerd answering on /var/run/docker.sock)".to_string(),
+        ),
+    }
+    let agent = agent_binary();
+    if !agent.exists() {
+        missing.push(format!("the agent binary at {}", agent.display()));
+    }
+    if !missing.is_empty() {
+        panic!(
+            "the integration suite cannot run here; missing: {}. `cargo xtask test` installs and starts all of it.",
+            missing.join("; ")
+        );
+    }
+}
+
+/// `BAI_AGENT_BIN`, or `bai-agent` next to this test's target directory.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BAI_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("bai-agent"))
+        .unwrap_or_else(|| PathBuf::from("bai-agent"))
+}
+
+/// A name no other test of this run uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running `bai-agent`; stopped with SIGTERM when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub id: String,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent with a fresh id and port; `extra_toml` is appended to its config.
+    pub fn start(extra_toml: &str) -> anyhow::Result<Agent> {
+        Self::start_with_id(&unique("i-test"), extra_toml)
+    }
+
+    pub fn start_with_id(id: &str, extra_toml: &str) -> anyhow::Result<Agent> {
+        let dir = tempfile::tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\n\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n"
+            ),
+        )?;
+        let log = dir.path().join("agent.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(agent_binary())
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", agent_binary().display()))?;
+        let mut agent = Agent {
+            child: Some(child),
+            id: id.to_owned(),
+            addr,
+            _dir: dir,
+            log,
+        };
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the agent exited with {status} before it was ready; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok((200, _)) = http_get(&self.addr, "/readyz") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "the agent was not ready within {timeout:?}; its log:\n{}",
+            self.log_text()
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&self.addr, path)
+    }
+
+    /// Every sample of the current `/metrics`.
+    pub fn metrics(&self) -> anyhow::Result<Vec<Sample>> {
+        let (status, body) = self.get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}: {body}");
+        }
+        Ok(parse_exposition(&body))
+    }
+
+    /// The value of `name` for the series whose `kernel_id` label is `kernel_id`.
+    pub fn kernel_value(&self, name: &str, kernel_id: &str) -> anyhow::Result<Option<f64>> {
+        Ok(self
+            .metrics()?
+            .into_iter()
+            .find(|s| {
+                s.name == name && s.labels.get("kernel_id").map(String::as_str) == Some(kernel_id)
+            })
+            .map(|s| s.value))
+    }
+
+    /// Waits until `kernel_id` has series in `/metrics` (or, with `present = false`, has none).
+    pub fn wait_for_kernel(
+        &self,
+        kernel_id: &str,
+        present: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .kernel_value("container_cpu_usage_seconds_total", kernel_id)?
+                .is_some();
+            if found == present {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kernel {kernel_id} {} /metrics within {timeout:?}; agent log:\n{}",
+                    if present {
+                        "did not appear in"
+                    } else {
+                        "did not leave"
+                    },
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let pid = i32::try_from(child.id())?;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the agent did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET against a loopback address.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((status, body.to_owned()))
+}
+
+/// One line of an OpenMetrics exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(parts) => parts,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
+        };
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let Some(end) = after.find('"') else { break };
+        labels.insert(
+            key.trim_start_matches(',').to_owned(),
+            after[..end].to_owned(),
+        );
+        rest = &after[end + 1..];
+    }
+    labels
+}
+
+/// A container on the real engine, removed when dropped.
+pub struct Container {
+    pub id: String,
+    pub kernel_id: String,
+}
+
+impl Container {
+    /// `docker run -d` with the kernel labels of `agent_id`, the `docker run` options in
+    /// `options`, the busybox image, and `sh -c script`.
+    pub fn run(agent_id: &str, options: &[&str], script: &str) -> anyhow::Result<Container> {
+        let kernel_id = unique("kernel");
+        let labels = [
+            format!("ai.backend.agent-id={agent_id}"),
+            format!("ai.backend.kernel-id={kernel_id}"),
+            format!("ai.backend.session-id=session-of-{kernel_id}"),
+            "ai.backend.owner-user-id=user-1".to_string(),
+            "ai.backend.owner-project-id=project-1".to_string(),
+        ];
+        let mut cmd = Command::new("docker");
+        cmd.args(["run", "-d"]);
+        for label in &labels {
+            cmd.args(["--label", label]);
+        }
+        cmd.args(options).args([BUSYBOX_IMAGE, "sh", "-c", script]);
+        let out = cmd.output().context("running docker")?;
+        if !out.status.success() {
+            bail!(
+                "docker run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Container {
+            id: String::from_utf8(out.stdout)?.trim().to_owned(),
+            kernel_id,
+        })
+    }
+
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        let out = Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Pid}}", &self.id])
+            .output()?;
+        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+    }
+
+    pub fn remove(&self) -> anyhow::Result<()> {
+        let out = Command::new("docker")
+            .args(["rm", "-f", &self.id])
+            .output()?;
+        if !out.status.success() {
+            bail!("docker rm failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Nanoseconds of CPU the container's cgroup used, by the kernel's own accounting:
+    /// `cpuacct.usage` on hybrid hosts, `cpu.stat` `usage_usec` on pure v2 hosts.
+    pub fn kernel_cpu_ns(&self) -> anyhow::Result<u64> {
+        let pid = self.pid()?;
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        if let Some(path) = bai_agent::monitor::cgroup::v1_entry(&cgroups, "cpuacct") {
+            let file = format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage");
+            let file = if Path::new(&file).exists() {
+                file
+            } else {
+                format!("/sys/fs/cgroup/cpu,cpuacct{path}/cpuacct.usage")
+            };
+            return Ok(std::fs::read_to_string(&file)
+                .with_context(|| file.clone())?
+                .trim()
+                .parse()?);
+        }
+        let path =
+            bai_agent::monitor::cgroup::unified_entry(&cgroups).context("no cgroup v2 entry")?;
+        let stat = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.stat"))?;
+        let usec: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .context("no usage_usec in cpu.stat")?
+            .trim()
+            .parse()?;
+        Ok(usec * 1000)
+    }
+
+    /// A line of `/proc/<pid>/net/dev` inside the container's network namespace.
+    pub fn net_dev(&self, interface: &str) -> anyhow::Result<NetDev> {
+        let pid = self.pid()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))?;
+        for line in text.lines().skip(2) {
+            let Some((name, fields)) = line.split_once(':') else {
+                continue;
+            };
+            if name.trim() != interface {
+                continue;
+            }
+            let numbers: Vec<u64> = fields
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            if numbers.len() < 10 {
+                bail!("short net/dev line: {line}");
+            }
+            return Ok(NetDev {
+                rx_bytes: numbers[0],
+                rx_packets: numbers[1],
+                tx_bytes: numbers[8],
+                tx_packets: numbers[9],
+            });
+        }
+        bail!("no interface {interface} in /proc/{pid}/net/dev")
+    }
+
+    /// Whether `path` exists inside the container (read through `/proc/<pid>/root`).
+    pub fn has_file(&self, path: &str) -> bool {
+        self.pid()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}/root{path}")).exists())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.id]).output();
+    }
+}
+
+/// Interface counters as `/proc/net/dev` reports them (link-layer header included).
+#[derive(Debug, Clone, Copy)]
+pub struct NetDev {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+/// Polls `probe` every 100 ms until it returns true.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !probe() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// |a - b| / b
+pub fn relative_error(measured: f64, truth: f64) -> f64 {
+    if truth == 0.0 {
+        if measured == 0.0 { 0.0 } else { f64::INFINITY }
+    } else {
+        (measured - truth).abs() / truth
+    }
+}

@@ -1,0 +1,364 @@
+//! `cargo xtask`: the developer entry point of bai-agent (setup, eBPF build, run, test, bench).
+
+mod cmd;
+mod docker;
+mod services;
+mod setup;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::setup::step;
+
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+/// Compiler settings of the calling cargo that must not leak into the nightly eBPF build.
+const EBPF_ENV_REMOVE: &[&str] = &[
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTFLAGS",
+    "RUSTUP_TOOLCHAIN",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+];
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for bai-agent: machine setup, eBPF build, run, test, bench",
+    long_about = "Developer tasks for bai-agent.\n\n\
+        `cargo xtask setup` makes a fresh machine (Debian, root) ready; `run`, `test` and `bench` \
+        run it first, so on a new machine `cargo xtask test` is all it takes."
+)]
+struct Cli {
+    /// Where bpf-linker is installed (`bin/`, and `lib/` with the nightly's LLVM); the binary
+    /// keeps an rpath to `<root>/lib`, so pick a directory that persists.
+    #[arg(
+        long,
+        global = true,
+        env = "BAI_BPF_LINKER_ROOT",
+        default_value = "/opt/bai-agent/bpf-linker",
+        value_name = "DIR"
+    )]
+    bpf_linker_root: PathBuf,
+
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Prepare this machine (idempotent, needs root): Debian packages, nightly Rust with
+    /// rust-src, bpf-linker, tracefs, a running dockerd and the test images.
+    ///
+    /// Each step checks first and says `already present` when there is nothing to do. dockerd,
+    /// when setup has to start it, keeps running afterwards (log: target/xtask/dockerd.log).
+    Setup,
+
+    /// Build the eBPF programs alone (nightly, bpfel-unknown-none) and print the object's path.
+    ///
+    /// `cargo build` of the agent does this by itself through agent/build.rs; this is for working
+    /// on the eBPF code. Needs the nightly toolchain and bpf-linker (`cargo xtask setup`).
+    BuildEbpf,
+
+    /// Set up, build the agent (release) and run it in the foreground with
+    /// config/agent.dev.toml; exits with the agent's exit code.
+    ///
+    /// Ctrl-C goes to the agent; xtask waits for it to stop.
+    Run {
+        /// Extra arguments for bai-agent, after `--` (e.g. `cargo xtask run -- --help`).
+        #[arg(last = true, value_name = "AGENT_ARGS")]
+        args: Vec<String>,
+    },
+
+    /// Set up, start the test services, build the whole workspace and run its tests.
+    ///
+    /// Tests get BAI_AGENT_BIN (the debug agent binary) and BPF_LINKER_DIR in their environment.
+    Test {
+        /// Extra arguments for the test binaries, after `--` (passed as
+        /// `cargo test --workspace -- <ARGS>`, e.g. `cargo xtask test -- --nocapture cpu`).
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        args: Vec<String>,
+    },
+
+    /// Set up, build and run the eBPF benchmark (`bench-ebpf` of the tests package) with
+    /// kernel.bpf_stats_enabled=1, restoring the sysctl afterwards.
+    Bench {
+        /// Extra arguments for bench-ebpf, after `--`.
+        #[arg(last = true, value_name = "BENCH_ARGS")]
+        args: Vec<String>,
+    },
+}
+
+/// Where things are.
+pub struct Ctx {
+    /// The workspace root (parent of xtask/).
+    pub workspace: PathBuf,
+    pub bpf_linker_root: PathBuf,
+}
+
+impl Ctx {
+    fn new(bpf_linker_root: PathBuf) -> Result<Self> {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask/ has no parent directory")?
+            .to_path_buf();
+        Ok(Self {
+            workspace,
+            bpf_linker_root,
+        })
+    }
+
+    /// Cargo's target directory of the workspace (honours CARGO_TARGET_DIR).
+    pub fn target_dir(&self) -> PathBuf {
+        match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => self.workspace.join(dir),
+            _ => self.workspace.join("target"),
+        }
+    }
+
+    /// Logs and scratch files of xtask: `target/xtask/`.
+    pub fn xtask_dir(&self) -> PathBuf {
+        self.target_dir().join("xtask")
+    }
+
+    /// What build.rs of the agent reads as BPF_LINKER_DIR.
+    pub fn bpf_linker_bin(&self) -> PathBuf {
+        self.bpf_linker_root.join("bin")
+    }
+
+    /// `cargo <args>` in the workspace root, with BPF_LINKER_DIR for the agent's build.rs.
+    fn cargo(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(args)
+            .current_dir(&self.workspace)
+            .env("BPF_LINKER_DIR", self.bpf_linker_bin());
+        cmd
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = Ctx::new(cli.bpf_linker_root).and_then(|ctx| match cli.task {
+        Task::Setup => setup::setup(&ctx).map(|()| ExitCode::SUCCESS),
+        Task::BuildEbpf => build_ebpf(&ctx).map(|()| ExitCode::SUCCESS),
+        Task::Run { args } => run(&ctx, &args),
+        Task::Test { args } => test(&ctx, &args).map(|()| ExitCode::SUCCESS),
+        Task::Bench { args } => bench(&ctx, &args),
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_ebpf(ctx: &Ctx) -> Result<()> {
+    step("build-ebpf", &format!("eBPF programs for {EBPF_TARGET}"));
+    let linker = ctx.bpf_linker_bin().join("bpf-linker");
+    if !linker.exists() {
+        bail!(
+            "{} is missing; run `cargo xtask setup` (or set BAI_BPF_LINKER_ROOT)",
+            linker.display()
+        );
+    }
+    let mut paths = vec![ctx.bpf_linker_bin()];
+    if let Some(existing) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&existing));
+    }
+    let path = std::env::join_paths(paths).context("a PATH entry contains ':'")?;
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--release",
+        "--target",
+        EBPF_TARGET,
+        "-Z",
+        "build-std=core",
+        "--manifest-path",
+        "agent-ebpf/Cargo.toml",
+    ])
+    .current_dir(&ctx.workspace)
+    .env("PATH", path)
+    // BTF in the object lets the kernel describe the maps; debuginfo feeds it.
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
+    for key in EBPF_ENV_REMOVE {
+        cmd.env_remove(key);
+    }
+    cmd::run(&mut cmd).context(
+        "building the eBPF programs failed; they need the nightly toolchain with rust-src and \
+         bpf-linker (`cargo xtask setup`)",
+    )?;
+    let object = ctx
+        .workspace
+        .join("agent-ebpf/target")
+        .join(EBPF_TARGET)
+        .join("release/agent-ebpf");
+    if !object.is_file() {
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
+    }
+    println!("{}", object.display());
+    Ok(())
+}
+
+fn run(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
+    setup::setup(ctx)?;
+    step("build", "bai-agent (release)");
+    cmd::run(&mut ctx.cargo(&["build", "--release", "-p", "bai-agent"]))
+        .context("building bai-agent failed")?;
+    let config = ctx.workspace.join("config/agent.dev.toml");
+    if !config.is_file() {
+        bail!(
+            "{} is missing: it is the development config that `cargo xtask run` gives the agent",
+            config.display()
+        );
+    }
+    let agent = ctx.target_dir().join("release/bai-agent");
+    step("run", &format!("{} (Ctrl-C stops it)", agent.display()));
+    let status = cmd::status(
+        Command::new(&agent)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .current_dir(&ctx.workspace),
+    )?;
+    if !status.success() {
+        eprintln!("xtask: bai-agent ended: {}", cmd::describe(status));
+    }
+    Ok(ExitCode::from(cmd::exit_code(status)))
+}
+
+fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
+    setup::setup(ctx).context("test: step `setup` failed")?;
+    step("services", "test services");
+    // Test services that are not system-wide start here as `services::Service`s and stop when
+    // they go out of scope at the end of this function. None yet besides dockerd (setup).
+    println!("    none needed");
+    let agent_bin = ctx.target_dir().join("debug/bai-agent");
+    step("build", "the workspace, all targets");
+    cmd::run(
+        ctx.cargo(&["build", "--workspace", "--all-targets"])
+            .env("BAI_AGENT_BIN", &agent_bin),
+    )
+    .context("test: step `build` failed")?;
+    step("test", "cargo test --workspace");
+    let mut test = ctx.cargo(&["test", "--workspace"]);
+    if !args.is_empty() {
+        test.arg("--").args(args);
+    }
+    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin)).context("test: step `test` failed")?;
+    println!("tests passed");
+    Ok(())
+}
+
+const BPF_STATS_SYSCTL: &str = "kernel.bpf_stats_enabled";
+
+/// Sets `kernel.bpf_stats_enabled` and puts the old value back when dropped.
+struct BpfStats {
+    previous: String,
+}
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let previous = fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .to_owned();
+        cmd::run(Command::new("sysctl").args(["-w", &format!("{BPF_STATS_SYSCTL}=1")]))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let setting = format!("{BPF_STATS_SYSCTL}={}", self.previous);
+        if let Err(err) = cmd::run(Command::new("sysctl").args(["-w", &setting])) {
+            eprintln!("xtask: could not restore {setting}: {err:#}");
+        }
+    }
+}
+
+fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
+    setup::setup(ctx)?;
+    step("build", "bench-ebpf (release)");
+    cmd::run(&mut ctx.cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "bai-agent-tests",
+        "--bin",
+        "bench-ebpf",
+    ]))
+    .context("building bench-ebpf failed")?;
+    let bench = ctx.target_dir().join("release/bench-ebpf");
+    if !bench.is_file() {
+        bail!("{} is missing after its build", bench.display());
+    }
+    step(
+        "bench",
+        &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()),
+    );
+    let stats = BpfStats::enable()?;
+    let status = cmd::status(Command::new(&bench).args(args).current_dir(&ctx.workspace))?;
+    drop(stats);
+    if !status.success() {
+        eprintln!("xtask: bench-ebpf ended: {}", cmd::describe(status));
+    }
+    Ok(ExitCode::from(cmd::exit_code(status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn extra_args_follow_the_double_dash() -> Result<()> {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "--nocapture", "cpu"])?;
+        match cli.task {
+            Task::Test { args } => assert_eq!(args, ["--nocapture", "cpu"]),
+            _ => bail!("parsed as another task"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "run"])?;
+        match cli.task {
+            Task::Run { args } => assert!(args.is_empty()),
+            _ => bail!("parsed as another task"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn workspace_root_holds_the_workspace_manifest() -> Result<()> {
+        let ctx = Ctx::new("/opt/bai-agent/bpf-linker".into())?;
+        let manifest = fs::read_to_string(ctx.workspace.join("Cargo.toml"))?;
+        assert!(manifest.contains("[workspace]"));
+        Ok(())
+    }
+}
