@@ -12,55 +12,29 @@ const DEFAULT_BPF_LINKER_DIR: &str = "/opt/bai-agent/bpf-linker/bin";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let workspace = manifest_dir
-        .parent()
-        .expect("agent/ lives in the workspace");
+    let workspace = manifest_dir.parent().expect("agent/ lives in the workspace");
     let ebpf_dir = workspace.join("agent-ebpf");
 
-    for watched in [
-        "agent-ebpf/src",
-        "agent-ebpf/Cargo.toml",
-        "agent-ebpf/Cargo.lock",
-        "agent-common/src",
-    ] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace.join(watched).display()
-        );
+    for watched in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-ebpf/Cargo.lock", "agent-common/src"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=BPF_LINKER_DIR");
 
-    let linker_dir = env::var_os("BPF_LINKER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| DEFAULT_BPF_LINKER_DIR.into());
+    let linker_dir = env::var_os("BPF_LINKER_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_BPF_LINKER_DIR.into());
     let path = prepend_path(&linker_dir);
     let target_dir = out_dir.join("ebpf-target");
 
     let mut cmd = Command::new("rustup");
-    cmd.args([
-        "run",
-        "nightly",
-        "cargo",
-        "build",
-        "--release",
-        "--target",
-        BPF_TARGET,
-        "-Z",
-        "build-std=core",
-    ])
-    .arg("--manifest-path")
-    .arg(ebpf_dir.join("Cargo.toml"))
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("PATH", path)
-    // BTF in the object lets the kernel describe the maps; debuginfo feeds it.
-    .env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-    );
+    cmd.args(["run", "nightly", "cargo", "build", "--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
+        .arg("--manifest-path")
+        .arg(ebpf_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("PATH", path)
+        // BTF in the object lets the kernel describe the maps; debuginfo feeds it.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     // The outer build's compiler settings must not leak into the nightly BPF build.
     for key in [
         "RUSTC",
@@ -78,9 +52,9 @@ fn main() {
 
     let status = match cmd.status() {
         Ok(status) => status,
-        Err(err) => panic!(
-            "cannot run `rustup run nightly cargo` to build the eBPF programs ({err}); run `cargo xtask setup`"
-        ),
+        Err(err) => {
+            panic!("cannot run `rustup run nightly cargo` to build the eBPF programs ({err}); run `cargo xtask setup`")
+        }
     };
     if !status.success() {
         panic!(
@@ -90,17 +64,10 @@ fn main() {
         );
     }
 
-    let object = target_dir
-        .join(BPF_TARGET)
-        .join("release")
-        .join("agent-ebpf");
+    let object = target_dir.join(BPF_TARGET).join("release").join("agent-ebpf");
     let embedded = out_dir.join("agent-ebpf.o");
     if let Err(err) = std::fs::copy(&object, &embedded) {
-        panic!(
-            "copying {} to {}: {err}",
-            object.display(),
-            embedded.display()
-        );
+        panic!("copying {} to {}: {err}", object.display(), embedded.display());
     }
 }
 

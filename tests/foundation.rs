@@ -26,21 +26,15 @@ fn cpu_time_agrees_with_the_cgroups_own_accounting() {
         "sleep 3; timeout -s KILL 5 sh -c 'while :; do :; done'; sleep 3600",
     )
     .expect("container runs");
-    agent
-        .wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10))
-        .expect("picked up");
+    agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("picked up");
     settle();
     let kernel_before = container.kernel_cpu_ns().expect("cpuacct readable") as f64 / 1e9;
-    let agent_before = agent
-        .kernel_value("container_cpu_usage_seconds_total", &container.kernel_id)
-        .expect("scrape")
-        .expect("series");
+    let agent_before =
+        agent.kernel_value("container_cpu_usage_seconds_total", &container.kernel_id).expect("scrape").expect("series");
 
     // Wait for the busy phase to start and then to end (the cgroup stops accruing time).
     wait_until("the busy loop to start", Duration::from_secs(10), || {
-        container
-            .kernel_cpu_ns()
-            .is_ok_and(|ns| ns as f64 / 1e9 > kernel_before + 0.2)
+        container.kernel_cpu_ns().is_ok_and(|ns| ns as f64 / 1e9 > kernel_before + 0.2)
     })
     .expect("busy phase");
     let mut last = 0;
@@ -54,27 +48,14 @@ fn cpu_time_agrees_with_the_cgroups_own_accounting() {
     .expect("busy phase ends");
     settle();
 
-    let kernel_delta =
-        container.kernel_cpu_ns().expect("cpuacct readable") as f64 / 1e9 - kernel_before;
-    let agent_delta = agent
-        .kernel_value("container_cpu_usage_seconds_total", &container.kernel_id)
-        .expect("scrape")
-        .expect("series")
-        - agent_before;
+    let kernel_delta = container.kernel_cpu_ns().expect("cpuacct readable") as f64 / 1e9 - kernel_before;
+    let agent_delta =
+        agent.kernel_value("container_cpu_usage_seconds_total", &container.kernel_id).expect("scrape").expect("series")
+            - agent_before;
     let error = relative_error(agent_delta, kernel_delta);
-    println!(
-        "cpu: agent {agent_delta:.6} s, kernel {kernel_delta:.6} s, error {:.3}%",
-        error * 100.0
-    );
-    assert!(
-        kernel_delta > 2.0,
-        "the container should have used about 2.5 s of CPU, used {kernel_delta}"
-    );
-    assert!(
-        error < 0.02,
-        "agent {agent_delta} s vs kernel {kernel_delta} s: {:.3}% apart",
-        error * 100.0
-    );
+    println!("cpu: agent {agent_delta:.6} s, kernel {kernel_delta:.6} s, error {:.3}%", error * 100.0);
+    assert!(kernel_delta > 2.0, "the container should have used about 2.5 s of CPU, used {kernel_delta}");
+    assert!(error < 0.02, "agent {agent_delta} s vs kernel {kernel_delta} s: {:.3}% apart", error * 100.0);
 }
 
 #[test]
@@ -90,59 +71,36 @@ fn network_bytes_agree_with_the_containers_interface_counters() {
          wget -q -O /dev/null http://127.0.0.1:8080/blob && touch /done; sleep 3600",
         SIZE / 1048576
     );
-    let container =
-        Container::run(&agent.id, &["--network", "none"], &script).expect("container runs");
-    agent
-        .wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10))
-        .expect("picked up");
-    wait_until("the download to finish", Duration::from_secs(30), || {
-        container.has_file("/done")
-    })
-    .expect("download");
+    let container = Container::run(&agent.id, &["--network", "none"], &script).expect("container runs");
+    agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("picked up");
+    wait_until("the download to finish", Duration::from_secs(30), || container.has_file("/done")).expect("download");
     settle();
 
     // Loopback counts from the IP header up (it strips its Ethernet header before
     // counting) and counts each GSO segment; the agent counts in the same units (it adds
     // 14 header bytes per packet only on non-loopback devices), so they compare as is.
     let lo = container.net_dev("lo").expect("net/dev readable");
-    let value = |name: &str| {
-        agent
-            .kernel_value(name, &container.kernel_id)
-            .expect("scrape")
-            .expect("series")
-    };
+    let value = |name: &str| agent.kernel_value(name, &container.kernel_id).expect("scrape").expect("series");
     let rx_bytes = value("container_network_receive_bytes_total");
     let tx_bytes = value("container_network_transmit_bytes_total");
     let rx_packets = value("container_network_receive_packets_total");
     let tx_packets = value("container_network_transmit_packets_total");
-    println!(
-        "net: agent rx {rx_bytes} B/{rx_packets} p, tx {tx_bytes} B/{tx_packets} p; lo {lo:?}"
-    );
+    println!("net: agent rx {rx_bytes} B/{rx_packets} p, tx {tx_bytes} B/{tx_packets} p; lo {lo:?}");
 
-    assert!(
-        lo.tx_bytes >= SIZE,
-        "the transfer should have put {SIZE} bytes on lo: {lo:?}"
-    );
+    assert!(lo.tx_bytes >= SIZE, "the transfer should have put {SIZE} bytes on lo: {lo:?}");
     for (what, agent_value, truth) in [
         ("rx bytes", rx_bytes, lo.rx_bytes as f64),
         ("tx bytes", tx_bytes, lo.tx_bytes as f64),
         ("rx packets", rx_packets, lo.rx_packets as f64),
     ] {
         let error = relative_error(agent_value, truth);
-        assert!(
-            error < 0.01,
-            "{what}: agent {agent_value} vs /proc/net/dev {truth}: {:.3}% apart",
-            error * 100.0
-        );
+        assert!(error < 0.01, "{what}: agent {agent_value} vs /proc/net/dev {truth}: {:.3}% apart", error * 100.0);
     }
     // Loopback splits some TCP GSO super-packets into segments after the egress hook has
     // counted them whole, so its tx packet count can only be higher; each extra segment
     // carries one more IP+TCP header, which is all the byte difference may be.
     let extra_segments = lo.tx_packets as f64 - tx_packets;
-    assert!(
-        extra_segments >= 0.0,
-        "the agent cannot see more packets than lo: {tx_packets} vs {lo:?}"
-    );
+    assert!(extra_segments >= 0.0, "the agent cannot see more packets than lo: {tx_packets} vs {lo:?}");
     let header_bytes = lo.tx_bytes as f64 - tx_bytes;
     assert!(
         header_bytes >= 0.0 && header_bytes <= extra_segments * 60.0,
@@ -154,50 +112,33 @@ fn network_bytes_agree_with_the_containers_interface_counters() {
 fn a_kernel_running_before_the_agent_is_picked_up_and_a_removed_one_leaves() {
     require_environment();
     let agent_id = bai_agent_tests::unique("i-test");
-    let container =
-        Container::run(&agent_id, &["--network", "none"], "sleep 3600").expect("container runs");
+    let container = Container::run(&agent_id, &["--network", "none"], "sleep 3600").expect("container runs");
     // A container of another agent must be left alone.
-    let foreign = Container::run("i-someone-else", &["--network", "none"], "sleep 3600")
-        .expect("container runs");
+    let foreign = Container::run("i-someone-else", &["--network", "none"], "sleep 3600").expect("container runs");
 
     let agent = Agent::start_with_id(&agent_id, FAST).expect("agent starts");
-    agent
-        .wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10))
-        .expect("pre-existing kernel picked up");
+    agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("pre-existing kernel picked up");
     let samples = agent.metrics().expect("scrape");
     let series = samples
         .iter()
-        .find(|s| {
-            s.name == "container_cpu_usage_seconds_total"
-                && s.labels["kernel_id"] == container.kernel_id
-        })
+        .find(|s| s.name == "container_cpu_usage_seconds_total" && s.labels["kernel_id"] == container.kernel_id)
         .expect("cpu series");
     assert_eq!(series.labels["container_id"], container.id);
-    assert_eq!(
-        series.labels["session_id"],
-        format!("session-of-{}", container.kernel_id)
-    );
+    assert_eq!(series.labels["session_id"], format!("session-of-{}", container.kernel_id));
     assert_eq!(series.labels["image"], bai_agent_tests::BUSYBOX_IMAGE);
     assert_eq!(series.labels["owner_user_id"], "user-1");
     assert_eq!(series.labels["owner_project_id"], "project-1");
     assert!(
-        !samples
-            .iter()
-            .any(|s| s.labels.get("kernel_id") == Some(&foreign.kernel_id)),
+        !samples.iter().any(|s| s.labels.get("kernel_id") == Some(&foreign.kernel_id)),
         "another agent's kernel must not be counted"
     );
 
     // One started while the agent runs is picked up too.
-    let later =
-        Container::run(&agent_id, &["--network", "none"], "sleep 3600").expect("container runs");
-    agent
-        .wait_for_kernel(&later.kernel_id, true, Duration::from_secs(10))
-        .expect("new kernel picked up");
+    let later = Container::run(&agent_id, &["--network", "none"], "sleep 3600").expect("container runs");
+    agent.wait_for_kernel(&later.kernel_id, true, Duration::from_secs(10)).expect("new kernel picked up");
 
     container.remove().expect("docker rm");
-    agent
-        .wait_for_kernel(&container.kernel_id, false, Duration::from_secs(10))
-        .expect("removed kernel leaves");
+    agent.wait_for_kernel(&container.kernel_id, false, Duration::from_secs(10)).expect("removed kernel leaves");
     let attached = agent
         .metrics()
         .expect("scrape")
@@ -206,38 +147,20 @@ fn a_kernel_running_before_the_agent_is_picked_up_and_a_removed_one_leaves() {
         .expect("self metric")
         .value;
     assert_eq!(attached, 1.0, "only the later kernel stays attached");
-    assert!(
-        agent
-            .kernel_value("container_cpu_usage_seconds_total", &later.kernel_id)
-            .expect("scrape")
-            .is_some()
-    );
+    assert!(agent.kernel_value("container_cpu_usage_seconds_total", &later.kernel_id).expect("scrape").is_some());
 }
 
 #[test]
 fn sigterm_detaches_and_exits_zero_leaving_containers_running() {
     require_environment();
     let mut agent = Agent::start(FAST).expect("agent starts");
-    let container =
-        Container::run(&agent.id, &["--network", "none"], "sleep 3600").expect("container runs");
-    agent
-        .wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10))
-        .expect("picked up");
+    let container = Container::run(&agent.id, &["--network", "none"], "sleep 3600").expect("container runs");
+    agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("picked up");
     let status = agent.stop().expect("agent stops");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        agent
-            .log_text()
-            .contains("detached from every kernel container")
-    );
-    let running = Command::new("docker")
-        .args(["inspect", "-f", "{{.State.Running}}", &container.id])
-        .output()
-        .expect("docker");
+    assert!(status.success(), "exit status {status}; log:\n{}", agent.log_text());
+    assert!(agent.log_text().contains("detached from every kernel container"));
+    let running =
+        Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", &container.id]).output().expect("docker");
     assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "true");
 }
 
@@ -252,20 +175,10 @@ fn a_malformed_config_is_refused_naming_the_key() {
     ] {
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).expect("write config");
-        let out = Command::new(bai_agent_tests::agent_binary())
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .expect("agent runs");
+        let out =
+            Command::new(bai_agent_tests::agent_binary()).arg("--config").arg(&path).output().expect("agent runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "config {text:?} must be refused; stderr: {stderr}"
-        );
-        assert!(
-            stderr.contains(&format!("`{key}`")),
-            "the error must name `{key}`: {stderr}"
-        );
+        assert_eq!(out.status.code(), Some(2), "config {text:?} must be refused; stderr: {stderr}");
+        assert!(stderr.contains(&format!("`{key}`")), "the error must name `{key}`: {stderr}");
     }
 }

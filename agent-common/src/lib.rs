@@ -10,13 +10,16 @@ pub const COUNTERS_MAP: &str = "CGROUP_COUNTERS";
 pub const LAST_SWITCH_MAP: &str = "LAST_SWITCH_NS";
 
 /// Most cgroups counted at once; a node runs far fewer kernels than this.
-pub const MAX_TRACKED_CGROUPS: u32 = 8192;
+pub const MAX_TRACKED_CGROUPS: u32 = 1024;
 
 /// Program names as the eBPF object exports them.
 pub mod programs {
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const SKB_INGRESS: &str = "cgroup_skb_ingress";
     pub const SKB_EGRESS: &str = "cgroup_skb_egress";
+    /// Empty programs on the same hooks, for the benchmark's baseline.
+    pub const BASELINE_SCHED_SWITCH: &str = "baseline_sched_switch";
+    pub const BASELINE_SKB: &str = "baseline_cgroup_skb";
 }
 
 /// A cgroup v2 id: the inode number of the cgroup's directory in the unified hierarchy.
@@ -60,29 +63,8 @@ mod tests {
 
     #[test]
     fn accumulate_adds_every_field() {
-        let mut total = CgroupCounters {
-            cpu_ns: 1,
-            rx_bytes: 2,
-            rx_packets: 3,
-            tx_bytes: 4,
-            tx_packets: 5,
-        };
-        total.accumulate(&CgroupCounters {
-            cpu_ns: 10,
-            rx_bytes: 20,
-            rx_packets: 30,
-            tx_bytes: 40,
-            tx_packets: 50,
-        });
-        assert_eq!(
-            total,
-            CgroupCounters {
-                cpu_ns: 11,
-                rx_bytes: 22,
-                rx_packets: 33,
-                tx_bytes: 44,
-                tx_packets: 55
-            }
-        );
+        let mut total = CgroupCounters { cpu_ns: 1, rx_bytes: 2, rx_packets: 3, tx_bytes: 4, tx_packets: 5 };
+        total.accumulate(&CgroupCounters { cpu_ns: 10, rx_bytes: 20, rx_packets: 30, tx_bytes: 40, tx_packets: 50 });
+        assert_eq!(total, CgroupCounters { cpu_ns: 11, rx_bytes: 22, rx_packets: 33, tx_bytes: 44, tx_packets: 55 });
     }
 }

@@ -15,24 +15,17 @@ pub enum ConfigError {
     #[error("config file {path} does not exist")]
     NotFound { path: PathBuf },
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: unknown key{} {}", if keys.len() > 1 { "s" } else { "" }, keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))]
     UnknownKeys { path: PathBuf, keys: Vec<String> },
     #[error("{path}: invalid value for `{key}`: {message}")]
-    InvalidValue {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    InvalidValue { path: PathBuf, key: String, message: String },
     #[error("{path}: not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
 }
 
 /// The agent's whole configuration, with every default filled in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct Config {
     pub agent: AgentSection,
@@ -85,39 +78,19 @@ pub enum LogFormat {
 
 impl Default for AgentSection {
     fn default() -> Self {
-        Self {
-            id: default_agent_id(),
-            internal_addr: SocketAddr::from(([127, 0, 0, 1], 6003)),
-        }
+        Self { id: default_agent_id(), internal_addr: SocketAddr::from(([127, 0, 0, 1], 6003)) }
     }
 }
 
 impl Default for MonitorSection {
     fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(1),
-            gone_series_grace: Duration::from_secs(120),
-        }
+        Self { interval: Duration::from_secs(1), gone_series_grace: Duration::from_secs(120) }
     }
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            agent: AgentSection::default(),
-            monitor: MonitorSection::default(),
-            docker: DockerSection::default(),
-            logging: LoggingSection::default(),
-        }
+        Self { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -139,14 +112,10 @@ fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
     let parsed = match Raw::deserialize(de)? {
         Raw::Seconds(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
         Raw::Seconds(secs) => {
-            return Err(serde::de::Error::custom(format!(
-                "{secs} is not a duration"
-            )));
+            return Err(serde::de::Error::custom(format!("{secs} is not a duration")));
         }
         Raw::Text(text) => humantime::parse_duration(&text).map_err(|err| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a duration ({err}); write e.g. \"1s\" or \"500ms\""
-            ))
+            serde::de::Error::custom(format!("{text:?} is not a duration ({err}); write e.g. \"1s\" or \"500ms\""))
         })?,
     };
     Ok(parsed)
@@ -184,14 +153,9 @@ impl Config {
     pub fn load(explicit: Option<&Path>) -> Result<(Config, ConfigSource), ConfigError> {
         if let Some(path) = explicit {
             if !path.exists() {
-                return Err(ConfigError::NotFound {
-                    path: path.to_path_buf(),
-                });
+                return Err(ConfigError::NotFound { path: path.to_path_buf() });
             }
-            return Ok((
-                Self::from_file(path)?,
-                ConfigSource::File(path.to_path_buf()),
-            ));
+            return Ok((Self::from_file(path)?, ConfigSource::File(path.to_path_buf())));
         }
         for path in Self::search_path() {
             if path.is_file() {
@@ -202,34 +166,26 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path)
     }
 
     /// Parses TOML text; `origin` only labels errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let path = origin.to_path_buf();
-        let document = toml::Deserializer::parse(text).map_err(|err| ConfigError::Syntax {
-            path: path.clone(),
-            message: err.to_string(),
-        })?;
+        let document = toml::Deserializer::parse(text)
+            .map_err(|err| ConfigError::Syntax { path: path.clone(), message: err.to_string() })?;
         let mut unknown = Vec::new();
         let mut record_unknown = |key: serde_ignored::Path<'_>| unknown.push(key.to_string());
         let tracked = serde_ignored::Deserializer::new(document, &mut record_unknown);
-        let config: Config =
-            serde_path_to_error::deserialize(tracked).map_err(|err| ConfigError::InvalidValue {
-                path: path.clone(),
-                key: err.path().to_string(),
-                message: first_line(&err.inner().to_string()),
-            })?;
+        let config: Config = serde_path_to_error::deserialize(tracked).map_err(|err| ConfigError::InvalidValue {
+            path: path.clone(),
+            key: err.path().to_string(),
+            message: first_line(&err.inner().to_string()),
+        })?;
         if !unknown.is_empty() {
-            return Err(ConfigError::UnknownKeys {
-                path,
-                keys: unknown,
-            });
+            return Err(ConfigError::UnknownKeys { path, keys: unknown });
         }
         config.validate(&path)?;
         Ok(config)
@@ -248,10 +204,7 @@ impl Config {
             return Err(invalid("monitor.interval", "must be at least 10ms"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
-            return Err(invalid(
-                "logging.level",
-                "not a log filter (try \"info\" or \"debug\")",
-            ));
+            return Err(invalid("logging.level", "not a log filter (try \"info\" or \"debug\")"));
         }
         Ok(())
     }
@@ -263,13 +216,7 @@ fn first_line(message: &str) -> String {
     let first = lines.next().unwrap_or(message).trim();
     // toml puts "TOML parse error at line N, column M" first; the reason is the last line.
     if first.starts_with("TOML parse error") {
-        message
-            .lines()
-            .rev()
-            .find(|line| !line.trim().is_empty())
-            .unwrap_or(first)
-            .trim()
-            .to_string()
+        message.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or(first).trim().to_string()
     } else {
         first.to_string()
     }
@@ -287,17 +234,13 @@ mod tests {
     fn empty_file_means_defaults() {
         let config = parse("").expect("empty config is valid");
         assert_eq!(config.monitor.interval, Duration::from_secs(1));
-        assert_eq!(
-            config.agent.internal_addr,
-            "127.0.0.1:6003".parse().expect("addr")
-        );
+        assert_eq!(config.agent.internal_addr, "127.0.0.1:6003".parse().expect("addr"));
         assert!(config.agent.id.starts_with("i-"));
     }
 
     #[test]
     fn durations_accept_text_and_seconds() {
-        let config =
-            parse("[monitor]\ninterval = \"250ms\"\ngone-series-grace = 3\n").expect("valid");
+        let config = parse("[monitor]\ninterval = \"250ms\"\ngone-series-grace = 3\n").expect("valid");
         assert_eq!(config.monitor.interval, Duration::from_millis(250));
         assert_eq!(config.monitor.gone_series_grace, Duration::from_secs(3));
     }
@@ -341,8 +284,7 @@ mod tests {
 
     #[test]
     fn explicit_missing_file_is_an_error() {
-        let err =
-            Config::load(Some(Path::new("/nonexistent/agent.toml"))).expect_err("missing file");
+        let err = Config::load(Some(Path::new("/nonexistent/agent.toml"))).expect_err("missing file");
         assert!(matches!(err, ConfigError::NotFound { .. }));
     }
 }

@@ -20,10 +20,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Ebpf(#[from] monitor::EbpfError),
     #[error("cannot listen on {addr} (agent.internal-addr): {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("the internal HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -37,10 +34,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let listener = server::bind(config.agent.internal_addr)
         .await
-        .map_err(|source| DaemonError::Bind {
-            addr: config.agent.internal_addr,
-            source,
-        })?;
+        .map_err(|source| DaemonError::Bind { addr: config.agent.internal_addr, source })?;
     tracing::info!(addr = %config.agent.internal_addr, "serving /metrics, /health, /livez, /readyz");
 
     let metrics_state = Arc::new(MetricsState::default());

@@ -23,15 +23,9 @@ pub mod labels {
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the Docker engine at {host}: {source}")]
-    Connect {
-        host: String,
-        source: bollard::errors::Error,
-    },
+    Connect { host: String, source: bollard::errors::Error },
     #[error("Docker engine request `{what}` failed: {source}")]
-    Request {
-        what: String,
-        source: bollard::errors::Error,
-    },
+    Request { what: String, source: bollard::errors::Error },
 }
 
 /// A running container that carries this agent's kernel labels.
@@ -72,28 +66,14 @@ impl DockerClient {
     /// Connects to `host` (or `DOCKER_HOST`, or the local socket) and agrees on an API version,
     /// so an older engine (API 1.41) is spoken to in its own version.
     pub async fn connect(host: Option<&str>, agent_id: &str) -> Result<Self, DockerError> {
-        let shown = host
-            .map(str::to_owned)
-            .unwrap_or_else(|| "the local socket".into());
+        let shown = host.map(str::to_owned).unwrap_or_else(|| "the local socket".into());
         let docker = match host {
             Some(host) => Docker::connect_with_host(host),
             None => Docker::connect_with_defaults(),
         }
-        .map_err(|source| DockerError::Connect {
-            host: shown.clone(),
-            source,
-        })?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|source| DockerError::Connect {
-                host: shown,
-                source,
-            })?;
-        Ok(Self {
-            docker,
-            agent_id: agent_id.to_owned(),
-        })
+        .map_err(|source| DockerError::Connect { host: shown.clone(), source })?;
+        let docker = docker.negotiate_version().await.map_err(|source| DockerError::Connect { host: shown, source })?;
+        Ok(Self { docker, agent_id: agent_id.to_owned() })
     }
 
     pub fn engine(&self) -> &Docker {
@@ -101,27 +81,18 @@ impl DockerClient {
     }
 
     fn label_filters(&self) -> Vec<String> {
-        vec![
-            labels::KERNEL_ID.to_owned(),
-            format!("{}={}", labels::AGENT_ID, self.agent_id),
-        ]
+        vec![labels::KERNEL_ID.to_owned(), format!("{}={}", labels::AGENT_ID, self.agent_id)]
     }
 
     /// Every running container of this agent that carries a kernel id.
     pub async fn running_kernels(&self) -> Result<Vec<KernelContainer>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), self.label_filters())]);
-        let options = ListContainersOptions {
-            filters: Some(filters),
-            ..Default::default()
-        };
+        let options = ListContainersOptions { filters: Some(filters), ..Default::default() };
         let summaries = self
             .docker
             .list_containers(Some(options))
             .await
-            .map_err(|source| DockerError::Request {
-                what: "list containers".into(),
-                source,
-            })?;
+            .map_err(|source| DockerError::Request { what: "list containers".into(), source })?;
         let mut kernels = Vec::with_capacity(summaries.len());
         for id in summaries.into_iter().filter_map(|summary| summary.id) {
             // A container may stop between list and inspect; it is simply not running.
@@ -133,27 +104,16 @@ impl DockerClient {
     }
 
     /// The container as a running kernel, or `None` if it is gone, stopped or not a kernel.
-    pub async fn inspect_kernel(
-        &self,
-        container_id: &str,
-    ) -> Result<Option<KernelContainer>, DockerError> {
+    pub async fn inspect_kernel(&self, container_id: &str) -> Result<Option<KernelContainer>, DockerError> {
         let inspected = match self.docker.inspect_container(container_id, None).await {
             Ok(inspected) => inspected,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(None),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
             Err(source) => {
-                return Err(DockerError::Request {
-                    what: format!("inspect {container_id}"),
-                    source,
-                });
+                return Err(DockerError::Request { what: format!("inspect {container_id}"), source });
             }
         };
         let state = inspected.state.unwrap_or_default();
-        let pid = state
-            .pid
-            .and_then(|pid| u32::try_from(pid).ok())
-            .filter(|pid| *pid > 0);
+        let pid = state.pid.and_then(|pid| u32::try_from(pid).ok()).filter(|pid| *pid > 0);
         let (Some(pid), Some(true)) = (pid, state.running) else {
             return Ok(None);
         };
@@ -218,34 +178,21 @@ async fn follow_engine(
     let since = (unix_now_secs() - 1).to_string();
     let filters = HashMap::from([
         ("type".to_owned(), vec!["container".to_owned()]),
-        (
-            "event".to_owned(),
-            vec!["start".to_owned(), "die".to_owned(), "destroy".to_owned()],
-        ),
+        ("event".to_owned(), vec!["start".to_owned(), "die".to_owned(), "destroy".to_owned()]),
         ("label".to_owned(), client.label_filters()),
     ]);
-    let mut stream = client.engine().events(Some(EventsOptions {
-        since: Some(since),
-        until: None,
-        filters: Some(filters),
-    }));
+    let mut stream =
+        client.engine().events(Some(EventsOptions { since: Some(since), until: None, filters: Some(filters) }));
 
     let running = client.running_kernels().await?;
     tracing::info!(kernels = running.len(), "following the Docker engine");
-    if events
-        .send(ContainerEvent::Snapshot(running))
-        .await
-        .is_err()
-    {
+    if events.send(ContainerEvent::Snapshot(running)).await.is_err() {
         return Ok(());
     }
     connected.send_replace(true);
 
     while let Some(message) = stream.next().await {
-        let message = message.map_err(|source| DockerError::Request {
-            what: "events stream".into(),
-            source,
-        })?;
+        let message = message.map_err(|source| DockerError::Request { what: "events stream".into(), source })?;
         let Some(container_id) = message.actor.and_then(|actor| actor.id) else {
             continue;
         };
@@ -265,9 +212,7 @@ async fn follow_engine(
     }
     Err(DockerError::Request {
         what: "events stream".into(),
-        source: bollard::errors::Error::IOError {
-            err: std::io::Error::other("the engine closed the stream"),
-        },
+        source: bollard::errors::Error::IOError { err: std::io::Error::other("the engine closed the stream") },
     })
 }
 

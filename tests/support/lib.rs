@@ -26,21 +26,14 @@ pub fn require_environment() {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         missing.push("kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs need it)".to_string());
     }
-    match Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-    {
+    match Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output() {
         Ok(out) if out.status.success() => {
-            let image = Command::new("docker")
-                .args(["image", "inspect", BUSYBOX_IMAGE])
-                .output();
+            let image = Command::new("docker").args(["image", "inspect", BUSYBOX_IMAGE]).output();
             if !image.is_ok_and(|out| out.status.success()) {
                 missing.push(format!("the test image {BUSYBOX_IMAGE}"));
             }
         }
-        _ => missing.push(
-            "a running Docker engine (dockerd answering on /var/run/docker.sock)".to_string(),
-        ),
+        _ => missing.push("a running Docker engine (dockerd answering on /var/run/docker.sock)".to_string()),
     }
     let agent = agent_binary();
     if !agent.exists() {
@@ -61,20 +54,13 @@ pub fn agent_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("bai-agent"))
-        .unwrap_or_else(|| PathBuf::from("bai-agent"))
+    exe.parent().and_then(Path::parent).map(|dir| dir.join("bai-agent")).unwrap_or_else(|| PathBuf::from("bai-agent"))
 }
 
 /// A name no other test of this run uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -116,13 +102,7 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", agent_binary().display()))?;
-        let mut agent = Agent {
-            child: Some(child),
-            id: id.to_owned(),
-            addr,
-            _dir: dir,
-            log,
-        };
+        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, _dir: dir, log };
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
     }
@@ -133,20 +113,18 @@ impl Agent {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!(
-                    "the agent exited with {status} before it was ready; its log:\n{}",
-                    self.log_text()
-                );
+                bail!("the agent exited with {status} before it was ready; its log:\n{}", self.log_text());
             }
             if let Ok((200, _)) = http_get(&self.addr, "/readyz") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!(
-            "the agent was not ready within {timeout:?}; its log:\n{}",
-            self.log_text()
-        )
+        bail!("the agent was not ready within {timeout:?}; its log:\n{}", self.log_text())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {
@@ -171,35 +149,22 @@ impl Agent {
         Ok(self
             .metrics()?
             .into_iter()
-            .find(|s| {
-                s.name == name && s.labels.get("kernel_id").map(String::as_str) == Some(kernel_id)
-            })
+            .find(|s| s.name == name && s.labels.get("kernel_id").map(String::as_str) == Some(kernel_id))
             .map(|s| s.value))
     }
 
     /// Waits until `kernel_id` has series in `/metrics` (or, with `present = false`, has none).
-    pub fn wait_for_kernel(
-        &self,
-        kernel_id: &str,
-        present: bool,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
+    pub fn wait_for_kernel(&self, kernel_id: &str, present: bool, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self
-                .kernel_value("container_cpu_usage_seconds_total", kernel_id)?
-                .is_some();
+            let found = self.kernel_value("container_cpu_usage_seconds_total", kernel_id)?.is_some();
             if found == present {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
                     "kernel {kernel_id} {} /metrics within {timeout:?}; agent log:\n{}",
-                    if present {
-                        "did not appear in"
-                    } else {
-                        "did not leave"
-                    },
+                    if present { "did not appear in" } else { "did not leave" },
                     self.log_text()
                 );
             }
@@ -242,14 +207,8 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
     Ok((status, body.to_owned()))
 }
 
@@ -263,10 +222,7 @@ pub struct Sample {
 
 pub fn parse_exposition(text: &str) -> Vec<Sample> {
     let mut samples = Vec::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let (series, value) = match line.rsplit_once(' ') {
             Some(parts) => parts,
             None => continue,
@@ -278,11 +234,7 @@ pub fn parse_exposition(text: &str) -> Vec<Sample> {
             Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
             None => (series, BTreeMap::new()),
         };
-        samples.push(Sample {
-            name: name.to_owned(),
-            labels,
-            value,
-        });
+        samples.push(Sample { name: name.to_owned(), labels, value });
     }
     samples
 }
@@ -292,10 +244,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
     let mut rest = text;
     while let Some((key, after)) = rest.split_once("=\"") {
         let Some(end) = after.find('"') else { break };
-        labels.insert(
-            key.trim_start_matches(',').to_owned(),
-            after[..end].to_owned(),
-        );
+        labels.insert(key.trim_start_matches(',').to_owned(), after[..end].to_owned());
         rest = &after[end + 1..];
     }
     labels
@@ -327,28 +276,18 @@ impl Container {
         cmd.args(options).args([BUSYBOX_IMAGE, "sh", "-c", script]);
         let out = cmd.output().context("running docker")?;
         if !out.status.success() {
-            bail!(
-                "docker run failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("docker run failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(Container {
-            id: String::from_utf8(out.stdout)?.trim().to_owned(),
-            kernel_id,
-        })
+        Ok(Container { id: String::from_utf8(out.stdout)?.trim().to_owned(), kernel_id })
     }
 
     pub fn pid(&self) -> anyhow::Result<u32> {
-        let out = Command::new("docker")
-            .args(["inspect", "-f", "{{.State.Pid}}", &self.id])
-            .output()?;
+        let out = Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", &self.id]).output()?;
         Ok(String::from_utf8(out.stdout)?.trim().parse()?)
     }
 
     pub fn remove(&self) -> anyhow::Result<()> {
-        let out = Command::new("docker")
-            .args(["rm", "-f", &self.id])
-            .output()?;
+        let out = Command::new("docker").args(["rm", "-f", &self.id]).output()?;
         if !out.status.success() {
             bail!("docker rm failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -367,13 +306,9 @@ impl Container {
             } else {
                 format!("/sys/fs/cgroup/cpu,cpuacct{path}/cpuacct.usage")
             };
-            return Ok(std::fs::read_to_string(&file)
-                .with_context(|| file.clone())?
-                .trim()
-                .parse()?);
+            return Ok(std::fs::read_to_string(&file).with_context(|| file.clone())?.trim().parse()?);
         }
-        let path =
-            bai_agent::monitor::cgroup::unified_entry(&cgroups).context("no cgroup v2 entry")?;
+        let path = bai_agent::monitor::cgroup::unified_entry(&cgroups).context("no cgroup v2 entry")?;
         let stat = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.stat"))?;
         let usec: u64 = stat
             .lines()
@@ -395,10 +330,7 @@ impl Container {
             if name.trim() != interface {
                 continue;
             }
-            let numbers: Vec<u64> = fields
-                .split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect();
+            let numbers: Vec<u64> = fields.split_whitespace().filter_map(|f| f.parse().ok()).collect();
             if numbers.len() < 10 {
                 bail!("short net/dev line: {line}");
             }
@@ -414,8 +346,7 @@ impl Container {
 
     /// Whether `path` exists inside the container (read through `/proc/<pid>/root`).
     pub fn has_file(&self, path: &str) -> bool {
-        self.pid()
-            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}/root{path}")).exists())
+        self.pid().is_ok_and(|pid| Path::new(&format!("/proc/{pid}/root{path}")).exists())
     }
 }
 
@@ -435,11 +366,7 @@ pub struct NetDev {
 }
 
 /// Polls `probe` every 100 ms until it returns true.
-pub fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
+pub fn wait_until(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !probe() {
         if Instant::now() > deadline {
@@ -452,9 +379,5 @@ pub fn wait_until(
 
 /// |a - b| / b
 pub fn relative_error(measured: f64, truth: f64) -> f64 {
-    if truth == 0.0 {
-        if measured == 0.0 { 0.0 } else { f64::INFINITY }
-    } else {
-        (measured - truth).abs() / truth
-    }
+    if truth == 0.0 { if measured == 0.0 { 0.0 } else { f64::INFINITY } } else { (measured - truth).abs() / truth }
 }

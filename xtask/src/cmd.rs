@@ -40,26 +40,16 @@ pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
         });
     }
     let mut child = spawn(cmd)?;
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{}`", display(cmd)))?;
+    let status = child.wait().with_context(|| format!("waiting for `{}`", display(cmd)))?;
     drop(guard);
     Ok(status)
 }
 
 /// Runs `cmd` quietly and returns its stdout (trimmed); fails with its stderr unless it exits 0.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{}`", display(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed: {}{}",
-            display(cmd),
-            describe(out.status),
-            stderr_suffix(&out.stderr)
-        );
+        bail!("`{}` failed: {}{}", display(cmd), describe(out.status), stderr_suffix(&out.stderr));
     }
     String::from_utf8(out.stdout)
         .map(|s| s.trim().to_owned())
@@ -68,11 +58,7 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 /// Runs `cmd` quietly and says whether it started and exited 0.
 pub fn probe(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// What a command run with [`probe_timeout`] did.
@@ -95,10 +81,7 @@ pub fn probe_timeout(cmd: &mut Command, timeout: Duration) -> Result<Probe> {
     let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .with_context(|| format!("waiting for `{}`", display(cmd)))?
-        {
+        if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{}`", display(cmd)))? {
             break Some(status);
         }
         if Instant::now() >= deadline {
@@ -109,11 +92,7 @@ pub fn probe_timeout(cmd: &mut Command, timeout: Duration) -> Result<Probe> {
         }
         thread::sleep(Duration::from_millis(50));
     };
-    Ok(Probe {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
+    Ok(Probe { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() })
 }
 
 fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
@@ -128,11 +107,7 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
 
 fn spawn(cmd: &mut Command) -> Result<Child> {
     cmd.spawn().with_context(|| {
-        format!(
-            "cannot start `{}` (is `{}` installed and on PATH?)",
-            display(cmd),
-            cmd.get_program().to_string_lossy()
-        )
+        format!("cannot start `{}` (is `{}` installed and on PATH?)", display(cmd), cmd.get_program().to_string_lossy())
     })
 }
 
@@ -157,28 +132,19 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 fn stderr_suffix(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let text = text.trim();
-    if text.is_empty() {
-        String::new()
-    } else {
-        format!("\n{text}")
-    }
+    if text.is_empty() { String::new() } else { format!("\n{text}") }
 }
 
 /// The command as one would type it: `VAR=value program args...`, quoted where needed.
 pub fn display(cmd: &Command) -> String {
-    let envs = cmd
-        .get_envs()
-        .filter_map(|(key, value)| value.map(|value| format!("{}={}", quote(key), quote(value))));
+    let envs = cmd.get_envs().filter_map(|(key, value)| value.map(|value| format!("{}={}", quote(key), quote(value))));
     let words = std::iter::once(quote(cmd.get_program())).chain(cmd.get_args().map(quote));
     envs.chain(words).collect::<Vec<_>>().join(" ")
 }
 
 fn quote(word: &OsStr) -> String {
     let word = word.to_string_lossy();
-    let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=+,@%".contains(c));
+    let plain = !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=+,@%".contains(c));
     if plain {
         word.into_owned()
     } else if word.chars().any(char::is_control) {
@@ -230,9 +196,7 @@ mod tests {
     #[test]
     fn display_quotes_what_the_shell_would_split() {
         let mut cmd = Command::new("docker");
-        cmd.args(["version", "--format", "{{.Server.Version}}", "it's"])
-            .env("A", "b c")
-            .env("F", "-Ca\x1f-Cb's");
+        cmd.args(["version", "--format", "{{.Server.Version}}", "it's"]).env("A", "b c").env("F", "-Ca\x1f-Cb's");
         assert_eq!(
             display(&cmd),
             r"A='b c' F=$'-Ca\x1f-Cb\'s' docker version --format '{{.Server.Version}}' 'it'\''s'"
@@ -245,15 +209,9 @@ mod tests {
         let probe = probe_timeout(Command::new("sleep").arg("30"), Duration::from_millis(200))?;
         assert!(probe.status.is_none());
         assert!(started.elapsed() < Duration::from_secs(10));
-        let probe = probe_timeout(
-            Command::new("sh").args(["-c", "echo out; echo err >&2"]),
-            Duration::from_secs(10),
-        )?;
+        let probe = probe_timeout(Command::new("sh").args(["-c", "echo out; echo err >&2"]), Duration::from_secs(10))?;
         assert!(probe.status.is_some_and(|s| s.success()));
-        assert_eq!(
-            (probe.stdout.as_str(), probe.stderr.as_str()),
-            ("out", "err")
-        );
+        assert_eq!((probe.stdout.as_str(), probe.stderr.as_str()), ("out", "err"));
         Ok(())
     }
 

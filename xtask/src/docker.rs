@@ -37,11 +37,9 @@ struct TestImage {
 
 /// Asks the engine for its version: `Ok(version)`, or `Err(why not)` when it does not answer.
 fn engine_version() -> Result<std::result::Result<String, String>> {
-    let probe = cmd::probe_timeout(
-        Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]),
-        PROBE_TIMEOUT,
-    )
-    .context("the docker CLI does not run; it comes with the Debian package docker.io")?;
+    let probe =
+        cmd::probe_timeout(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]), PROBE_TIMEOUT)
+            .context("the docker CLI does not run; it comes with the Debian package docker.io")?;
     Ok(match probe.status {
         Some(status) if status.success() => Ok(probe.stdout),
         Some(status) => Err(format!("{}: {}", cmd::describe(status), probe.stderr)),
@@ -50,19 +48,15 @@ fn engine_version() -> Result<std::result::Result<String, String>> {
 }
 
 pub fn ensure_dockerd(ctx: &Ctx) -> Result<()> {
-    step(
-        "dockerd",
-        "the Docker engine answers on /var/run/docker.sock",
-    );
+    step("dockerd", "the Docker engine answers on /var/run/docker.sock");
     if let Ok(version) = engine_version()? {
         println!("    Docker Engine {version}");
         already_present();
         return Ok(());
     }
     let log = ctx.xtask_dir().join("dockerd.log");
-    let mut child = spawn_daemon(&mut Command::new("dockerd"), &log).context(
-        "starting dockerd failed; it comes with the Debian package docker.io (`apt-get install docker.io`)",
-    )?;
+    let mut child = spawn_daemon(&mut Command::new("dockerd"), &log)
+        .context("starting dockerd failed; it comes with the Debian package docker.io (`apt-get install docker.io`)")?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         let answer = engine_version()?;
@@ -107,8 +101,7 @@ pub fn ensure_images(ctx: &Ctx) -> Result<()> {
             already_present();
             continue;
         }
-        (image.build)(ctx, image.name)
-            .with_context(|| format!("building the test image {} failed", image.name))?;
+        (image.build)(ctx, image.name).with_context(|| format!("building the test image {} failed", image.name))?;
         cmd::run(Command::new("docker").args([
             "run",
             "--rm",
@@ -140,8 +133,7 @@ impl BuildContext {
 
     fn add(&self, from: &Path, name: &str) -> Result<()> {
         let to = self.0.join(name);
-        fs::copy(from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
         Ok(())
     }
 }
@@ -159,15 +151,7 @@ fn build_busybox(ctx: &Ctx, name: &str) -> Result<()> {
         .find(|path| path.is_file())
         .context("/bin/busybox is missing; reinstall it with `apt-get install --reinstall busybox-static`")?;
     let context = BuildContext::new("busybox")?;
-    context.add(
-        &ctx.workspace.join("config/images/busybox/Dockerfile"),
-        "Dockerfile",
-    )?;
+    context.add(&ctx.workspace.join("config/images/busybox/Dockerfile"), "Dockerfile")?;
     context.add(busybox, "busybox")?;
-    cmd::run(
-        Command::new("docker")
-            .args(["build", "-t", name])
-            .arg(&context.0)
-            .env("DOCKER_BUILDKIT", "0"),
-    )
+    cmd::run(Command::new("docker").args(["build", "-t", name]).arg(&context.0).env("DOCKER_BUILDKIT", "0"))
 }

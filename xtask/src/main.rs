@@ -17,16 +17,6 @@ use clap::{Parser, Subcommand};
 use crate::setup::step;
 
 const EBPF_TARGET: &str = "bpfel-unknown-none";
-/// Compiler settings of the calling cargo that must not leak into the nightly eBPF build.
-const EBPF_ENV_REMOVE: &[&str] = &[
-    "RUSTC",
-    "RUSTC_WRAPPER",
-    "RUSTC_WORKSPACE_WRAPPER",
-    "RUSTFLAGS",
-    "RUSTUP_TOOLCHAIN",
-    "CARGO_TARGET_DIR",
-    "CARGO_BUILD_TARGET",
-];
 
 #[derive(Parser)]
 #[command(
@@ -106,14 +96,9 @@ pub struct Ctx {
 
 impl Ctx {
     fn new(bpf_linker_root: PathBuf) -> Result<Self> {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("xtask/ has no parent directory")?
-            .to_path_buf();
-        Ok(Self {
-            workspace,
-            bpf_linker_root,
-        })
+        let workspace =
+            Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask/ has no parent directory")?.to_path_buf();
+        Ok(Self { workspace, bpf_linker_root })
     }
 
     /// Cargo's target directory of the workspace (honours CARGO_TARGET_DIR).
@@ -137,9 +122,7 @@ impl Ctx {
     /// `cargo <args>` in the workspace root, with BPF_LINKER_DIR for the agent's build.rs.
     fn cargo(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.args(args)
-            .current_dir(&self.workspace)
-            .env("BPF_LINKER_DIR", self.bpf_linker_bin());
+        cmd.args(args).current_dir(&self.workspace).env("BPF_LINKER_DIR", self.bpf_linker_bin());
         cmd
     }
 }
@@ -165,84 +148,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds the eBPF object through the agent's build script (`agent/build.rs`), the one
+/// place that knows how, and prints where the object is.
 fn build_ebpf(ctx: &Ctx) -> Result<()> {
-    step("build-ebpf", &format!("eBPF programs for {EBPF_TARGET}"));
+    step("build-ebpf", &format!("eBPF programs for {EBPF_TARGET} (through agent/build.rs)"));
     let linker = ctx.bpf_linker_bin().join("bpf-linker");
     if !linker.exists() {
-        bail!(
-            "{} is missing; run `cargo xtask setup` (or set BAI_BPF_LINKER_ROOT)",
-            linker.display()
-        );
+        bail!("{} is missing; run `cargo xtask setup` (or set BAI_BPF_LINKER_ROOT)", linker.display());
     }
-    let mut paths = vec![ctx.bpf_linker_bin()];
-    if let Some(existing) = std::env::var_os("PATH") {
-        paths.extend(std::env::split_paths(&existing));
+    cmd::run(&mut ctx.cargo(&["build", "--release", "-p", "bai-agent", "--lib"]))
+        .context("building the eBPF programs failed; they need the nightly toolchain with rust-src and bpf-linker (`cargo xtask setup`)")?;
+    let build_dir = ctx.target_dir().join("release/build");
+    let newest = fs::read_dir(&build_dir)
+        .with_context(|| format!("reading {}", build_dir.display()))?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("bai-agent-"))
+        .map(|entry| entry.path().join("out/agent-ebpf.o"))
+        .filter(|object| object.is_file())
+        .max_by_key(|object| fs::metadata(object).and_then(|m| m.modified()).ok());
+    match newest {
+        Some(object) => {
+            println!("{}", object.display());
+            Ok(())
+        }
+        None => bail!("the build succeeded but no agent-ebpf.o is under {}", build_dir.display()),
     }
-    let path = std::env::join_paths(paths).context("a PATH entry contains ':'")?;
-    let mut cmd = Command::new("rustup");
-    cmd.args([
-        "run",
-        "nightly",
-        "cargo",
-        "build",
-        "--release",
-        "--target",
-        EBPF_TARGET,
-        "-Z",
-        "build-std=core",
-        "--manifest-path",
-        "agent-ebpf/Cargo.toml",
-    ])
-    .current_dir(&ctx.workspace)
-    .env("PATH", path)
-    // BTF in the object lets the kernel describe the maps; debuginfo feeds it.
-    .env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-    );
-    for key in EBPF_ENV_REMOVE {
-        cmd.env_remove(key);
-    }
-    cmd::run(&mut cmd).context(
-        "building the eBPF programs failed; they need the nightly toolchain with rust-src and \
-         bpf-linker (`cargo xtask setup`)",
-    )?;
-    let object = ctx
-        .workspace
-        .join("agent-ebpf/target")
-        .join(EBPF_TARGET)
-        .join("release/agent-ebpf");
-    if !object.is_file() {
-        bail!(
-            "the eBPF build succeeded but {} is missing",
-            object.display()
-        );
-    }
-    println!("{}", object.display());
-    Ok(())
 }
 
 fn run(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     setup::setup(ctx)?;
     step("build", "bai-agent (release)");
-    cmd::run(&mut ctx.cargo(&["build", "--release", "-p", "bai-agent"]))
-        .context("building bai-agent failed")?;
+    cmd::run(&mut ctx.cargo(&["build", "--release", "-p", "bai-agent"])).context("building bai-agent failed")?;
     let config = ctx.workspace.join("config/agent.dev.toml");
     if !config.is_file() {
-        bail!(
-            "{} is missing: it is the development config that `cargo xtask run` gives the agent",
-            config.display()
-        );
+        bail!("{} is missing: it is the development config that `cargo xtask run` gives the agent", config.display());
     }
     let agent = ctx.target_dir().join("release/bai-agent");
     step("run", &format!("{} (Ctrl-C stops it)", agent.display()));
-    let status = cmd::status(
-        Command::new(&agent)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .current_dir(&ctx.workspace),
-    )?;
+    let status = cmd::status(Command::new(&agent).arg("--config").arg(&config).args(args).current_dir(&ctx.workspace))?;
     if !status.success() {
         eprintln!("xtask: bai-agent ended: {}", cmd::describe(status));
     }
@@ -257,11 +200,8 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     println!("    none needed");
     let agent_bin = ctx.target_dir().join("debug/bai-agent");
     step("build", "the workspace, all targets");
-    cmd::run(
-        ctx.cargo(&["build", "--workspace", "--all-targets"])
-            .env("BAI_AGENT_BIN", &agent_bin),
-    )
-    .context("test: step `build` failed")?;
+    cmd::run(ctx.cargo(&["build", "--workspace", "--all-targets"]).env("BAI_AGENT_BIN", &agent_bin))
+        .context("test: step `build` failed")?;
     step("test", "cargo test --workspace");
     let mut test = ctx.cargo(&["test", "--workspace"]);
     if !args.is_empty() {
@@ -282,10 +222,7 @@ struct BpfStats {
 impl BpfStats {
     fn enable() -> Result<Self> {
         let path = "/proc/sys/kernel/bpf_stats_enabled";
-        let previous = fs::read_to_string(path)
-            .with_context(|| format!("reading {path}"))?
-            .trim()
-            .to_owned();
+        let previous = fs::read_to_string(path).with_context(|| format!("reading {path}"))?.trim().to_owned();
         cmd::run(Command::new("sysctl").args(["-w", &format!("{BPF_STATS_SYSCTL}=1")]))?;
         Ok(Self { previous })
     }
@@ -302,12 +239,16 @@ impl Drop for BpfStats {
 
 fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     setup::setup(ctx)?;
-    step("build", "bench-ebpf (release)");
+    step("build", "bai-agent and bench-ebpf (release)");
     cmd::run(&mut ctx.cargo(&[
         "build",
         "--release",
         "-p",
+        "bai-agent",
+        "-p",
         "bai-agent-tests",
+        "--bin",
+        "bai-agent",
         "--bin",
         "bench-ebpf",
     ]))
@@ -316,12 +257,10 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     if !bench.is_file() {
         bail!("{} is missing after its build", bench.display());
     }
-    step(
-        "bench",
-        &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()),
-    );
+    step("bench", &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()));
     let stats = BpfStats::enable()?;
-    let status = cmd::status(Command::new(&bench).args(args).current_dir(&ctx.workspace))?;
+    let agent = ctx.target_dir().join("release/bai-agent");
+    let status = cmd::status(Command::new(&bench).args(args).env("BAI_AGENT_BIN", &agent).current_dir(&ctx.workspace))?;
     drop(stats);
     if !status.success() {
         eprintln!("xtask: bench-ebpf ended: {}", cmd::describe(status));

@@ -29,12 +29,8 @@ pub fn spawn_daemon(cmd: &mut Command, log: &Path) -> Result<Child> {
         .append(true)
         .open(log)
         .with_context(|| format!("opening log file {}", log.display()))?;
-    let err = out
-        .try_clone()
-        .with_context(|| format!("opening log file {}", log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
+    let err = out.try_clone().with_context(|| format!("opening log file {}", log.display()))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err));
     // SAFETY: setsid(2) is async-signal-safe; it only fails when the child already leads a
     // process group, which a freshly forked child never does.
     unsafe {
@@ -68,30 +64,20 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
 /// A daemon started for the length of one xtask run. Dropping it stops exactly the process it
 /// started: SIGTERM, then SIGKILL after [`STOP_GRACE`]. The child stays unreaped until then, so
 /// its PID cannot have been handed to another process.
-#[allow(
-    dead_code,
-    reason = "test services (Redis, etcd, Prometheus) start through it next"
-)]
+#[allow(dead_code, reason = "test services (Redis, etcd, Prometheus) start through it next")]
 pub struct Service {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
-#[allow(
-    dead_code,
-    reason = "test services (Redis, etcd, Prometheus) start through it next"
-)]
+#[allow(dead_code, reason = "test services (Redis, etcd, Prometheus) start through it next")]
 impl Service {
     /// Starts `cmd` as a daemon (see [`spawn_daemon`]) logging to `<log_dir>/<name>.log`.
     pub fn start(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let child = spawn_daemon(&mut cmd, &log).with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            log,
-        })
+        Ok(Self { name: name.to_owned(), child, log })
     }
 
     pub fn pid(&self) -> u32 {
@@ -153,11 +139,7 @@ impl Service {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        eprintln!(
-            "    {} (pid {pid}) ignored SIGTERM for {} s; sending SIGKILL",
-            self.name,
-            STOP_GRACE.as_secs()
-        );
+        eprintln!("    {} (pid {pid}) ignored SIGTERM for {} s; sending SIGKILL", self.name, STOP_GRACE.as_secs());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -212,9 +194,7 @@ mod tests {
         let mut service = Service::start("stubborn", cmd, &dir)?;
         let pid = service.pid();
         let log = service.log().to_path_buf();
-        service.wait_ready(Duration::from_secs(10), || {
-            fs::read_to_string(&log).is_ok_and(|s| s.contains("up"))
-        })?;
+        service.wait_ready(Duration::from_secs(10), || fs::read_to_string(&log).is_ok_and(|s| s.contains("up")))?;
         let started = Instant::now();
         drop(service);
         assert!(started.elapsed() >= STOP_GRACE);
@@ -229,10 +209,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo cannot bind port; exit 1"]);
         let mut service = Service::start("failing", cmd, &dir)?;
-        let err = service
-            .wait_ready(Duration::from_secs(10), || false)
-            .unwrap_err()
-            .to_string();
+        let err = service.wait_ready(Duration::from_secs(10), || false).unwrap_err().to_string();
         assert!(err.contains("failing exited before it was ready"), "{err}");
         assert!(err.contains("cannot bind port"), "{err}");
         fs::remove_dir_all(&dir)?;

@@ -85,15 +85,8 @@ fn package_installed(name: &str) -> bool {
 }
 
 fn packages() -> Result<()> {
-    step(
-        "packages",
-        &format!("Debian packages: {}", DEBIAN_PACKAGES.join(" ")),
-    );
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|name| !package_installed(name))
-        .collect();
+    step("packages", &format!("Debian packages: {}", DEBIAN_PACKAGES.join(" ")));
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|name| !package_installed(name)).collect();
     if missing.is_empty() {
         already_present();
         return Ok(());
@@ -106,25 +99,16 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still_missing: Vec<&str> = missing
-        .into_iter()
-        .filter(|name| !package_installed(name))
-        .collect();
+    let still_missing: Vec<&str> = missing.into_iter().filter(|name| !package_installed(name)).collect();
     if !still_missing.is_empty() {
-        bail!(
-            "apt-get reported success but these packages are not installed: {}",
-            still_missing.join(" ")
-        );
+        bail!("apt-get reported success but these packages are not installed: {}", still_missing.join(" "));
     }
     ok();
     Ok(())
 }
 
 fn nightly() -> Result<()> {
-    step(
-        "rust",
-        "nightly toolchain with rust-src (for the eBPF build)",
-    );
+    step("rust", "nightly toolchain with rust-src (for the eBPF build)");
     let toolchains = cmd::output(Command::new("rustup").args(["toolchain", "list"])).context(
         "cannot list Rust toolchains; install rustup from https://rustup.rs and make sure \
          `rustup` is on PATH",
@@ -133,9 +117,7 @@ fn nightly() -> Result<()> {
     let has_nightly = toolchains.lines().any(|line| {
         let name = line.split_whitespace().next().unwrap_or_default();
         name == "nightly"
-            || name
-                .strip_prefix("nightly-")
-                .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+            || name.strip_prefix("nightly-").is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
     });
     if !has_nightly {
         bail!(
@@ -150,12 +132,8 @@ fn nightly() -> Result<()> {
     )
     .context("the nightly toolchain is listed but `rustc +nightly` does not run; reinstall it with `rustup toolchain install nightly`")?;
     println!("    {version}");
-    let components =
-        cmd::output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))?;
-    if components
-        .lines()
-        .any(|line| line.trim().starts_with("rust-src"))
-    {
+    let components = cmd::output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))?;
+    if components.lines().any(|line| line.trim().starts_with("rust-src")) {
         already_present();
         return Ok(());
     }
@@ -209,20 +187,13 @@ fn ensure_symlink(target: &Path, link: &Path) -> Result<bool> {
             });
         }
     }
-    symlink(target, link)
-        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))?;
+    symlink(target, link).with_context(|| format!("linking {} -> {}", link.display(), target.display()))?;
     println!("    linked {} -> {}", link.display(), target.display());
     Ok(true)
 }
 
 fn bpf_linker(root: &Path) -> Result<()> {
-    step(
-        "bpf-linker",
-        &format!(
-            "bpf-linker in {} (linked against the nightly's LLVM)",
-            root.display()
-        ),
-    );
+    step("bpf-linker", &format!("bpf-linker in {} (linked against the nightly's LLVM)", root.display()));
     let fix = || {
         format!(
             "installing bpf-linker into {} failed; it needs the nightly toolchain's LLVM 22 and a \
@@ -232,13 +203,9 @@ fn bpf_linker(root: &Path) -> Result<()> {
         )
     };
     let lib_dir = root.join("lib");
-    fs::create_dir_all(&lib_dir)
-        .with_context(|| format!("creating {}", lib_dir.display()))
-        .with_context(fix)?;
+    fs::create_dir_all(&lib_dir).with_context(|| format!("creating {}", lib_dir.display())).with_context(fix)?;
     let llvm = nightly_llvm().with_context(fix)?;
-    let file_name = llvm
-        .file_name()
-        .context("the LLVM library path has no file name")?;
+    let file_name = llvm.file_name().context("the LLVM library path has no file name")?;
     // `libLLVM.so` is what the build (LLVM_PREFIX) looks for; the full soname is the binary's
     // NEEDED entry, found at run time through its rpath to <root>/lib.
     ensure_symlink(&llvm, &lib_dir.join("libLLVM.so")).with_context(fix)?;
@@ -255,12 +222,7 @@ fn bpf_linker(root: &Path) -> Result<()> {
             .arg("install")
             .arg("--root")
             .arg(root)
-            .args([
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-                BPF_LINKER_FEATURE,
-            ])
+            .args(["bpf-linker", "--no-default-features", "--features", BPF_LINKER_FEATURE])
             .env("LLVM_PREFIX", root),
     )
     .with_context(fix)?;
@@ -273,22 +235,17 @@ fn bpf_linker(root: &Path) -> Result<()> {
 }
 
 fn tracefs() -> Result<()> {
-    step(
-        "tracefs",
-        &format!("tracefs mounted at {TRACEFS} (classic tracepoint programs need it)"),
-    );
+    step("tracefs", &format!("tracefs mounted at {TRACEFS} (classic tracepoint programs need it)"));
     if Path::new(TRACEFS).join("events").exists() {
         already_present();
         return Ok(());
     }
-    cmd::run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS])).with_context(
-        || {
-            format!(
-                "mounting tracefs at {TRACEFS} failed; the kernel needs CONFIG_TRACING and setup \
+    cmd::run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS])).with_context(|| {
+        format!(
+            "mounting tracefs at {TRACEFS} failed; the kernel needs CONFIG_TRACING and setup \
                  needs CAP_SYS_ADMIN (in a container: --privileged)"
-            )
-        },
-    )?;
+        )
+    })?;
     ok();
     Ok(())
 }

@@ -98,10 +98,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -111,8 +109,6 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        bai_agent::daemon::run(config, shutdown)
-            .await
-            .context("bai-agent failed")
+        bai_agent::daemon::run(config, shutdown).await.context("bai-agent failed")
     })
 }

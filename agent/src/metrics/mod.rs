@@ -3,10 +3,7 @@
 
 pub mod server;
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::{AtomicUsize, Ordering},
-};
+use std::sync::{Arc, RwLock};
 
 use agent_common::CgroupCounters;
 use prometheus_client::{
@@ -16,7 +13,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::docker::KernelContainer;
+use crate::{docker::KernelContainer, monitor::ProgramStats};
 
 /// One kernel container's totals at the latest sample.
 #[derive(Debug, Clone)]
@@ -49,40 +46,37 @@ impl From<&KernelContainer> for ContainerLabels {
     }
 }
 
-/// The latest samples, shared between the monitor (writer) and scrapes (readers).
+/// What the monitor saw at one sampling instant.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorSnapshot {
+    pub containers: Vec<ContainerSample>,
+    pub attached_cgroups: usize,
+    pub programs: Vec<ProgramStats>,
+}
+
+/// The latest snapshot, shared between the monitor (writer) and scrapes (readers).
 #[derive(Debug, Default)]
 pub struct MetricsState {
-    samples: RwLock<Vec<ContainerSample>>,
-    attached_cgroups: AtomicUsize,
+    latest: RwLock<Arc<MonitorSnapshot>>,
 }
 
 impl MetricsState {
-    pub fn publish(&self, samples: Vec<ContainerSample>, attached_cgroups: usize) {
-        // A poisoned lock only means a panicking writer; the data is replaced whole anyway.
-        *self
-            .samples
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = samples;
-        self.attached_cgroups
-            .store(attached_cgroups, Ordering::Relaxed);
+    pub fn publish(&self, snapshot: MonitorSnapshot) {
+        // A poisoned lock only means a panicking writer; the snapshot is replaced whole anyway.
+        *self.latest.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(snapshot);
     }
 
-    pub fn samples(&self) -> Vec<ContainerSample> {
-        self.samples
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// The latest snapshot; cheap, so a scrape never holds the lock while encoding.
+    pub fn latest(&self) -> Arc<MonitorSnapshot> {
+        self.latest.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     pub fn tracked_containers(&self) -> usize {
-        self.samples
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+        self.latest().containers.len()
     }
 
     pub fn attached_cgroups(&self) -> usize {
-        self.attached_cgroups.load(Ordering::Relaxed)
+        self.latest().attached_cgroups
     }
 }
 
@@ -90,10 +84,7 @@ impl MetricsState {
 pub fn registry(state: Arc<MetricsState>, agent_id: &str) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ContainerCollector(state.clone())));
-    registry.register_collector(Box::new(AgentCollector {
-        state,
-        agent_id: agent_id.to_owned(),
-    }));
+    registry.register_collector(Box::new(AgentCollector { state, agent_id: agent_id.to_owned() }));
     registry
 }
 
@@ -143,21 +134,14 @@ struct ContainerCollector(Arc<MetricsState>);
 
 impl Collector for ContainerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let samples = self.0.samples();
-        let labelled: Vec<(ContainerLabels, &CgroupCounters)> = samples
-            .iter()
-            .map(|sample| (ContainerLabels::from(&sample.kernel), &sample.counters))
-            .collect();
+        let snapshot = self.0.latest();
+        let labelled: Vec<(ContainerLabels, &CgroupCounters)> =
+            snapshot.containers.iter().map(|sample| (ContainerLabels::from(&sample.kernel), &sample.counters)).collect();
         for series in CONTAINER_COUNTERS {
-            let mut family = encoder.encode_descriptor(
-                series.name,
-                series.help,
-                series.unit.as_ref(),
-                MetricType::Counter,
-            )?;
+            let mut family =
+                encoder.encode_descriptor(series.name, series.help, series.unit.as_ref(), MetricType::Counter)?;
             for (labels, counters) in &labelled {
-                ConstCounter::new((series.value)(counters))
-                    .encode(family.encode_family(labels)?)?;
+                ConstCounter::new((series.value)(counters)).encode(family.encode_family(labels)?)?;
             }
         }
         Ok(())
@@ -176,12 +160,14 @@ struct BuildLabels {
     agent_id: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+}
+
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let build = BuildLabels {
-            version: env!("CARGO_PKG_VERSION"),
-            agent_id: self.agent_id.clone(),
-        };
+        let build = BuildLabels { version: env!("CARGO_PKG_VERSION"), agent_id: self.agent_id.clone() };
         let mut family = encoder.encode_descriptor(
             "backendai_agent_build_info",
             "The agent's version and id.",
@@ -201,6 +187,27 @@ impl Collector for AgentCollector {
                 self.state.attached_cgroups(),
             ),
         ];
+        let snapshot = self.state.latest();
+        let mut run_time = encoder.encode_descriptor(
+            "backendai_agent_ebpf_program_run_time",
+            "Time the kernel spent running each eBPF program (advances while kernel.bpf_stats_enabled=1).",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for program in &snapshot.programs {
+            let labels = ProgramLabels { program: program.name };
+            ConstCounter::new(program.run_time_ns as f64 / 1e9).encode(run_time.encode_family(&labels)?)?;
+        }
+        let mut runs = encoder.encode_descriptor(
+            "backendai_agent_ebpf_program_runs",
+            "Times the kernel ran each eBPF program (advances while kernel.bpf_stats_enabled=1).",
+            None,
+            MetricType::Counter,
+        )?;
+        for program in &snapshot.programs {
+            let labels = ProgramLabels { program: program.name };
+            ConstCounter::new(program.run_count).encode(runs.encode_family(&labels)?)?;
+        }
         for (name, help, value) in gauges {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?;
@@ -235,20 +242,13 @@ mod tests {
     #[test]
     fn exposes_cadvisor_names_with_labels() {
         let state = Arc::new(MetricsState::default());
-        let counters = CgroupCounters {
-            cpu_ns: 1_500_000_000,
-            rx_bytes: 1000,
-            rx_packets: 10,
-            tx_bytes: 2000,
-            tx_packets: 20,
-        };
-        state.publish(
-            vec![ContainerSample {
-                kernel: kernel("a"),
-                counters,
-            }],
-            1,
-        );
+        let counters =
+            CgroupCounters { cpu_ns: 1_500_000_000, rx_bytes: 1000, rx_packets: 10, tx_bytes: 2000, tx_packets: 20 };
+        state.publish(MonitorSnapshot {
+            containers: vec![ContainerSample { kernel: kernel("a"), counters }],
+            attached_cgroups: 1,
+            programs: vec![ProgramStats { name: "sched_switch", run_time_ns: 2_500_000_000, run_count: 7 }],
+        });
         let text = scrape(state);
         let labels = "container_id=\"c-a\",kernel_id=\"k-a\",session_id=\"s-a\",image=\"img:1\",owner_user_id=\"u\",owner_project_id=\"p\"";
         for line in [
@@ -258,6 +258,10 @@ mod tests {
             format!("container_network_receive_packets_total{{{labels}}} 10.0"),
             format!("container_network_transmit_packets_total{{{labels}}} 20.0"),
             "backendai_agent_attached_cgroups 1".to_string(),
+            "backendai_agent_ebpf_program_run_time_seconds_total{program=\"sched_switch\"} 2.5".to_string(),
+            "backendai_agent_ebpf_program_runs_total{program=\"sched_switch\"} 7".to_string(),
+            "backendai_agent_ebpf_program_run_time_seconds_total{program=\"sched_switch\"} 2.5".to_string(),
+            "backendai_agent_ebpf_program_runs_total{program=\"sched_switch\"} 7".to_string(),
         ] {
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
@@ -267,15 +271,10 @@ mod tests {
     #[test]
     fn a_dropped_container_has_no_series() {
         let state = Arc::new(MetricsState::default());
-        state.publish(
-            vec![ContainerSample {
-                kernel: kernel("a"),
-                counters: CgroupCounters::default(),
-            }],
-            1,
-        );
+        let sample = ContainerSample { kernel: kernel("a"), counters: CgroupCounters::default() };
+        state.publish(MonitorSnapshot { containers: vec![sample], attached_cgroups: 1, programs: Vec::new() });
         assert!(scrape(state.clone()).contains("kernel_id=\"k-a\""));
-        state.publish(Vec::new(), 0);
+        state.publish(MonitorSnapshot::default());
         assert!(!scrape(state).contains("kernel_id=\"k-a\""));
     }
 }

@@ -15,10 +15,7 @@ pub enum CgroupError {
     )]
     NoUnifiedHierarchy,
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("process {pid} has no cgroup v2 entry (\"0::…\") in /proc/{pid}/cgroup")]
     NoUnifiedEntry { pid: u32 },
 }
@@ -50,10 +47,8 @@ pub struct UnifiedCgroup {
 impl CgroupLayout {
     pub fn detect() -> Result<Self, CgroupError> {
         let path = Path::new("/proc/self/mountinfo");
-        let mountinfo = std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let mountinfo =
+            std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })?;
         Self::from_mountinfo(&mountinfo).ok_or(CgroupError::NoUnifiedHierarchy)
     }
 
@@ -70,29 +65,21 @@ impl CgroupLayout {
                 continue;
             };
             match right.split_whitespace().next() {
-                Some("cgroup2") if unified_root.is_none() => {
-                    unified_root = Some(unescape_mount_path(mount_point))
-                }
+                Some("cgroup2") if unified_root.is_none() => unified_root = Some(unescape_mount_path(mount_point)),
                 Some("cgroup") => has_v1 = true,
                 _ => {}
             }
         }
         let unified_root = unified_root?;
-        let mode = if has_v1 {
-            CgroupMode::Hybrid
-        } else {
-            CgroupMode::Unified
-        };
+        let mode = if has_v1 { CgroupMode::Hybrid } else { CgroupMode::Unified };
         Some(Self { mode, unified_root })
     }
 
     /// The unified-hierarchy cgroup of a running process, e.g. a container's init.
     pub fn cgroup_of_pid(&self, pid: u32) -> Result<UnifiedCgroup, CgroupError> {
         let proc_path = PathBuf::from(format!("/proc/{pid}/cgroup"));
-        let text = std::fs::read_to_string(&proc_path).map_err(|source| CgroupError::Read {
-            path: proc_path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&proc_path)
+            .map_err(|source| CgroupError::Read { path: proc_path.clone(), source })?;
         let relative = unified_entry(&text).ok_or(CgroupError::NoUnifiedEntry { pid })?;
         self.cgroup_at(relative)
     }
@@ -100,22 +87,14 @@ impl CgroupLayout {
     /// The cgroup at a path relative to the unified root (`/docker/<id>`).
     pub fn cgroup_at(&self, relative: &str) -> Result<UnifiedCgroup, CgroupError> {
         let path = self.unified_root.join(relative.trim_start_matches('/'));
-        let metadata = std::fs::metadata(&path).map_err(|source| CgroupError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(UnifiedCgroup {
-            id: metadata.ino(),
-            path,
-        })
+        let metadata = std::fs::metadata(&path).map_err(|source| CgroupError::Read { path: path.clone(), source })?;
+        Ok(UnifiedCgroup { id: metadata.ino(), path })
     }
 }
 
 /// The path of the `0::` line of a `/proc/<pid>/cgroup` file.
 pub fn unified_entry(proc_cgroup: &str) -> Option<&str> {
-    proc_cgroup
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
+    proc_cgroup.lines().find_map(|line| line.strip_prefix("0::"))
 }
 
 /// The path of a v1 controller's line (`4:cpu,cpuacct:/docker/…`) of a `/proc/<pid>/cgroup` file.
@@ -123,10 +102,7 @@ pub fn v1_entry<'a>(proc_cgroup: &'a str, controller: &str) -> Option<&'a str> {
     proc_cgroup.lines().find_map(|line| {
         let mut fields = line.splitn(3, ':');
         let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == controller)
-            .then_some(path)
+        controllers.split(',').any(|c| c == controller).then_some(path)
     })
 }
 
@@ -196,19 +172,14 @@ mod tests {
 
     #[test]
     fn unescapes_mount_points() {
-        assert_eq!(
-            unescape_mount_path("/mnt/with\\040space"),
-            PathBuf::from("/mnt/with space")
-        );
+        assert_eq!(unescape_mount_path("/mnt/with\\040space"), PathBuf::from("/mnt/with space"));
     }
 
     #[test]
     fn own_cgroup_resolves_on_this_host() {
         // The agent supports only hosts with cgroup2 mounted (hybrid or pure v2).
         let layout = CgroupLayout::detect().expect("this host mounts cgroup2");
-        let cgroup = layout
-            .cgroup_of_pid(std::process::id())
-            .expect("own cgroup resolves");
+        let cgroup = layout.cgroup_of_pid(std::process::id()).expect("own cgroup resolves");
         assert!(cgroup.id > 0);
         assert!(cgroup.path.starts_with(&layout.unified_root));
     }

@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     fs::File,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -12,11 +13,11 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuHashMap, PerCpuValues},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError,
-        cgroup_skb::CgroupSkbLinkId,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
     },
     util::nr_cpus,
 };
+use aya_obj::generated::bpf_prog_info;
 
 /// The object built by `agent/build.rs` from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -30,24 +31,15 @@ pub enum EbpfError {
     #[error("kernel BTF is unavailable ({0}); tp_btf programs need /sys/kernel/btf/vmlinux")]
     Btf(#[from] aya::BtfError),
     #[error("eBPF program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("eBPF program `{0}` is missing from the object")]
     MissingProgram(&'static str),
     #[error("eBPF map `{0}` is missing from the object")]
     MissingMap(&'static str),
     #[error("eBPF map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("cannot open cgroup {path}: {source}")]
-    OpenCgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    OpenCgroup { path: PathBuf, source: std::io::Error },
     #[error("cannot count the number of CPUs: {0}")]
     Cpus(String),
     #[error("cgroup {0} is not attached")]
@@ -76,33 +68,19 @@ impl EbpfMonitor {
         let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
 
         let sched_switch: &mut BtfTracePoint = program(&mut ebpf, programs::SCHED_SWITCH)?;
-        let at = |source| EbpfError::Program {
-            name: programs::SCHED_SWITCH,
-            source,
-        };
+        let at = |source| EbpfError::Program { name: programs::SCHED_SWITCH, source };
         sched_switch.load("sched_switch", &btf).map_err(at)?;
         sched_switch.attach().map_err(at)?;
 
         for name in [programs::SKB_INGRESS, programs::SKB_EGRESS] {
             let skb: &mut CgroupSkb = program(&mut ebpf, name)?;
-            skb.load()
-                .map_err(|source| EbpfError::Program { name, source })?;
+            skb.load().map_err(|source| EbpfError::Program { name, source })?;
         }
 
-        let map = ebpf
-            .take_map(COUNTERS_MAP)
-            .ok_or(EbpfError::MissingMap(COUNTERS_MAP))?;
-        let counters = PerCpuHashMap::try_from(map).map_err(|source| EbpfError::Map {
-            name: COUNTERS_MAP,
-            source,
-        })?;
+        let map = ebpf.take_map(COUNTERS_MAP).ok_or(EbpfError::MissingMap(COUNTERS_MAP))?;
+        let counters = PerCpuHashMap::try_from(map).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
         let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
-        Ok(Self {
-            ebpf,
-            counters,
-            attached: HashMap::new(),
-            cpus,
-        })
+        Ok(Self { ebpf, counters, attached: HashMap::new(), cpus })
     }
 
     /// Starts counting a cgroup: registers its id (so `sched_switch` counts it) and
@@ -111,22 +89,10 @@ impl EbpfMonitor {
         if self.attached.contains_key(&id) {
             return Ok(());
         }
-        let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let zeros = PerCpuValues::try_from(vec![CgroupCounters::default(); self.cpus]).map_err(
-            |source| EbpfError::Map {
-                name: COUNTERS_MAP,
-                source: aya::maps::MapError::IoError(source),
-            },
-        )?;
-        self.counters
-            .insert(id, zeros, 0)
-            .map_err(|source| EbpfError::Map {
-                name: COUNTERS_MAP,
-                source,
-            })?;
+        let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup { path: path.to_path_buf(), source })?;
+        let zeros = PerCpuValues::try_from(vec![CgroupCounters::default(); self.cpus])
+            .map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source: aya::maps::MapError::IoError(source) })?;
+        self.counters.insert(id, zeros, 0).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
 
         let ingress = self.attach_skb(programs::SKB_INGRESS, &dir, CgroupSkbAttachType::Ingress);
         let egress = self.attach_skb(programs::SKB_EGRESS, &dir, CgroupSkbAttachType::Egress);
@@ -140,17 +106,13 @@ impl EbpfMonitor {
                 let mut failure = None;
                 match ingress {
                     Ok(link) => {
-                        let _ = self
-                            .skb_program(programs::SKB_INGRESS)
-                            .and_then(|p| detach_link(p, link));
+                        let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, link));
                     }
                     Err(err) => failure = Some(err),
                 }
                 match egress {
                     Ok(link) => {
-                        let _ = self
-                            .skb_program(programs::SKB_EGRESS)
-                            .and_then(|p| detach_link(p, link));
+                        let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, link));
                     }
                     Err(err) => failure = failure.or(Some(err)),
                 }
@@ -162,17 +124,10 @@ impl EbpfMonitor {
 
     /// Stops counting a cgroup and returns what it counted last.
     pub fn detach(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let links = self
-            .attached
-            .remove(&id)
-            .ok_or(EbpfError::NotAttached(id))?;
+        let links = self.attached.remove(&id).ok_or(EbpfError::NotAttached(id))?;
         // Detaching fails harmlessly when the cgroup is already gone with its links.
-        let _ = self
-            .skb_program(programs::SKB_INGRESS)
-            .and_then(|p| detach_link(p, links.ingress));
-        let _ = self
-            .skb_program(programs::SKB_EGRESS)
-            .and_then(|p| detach_link(p, links.egress));
+        let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, links.ingress));
+        let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, links.egress));
         let last = self.read(id);
         let _ = self.counters.remove(&id);
         last
@@ -180,15 +135,29 @@ impl EbpfMonitor {
 
     /// The cgroup's counters, summed over CPUs.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let per_cpu = self.counters.get(&id, 0).map_err(|source| EbpfError::Map {
-            name: COUNTERS_MAP,
-            source,
-        })?;
+        let per_cpu = self.counters.get(&id, 0).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
         let mut total = CgroupCounters::default();
         for cpu in per_cpu.iter() {
             total.accumulate(cpu);
         }
         Ok(total)
+    }
+
+    /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        [programs::SCHED_SWITCH, programs::SKB_INGRESS, programs::SKB_EGRESS]
+            .into_iter()
+            .filter_map(|name| {
+                let fd = self.ebpf.program(name)?.fd().ok()?;
+                match kernel_program_stats(name, fd.as_fd()) {
+                    Ok(stats) => Some(stats),
+                    Err(err) => {
+                        tracing::debug!(program = name, error = %err, "reading program stats failed");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     pub fn is_attached(&self, id: CgroupId) -> bool {
@@ -217,36 +186,97 @@ impl EbpfMonitor {
     }
 }
 
+/// Empty programs on the counters' hooks (`sched_switch`, and ingress and egress of one
+/// cgroup), loaded beside the agent by the benchmark to measure the floor any program pays.
+pub struct BaselinePrograms {
+    ebpf: Ebpf,
+}
+
+impl BaselinePrograms {
+    pub fn load(cgroup: &Path) -> Result<Self, EbpfError> {
+        let btf = Btf::from_sys_fs()?;
+        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
+        let name = programs::BASELINE_SCHED_SWITCH;
+        let at = |source| EbpfError::Program { name, source };
+        let tracepoint: &mut BtfTracePoint = program(&mut ebpf, name)?;
+        tracepoint.load("sched_switch", &btf).map_err(at)?;
+        tracepoint.attach().map_err(at)?;
+        let name = programs::BASELINE_SKB;
+        let at = |source| EbpfError::Program { name, source };
+        let dir = File::open(cgroup).map_err(|source| EbpfError::OpenCgroup { path: cgroup.to_path_buf(), source })?;
+        let skb: &mut CgroupSkb = program(&mut ebpf, name)?;
+        skb.load().map_err(at)?;
+        skb.attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(at)?;
+        skb.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn stats(&self) -> Vec<ProgramStats> {
+        [programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB]
+            .into_iter()
+            .filter_map(|name| kernel_program_stats(name, self.ebpf.program(name)?.fd().ok()?.as_fd()).ok())
+            .collect()
+    }
+}
+
+/// The kernel's own cost accounting of one program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` for a program: aya 0.14 does not expose run time and count.
+fn kernel_program_stats(name: &'static str, fd: BorrowedFd<'_>) -> std::io::Result<ProgramStats> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoByFdAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is plain integers; all-zero is its documented initial state.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
+        info_len: u32::try_from(std::mem::size_of::<bpf_prog_info>()).map_err(std::io::Error::other)?,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    // SAFETY: attr points to a valid, fully initialised struct whose size is passed, and
+    // info outlives the call; the kernel writes at most info_len bytes into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoByFdAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt })
+}
+
 fn detach_link(program: &mut CgroupSkb, link: CgroupSkbLinkId) -> Result<(), EbpfError> {
-    program.detach(link).map_err(|source| EbpfError::Program {
-        name: "cgroup_skb",
-        source,
-    })
+    program.detach(link).map_err(|source| EbpfError::Program { name: "cgroup_skb", source })
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?;
-    program
-        .try_into()
-        .map_err(|source| EbpfError::Program { name, source })
+    let program = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+    program.try_into().map_err(|source| EbpfError::Program { name, source })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit reads a valid struct; failure only matters on old kernels.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if rc != 0 {
-        tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK; fine on kernels with memcg-based BPF accounting"
-        );
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels with memcg-based BPF accounting");
     }
 }

@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     docker::{ContainerEvent, KernelContainer},
-    metrics::{ContainerSample, MetricsState},
+    metrics::{ContainerSample, MetricsState, MonitorSnapshot},
 };
 pub use cgroup::{CgroupLayout, UnifiedCgroup};
-pub use ebpf::{EbpfError, EbpfMonitor};
+pub use ebpf::{EbpfError, EbpfMonitor, ProgramStats};
 
 /// One kernel container as the monitor knows it.
 struct Tracked {
@@ -52,12 +52,7 @@ pub struct ContainerMonitor {
 
 impl ContainerMonitor {
     pub fn new(ebpf: EbpfMonitor, layout: CgroupLayout, grace: Duration) -> Self {
-        Self {
-            ebpf,
-            layout,
-            tracked: HashMap::new(),
-            grace,
-        }
+        Self { ebpf, layout, tracked: HashMap::new(), grace }
     }
 
     pub fn handle(&mut self, event: ContainerEvent) {
@@ -92,16 +87,13 @@ impl ContainerMonitor {
                 return;
             }
         };
-        let tracked = self
-            .tracked
-            .entry(kernel.container_id.clone())
-            .or_insert_with(|| Tracked {
-                kernel: kernel.clone(),
-                cgroup: None,
-                retired: CgroupCounters::default(),
-                current: CgroupCounters::default(),
-                stopped_at: None,
-            });
+        let tracked = self.tracked.entry(kernel.container_id.clone()).or_insert_with(|| Tracked {
+            kernel: kernel.clone(),
+            cgroup: None,
+            retired: CgroupCounters::default(),
+            current: CgroupCounters::default(),
+            stopped_at: None,
+        });
         if tracked.cgroup.as_ref() == Some(&cgroup) {
             return; // a replayed start of what is already counted
         }
@@ -143,10 +135,7 @@ impl ContainerMonitor {
             }
             let current = std::mem::take(&mut tracked.current);
             tracked.retired.accumulate(&current);
-            tracing::info!(
-                container_id,
-                "kernel container stopped; let go of its cgroup"
-            );
+            tracing::info!(container_id, "kernel container stopped; let go of its cgroup");
         }
         tracked.stopped_at.get_or_insert_with(Instant::now);
     }
@@ -154,11 +143,7 @@ impl ContainerMonitor {
     /// Reads every attached cgroup and drops containers whose grace has passed.
     pub fn sample(&mut self, now: Instant) -> Vec<ContainerSample> {
         let grace = self.grace;
-        self.tracked.retain(|_, tracked| {
-            tracked
-                .stopped_at
-                .is_none_or(|at| now.duration_since(at) < grace)
-        });
+        self.tracked.retain(|_, tracked| tracked.stopped_at.is_none_or(|at| now.duration_since(at) < grace));
         let mut samples = Vec::with_capacity(self.tracked.len());
         for tracked in self.tracked.values_mut() {
             if let Some(cgroup) = &tracked.cgroup {
@@ -169,16 +154,18 @@ impl ContainerMonitor {
                     }
                 }
             }
-            samples.push(ContainerSample {
-                kernel: tracked.kernel.clone(),
-                counters: tracked.total(),
-            });
+            samples.push(ContainerSample { kernel: tracked.kernel.clone(), counters: tracked.total() });
         }
         samples
     }
 
-    pub fn attached_count(&self) -> usize {
-        self.ebpf.attached_count()
+    /// Samples every container and the programs' own cost, for `/metrics`.
+    pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
+        MonitorSnapshot {
+            containers: self.sample(now),
+            attached_cgroups: self.ebpf.attached_count(),
+            programs: self.ebpf.program_stats(),
+        }
     }
 
     /// Lets go of every cgroup (the containers keep running).
@@ -210,16 +197,16 @@ pub async fn run_monitor(
                     let snapshot = matches!(event, ContainerEvent::Snapshot(_));
                     monitor.handle(event);
                     if snapshot {
-                        metrics.publish(monitor.sample(Instant::now()), monitor.attached_count());
+                        metrics.publish(monitor.snapshot(Instant::now()));
                         synced.send_replace(true);
                     }
                 }
                 None => break,
             },
-            _ = ticker.tick() => metrics.publish(monitor.sample(Instant::now()), monitor.attached_count()),
+            _ = ticker.tick() => metrics.publish(monitor.snapshot(Instant::now())),
         }
     }
-    metrics.publish(monitor.sample(Instant::now()), monitor.attached_count());
+    metrics.publish(monitor.snapshot(Instant::now()));
     monitor.detach_all();
     tracing::info!("detached from every kernel container");
 }
