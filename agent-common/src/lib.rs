@@ -4,13 +4,44 @@
 //! on both sides of the map. The `user` feature adds `aya::Pod` impls for user space.
 #![no_std]
 
-/// Name of the per-CPU hash map of [`CgroupCounters`] keyed by cgroup v2 id.
+/// Per-CPU array of [`CgroupSlot`]s: a tracked cgroup lives at [`slot_index`] of its id
+/// unless another tracked cgroup already holds that slot.
+pub const SLOTS_MAP: &str = "CGROUP_SLOTS";
+/// Array of `u32`, one per slot: non-zero when tracked cgroups whose index is that slot
+/// live in [`COUNTERS_MAP`] because the slot was taken.
+pub const SLOT_OVERFLOW_MAP: &str = "SLOT_OVERFLOW";
+/// Per-CPU hash map of [`CgroupCounters`] by cgroup id, for cgroups whose slot was taken.
 pub const COUNTERS_MAP: &str = "CGROUP_COUNTERS";
-/// Name of the per-CPU array holding the timestamp of each CPU's last context switch.
-pub const LAST_SWITCH_MAP: &str = "LAST_SWITCH_NS";
+/// Global the loader sets: byte offset of `task_struct.se.sum_exec_runtime`.
+pub const SUM_EXEC_RUNTIME_OFFSET: &str = "SUM_EXEC_RUNTIME_OFFSET";
 
-/// Most cgroups counted at once; a node runs far fewer kernels than this.
-pub const MAX_TRACKED_CGROUPS: u32 = 1024;
+/// Slots in [`SLOTS_MAP`] (a power of two): direct, hash-free lookups for the hot paths.
+pub const SLOTS: u32 = 1024;
+/// Most cgroups whose slot was taken, counted in [`COUNTERS_MAP`] instead.
+pub const MAX_OVERFLOW_CGROUPS: u32 = 1024;
+
+/// Where a cgroup's counters live in [`SLOTS_MAP`].
+#[inline(always)]
+pub const fn slot_index(id: CgroupId) -> u32 {
+    (id as u32) & (SLOTS - 1)
+}
+
+/// A direct slot: whose counters these are (0: free) and the counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupSlot {
+    pub cgroup_id: CgroupId,
+    pub counters: CgroupCounters,
+}
+
+/// What each CPU remembers between context switches: the task it switched to and that
+/// task's scheduler runtime at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwitchState {
+    pub task: u64,
+    pub runtime_ns: u64,
+}
 
 /// Program names as the eBPF object exports them.
 pub mod programs {
@@ -34,7 +65,8 @@ pub type CgroupId = u64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupCounters {
-    /// Nanoseconds the cgroup's tasks were on a CPU.
+    /// Nanoseconds the cgroup's tasks ran, as the scheduler accounts them
+    /// (`sum_exec_runtime`, the same clock as `cpuacct.usage` and `cpu.stat`).
     pub cpu_ns: u64,
     pub rx_bytes: u64,
     pub rx_packets: u64,
@@ -56,10 +88,21 @@ impl CgroupCounters {
 #[cfg(feature = "user")]
 // SAFETY: plain `#[repr(C)]` integers, no padding, every bit pattern valid.
 unsafe impl aya::Pod for CgroupCounters {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for CgroupSlot {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_index_stays_in_range() {
+        for id in [0, 1, 1023, 1024, 1025, u64::MAX] {
+            assert!(slot_index(id) < SLOTS);
+        }
+        assert_eq!(slot_index(1025), 1);
+    }
 
     #[test]
     fn accumulate_adds_every_field() {

@@ -1,55 +1,107 @@
 //! The eBPF programs: per-cgroup CPU time from `sched_switch` and network bytes and
 //! packets from `cgroup_skb`, counted into per-CPU maps that user space sums.
 //!
-//! Only cgroups that user space registered (a key in `CGROUP_COUNTERS`) are counted:
-//! the hot paths do one lookup and never insert.
+//! Only cgroups that user space registered are counted, and the hot paths never insert:
+//! a tracked cgroup's counters sit in a direct slot (an inlined array access), or, when
+//! another tracked cgroup took that slot, in a hash map consulted only for that slot.
 #![no_std]
 #![no_main]
 
-use agent_common::{CgroupCounters, MAX_TRACKED_CGROUPS};
+use agent_common::{CgroupCounters, CgroupId, CgroupSlot, MAX_OVERFLOW_CGROUPS, SLOTS, SwitchState, slot_index};
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_skb_cgroup_id},
     macros::{btf_tracepoint, cgroup_skb, map},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, SkBuffContext},
 };
 
 #[map]
-static CGROUP_COUNTERS: PerCpuHashMap<u64, CgroupCounters> =
-    PerCpuHashMap::with_max_entries(MAX_TRACKED_CGROUPS, 0);
+static CGROUP_SLOTS: PerCpuArray<CgroupSlot> = PerCpuArray::with_max_entries(SLOTS, 0);
 
 #[map]
-static LAST_SWITCH_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SLOT_OVERFLOW: Array<u32> = Array::with_max_entries(SLOTS, 0);
+
+#[map]
+static CGROUP_COUNTERS: PerCpuHashMap<CgroupId, CgroupCounters> =
+    PerCpuHashMap::with_max_entries(MAX_OVERFLOW_CGROUPS, 0);
+
+#[map]
+static SWITCH_STATE: PerCpuArray<SwitchState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Byte offset of `task_struct.se.sum_exec_runtime`; the loader sets it from kernel BTF.
+#[unsafe(no_mangle)]
+static SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
 
 /// The root of the unified hierarchy always has id 1.
 const ROOT_CGROUP_ID: u64 = 1;
 
-/// Charges the slice that just ended to the outgoing task's cgroup.
+/// This CPU's counters of a tracked cgroup, or `None` for any other cgroup.
+#[inline(always)]
+fn counters_of(cgroup_id: CgroupId) -> Option<*mut CgroupCounters> {
+    if cgroup_id == 0 {
+        return None;
+    }
+    let index = slot_index(cgroup_id);
+    let slot = CGROUP_SLOTS.get_ptr_mut(index)?;
+    // SAFETY: this CPU's copy of a slot; the map lives as long as the program.
+    unsafe {
+        if (*slot).cgroup_id == cgroup_id {
+            return Some(core::ptr::addr_of_mut!((*slot).counters));
+        }
+    }
+    match SLOT_OVERFLOW.get(index) {
+        Some(&taken) if taken != 0 => CGROUP_COUNTERS.get_ptr_mut(cgroup_id),
+        _ => None,
+    }
+}
+
+/// The scheduler's runtime of a task, read at `SUM_EXEC_RUNTIME_OFFSET`.
 ///
-/// In `tp_btf/sched_switch` the current task is still `prev`, so
-/// `bpf_get_current_cgroup_id()` names the cgroup that used the CPU until now.
+/// `task` is a BTF-typed pointer (`struct task_struct *`) and the offset a known
+/// constant (a frozen read-only global), so the verifier checks this load against
+/// the kernel's type and the JIT makes it a plain, fault-guarded load.
+#[inline(always)]
+fn runtime_of(task: *const u8, offset: u64) -> Option<u64> {
+    // SAFETY: see above; the verifier refuses the program if the field is not a u64.
+    Some(unsafe { core::ptr::read_volatile(task.add(offset as usize).cast::<u64>()) })
+}
+
+/// Charges the runtime the outgoing task accumulated since it was switched in to its
+/// cgroup. The scheduler has updated `prev->se.sum_exec_runtime` before this
+/// tracepoint, so the delta is exactly what `cpuacct`/`cpu.stat` charge, and no clock
+/// is read here. In `tp_btf/sched_switch` the current task is still `prev`, so
+/// `bpf_get_current_cgroup_id()` names its cgroup.
 #[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch(_ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: helpers without pointer arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(last) = LAST_SWITCH_NS.get_ptr_mut(0) else {
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    // sched_switch's arguments are (preempt, prev, next, prev_state).
+    let (prev, next): (*const u8, *const u8) = (ctx.arg(1), ctx.arg(2));
+    // SAFETY: a global the loader wrote before loading.
+    let offset = unsafe { core::ptr::read_volatile(&SUM_EXEC_RUNTIME_OFFSET) };
+    let Some(state) = SWITCH_STATE.get_ptr_mut(0) else {
         return 0;
     };
+    let prev_runtime = runtime_of(prev, offset).unwrap_or(0);
+    let next_runtime = runtime_of(next, offset).unwrap_or(0);
     // SAFETY: a per-CPU slot, only this CPU writes it and preemption is off here.
-    let previous = unsafe { core::ptr::replace(last, now) };
-    if previous == 0 || now <= previous {
+    let (switched_in, start) = unsafe {
+        let last = *state;
+        (*state).task = next as u64;
+        (*state).runtime_ns = next_runtime;
+        (last.task, last.runtime_ns)
+    };
+    // The first switch a CPU sees after loading has nothing to charge.
+    if switched_in != prev as u64 || prev_runtime <= start {
         return 0;
     }
     // SAFETY: no arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // The idle task and host daemons sit in the root cgroup, never a kernel's: skip
-    // the hash lookup for the most common switch of all.
+    // The idle task and host daemons sit in the root cgroup, never a kernel's.
     if cgroup_id == ROOT_CGROUP_ID {
         return 0;
     }
-    if let Some(counters) = CGROUP_COUNTERS.get_ptr_mut(cgroup_id) {
+    if let Some(counters) = counters_of(cgroup_id) {
         // SAFETY: this CPU's copy of a value that lives as long as the map entry.
-        unsafe { (*counters).cpu_ns += now - previous };
+        unsafe { (*counters).cpu_ns += prev_runtime - start };
     }
     0
 }
@@ -86,7 +138,7 @@ const ETH_HLEN: u64 = 14;
 fn count_packet(ctx: &SkBuffContext, direction: Direction) {
     // SAFETY: the context's skb pointer is what the kernel handed the program.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(counters) = CGROUP_COUNTERS.get_ptr_mut(cgroup_id) else {
+    let Some(counters) = counters_of(cgroup_id) else {
         return;
     };
     // SAFETY: reading a field of the program's own context.

@@ -75,7 +75,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     println!("eBPF per-event cost over {elapsed:.1} s, kernel {kernel}, {cpu}, {} CPUs", num_cpus());
     println!();
-    println!("| program | events | events/s | ns/event | empty program on the same hook, ns/event | counting's own ns/event |");
+    println!(
+        "| program | events | events/s | ns/event | empty program on the same hook, ns/event | counting's own ns/event |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, description, baseline_name) in PROGRAMS {
         let cost = per_event(&before, &after, name)?;

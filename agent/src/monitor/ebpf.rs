@@ -8,16 +8,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{COUNTERS_MAP, CgroupCounters, CgroupId, programs};
+use agent_common::{CgroupCounters, CgroupId, SUM_EXEC_RUNTIME_OFFSET, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuHashMap, PerCpuValues},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
     },
     util::nr_cpus,
 };
 use aya_obj::generated::bpf_prog_info;
+
+use super::{btf::KernelBtf, counters::CounterStore};
 
 /// The object built by `agent/build.rs` from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -44,6 +45,8 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
+    #[error("finding task_struct.se.sum_exec_runtime: {0}")]
+    KernelLayout(#[from] super::btf::BtfError),
 }
 
 /// Links of the per-cgroup programs for one attached cgroup.
@@ -55,9 +58,8 @@ struct CgroupLinks {
 /// The loaded programs and the counters map. Dropping it detaches everything.
 pub struct EbpfMonitor {
     ebpf: Ebpf,
-    counters: PerCpuHashMap<MapData, CgroupId, CgroupCounters>,
+    counters: CounterStore,
     attached: HashMap<CgroupId, CgroupLinks>,
-    cpus: usize,
 }
 
 impl EbpfMonitor {
@@ -65,7 +67,11 @@ impl EbpfMonitor {
     pub fn load() -> Result<Self, EbpfError> {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs()?;
-        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
+        let runtime_offset = KernelBtf::from_sys_fs()?.member_offset("task_struct", &["se", "sum_exec_runtime"])?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global(SUM_EXEC_RUNTIME_OFFSET, &runtime_offset, true)
+            .load(EBPF_OBJECT)?;
 
         let sched_switch: &mut BtfTracePoint = program(&mut ebpf, programs::SCHED_SWITCH)?;
         let at = |source| EbpfError::Program { name: programs::SCHED_SWITCH, source };
@@ -77,10 +83,9 @@ impl EbpfMonitor {
             skb.load().map_err(|source| EbpfError::Program { name, source })?;
         }
 
-        let map = ebpf.take_map(COUNTERS_MAP).ok_or(EbpfError::MissingMap(COUNTERS_MAP))?;
-        let counters = PerCpuHashMap::try_from(map).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
         let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
-        Ok(Self { ebpf, counters, attached: HashMap::new(), cpus })
+        let counters = CounterStore::take_from(&mut ebpf, cpus)?;
+        Ok(Self { ebpf, counters, attached: HashMap::new() })
     }
 
     /// Starts counting a cgroup: registers its id (so `sched_switch` counts it) and
@@ -90,9 +95,7 @@ impl EbpfMonitor {
             return Ok(());
         }
         let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup { path: path.to_path_buf(), source })?;
-        let zeros = PerCpuValues::try_from(vec![CgroupCounters::default(); self.cpus])
-            .map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source: aya::maps::MapError::IoError(source) })?;
-        self.counters.insert(id, zeros, 0).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
+        self.counters.register(id)?;
 
         let ingress = self.attach_skb(programs::SKB_INGRESS, &dir, CgroupSkbAttachType::Ingress);
         let egress = self.attach_skb(programs::SKB_EGRESS, &dir, CgroupSkbAttachType::Egress);
@@ -116,7 +119,7 @@ impl EbpfMonitor {
                     }
                     Err(err) => failure = failure.or(Some(err)),
                 }
-                let _ = self.counters.remove(&id);
+                let _ = self.counters.unregister(id);
                 Err(failure.unwrap_or(EbpfError::NotAttached(id)))
             }
         }
@@ -128,19 +131,12 @@ impl EbpfMonitor {
         // Detaching fails harmlessly when the cgroup is already gone with its links.
         let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, links.ingress));
         let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, links.egress));
-        let last = self.read(id);
-        let _ = self.counters.remove(&id);
-        last
+        self.counters.unregister(id)
     }
 
     /// The cgroup's counters, summed over CPUs.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let per_cpu = self.counters.get(&id, 0).map_err(|source| EbpfError::Map { name: COUNTERS_MAP, source })?;
-        let mut total = CgroupCounters::default();
-        for cpu in per_cpu.iter() {
-            total.accumulate(cpu);
-        }
-        Ok(total)
+        self.counters.read(id)
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).

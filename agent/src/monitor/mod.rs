@@ -1,7 +1,9 @@
 //! The eBPF side in user space: which containers are counted, attaching and detaching
 //! their cgroups as Docker reports them, and sampling the counters every interval.
 
+pub mod btf;
 pub mod cgroup;
+pub mod counters;
 pub mod ebpf;
 
 use std::{
