@@ -32,6 +32,7 @@ pub struct Config {
     pub monitor: MonitorSection,
     pub docker: DockerSection,
     pub logging: LoggingSection,
+    pub debug: DebugSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +42,8 @@ pub struct AgentSection {
     pub id: String,
     /// Internal HTTP server: `/metrics`, `/health`, `/livez`, `/readyz`.
     pub internal_addr: SocketAddr,
+    /// The manager-facing RPC server (callosum over a ZeroMQ ROUTER socket).
+    pub rpc_listen_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +72,14 @@ pub struct LoggingSection {
     pub format: LogFormat,
 }
 
+/// Development aids; never enable in production.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct DebugSection {
+    /// Adds debugging RPC methods (`debug_sleep`) to the method table.
+    pub enabled: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
@@ -78,7 +89,11 @@ pub enum LogFormat {
 
 impl Default for AgentSection {
     fn default() -> Self {
-        Self { id: default_agent_id(), internal_addr: SocketAddr::from(([127, 0, 0, 1], 6003)) }
+        Self {
+            id: default_agent_id(),
+            internal_addr: SocketAddr::from(([127, 0, 0, 1], 6003)),
+            rpc_listen_addr: SocketAddr::from(([0, 0, 0, 0], 6001)),
+        }
     }
 }
 
@@ -236,6 +251,33 @@ mod tests {
         assert_eq!(config.monitor.interval, Duration::from_secs(1));
         assert_eq!(config.agent.internal_addr, "127.0.0.1:6003".parse().expect("addr"));
         assert!(config.agent.id.starts_with("i-"));
+    }
+
+    #[test]
+    fn rpc_listen_addr_defaults_to_backend_ais_port_and_can_be_set() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.agent.rpc_listen_addr, "0.0.0.0:6001".parse().expect("addr"));
+        let config = parse("[agent]\nrpc-listen-addr = \"127.0.0.1:16001\"\n").expect("valid");
+        assert_eq!(config.agent.rpc_listen_addr, "127.0.0.1:16001".parse().expect("addr"));
+        let config = parse("[agent]\nrpc-listen-addr = \"[::1]:6001\"\n").expect("IPv6");
+        assert_eq!(config.agent.rpc_listen_addr, "[::1]:6001".parse().expect("addr"));
+        let err = parse("[agent]\nrpc-listen-addr = \"6001\"\n").expect_err("a port alone is not an address");
+        assert!(err.to_string().contains("`agent.rpc-listen-addr`"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_files_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let sample = Config::from_file(&root.join("agent.sample.toml")).expect("agent.sample.toml");
+        assert_eq!(sample.agent.rpc_listen_addr, "0.0.0.0:6001".parse().expect("addr"));
+        let dev = Config::from_file(&root.join("agent.dev.toml")).expect("agent.dev.toml");
+        assert_eq!(dev.agent.rpc_listen_addr, "127.0.0.1:6001".parse().expect("addr"));
+    }
+
+    #[test]
+    fn debug_is_off_unless_enabled() {
+        assert!(!parse("").expect("defaults").debug.enabled);
+        assert!(parse("[debug]\nenabled = true\n").expect("valid").debug.enabled);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The daemon's wiring: one task per job (Docker watcher, monitor, HTTP server), one
-//! cancellation token to stop them, and an orderly shutdown that leaves containers running.
+//! The daemon's wiring: one task per job (Docker watcher, monitor, HTTP server, RPC server),
+//! one cancellation token to stop them, and an orderly shutdown that leaves containers running.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::{
     docker,
     metrics::{self, MetricsState, server},
     monitor::{self, CgroupLayout, ContainerMonitor, EbpfMonitor},
+    rpc::{self, RpcServer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,18 @@ pub enum DaemonError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("the internal HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot listen on {addr} (agent.rpc-listen-addr): {}", rpc_bind_reason(error))]
+    RpcBind { addr: std::net::SocketAddr, error: rpc::RpcError },
+    #[error("the RPC server failed: {0}")]
+    Rpc(String),
+}
+
+/// The socket's own reason, without repeating the address the message already names.
+fn rpc_bind_reason(error: &rpc::RpcError) -> String {
+    match error {
+        rpc::RpcError::Bind { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// Runs the agent until `shutdown` is cancelled, then detaches and returns.
@@ -36,6 +49,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .await
         .map_err(|source| DaemonError::Bind { addr: config.agent.internal_addr, source })?;
     tracing::info!(addr = %config.agent.internal_addr, "serving /metrics, /health, /livez, /readyz");
+    let rpc_server = RpcServer::bind(config.agent.rpc_listen_addr)
+        .await
+        .map_err(|error| DaemonError::RpcBind { addr: config.agent.rpc_listen_addr, error })?;
 
     let metrics_state = Arc::new(MetricsState::default());
     let (events_tx, events_rx) = mpsc::channel(1024);
@@ -57,6 +73,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         synced_tx,
         shutdown.clone(),
     ));
+    let methods = rpc::Methods::new(config.clone()).with_readiness(connected_rx.clone(), synced_rx.clone());
     let server_state = Arc::new(server::ServerState {
         registry: metrics::registry(metrics_state.clone(), &config.agent.id),
         metrics: metrics_state,
@@ -64,16 +81,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         docker_connected: connected_rx,
         monitor_synced: synced_rx,
     });
-    let server = tokio::spawn(server::serve(listener, server_state, shutdown.clone()));
+    let mut http_task = tokio::spawn(server::serve(listener, server_state, shutdown.clone()));
+    let mut rpc_task = tokio::spawn(rpc_server.serve(Arc::new(methods), shutdown.clone()));
 
-    let served = server.await;
-    // The server ends on shutdown, or early on failure: either way everything stops.
-    shutdown.cancel();
+    // The servers end on shutdown, or early on failure: either way everything stops.
+    let (http_served, rpc_served) = tokio::select! {
+        served = &mut http_task => {
+            shutdown.cancel();
+            (served, rpc_task.await)
+        }
+        served = &mut rpc_task => {
+            shutdown.cancel();
+            (http_task.await, served)
+        }
+    };
     let _ = watcher.await;
     let _ = monitor.await;
-    match served {
+    match http_served {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(DaemonError::Serve(err)),
+        Err(join) => return Err(DaemonError::Serve(std::io::Error::other(join.to_string()))),
+    }
+    match rpc_served {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => Err(DaemonError::Serve(err)),
-        Err(join) => Err(DaemonError::Serve(std::io::Error::other(join.to_string()))),
+        Ok(Err(err)) => Err(DaemonError::Rpc(err.to_string())),
+        Err(join) => Err(DaemonError::Rpc(join.to_string())),
     }
 }

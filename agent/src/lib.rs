@@ -7,3 +7,4 @@ pub mod docker;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
+pub mod rpc;

@@ -1,5 +1,6 @@
 //! Test support for the integration suite: checks the machine can run it, starts a
-//! real `bai-agent`, runs labelled containers on the real Docker engine, reads `/metrics`.
+//! real `bai-agent` (HTTP and RPC on free loopback ports), runs labelled containers on the
+//! real Docker engine, reads `/metrics`.
 
 use std::{
     collections::BTreeMap,
@@ -63,15 +64,24 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `N` distinct free loopback ports (all held open until every one is picked).
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// A running `bai-agent`; stopped with SIGTERM when dropped.
 pub struct Agent {
     child: Option<Child>,
     pub id: String,
+    /// `agent.internal-addr` (HTTP: /metrics, /readyz, …).
     pub addr: String,
+    /// `agent.rpc-listen-addr` (the callosum RPC server), always on 127.0.0.1.
+    pub rpc_addr: String,
     _dir: tempfile::TempDir,
     pub log: PathBuf,
 }
@@ -84,12 +94,14 @@ impl Agent {
 
     pub fn start_with_id(id: &str, extra_toml: &str) -> anyhow::Result<Agent> {
         let dir = tempfile::tempdir()?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let [http_port, rpc_port] = free_ports()?;
+        let (addr, rpc_addr) = (format!("127.0.0.1:{http_port}"), format!("127.0.0.1:{rpc_port}"));
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\n\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n"
+                "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\nrpc-listen-addr = \"{rpc_addr}\"\n\n\
+                 [logging]\nlevel = \"debug\"\n\n{extra_toml}\n"
             ),
         )?;
         let log = dir.path().join("agent.log");
@@ -102,7 +114,7 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", agent_binary().display()))?;
-        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, _dir: dir, log };
+        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, rpc_addr, _dir: dir, log };
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
     }

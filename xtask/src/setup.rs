@@ -38,6 +38,12 @@ const BPF_LINKER_FEATURE: &str = "llvm-22";
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// Python packages of the RPC compatibility test (`tests/python/callosum_client.py`): the
+/// real callosum with its ZeroMQ and snappy extras, pinned.
+pub const PYTHON_PACKAGES: &[&str] = &["callosum==1.0.3", "pyzmq==27.2.0", "python-snappy==0.7.3", "msgpack==1.2.4"];
+/// What the test imports; setup installs [`PYTHON_PACKAGES`] when this fails.
+const PYTHON_IMPORT_CHECK: &str = "import callosum, zmq, snappy, msgpack";
+
 /// Prints `==> step: what`.
 pub fn step(name: &str, what: &str) {
     println!("==> {name}: {what}");
@@ -64,6 +70,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     tracefs()?;
     docker::ensure_dockerd(ctx)?;
     docker::ensure_images(ctx)?;
+    python_packages()?;
     println!("setup complete");
     Ok(())
 }
@@ -246,6 +253,51 @@ fn tracefs() -> Result<()> {
                  needs CAP_SYS_ADMIN (in a container: --privileged)"
         )
     })?;
+    ok();
+    Ok(())
+}
+
+/// Installs the callosum test's Python packages for the `python3` on PATH, the one the
+/// test runs (it may be a pyenv or venv interpreter rather than Debian's /usr/bin/python3).
+fn python_packages() -> Result<()> {
+    step("python", &format!("Python packages for the callosum test: {}", PYTHON_PACKAGES.join(" ")));
+    let interpreter = cmd::output(Command::new("python3").args(["-c", "import sys; print(sys.executable)"]))
+        .context("`python3` is not on PATH; the RPC compatibility test runs it (Debian: apt-get install python3)")?;
+    println!("    python3 is {interpreter}");
+    if cmd::probe(Command::new("python3").args(["-c", PYTHON_IMPORT_CHECK])) {
+        already_present();
+        return Ok(());
+    }
+    if !cmd::probe(Command::new("python3").args(["-m", "pip", "--version"])) {
+        if interpreter.starts_with("/usr/") {
+            cmd::run(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends", "python3-pip"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+            .context("installing python3-pip failed")?;
+        } else {
+            bail!("{interpreter} has no pip; install pip for it (`{interpreter} -m ensurepip`) and run setup again");
+        }
+    }
+    let mut install = Command::new("python3");
+    install.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"]);
+    // Debian marks its own interpreter externally managed (PEP 668); these pinned test
+    // packages go into it regardless, as root would with apt.
+    let externally_managed = cmd::probe(Command::new("python3").args([
+        "-c",
+        "import os, sys, sysconfig; \
+         sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else 1)",
+    ]));
+    if externally_managed {
+        install.arg("--break-system-packages");
+    }
+    cmd::run(install.args(PYTHON_PACKAGES)).with_context(|| {
+        format!("pip could not install {}; check that PyPI is reachable", PYTHON_PACKAGES.join(" "))
+    })?;
+    if !cmd::probe(Command::new("python3").args(["-c", PYTHON_IMPORT_CHECK])) {
+        bail!("pip reported success but `python3 -c \"{PYTHON_IMPORT_CHECK}\"` still fails");
+    }
     ok();
     Ok(())
 }

@@ -9,7 +9,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Backend.AI-compatible node agent: runs kernels through Docker and accounts for
-/// each one with eBPF (CPU time, network bytes), served at /metrics.
+/// each one with eBPF (CPU time, network bytes), served at /metrics; answers the manager's
+/// RPC (callosum over ZeroMQ) on agent.rpc-listen-addr.
 #[derive(Debug, Parser)]
 #[command(name = "bai-agent", version)]
 struct Cli {
@@ -29,6 +30,9 @@ struct Cli {
     /// Address of /metrics and the health endpoints (overrides agent.internal-addr).
     #[arg(long, value_name = "HOST:PORT")]
     internal_addr: Option<SocketAddr>,
+    /// Address of the manager-facing RPC server (overrides agent.rpc-listen-addr).
+    #[arg(long, value_name = "HOST:PORT")]
+    rpc_listen_addr: Option<SocketAddr>,
     /// Check the configuration, print it, and exit.
     #[arg(long)]
     check_config: bool,
@@ -54,6 +58,9 @@ fn main() -> ExitCode {
     }
     if let Some(addr) = cli.internal_addr {
         config.agent.internal_addr = addr;
+    }
+    if let Some(addr) = cli.rpc_listen_addr {
+        config.agent.rpc_listen_addr = addr;
     }
     if cli.check_config {
         println!("configuration from {source} is valid:\n{config:#?}");

@@ -135,8 +135,11 @@ struct ContainerCollector(Arc<MetricsState>);
 impl Collector for ContainerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.0.latest();
-        let labelled: Vec<(ContainerLabels, &CgroupCounters)> =
-            snapshot.containers.iter().map(|sample| (ContainerLabels::from(&sample.kernel), &sample.counters)).collect();
+        let labelled: Vec<(ContainerLabels, &CgroupCounters)> = snapshot
+            .containers
+            .iter()
+            .map(|sample| (ContainerLabels::from(&sample.kernel), &sample.counters))
+            .collect();
         for series in CONTAINER_COUNTERS {
             let mut family =
                 encoder.encode_descriptor(series.name, series.help, series.unit.as_ref(), MetricType::Counter)?;
