@@ -12,8 +12,10 @@ pub const SLOTS_MAP: &str = "CGROUP_SLOTS";
 pub const SLOT_OVERFLOW_MAP: &str = "SLOT_OVERFLOW";
 /// Per-CPU hash map of [`CgroupCounters`] by cgroup id, for cgroups whose slot was taken.
 pub const COUNTERS_MAP: &str = "CGROUP_COUNTERS";
-/// Global the loader sets: byte offset of `task_struct.se.sum_exec_runtime`.
+/// Globals the loader sets: byte offsets of `task_struct.se.sum_exec_runtime` and
+/// `task_struct.se.prev_sum_exec_runtime` (its value when the task was last picked).
 pub const SUM_EXEC_RUNTIME_OFFSET: &str = "SUM_EXEC_RUNTIME_OFFSET";
+pub const PREV_SUM_EXEC_RUNTIME_OFFSET: &str = "PREV_SUM_EXEC_RUNTIME_OFFSET";
 
 /// Slots in [`SLOTS_MAP`] (a power of two): direct, hash-free lookups for the hot paths.
 pub const SLOTS: u32 = 1024;
@@ -32,15 +34,6 @@ pub const fn slot_index(id: CgroupId) -> u32 {
 pub struct CgroupSlot {
     pub cgroup_id: CgroupId,
     pub counters: CgroupCounters,
-}
-
-/// What each CPU remembers between context switches: the task it switched to and that
-/// task's scheduler runtime at that moment.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SwitchState {
-    pub task: u64,
-    pub runtime_ns: u64,
 }
 
 /// Program names as the eBPF object exports them.

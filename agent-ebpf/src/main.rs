@@ -7,7 +7,7 @@
 #![no_std]
 #![no_main]
 
-use agent_common::{CgroupCounters, CgroupId, CgroupSlot, MAX_OVERFLOW_CGROUPS, SLOTS, SwitchState, slot_index};
+use agent_common::{CgroupCounters, CgroupId, CgroupSlot, MAX_OVERFLOW_CGROUPS, SLOTS, slot_index};
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_cgroup_id, bpf_skb_cgroup_id},
     macros::{btf_tracepoint, cgroup_skb, map},
@@ -25,12 +25,12 @@ static SLOT_OVERFLOW: Array<u32> = Array::with_max_entries(SLOTS, 0);
 static CGROUP_COUNTERS: PerCpuHashMap<CgroupId, CgroupCounters> =
     PerCpuHashMap::with_max_entries(MAX_OVERFLOW_CGROUPS, 0);
 
-#[map]
-static SWITCH_STATE: PerCpuArray<SwitchState> = PerCpuArray::with_max_entries(1, 0);
-
-/// Byte offset of `task_struct.se.sum_exec_runtime`; the loader sets it from kernel BTF.
+/// Byte offsets of `task_struct.se.sum_exec_runtime` and `.se.prev_sum_exec_runtime`;
+/// the loader sets them from kernel BTF.
 #[unsafe(no_mangle)]
 static SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
+#[unsafe(no_mangle)]
+static PREV_SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
 
 /// The root of the unified hierarchy always has id 1.
 const ROOT_CGROUP_ID: u64 = 1;
@@ -55,53 +55,46 @@ fn counters_of(cgroup_id: CgroupId) -> Option<*mut CgroupCounters> {
     }
 }
 
-/// The scheduler's runtime of a task, read at `SUM_EXEC_RUNTIME_OFFSET`.
+/// A `u64` field of a task, at an offset the loader found in kernel BTF.
 ///
 /// `task` is a BTF-typed pointer (`struct task_struct *`) and the offset a known
 /// constant (a frozen read-only global), so the verifier checks this load against
 /// the kernel's type and the JIT makes it a plain, fault-guarded load.
 #[inline(always)]
-fn runtime_of(task: *const u8, offset: u64) -> Option<u64> {
+fn field_u64(task: *const u8, offset: u64) -> Option<u64> {
     // SAFETY: see above; the verifier refuses the program if the field is not a u64.
     Some(unsafe { core::ptr::read_volatile(task.add(offset as usize).cast::<u64>()) })
 }
 
-/// Charges the runtime the outgoing task accumulated since it was switched in to its
-/// cgroup. The scheduler has updated `prev->se.sum_exec_runtime` before this
-/// tracepoint, so the delta is exactly what `cpuacct`/`cpu.stat` charge, and no clock
-/// is read here. In `tp_btf/sched_switch` the current task is still `prev`, so
-/// `bpf_get_current_cgroup_id()` names its cgroup.
+/// Charges the slice the outgoing task just ran to its cgroup.
+///
+/// The scheduler has already updated `prev->se.sum_exec_runtime` when this tracepoint
+/// fires, and `prev->se.prev_sum_exec_runtime` holds its value from when the task was
+/// picked to run, so their difference is exactly the slice `cpuacct`/`cpu.stat` were
+/// charged, with no clock read and no state of our own. In `tp_btf/sched_switch` the
+/// current task is still `prev`, so `bpf_get_current_cgroup_id()` names its cgroup.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-    // sched_switch's arguments are (preempt, prev, next, prev_state).
-    let (prev, next): (*const u8, *const u8) = (ctx.arg(1), ctx.arg(2));
-    // SAFETY: a global the loader wrote before loading.
-    let offset = unsafe { core::ptr::read_volatile(&SUM_EXEC_RUNTIME_OFFSET) };
-    let Some(state) = SWITCH_STATE.get_ptr_mut(0) else {
-        return 0;
-    };
-    let prev_runtime = runtime_of(prev, offset).unwrap_or(0);
-    let next_runtime = runtime_of(next, offset).unwrap_or(0);
-    // SAFETY: a per-CPU slot, only this CPU writes it and preemption is off here.
-    let (switched_in, start) = unsafe {
-        let last = *state;
-        (*state).task = next as u64;
-        (*state).runtime_ns = next_runtime;
-        (last.task, last.runtime_ns)
-    };
-    // The first switch a CPU sees after loading has nothing to charge.
-    if switched_in != prev as u64 || prev_runtime <= start {
-        return 0;
-    }
     // SAFETY: no arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // The idle task and host daemons sit in the root cgroup, never a kernel's.
     if cgroup_id == ROOT_CGROUP_ID {
         return 0;
     }
-    if let Some(counters) = counters_of(cgroup_id) {
+    let Some(counters) = counters_of(cgroup_id) else {
+        return 0;
+    };
+    // sched_switch's arguments are (preempt, prev, next, prev_state).
+    let prev: *const u8 = ctx.arg(1);
+    // SAFETY: globals the loader wrote before loading.
+    let (runtime_at, picked_at) =
+        unsafe { (core::ptr::read_volatile(&SUM_EXEC_RUNTIME_OFFSET), core::ptr::read_volatile(&PREV_SUM_EXEC_RUNTIME_OFFSET)) };
+    let (Some(runtime), Some(picked)) = (field_u64(prev, runtime_at), field_u64(prev, picked_at)) else {
+        return 0;
+    };
+    if runtime > picked {
         // SAFETY: this CPU's copy of a value that lives as long as the map entry.
-        unsafe { (*counters).cpu_ns += prev_runtime - start };
+        unsafe { (*counters).cpu_ns += runtime - picked };
     }
     0
 }

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CgroupCounters, CgroupId, SUM_EXEC_RUNTIME_OFFSET, programs};
+use agent_common::{CgroupCounters, CgroupId, PREV_SUM_EXEC_RUNTIME_OFFSET, SUM_EXEC_RUNTIME_OFFSET, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
@@ -45,7 +45,7 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
-    #[error("finding task_struct.se.sum_exec_runtime: {0}")]
+    #[error("finding the scheduler's runtime fields in kernel BTF: {0}")]
     KernelLayout(#[from] super::btf::BtfError),
 }
 
@@ -67,10 +67,13 @@ impl EbpfMonitor {
     pub fn load() -> Result<Self, EbpfError> {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs()?;
-        let runtime_offset = KernelBtf::from_sys_fs()?.member_offset("task_struct", &["se", "sum_exec_runtime"])?;
+        let kernel_types = KernelBtf::from_sys_fs()?;
+        let runtime_offset = kernel_types.member_offset("task_struct", &["se", "sum_exec_runtime"])?;
+        let picked_offset = kernel_types.member_offset("task_struct", &["se", "prev_sum_exec_runtime"])?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(SUM_EXEC_RUNTIME_OFFSET, &runtime_offset, true)
+            .override_global(PREV_SUM_EXEC_RUNTIME_OFFSET, &picked_offset, true)
             .load(EBPF_OBJECT)?;
 
         let sched_switch: &mut BtfTracePoint = program(&mut ebpf, programs::SCHED_SWITCH)?;
@@ -154,6 +157,11 @@ impl EbpfMonitor {
                 }
             })
             .collect()
+    }
+
+    /// (cgroups in direct slots, cgroups in the overflow map)
+    pub fn occupancy(&self) -> (usize, usize) {
+        self.counters.occupancy()
     }
 
     pub fn is_attached(&self, id: CgroupId) -> bool {
