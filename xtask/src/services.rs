@@ -3,6 +3,8 @@
 
 use std::{
     fs::{self, OpenOptions},
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -151,6 +153,39 @@ impl Drop for Service {
     }
 }
 
+/// The Redis port tried first for the tests' private `redis-server` (then the next few, then
+/// any free port); never the default 6379, so a developer's own Redis is not touched.
+pub const TEST_REDIS_PORT: u16 = 16379;
+
+/// Starts a private `redis-server` for the tests on a free 127.0.0.1 port, without
+/// persistence (`--save "" --appendonly no`), logging to `<log_dir>/redis.log`, and waits until
+/// it answers PING. Returns the service (stopped by PID when dropped) and its `127.0.0.1:PORT`.
+pub fn start_test_redis(log_dir: &Path) -> Result<(Service, String)> {
+    let port = (TEST_REDIS_PORT..TEST_REDIS_PORT + 20)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .map_or_else(|| Ok::<u16, anyhow::Error>(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()), Ok)?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(log_dir);
+    fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let mut service = Service::start("redis", cmd, log_dir)?;
+    service.wait_ready(Duration::from_secs(20), || redis_answers(&addr))?;
+    println!("    redis-server (pid {}) on {addr}", service.pid());
+    Ok((service, addr))
+}
+
+/// Whether a Redis at `addr` answers PING.
+pub fn redis_answers(addr: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +234,20 @@ mod tests {
         drop(service);
         assert!(started.elapsed() >= STOP_GRACE);
         assert!(!alive(pid), "pid {pid} survived SIGKILL");
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn test_redis_answers_and_is_stopped_on_drop() -> Result<()> {
+        let dir = log_dir("redis");
+        let (service, addr) = start_test_redis(&dir)?;
+        let pid = service.pid();
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        assert!(redis_answers(&addr));
+        drop(service);
+        assert!(!alive(pid), "redis-server (pid {pid}) survived the drop");
+        assert!(!redis_answers(&addr));
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

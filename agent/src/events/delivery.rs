@@ -1,0 +1,264 @@
+//! Delivery of journaled events to the manager's Redis, in Backend.AI's wire format.
+//!
+//! Each event becomes one stream entry, exactly as Backend.AI's `EventProducer` writes it:
+//!
+//! ```text
+//! XADD events MAXLEN ~ 128 * name <event name> source <agent id> args <msgpack of the args array>
+//! ```
+//!
+//! in database `redis.events-db` (4). `args` is msgpack with Backend.AI's options (`str` as
+//! str, bytes as bin), the arguments packed as one array, which the manager unpacks into a
+//! tuple (`msgpack.unpackb(..., use_list=False)`). `MAXLEN ~ 128` is the approximate trim
+//! Backend.AI's own producers use for the stream.
+//!
+//! Entries go out in journal order, several at a time in one `MULTI`/`EXEC` so that a batch is
+//! added whole or not at all. When Redis cannot be reached the backlog waits in the journal,
+//! retries back off up to [`MAX_BACKOFF`], one warning is logged per outage, and the backlog
+//! goes out in order when Redis answers again. Delivery is at least once: an event is resent
+//! only when the agent stopped (or the connection broke) after Redis took it but before the
+//! agent learnt so.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, aio};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, journal::Record};
+use crate::config::RedisAddr;
+
+/// The stream Backend.AI's manager consumes events from.
+pub const STREAM_KEY: &str = "events";
+/// Backend.AI's producers trim the stream to about this many entries (`MAXLEN ~`).
+pub const STREAM_MAXLEN: usize = 128;
+/// Entries per `MULTI`/`EXEC`.
+pub const BATCH: usize = 64;
+/// The first retry after a failure waits this long, doubling up to [`MAX_BACKOFF`].
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown keeps trying to deliver what is left (`agent_terminated` included).
+const FINAL_FLUSH: Duration = Duration::from_secs(3);
+/// The same while Redis is known to be down: one quick try.
+const FINAL_FLUSH_IN_OUTAGE: Duration = Duration::from_millis(500);
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub addr: RedisAddr,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+impl RedisTarget {
+    pub fn client(&self) -> redis::RedisResult<Client> {
+        let mut settings = RedisConnectionInfo::default().set_db(i64::from(self.db));
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        let info = ConnectionAddr::Tcp(self.addr.host.clone(), self.addr.port)
+            .into_connection_info()?
+            .set_redis_settings(settings);
+        Client::open(info)
+    }
+}
+
+/// `XADD events MAXLEN ~ 128 * name <name> source <agent_id> args <msgpack>` for one record.
+pub fn xadd_command(agent_id: &str, record: &Record) -> Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(STREAM_KEY)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(STREAM_MAXLEN)
+        .arg("*")
+        .arg("name")
+        .arg(record.name.as_str())
+        .arg("source")
+        .arg(agent_id)
+        .arg("args")
+        .arg(record.args.as_slice());
+    cmd
+}
+
+/// One connection, made on demand and dropped on any error.
+struct Sender {
+    client: Client,
+    conn: Option<aio::MultiplexedConnection>,
+    agent_id: String,
+}
+
+impl Sender {
+    async fn send(&mut self, batch: &[Record]) -> redis::RedisResult<()> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                self.conn.insert(self.client.get_multiplexed_async_connection_with_config(&config).await?)
+            }
+        };
+        let mut pipe = redis::pipe();
+        if batch.len() > 1 {
+            pipe.atomic();
+        }
+        for record in batch {
+            pipe.add_command(xadd_command(&self.agent_id, record)).ignore();
+        }
+        let sent = pipe.query_async::<()>(conn).await;
+        if sent.is_err() {
+            self.conn = None;
+        }
+        sent
+    }
+}
+
+/// Sends the outbox's backlog to Redis until `stop`, then tries briefly to send what is left.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    notify: Arc<Notify>,
+    target: RedisTarget,
+    agent_id: String,
+    stop: CancellationToken,
+) {
+    let client = match target.client() {
+        Ok(client) => client,
+        Err(err) => {
+            tracing::error!(redis = %target.addr, %err, "cannot set up the Redis client; events stay in the journal");
+            return;
+        }
+    };
+    let mut sender = Sender { client, conn: None, agent_id };
+    let mut backoff = INITIAL_BACKOFF;
+    let mut outage: Option<(Instant, u32)> = None;
+    loop {
+        let batch = shared.peek(BATCH);
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                () = notify.notified() => continue,
+            }
+        }
+        // An XADD in flight is let finish (it is bounded by the timeouts): cutting it off could
+        // send its events twice.
+        match sender.send(&batch).await {
+            Ok(()) => {
+                shared.delivered(&batch);
+                backoff = INITIAL_BACKOFF;
+                if let Some((since, failures)) = outage.take() {
+                    tracing::info!(
+                        redis = %target.addr,
+                        down_for = ?since.elapsed(),
+                        failed_attempts = failures,
+                        backlog = shared.stats.backlog(),
+                        "Redis is reachable again; sending the event backlog in order"
+                    );
+                }
+            }
+            Err(err) => {
+                match &mut outage {
+                    None => {
+                        tracing::warn!(
+                            redis = %target.addr,
+                            %err,
+                            backlog = shared.stats.backlog(),
+                            "cannot deliver events to Redis; they stay in the journal and are retried (logged once per outage)"
+                        );
+                        outage = Some((Instant::now(), 1));
+                    }
+                    Some((_, failures)) => {
+                        *failures += 1;
+                        tracing::debug!(redis = %target.addr, %err, retry_in = ?backoff, "event delivery still failing");
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    // Shutdown: whatever is left (agent_terminated at least) gets a last chance.
+    let deadline = Instant::now() + if outage.is_some() { FINAL_FLUSH_IN_OUTAGE } else { FINAL_FLUSH };
+    loop {
+        let batch = shared.peek(BATCH);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if batch.is_empty() || left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, sender.send(&batch)).await {
+            Ok(Ok(())) => shared.delivered(&batch),
+            Ok(Err(_)) | Err(_) => {
+                sender.conn = None;
+                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            }
+        }
+    }
+    let left = shared.stats.backlog();
+    if left > 0 {
+        tracing::warn!(
+            backlog = left,
+            "events not delivered at shutdown stay in the journal and go first at the next start"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    fn args_of(cmd: &Cmd) -> Vec<Vec<u8>> {
+        cmd.args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                _ => b"<not a plain argument>".to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn xadd_matches_backend_ais_event_producer() {
+        let args = super::super::pack_args(&[rmpv::Value::from("self-started")]);
+        let record = Record { seq: 1, name: "agent_started".into(), timestamp: UNIX_EPOCH, args };
+        let got = args_of(&xadd_command("i-node1", &record));
+        let want: Vec<Vec<u8>> = [
+            &b"XADD"[..],
+            b"events",
+            b"MAXLEN",
+            b"~",
+            b"128",
+            b"*",
+            b"name",
+            b"agent_started",
+            b"source",
+            b"i-node1",
+            b"args",
+            // msgpack.packb(("self-started",)): a one-element array holding a str.
+            b"\x91\xacself-started",
+        ]
+        .iter()
+        .map(|part| part.to_vec())
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_client_selects_the_events_database() {
+        let target = RedisTarget { addr: "127.0.0.1:6379".parse().expect("addr"), password: Some("pw".into()), db: 4 };
+        let client = target.client().expect("client");
+        let info = client.get_connection_info();
+        assert_eq!(info.redis_settings().db(), 4);
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        assert_eq!(info.addr(), &ConnectionAddr::Tcp("127.0.0.1".into(), 6379));
+    }
+}

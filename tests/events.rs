@@ -1,0 +1,299 @@
+//! Events to the manager from a real `bai-agent` through a real Redis: `agent_started`,
+//! periodic `agent_heartbeat` and `agent_terminated` in Backend.AI's stream format (checked
+//! with Python's msgpack the way the manager unpacks them), delivery of the backlog after a
+//! Redis outage (every event, in order, once), the backlog of an earlier run going first, and
+//! the local journal when no Redis is configured.
+//!
+//! The shared Redis is `BAI_TEST_REDIS` (started by `cargo xtask test`), database 4 (never
+//! flushed: each test reads only the entries whose `source` is its own agent id). The outage
+//! test runs a `redis-server` of its own.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use bai_agent::rpc::codec::map_get;
+use bai_agent_tests::{
+    Agent, EventCollector, RedisServer, StreamEvent, free_loopback_port, require_environment, test_redis, unique,
+};
+use rmpv::Value;
+
+const EVENTS_DB: u32 = 4;
+
+fn redis_config(addr: &str) -> String {
+    format!("[redis]\naddr = \"{addr}\"\nevents-db = {EVENTS_DB}\n\n[debug]\nheartbeat-interval = \"500ms\"\n")
+}
+
+/// `value[key]` of a msgpack map with string keys.
+fn field<'a>(value: &'a Value, key: &str) -> &'a Value {
+    value.as_map().and_then(|entries| map_get(entries, key)).unwrap_or_else(|| panic!("no `{key}` in {value}"))
+}
+
+/// The single argument of an event, which must be a one-element array.
+fn only_arg(event: &StreamEvent) -> Value {
+    let args = event.args_value();
+    let items = args.as_array().unwrap_or_else(|| panic!("args of {} are not an array: {args}", event.name));
+    assert_eq!(items.len(), 1, "{} takes one argument: {args}", event.name);
+    items[0].clone()
+}
+
+fn heartbeat_seq(event: &StreamEvent) -> u64 {
+    field(&only_arg(event), "heartbeat_seq").as_u64().expect("heartbeat_seq is an integer")
+}
+
+fn heartbeats(events: &[StreamEvent]) -> Vec<&StreamEvent> {
+    events.iter().filter(|e| e.name == "agent_heartbeat").collect()
+}
+
+/// Unpacks `args` with Python's msgpack exactly as Backend.AI's manager does
+/// (`unpackb(raw=False, use_list=False)`, so arrays become tuples and map keys must be str)
+/// and checks the heartbeat's shape there.
+const PYTHON_CHECK: &str = r#"
+import sys, zlib, msgpack
+args = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, use_list=False)
+assert isinstance(args, tuple) and len(args) == 1, repr(args)
+info = args[0]
+assert isinstance(info, dict), type(info)
+for key in ("ip", "region", "scaling_group", "addr", "public_key", "public_host", "resource_slots",
+            "available_resource_slots", "slot_key_and_units", "version", "compute_plugins", "images",
+            "architecture", "auto_terminate_abusing_kernel"):
+    assert key in info, key
+assert info["addr"].startswith("tcp://"), info["addr"]
+assert isinstance(info["public_host"], str)
+assert info["public_key"] is None
+from decimal import Decimal
+for slot, (unit, amount) in info["resource_slots"].items():
+    assert unit in ("count", "bytes", "unique"), unit
+    assert Decimal(amount) == Decimal(info["available_resource_slots"][slot])
+assert info["slot_key_and_units"] == {"cpu": "count", "mem": "bytes"}, info["slot_key_and_units"]
+assert msgpack.unpackb(zlib.decompress(info["images"]), use_list=False) == ()
+print("ok", sorted(info))
+"#;
+
+fn python_checks_heartbeat(args: &[u8]) {
+    let import = Command::new("python3").args(["-c", "import msgpack"]).output();
+    match import {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "python3 cannot import msgpack ({}); `cargo xtask setup` installs it",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(err) => panic!("python3 does not run ({err}); the compatibility check needs it"),
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", PYTHON_CHECK])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    {
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(args).expect("write args");
+    }
+    let out = child.wait_with_output().expect("python3 finishes");
+    assert!(
+        out.status.success(),
+        "Python's msgpack does not read the heartbeat as Backend.AI expects:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn started_heartbeat_and_terminated_reach_the_stream_in_backend_ais_format() {
+    require_environment();
+    let redis = test_redis();
+    let id = unique("i-events");
+    let collector = EventCollector::start(&redis, EVENTS_DB, &id).expect("collector");
+    let mut agent = Agent::start_with_id(&id, &redis_config(&redis)).expect("agent starts");
+
+    let events = collector
+        .wait_for("agent_started and three heartbeats", Duration::from_secs(20), |events| heartbeats(events).len() >= 3)
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+
+    // Every entry has exactly Backend.AI's fields; the first is agent_started("self-started").
+    for event in &events {
+        assert_eq!(event.fields, ["args", "name", "source"], "{event:?}");
+        assert_eq!(event.source, id);
+    }
+    assert_eq!(events[0].name, "agent_started");
+    assert_eq!(events[0].args, b"\x91\xacself-started", "msgpack of the tuple (\"self-started\",)");
+
+    // Heartbeats: one map argument with the documented keys and values.
+    let beats = heartbeats(&events);
+    let info = only_arg(beats[0]);
+    let rpc_port = agent.rpc_addr.rsplit_once(':').expect("port").1;
+    assert_eq!(field(&info, "ip"), &Value::from("127.0.0.1"));
+    assert_eq!(field(&info, "addr"), &Value::from(format!("tcp://127.0.0.1:{rpc_port}")));
+    assert_eq!(field(&info, "public_host"), &Value::from("127.0.0.1"));
+    assert_eq!(field(&info, "region"), &Value::from("local"));
+    assert_eq!(field(&info, "scaling_group"), &Value::from("default"));
+    assert_eq!(field(&info, "version"), &Value::from(env!("CARGO_PKG_VERSION")));
+    assert_eq!(field(&info, "architecture"), &Value::from(std::env::consts::ARCH));
+    let slots = field(&info, "available_resource_slots");
+    let cpu: u64 = field(slots, "cpu").as_str().expect("cpu is a decimal string").parse().expect("whole cores");
+    let mem: u64 = field(slots, "mem").as_str().expect("mem is a decimal string").parse().expect("bytes");
+    assert!(cpu >= 1 && mem > 1 << 20, "cpu {cpu}, mem {mem}");
+    assert_eq!(
+        field(&info, "slot_key_and_units"),
+        &Value::Map(vec![(Value::from("cpu"), Value::from("count")), (Value::from("mem"), Value::from("bytes"))])
+    );
+    let plugins = field(&info, "compute_plugins");
+    assert!(
+        map_get(plugins.as_map().expect("map"), "cpu").is_some()
+            && map_get(plugins.as_map().expect("map"), "mem").is_some()
+    );
+    python_checks_heartbeat(&beats[0].args);
+
+    // Periodic: numbered 1, 2, 3 and spread over time, not sent in a burst.
+    let seqs: Vec<u64> = beats.iter().map(|e| heartbeat_seq(e)).collect();
+    assert_eq!(seqs[..3], [1, 2, 3]);
+    let spread = beats[2].added_ms().saturating_sub(beats[0].added_ms());
+    assert!(spread >= 700, "three heartbeats 500 ms apart arrived within {spread} ms");
+
+    // agent_terminated("shutdown") is the last word.
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "exit status {status}; log:\n{}", agent.log_text());
+    let events = collector
+        .wait_for("agent_terminated", Duration::from_secs(10), |events| {
+            events.last().is_some_and(|e| e.name == "agent_terminated")
+        })
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    assert_eq!(events.last().expect("event").args, b"\x91\xa8shutdown");
+    // Delivered everything: the journal was compacted and the marker names the last event.
+    let marker = std::fs::read_to_string(agent.journal_dir.join("events.delivered")).expect("marker");
+    assert_eq!(marker.trim().parse::<usize>().expect("seq"), events.len());
+    assert_eq!(std::fs::metadata(agent.journal_dir.join("events.jsonl")).expect("journal").len(), 0);
+}
+
+#[test]
+fn heartbeats_emitted_while_redis_is_down_arrive_in_order_once_when_it_returns() {
+    require_environment();
+    let port = free_loopback_port().expect("port");
+    let mut redis = RedisServer::start(port).expect("redis-server starts");
+    let id = unique("i-outage");
+    let collector = EventCollector::start(&redis.addr(), EVENTS_DB, &id).expect("collector");
+    let mut agent = Agent::start_with_id(&id, &redis_config(&redis.addr())).expect("agent starts");
+    let before = collector
+        .wait_for("two heartbeats", Duration::from_secs(20), |events| heartbeats(events).len() >= 2)
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    let last_before = heartbeat_seq(heartbeats(&before).last().expect("heartbeat"));
+
+    redis.stop().expect("redis-server stops");
+    // About six heartbeats are emitted into the outage; they wait in the journal.
+    std::thread::sleep(Duration::from_secs(3));
+    let journal = std::fs::read_to_string(agent.journal_dir.join("events.jsonl")).expect("journal");
+    let waiting = journal.lines().filter(|line| line.contains("\"agent_heartbeat\"")).count();
+    assert!(waiting >= 4, "heartbeats during the outage must be journaled; journal:\n{journal}");
+    redis.restart().expect("redis-server restarts on the same port");
+
+    let target = last_before + 8;
+    let events = collector
+        .wait_for(&format!("heartbeat {target}"), Duration::from_secs(30), |events| {
+            heartbeats(events).iter().any(|e| heartbeat_seq(e) >= target)
+        })
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    let seqs: Vec<u64> = heartbeats(&events).iter().map(|e| heartbeat_seq(e)).collect();
+    let want: Vec<u64> = (1..=*seqs.last().expect("heartbeats")).collect();
+    assert_eq!(seqs, want, "every heartbeat, in order, none twice (outage after heartbeat {last_before})");
+    assert_eq!(events[0].name, "agent_started");
+
+    let log = agent.log_text();
+    assert_eq!(log.matches("cannot deliver events to Redis").count(), 1, "one warning per outage; log:\n{log}");
+    assert!(log.contains("Redis is reachable again"), "{log}");
+    agent.stop().expect("agent stops");
+}
+
+#[test]
+fn an_earlier_runs_undelivered_events_go_first_after_a_restart() {
+    require_environment();
+    let journal = tempfile::tempdir().expect("tempdir");
+    let port = free_loopback_port().expect("port");
+    let id = unique("i-backlog");
+    // First run: nothing listens on the port, so everything stays in the journal.
+    let mut first = Agent::start_with_journal(&id, journal.path(), &redis_config(&format!("127.0.0.1:{port}")))
+        .expect("agent starts without its Redis");
+    bai_agent_tests::wait_until("two journaled heartbeats", Duration::from_secs(20), || {
+        journal_names(journal.path()).iter().filter(|n| *n == "agent_heartbeat").count() >= 2
+    })
+    .expect("journaled");
+    first.stop().expect("agent stops");
+    let first_run = journal_names(journal.path());
+    assert_eq!(first_run.first().map(String::as_str), Some("agent_started"));
+    assert_eq!(first_run.last().map(String::as_str), Some("agent_terminated"));
+
+    let redis = RedisServer::start(port).expect("redis-server starts");
+    let collector = EventCollector::start(&redis.addr(), EVENTS_DB, &id).expect("collector");
+    let mut second =
+        Agent::start_with_journal(&id, journal.path(), &redis_config(&redis.addr())).expect("agent restarts");
+    let n = first_run.len();
+    let events = collector
+        .wait_for("the first run's events and the second's start", Duration::from_secs(20), |events| {
+            events.len() > n + 1
+        })
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", second.log_text()));
+    let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names[..n], first_run.iter().map(String::as_str).collect::<Vec<_>>()[..], "the backlog goes first");
+    assert_eq!(names[n], "agent_started", "then the second run: {names:?}");
+    let first_beats: Vec<u64> = heartbeats(&events[..n]).iter().map(|e| heartbeat_seq(e)).collect();
+    assert_eq!(first_beats, (1..=first_beats.len() as u64).collect::<Vec<_>>());
+    second.stop().expect("agent stops");
+}
+
+#[test]
+fn without_redis_events_land_in_the_local_journal() {
+    require_environment();
+    let mut agent = Agent::start("[debug]\nheartbeat-interval = \"500ms\"\n").expect("agent starts");
+    bai_agent_tests::wait_until("three journaled heartbeats", Duration::from_secs(20), || {
+        journal_names(&agent.journal_dir).iter().filter(|n| *n == "agent_heartbeat").count() >= 3
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    agent.stop().expect("agent stops");
+
+    let text = std::fs::read_to_string(agent.journal_dir.join("events.jsonl")).expect("journal");
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|line| serde_json::from_str(line).expect("each line is JSON")).collect();
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().expect("seq")).collect();
+    assert_eq!(seqs, (1..=lines.len() as u64).collect::<Vec<_>>());
+    assert_eq!(lines[0]["name"], "agent_started");
+    assert_eq!(lines.last().expect("line")["name"], "agent_terminated");
+    let args = |line: &serde_json::Value| -> Vec<u8> { base64_decode(line["args"].as_str().expect("args")) };
+    assert_eq!(args(&lines[0]), b"\x91\xacself-started");
+    let beat = lines.iter().find(|l| l["name"] == "agent_heartbeat").expect("heartbeat");
+    let info = StreamEvent {
+        id: "0-0".into(),
+        fields: Vec::new(),
+        name: "agent_heartbeat".into(),
+        source: agent.id.clone(),
+        args: args(beat),
+    };
+    assert_eq!(heartbeat_seq(&info), 1);
+    // Without Redis, writing the journal is delivery: the marker follows it.
+    let marker = std::fs::read_to_string(agent.journal_dir.join("events.delivered")).expect("marker");
+    assert_eq!(marker.trim(), seqs.last().expect("seq").to_string());
+}
+
+fn journal_names(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| line["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for byte in text.bytes().filter(|&b| b != b'=') {
+        let value = ALPHABET.iter().position(|&c| c == byte).expect("base64 alphabet") as u32;
+        acc = (acc << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
