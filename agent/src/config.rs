@@ -33,6 +33,9 @@ pub struct Config {
     pub docker: DockerSection,
     pub logging: LoggingSection,
     pub debug: DebugSection,
+    pub resource: ResourceSection,
+    pub container: ContainerSection,
+    pub redis: RedisSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +47,16 @@ pub struct AgentSection {
     pub internal_addr: SocketAddr,
     /// The manager-facing RPC server (callosum over a ZeroMQ ROUTER socket).
     pub rpc_listen_addr: SocketAddr,
+    /// Local state: the event outbox (`events.jsonl`, `events.delivered`).
+    pub journal_dir: PathBuf,
+    /// Reported in the heartbeat (`region`).
+    pub region: String,
+    /// The scaling group (resource group) the agent joins; reported in the heartbeat.
+    pub scaling_group: String,
+    /// The host the manager and users reach this node by; unset means the RPC address's host.
+    pub public_host: Option<String>,
+    /// How many kernels of one `create_kernels` call are created at once.
+    pub kernel_creation_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,11 +86,90 @@ pub struct LoggingSection {
 }
 
 /// Development aids; never enable in production.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct DebugSection {
     /// Adds debugging RPC methods (`debug_sleep`) to the method table.
     pub enabled: bool,
+    /// How often `agent_heartbeat` goes to the manager (Backend.AI: 20 s).
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+}
+
+/// The manager's Redis: events (stream `events`) and stats. Unset `addr` means no Redis:
+/// events stay in the local journal.
+#[derive(Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RedisSection {
+    /// `host:port`.
+    pub addr: Option<RedisAddr>,
+    pub password: Option<String>,
+    /// Database of the `events` stream (Backend.AI: 4).
+    pub events_db: u32,
+    /// Database of the per-kernel and per-node stats (Backend.AI: 0).
+    pub stats_db: u32,
+}
+
+/// A Redis server address, `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for RedisAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for RedisAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{text:?} is not `host:port`");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 || host.contains(['/', ' ']) {
+            return Err(bad());
+        }
+        Ok(RedisAddr { host: host.to_owned(), port })
+    }
+}
+
+impl<'de> Deserialize<'de> for RedisAddr {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        String::deserialize(de)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The password stays out of `--check-config` output and logs.
+impl std::fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSection")
+            .field("addr", &self.addr)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("events_db", &self.events_db)
+            .field("stats_db", &self.stats_db)
+            .finish()
+    }
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self { addr: None, password: None, events_db: 4, stats_db: 0 }
+    }
+}
+
+impl Default for DebugSection {
+    fn default() -> Self {
+        Self { enabled: false, heartbeat_interval: Duration::from_secs(20) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -93,6 +185,11 @@ impl Default for AgentSection {
             id: default_agent_id(),
             internal_addr: SocketAddr::from(([127, 0, 0, 1], 6003)),
             rpc_listen_addr: SocketAddr::from(([0, 0, 0, 0], 6001)),
+            journal_dir: PathBuf::from("/var/lib/backend.ai/agent"),
+            region: "local".into(),
+            scaling_group: "default".into(),
+            public_host: None,
+            kernel_creation_concurrency: 4,
         }
     }
 }
@@ -134,6 +231,91 @@ fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
         })?,
     };
     Ok(parsed)
+}
+
+/// What this node offers kernels (Backend.AI's `[resource]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct ResourceSection {
+    /// Cores kept for the host and the agent (the lowest-numbered online cores). Unset means
+    /// 1 when the host has more than one core, else 0 (Backend.AI's default is 1).
+    pub reserved_cpu: Option<u32>,
+    /// Memory kept for the host and the agent: a number of bytes or a size such as `"1g"`.
+    #[serde(deserialize_with = "byte_size")]
+    pub reserved_mem: u64,
+    /// Up to `ceil(factor)` kernels may be pinned to one core; the node offers
+    /// `floor(cores × factor)` cpu. At least 1.0.
+    pub cpu_overcommit: f64,
+    /// The node offers `floor((MemTotal − reserved-mem) × factor)` bytes. At least 1.0.
+    pub mem_overcommit: f64,
+    /// How cores are picked: `fill` (lowest-numbered first) or `evenly` (least-loaded first).
+    pub allocation_strategy: crate::resources::AllocationStrategy,
+}
+
+/// Kernel containers: scratch directories, published ports, vfolder mounts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct ContainerSection {
+    /// Per-kernel scratch directories (`{scratch-root}/{kernel_id}/work` and `/config`).
+    pub scratch_root: PathBuf,
+    /// Host ports for kernels' REPL and service ports, `[low, high]` inclusive.
+    pub port_range: [u16; 2],
+    /// How long a released host port rests before it is handed out again.
+    #[serde(deserialize_with = "duration")]
+    pub port_cooldown: Duration,
+    /// The host address container ports are published on.
+    pub bind_host: std::net::IpAddr,
+    /// vfolder host paths must resolve (symlinks included) to a path under this directory.
+    pub mount_root: PathBuf,
+}
+
+impl Default for ResourceSection {
+    fn default() -> Self {
+        Self {
+            reserved_cpu: None,
+            reserved_mem: 1 << 30,
+            cpu_overcommit: 1.0,
+            mem_overcommit: 1.0,
+            allocation_strategy: crate::resources::AllocationStrategy::Fill,
+        }
+    }
+}
+
+impl Default for ContainerSection {
+    fn default() -> Self {
+        Self {
+            scratch_root: PathBuf::from("/var/lib/backend.ai/scratches"),
+            port_range: [30000, 31000],
+            port_cooldown: Duration::from_secs(10),
+            bind_host: std::net::IpAddr::from([127, 0, 0, 1]),
+            mount_root: PathBuf::from("/var/lib/backend.ai/vfolders"),
+        }
+    }
+}
+
+impl ContainerSection {
+    /// `port-range` as an inclusive range.
+    pub fn port_range_inclusive(&self) -> std::ops::RangeInclusive<u16> {
+        self.port_range[0]..=self.port_range[1]
+    }
+}
+
+/// Accepts a number of bytes or a size with a binary suffix: `"1g"`, `"512m"`, `"1.5G"`.
+fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(de)? {
+        Raw::Bytes(bytes) => Ok(bytes),
+        Raw::Text(text) => crate::resources::parse_binary_size(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a size; write e.g. \"1g\", \"512m\" or a number of bytes"
+            ))
+        }),
+    }
 }
 
 /// Where the configuration came from.
@@ -218,6 +400,40 @@ impl Config {
         if self.monitor.interval < Duration::from_millis(10) {
             return Err(invalid("monitor.interval", "must be at least 10ms"));
         }
+        if self.agent.journal_dir.as_os_str().is_empty() {
+            return Err(invalid("agent.journal-dir", "must not be empty"));
+        }
+        for (key, value) in [("agent.region", &self.agent.region), ("agent.scaling-group", &self.agent.scaling_group)] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.agent.public_host.as_deref().is_some_and(|host| host.trim().is_empty()) {
+            return Err(invalid("agent.public-host", "must not be empty (leave it out to use the RPC address)"));
+        }
+        if self.debug.heartbeat_interval < Duration::from_millis(100) {
+            return Err(invalid("debug.heartbeat-interval", "must be at least 100ms"));
+        }
+        for (key, factor) in [
+            ("resource.cpu-overcommit", self.resource.cpu_overcommit),
+            ("resource.mem-overcommit", self.resource.mem_overcommit),
+        ] {
+            if !factor.is_finite() || factor < 1.0 {
+                return Err(invalid(key, "must be a number >= 1.0"));
+            }
+        }
+        for (key, dir) in [
+            ("container.scratch-root", &self.container.scratch_root),
+            ("container.mount-root", &self.container.mount_root),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(key, "must be an absolute path"));
+            }
+        }
+        let [low, high] = self.container.port_range;
+        if low == 0 || low > high {
+            return Err(invalid("container.port-range", "must be [low, high] with 1 <= low <= high <= 65535"));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err(invalid("logging.level", "not a log filter (try \"info\" or \"debug\")"));
         }
@@ -272,6 +488,9 @@ mod tests {
         assert_eq!(sample.agent.rpc_listen_addr, "0.0.0.0:6001".parse().expect("addr"));
         let dev = Config::from_file(&root.join("agent.dev.toml")).expect("agent.dev.toml");
         assert_eq!(dev.agent.rpc_listen_addr, "127.0.0.1:6001".parse().expect("addr"));
+        assert_eq!(sample.agent.journal_dir, Path::new("/var/lib/backend.ai/agent"));
+        assert_eq!(dev.agent.journal_dir, Path::new("/tmp/bai-agent-dev/state"));
+        assert_eq!(sample.debug.heartbeat_interval, Duration::from_secs(20));
     }
 
     #[test]
@@ -322,6 +541,171 @@ mod tests {
         let err = parse("[monitor\n").expect_err("broken TOML");
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
         assert!(err.to_string().contains("agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn redis_is_unset_by_default_and_takes_host_port_password_and_dbs() {
+        let config = parse("").expect("defaults");
+        assert!(config.redis.addr.is_none());
+        assert_eq!((config.redis.events_db, config.redis.stats_db), (4, 0));
+        assert!(config.redis.password.is_none());
+        let config =
+            parse("[redis]\naddr = \"redis.example:6380\"\npassword = \"hunter2\"\nevents-db = 5\nstats-db = 1\n")
+                .expect("valid");
+        let addr = config.redis.addr.clone().expect("addr");
+        assert_eq!((addr.host.as_str(), addr.port), ("redis.example", 6380));
+        assert_eq!(addr.to_string(), "redis.example:6380");
+        assert_eq!((config.redis.events_db, config.redis.stats_db), (5, 1));
+        assert_eq!(config.redis.password.as_deref(), Some("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"), "the password must not be printed");
+        let config = parse("[redis]\naddr = \"[::1]:6379\"\n").expect("IPv6");
+        assert_eq!(config.redis.addr.expect("addr").host, "::1");
+    }
+
+    #[test]
+    fn bad_redis_keys_are_named() {
+        for (text, key) in [
+            ("[redis]\naddr = \"localhost\"\n", "redis.addr"),
+            ("[redis]\naddr = \"localhost:port\"\n", "redis.addr"),
+            ("[redis]\naddr = 6379\n", "redis.addr"),
+            ("[redis]\nevents-db = -1\n", "redis.events-db"),
+            ("[redis]\nstats-db = \"zero\"\n", "redis.stats-db"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");
+        }
+        let err = parse("[redis]\nevent-db = 4\n").expect_err("typo");
+        assert!(err.to_string().contains("`redis.event-db`"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_interval_defaults_to_20s_next_to_enabled() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.debug.heartbeat_interval, Duration::from_secs(20));
+        let config = parse("[debug]\nenabled = true\nheartbeat-interval = \"500ms\"\n").expect("valid");
+        assert_eq!(config.debug.heartbeat_interval, Duration::from_millis(500));
+        assert!(config.debug.enabled);
+        let err = parse("[debug]\nheartbeat-interval = \"often\"\n").expect_err("bad duration");
+        assert!(err.to_string().contains("`debug.heartbeat-interval`"), "{err}");
+        let err = parse("[debug]\nheartbeat-interval = \"1ms\"\n").expect_err("too short");
+        assert!(err.to_string().contains("`debug.heartbeat-interval`"), "{err}");
+    }
+
+    #[test]
+    fn agent_identity_and_journal_keys() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.agent.journal_dir, Path::new("/var/lib/backend.ai/agent"));
+        assert_eq!((config.agent.region.as_str(), config.agent.scaling_group.as_str()), ("local", "default"));
+        assert!(config.agent.public_host.is_none());
+        let config = parse(
+            "[agent]\njournal-dir = \"/tmp/x\"\nregion = \"us-east\"\nscaling-group = \"gpu\"\npublic-host = \"node1\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.agent.journal_dir, Path::new("/tmp/x"));
+        assert_eq!((config.agent.region.as_str(), config.agent.scaling_group.as_str()), ("us-east", "gpu"));
+        assert_eq!(config.agent.public_host.as_deref(), Some("node1"));
+        for (text, key) in [
+            ("[agent]\njournal-dir = \"\"\n", "agent.journal-dir"),
+            ("[agent]\njournal-dir = 3\n", "agent.journal-dir"),
+            ("[agent]\nregion = \"\"\n", "agent.region"),
+            ("[agent]\nscaling-group = \" \"\n", "agent.scaling-group"),
+            ("[agent]\npublic-host = \"\"\n", "agent.public-host"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn resource_defaults_and_values() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.resource.reserved_cpu, None, "auto: 1 on multi-core hosts, else 0");
+        assert_eq!(config.resource.reserved_mem, 1 << 30);
+        assert_eq!((config.resource.cpu_overcommit, config.resource.mem_overcommit), (1.0, 1.0));
+        assert_eq!(config.resource.allocation_strategy, crate::resources::AllocationStrategy::Fill);
+        let config = parse(
+            "[resource]\nreserved-cpu = 2\nreserved-mem = \"512m\"\ncpu-overcommit = 2\nmem-overcommit = 1.5\n\
+             allocation-strategy = \"evenly\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.resource.reserved_cpu, Some(2));
+        assert_eq!(config.resource.reserved_mem, 512 << 20);
+        assert_eq!((config.resource.cpu_overcommit, config.resource.mem_overcommit), (2.0, 1.5));
+        assert_eq!(config.resource.allocation_strategy, crate::resources::AllocationStrategy::Evenly);
+        assert_eq!(parse("[resource]\nreserved-mem = 1048576\n").expect("bytes").resource.reserved_mem, 1 << 20);
+        assert_eq!(parse("[resource]\nreserved-mem = \"1.5G\"\n").expect("size").resource.reserved_mem, 3 << 29);
+    }
+
+    #[test]
+    fn bad_resource_keys_are_named() {
+        for (text, key) in [
+            ("[resource]\nreserved-mem = \"lots\"\n", "resource.reserved-mem"),
+            ("[resource]\nreserved-mem = -1\n", "resource.reserved-mem"),
+            ("[resource]\nreserved-cpu = -1\n", "resource.reserved-cpu"),
+            ("[resource]\ncpu-overcommit = 0.5\n", "resource.cpu-overcommit"),
+            ("[resource]\nmem-overcommit = 0\n", "resource.mem-overcommit"),
+            ("[resource]\nmem-overcommit = nan\n", "resource.mem-overcommit"),
+            ("[resource]\nallocation-strategy = \"random\"\n", "resource.allocation-strategy"),
+            ("[resource]\nallocation-order = \"fill\"\n", "resource.allocation-order"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn container_defaults_and_values() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.container.scratch_root, Path::new("/var/lib/backend.ai/scratches"));
+        assert_eq!(config.container.port_range, [30000, 31000]);
+        assert_eq!(config.container.port_range_inclusive(), 30000..=31000);
+        assert_eq!(config.container.port_cooldown, Duration::from_secs(10));
+        assert_eq!(config.container.bind_host, std::net::IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(config.container.mount_root, Path::new("/var/lib/backend.ai/vfolders"));
+        let config = parse(
+            "[container]\nscratch-root = \"/srv/scratch\"\nport-range = [40000, 40000]\nport-cooldown = \"1m\"\n\
+             bind-host = \"::1\"\nmount-root = \"/srv/vfolders\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.container.scratch_root, Path::new("/srv/scratch"));
+        assert_eq!(config.container.port_range_inclusive(), 40000..=40000);
+        assert_eq!(config.container.port_cooldown, Duration::from_secs(60));
+        assert_eq!(config.container.bind_host, "::1".parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(config.container.mount_root, Path::new("/srv/vfolders"));
+        assert_eq!(
+            parse("[container]\nport-cooldown = 0\n").expect("no cooldown").container.port_cooldown,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn bad_container_keys_are_named() {
+        for (text, key) in [
+            ("[container]\nscratch-root = \"scratches\"\n", "container.scratch-root"),
+            ("[container]\nmount-root = \"vfolders\"\n", "container.mount-root"),
+            ("[container]\nport-range = [31000, 30000]\n", "container.port-range"),
+            ("[container]\nport-range = [0, 10]\n", "container.port-range"),
+            ("[container]\nport-range = [30000, 70000]\n", "container.port-range"),
+            ("[container]\nport-range = [30000]\n", "container.port-range"),
+            ("[container]\nport-range = \"30000-31000\"\n", "container.port-range"),
+            ("[container]\nport-cooldown = \"soon\"\n", "container.port-cooldown"),
+            ("[container]\nbind-host = \"localhost\"\n", "container.bind-host"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(&format!("`{key}")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn shipped_config_files_set_resource_and_container_keys() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let sample = Config::from_file(&root.join("agent.sample.toml")).expect("agent.sample.toml");
+        assert_eq!(sample.container.scratch_root, Path::new("/var/lib/backend.ai/scratches"));
+        assert_eq!(sample.container.port_range, [30000, 31000]);
+        assert_eq!(sample.resource.reserved_mem, 1 << 30);
+        let dev = Config::from_file(&root.join("agent.dev.toml")).expect("agent.dev.toml");
+        assert_eq!(dev.container.scratch_root, Path::new("/tmp/bai-agent-dev/scratches"));
+        assert_eq!(dev.container.mount_root, Path::new("/tmp/bai-agent-dev/vfolders"));
     }
 
     #[test]

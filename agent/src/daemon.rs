@@ -9,9 +9,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     docker,
+    events::{self, EventService, EventSettings},
+    kernel::KernelManager,
     metrics::{self, MetricsState, server},
     monitor::{self, CgroupLayout, ContainerMonitor, EbpfMonitor},
+    ports::PortPool,
+    resources::{CapacityPolicy, HostResources, NodeCapacity, ResourceAllocator},
     rpc::{self, RpcServer},
+    scratch::ScratchRoot,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,10 @@ pub enum DaemonError {
     RpcBind { addr: std::net::SocketAddr, error: rpc::RpcError },
     #[error("the RPC server failed: {0}")]
     Rpc(String),
+    #[error("cannot start the event outbox (agent.journal-dir, redis): {0}")]
+    Events(#[from] events::EventsError),
+    #[error("cannot set up kernel resources: {0}")]
+    Resources(String),
 }
 
 /// The socket's own reason, without repeating the address the message already names.
@@ -52,16 +61,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let rpc_server = RpcServer::bind(config.agent.rpc_listen_addr)
         .await
         .map_err(|error| DaemonError::RpcBind { addr: config.agent.rpc_listen_addr, error })?;
+    // Events to the manager (agent_started now, heartbeats, agent_terminated at the end). Code
+    // that emits events gets a clone of `event_service.bus()`, an `events::EventBus`.
+    let mut event_service =
+        EventService::start(EventSettings::from_config(&config), Arc::new(events::heartbeat::proc_slots), &shutdown)?;
+
+    let kernels = Arc::new(kernel_manager(&config, event_service.bus())?);
 
     let metrics_state = Arc::new(MetricsState::default());
     let (events_tx, events_rx) = mpsc::channel(1024);
+    let (exits_tx, exits_rx) = mpsc::channel(1024);
     let (connected_tx, connected_rx) = watch::channel(false);
     let (synced_tx, synced_rx) = watch::channel(false);
 
     let watcher = tokio::spawn(docker::watch_containers(
         config.docker.host.clone(),
         config.agent.id.clone(),
-        events_tx,
+        vec![events_tx, exits_tx],
         connected_tx,
         shutdown.clone(),
     ));
@@ -73,7 +89,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         synced_tx,
         shutdown.clone(),
     ));
-    let methods = rpc::Methods::new(config.clone()).with_readiness(connected_rx.clone(), synced_rx.clone());
+    let lifecycle = tokio::spawn(run_kernels(kernels.clone(), exits_rx, shutdown.clone()));
+    let methods = rpc::Methods::new(config.clone())
+        .with_readiness(connected_rx.clone(), synced_rx.clone())
+        .with_kernels(kernels.clone());
     let server_state = Arc::new(server::ServerState {
         registry: metrics::registry(metrics_state.clone(), &config.agent.id),
         metrics: metrics_state,
@@ -97,6 +116,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     };
     let _ = watcher.await;
     let _ = monitor.await;
+    let _ = lifecycle.await;
+    event_service.shutdown().await;
     match http_served {
         Ok(Ok(())) => {}
         Ok(Err(err)) => return Err(DaemonError::Serve(err)),
@@ -107,4 +128,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Ok(Err(err)) => Err(DaemonError::Rpc(err.to_string())),
         Err(join) => Err(DaemonError::Rpc(join.to_string())),
     }
+}
+
+/// The kernel manager over this node's resources, port pool and scratch root.
+fn kernel_manager(config: &Config, events: events::EventBus) -> Result<KernelManager, DaemonError> {
+    let host = HostResources::detect().map_err(|err| DaemonError::Resources(err.to_string()))?;
+    let capacity = NodeCapacity::compute(&host, &CapacityPolicy::from(&config.resource))
+        .map_err(|err| DaemonError::Resources(format!("[resource]: {err}")))?;
+    let allocator = ResourceAllocator::new(capacity, config.resource.allocation_strategy);
+    let [low, high] = config.container.port_range;
+    let ports = PortPool::new(low..=high, config.container.port_cooldown)
+        .map_err(|err| DaemonError::Resources(format!("container.port-range: {err}")))?;
+    let scratch = ScratchRoot::new(config.container.scratch_root.clone())
+        .map_err(|err| DaemonError::Resources(format!("container.scratch-root: {err}")))?;
+    Ok(KernelManager::new(config, allocator, ports, scratch, events))
+}
+
+/// Recovers the kernels this agent ran before (retrying until the engine answers), then
+/// follows container exits until shutdown.
+async fn run_kernels(
+    kernels: Arc<KernelManager>,
+    exits: mpsc::Receiver<docker::ContainerEvent>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match kernels.recover().await {
+            Ok(()) => break,
+            Err(err) => tracing::warn!(error = %err, "kernel recovery failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+    kernels.mark_ready();
+    kernels.follow_exits(exits, shutdown).await;
 }

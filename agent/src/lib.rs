@@ -4,7 +4,13 @@
 pub mod config;
 pub mod daemon;
 pub mod docker;
+pub mod events;
+pub mod kernel;
+pub mod kernel_files;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
+pub mod ports;
+pub mod resources;
 pub mod rpc;
+pub mod scratch;

@@ -84,6 +84,8 @@ pub struct Agent {
     pub rpc_addr: String,
     _dir: tempfile::TempDir,
     pub log: PathBuf,
+    /// `agent.journal-dir`: the event journal (`events.jsonl`, `events.delivered`).
+    pub journal_dir: PathBuf,
 }
 
 impl Agent {
@@ -93,15 +95,29 @@ impl Agent {
     }
 
     pub fn start_with_id(id: &str, extra_toml: &str) -> anyhow::Result<Agent> {
+        Self::launch(id, None, extra_toml)
+    }
+
+    /// Like [`Agent::start_with_id`] with `agent.journal-dir` set to `journal_dir` (which may
+    /// outlive the agent, e.g. to start another agent on the same event journal).
+    pub fn start_with_journal(id: &str, journal_dir: &Path, extra_toml: &str) -> anyhow::Result<Agent> {
+        Self::launch(id, Some(journal_dir), extra_toml)
+    }
+
+    /// Without a `journal_dir`, the agent's event journal is `state/` in its own temporary
+    /// directory ([`Agent::journal_dir`]), so that agents never share one.
+    fn launch(id: &str, journal_dir: Option<&Path>, extra_toml: &str) -> anyhow::Result<Agent> {
         let dir = tempfile::tempdir()?;
         let [http_port, rpc_port] = free_ports()?;
         let (addr, rpc_addr) = (format!("127.0.0.1:{http_port}"), format!("127.0.0.1:{rpc_port}"));
+        let journal_dir = journal_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\nrpc-listen-addr = \"{rpc_addr}\"\n\n\
-                 [logging]\nlevel = \"debug\"\n\n{extra_toml}\n"
+                "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\nrpc-listen-addr = \"{rpc_addr}\"\n\
+                 journal-dir = \"{}\"\n\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n",
+                journal_dir.display()
             ),
         )?;
         let log = dir.path().join("agent.log");
@@ -114,7 +130,7 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", agent_binary().display()))?;
-        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, rpc_addr, _dir: dir, log };
+        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, rpc_addr, _dir: dir, log, journal_dir };
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
     }
@@ -182,6 +198,14 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `kill -9`: the agent gets no chance to clean up.
+    pub fn kill_hard(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// Sends SIGTERM and waits; returns the exit status.
@@ -392,4 +416,249 @@ pub fn wait_until(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool
 /// |a - b| / b
 pub fn relative_error(measured: f64, truth: f64) -> f64 {
     if truth == 0.0 { if measured == 0.0 { 0.0 } else { f64::INFINITY } } else { (measured - truth).abs() / truth }
+}
+
+/// `BAI_TEST_REDIS` (`127.0.0.1:PORT`), the private Redis that `cargo xtask test` starts;
+/// fails the test when it is not set (no silent skip).
+pub fn test_redis() -> String {
+    match std::env::var("BAI_TEST_REDIS") {
+        Ok(addr) if !addr.trim().is_empty() => addr.trim().to_owned(),
+        _ => panic!("BAI_TEST_REDIS is not set: run the suite with `cargo xtask test`, which starts Redis"),
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns).
+pub fn free_loopback_port() -> anyhow::Result<u16> {
+    let [port] = free_ports()?;
+    Ok(port)
+}
+
+/// A `redis-server` of a test's own on 127.0.0.1 (no persistence), stopped by PID when
+/// dropped. [`RedisServer::stop`] and [`RedisServer::restart`] make outages.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start(port: u16) -> anyhow::Result<RedisServer> {
+        let mut server = RedisServer { port, child: None, dir: tempfile::tempdir()? };
+        server.restart()?;
+        Ok(server)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port and waits until it answers PING.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "redis-server on port {} is already running", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("redis.log"))?;
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting redis-server (Debian package redis-server; `cargo xtask setup` installs it)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis_pings(&self.addr()) {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                bail!("redis-server on port {port} exited with {status}; its log:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on port {port} did not answer PING within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to the server (by PID) and waits for it to exit; SIGKILL after 10 s.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("redis-server is not running")?;
+        let pid = i32::try_from(child.id())?;
+        // SAFETY: signalling our own, unreaped child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Whether a Redis answers PING at `addr`.
+pub fn redis_pings(addr: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// One entry of the `events` stream.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The stream entry id (`<ms>-<n>`).
+    pub id: String,
+    /// The entry's field names, sorted.
+    pub fields: Vec<String>,
+    pub name: String,
+    pub source: String,
+    /// The raw `args` field: msgpack of the arguments array.
+    pub args: Vec<u8>,
+}
+
+impl StreamEvent {
+    /// The milliseconds part of the entry id (when Redis added it).
+    pub fn added_ms(&self) -> u64 {
+        self.id.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+    }
+
+    /// `args`, decoded; it must be exactly one msgpack value.
+    pub fn args_value(&self) -> rmpv::Value {
+        bai_agent::rpc::codec::unpack(&self.args, "args").unwrap_or_else(|err| panic!("{err}: {:?}", self.args))
+    }
+}
+
+/// Reads the stream `events` of a Redis database in the background (XREAD from the start,
+/// reconnecting across outages) and keeps the entries whose `source` is one agent id, in
+/// stream order. Entries are collected as they come, so the stream's MAXLEN trimming and a
+/// restart of a Redis without persistence lose none of them.
+pub struct EventCollector {
+    events: std::sync::Arc<std::sync::Mutex<Vec<StreamEvent>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventCollector {
+    pub fn start(redis_addr: &str, db: u32, source: &str) -> anyhow::Result<EventCollector> {
+        let client = redis::Client::open(format!("redis://{redis_addr}/{db}"))?;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, stopping, source) = (events.clone(), stop.clone(), source.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut last_id = "0-0".to_owned();
+            let mut connection = None;
+            while !stopping.load(Ordering::Relaxed) {
+                if connection.is_none() {
+                    connection = client.get_connection_with_timeout(Duration::from_secs(1)).ok();
+                    if connection.is_none() {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
+                let Some(conn) = connection.as_mut() else { continue };
+                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(200)
+                    .arg("STREAMS")
+                    .arg("events")
+                    .arg(&last_id)
+                    .query(conn);
+                let Ok(reply) = reply else {
+                    connection = None;
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                for key in reply.map(|r| r.keys).unwrap_or_default() {
+                    for entry in key.ids {
+                        last_id = entry.id.clone();
+                        let text = |field: &str| -> Vec<u8> {
+                            match entry.map.get(field) {
+                                Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+                                Some(redis::Value::SimpleString(text)) => text.clone().into_bytes(),
+                                _ => Vec::new(),
+                            }
+                        };
+                        let event = StreamEvent {
+                            id: entry.id.clone(),
+                            fields: {
+                                let mut fields: Vec<String> = entry.map.keys().cloned().collect();
+                                fields.sort();
+                                fields
+                            },
+                            name: String::from_utf8_lossy(&text("name")).into_owned(),
+                            source: String::from_utf8_lossy(&text("source")).into_owned(),
+                            args: text("args"),
+                        };
+                        if event.source == source {
+                            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(EventCollector { events, stop, thread: Some(thread) })
+    }
+
+    /// What has arrived so far, in stream order.
+    pub fn events(&self) -> Vec<StreamEvent> {
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Polls until `done` holds for what has arrived; the error lists what did.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[StreamEvent]) -> bool,
+    ) -> anyhow::Result<Vec<StreamEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events();
+            if done(&events) {
+                return Ok(events);
+            }
+            if Instant::now() > deadline {
+                let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+                bail!("timed out after {timeout:?} waiting for {what}; arrived: {names:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EventCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `BAI_AGENTCTL_BIN`, or `bai-agentctl` next to [`agent_binary`].
+pub fn agentctl_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BAI_AGENTCTL_BIN") {
+        return PathBuf::from(path);
+    }
+    agent_binary().with_file_name("bai-agentctl")
 }

@@ -70,7 +70,9 @@ enum Task {
 
     /// Set up, start the test services, build the whole workspace and run its tests.
     ///
-    /// Tests get BAI_AGENT_BIN (the debug agent binary) and BPF_LINKER_DIR in their environment.
+    /// Tests get BAI_AGENT_BIN (the debug agent binary), BPF_LINKER_DIR and BAI_TEST_REDIS (a
+    /// private redis-server on 127.0.0.1, stopped at the end; log: target/xtask/redis.log) in
+    /// their environment.
     Test {
         /// Extra arguments for the test binaries, after `--` (passed as
         /// `cargo test --workspace -- <ARGS>`, e.g. `cargo xtask test -- --nocapture cpu`).
@@ -195,9 +197,10 @@ fn run(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
 fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     setup::setup(ctx).context("test: step `setup` failed")?;
     step("services", "test services");
-    // Test services that are not system-wide start here as `services::Service`s and stop when
-    // they go out of scope at the end of this function. None yet besides dockerd (setup).
-    println!("    none needed");
+    // Test services that are not system-wide start here as `services::Service`s and stop (by
+    // PID) when they go out of scope at the end of this function, whichever way it ends.
+    let (_redis, redis_addr) =
+        services::start_test_redis(&ctx.xtask_dir()).context("test: starting the tests' redis-server failed")?;
     let agent_bin = ctx.target_dir().join("debug/bai-agent");
     step("build", "the workspace, all targets");
     cmd::run(ctx.cargo(&["build", "--workspace", "--all-targets"]).env("BAI_AGENT_BIN", &agent_bin))
@@ -207,7 +210,8 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     if !args.is_empty() {
         test.arg("--").args(args);
     }
-    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin)).context("test: step `test` failed")?;
+    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin).env("BAI_TEST_REDIS", &redis_addr))
+        .context("test: step `test` failed")?;
     println!("tests passed");
     Ok(())
 }

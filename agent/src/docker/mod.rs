@@ -1,5 +1,8 @@
 //! Everything that talks to the Docker engine: finding this agent's kernel containers
 //! by label, inspecting them, and turning the engine's event stream into [`ContainerEvent`]s.
+//! Creating and removing containers lives in [`containers`].
+
+pub mod containers;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -80,7 +83,7 @@ impl DockerClient {
         &self.docker
     }
 
-    fn label_filters(&self) -> Vec<String> {
+    pub(crate) fn label_filters(&self) -> Vec<String> {
         vec![labels::KERNEL_ID.to_owned(), format!("{}={}", labels::AGENT_ID, self.agent_id)]
     }
 
@@ -140,7 +143,7 @@ impl DockerClient {
 pub async fn watch_containers(
     host: Option<String>,
     agent_id: String,
-    events: mpsc::Sender<ContainerEvent>,
+    events: Vec<mpsc::Sender<ContainerEvent>>,
     connected: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -165,11 +168,20 @@ pub async fn watch_containers(
     }
 }
 
-/// One connection's life. Returns `Ok` only when the receiver went away.
+/// Hands an event to every follower; `false` once none is left.
+async fn tell(followers: &[mpsc::Sender<ContainerEvent>], event: ContainerEvent) -> bool {
+    let mut anyone = false;
+    for follower in followers {
+        anyone |= follower.send(event.clone()).await.is_ok();
+    }
+    anyone
+}
+
+/// One connection's life. Returns `Ok` only when every follower went away.
 async fn follow_engine(
     host: Option<&str>,
     agent_id: &str,
-    events: &mpsc::Sender<ContainerEvent>,
+    events: &[mpsc::Sender<ContainerEvent>],
     connected: &watch::Sender<bool>,
 ) -> Result<(), DockerError> {
     let client = DockerClient::connect(host, agent_id).await?;
@@ -186,7 +198,7 @@ async fn follow_engine(
 
     let running = client.running_kernels().await?;
     tracing::info!(kernels = running.len(), "following the Docker engine");
-    if events.send(ContainerEvent::Snapshot(running)).await.is_err() {
+    if !tell(events, ContainerEvent::Snapshot(running)).await {
         return Ok(());
     }
     connected.send_replace(true);
@@ -206,7 +218,7 @@ async fn follow_engine(
             _ => continue,
         };
         tracing::debug!(?event, "container event");
-        if events.send(event).await.is_err() {
+        if !tell(events, event).await {
             return Ok(());
         }
     }

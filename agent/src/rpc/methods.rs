@@ -205,7 +205,8 @@ impl Args {
 
 /// What the methods need from the running agent.
 pub struct Methods {
-    config: Config,
+    pub(super) config: Config,
+    pub(super) kernels: Option<std::sync::Arc<crate::kernel::KernelManager>>,
     started: Instant,
     docker_connected: Option<watch::Receiver<bool>>,
     monitor_synced: Option<watch::Receiver<bool>>,
@@ -213,10 +214,16 @@ pub struct Methods {
 
 impl Methods {
     pub fn new(config: Config) -> Methods {
-        Methods { config, started: Instant::now(), docker_connected: None, monitor_synced: None }
+        Methods { config, kernels: None, started: Instant::now(), docker_connected: None, monitor_synced: None }
     }
 
     /// Lets `health` report whether Docker is followed and the monitor synced.
+    /// Serves the kernel methods (`create_kernels`, `destroy_kernel`, …) from `kernels`.
+    pub fn with_kernels(mut self, kernels: std::sync::Arc<crate::kernel::KernelManager>) -> Self {
+        self.kernels = Some(kernels);
+        self
+    }
+
     pub fn with_readiness(
         mut self,
         docker_connected: watch::Receiver<bool>,
@@ -235,8 +242,20 @@ impl Methods {
             "gather_hwinfo" => self.gather_hwinfo(args).await,
             "get_local_config" => self.get_local_config(args),
             "debug_sleep" if self.config.debug.enabled => self.debug_sleep(args).await,
-            // Kernel lifecycle (create_kernels, destroy_kernel, restart_kernel, execute, …)
-            // lands here as the `kernel` module grows.
+            "create_kernels" => self.create_kernels(args).await,
+            "destroy_kernel" => self.destroy_kernel(args).await,
+            "restart_kernel" => self.restart_kernel(args).await,
+            "check_running" => self.check_running(args).await,
+            "ping_kernel" => self.ping_kernel(args).await,
+            "sync_kernel_registry" => self.sync_kernel_registry(args).await,
+            "get_logs" => self.get_logs(args).await,
+            "list_kernels" => self.list_kernels(args).await,
+            "assign_port" => self.assign_port(args).await,
+            "upload_file" => self.upload_file(args).await,
+            "download_file" => self.download_file(args).await,
+            "download_single" => self.download_single(args).await,
+            "list_files" => self.list_files(args).await,
+            "release_port" => self.release_port(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod kernel_methods;
 pub mod methods;
 pub mod server;
 

@@ -1,0 +1,765 @@
+//! The kernel registry and lifecycle: one state machine per kernel (preparing → pulling →
+//! creating → running → terminating → terminated), the create/destroy/restart flows over
+//! resources, scratch, ports and Docker, lifecycle events, persistence and recovery.
+
+pub mod spec;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, labels},
+    events::EventBus,
+    ports::PortPool,
+    resources::{Allocation, KernelResourceSpec, ResourceAllocator, ResourceSlots, SlotAmount, SlotRegistry},
+    scratch::{self, IntrinsicPorts, ScratchContents, ScratchRoot},
+};
+pub use spec::{KernelSpec, SpecError};
+pub use store::{KernelStore, StoreError};
+
+/// Where a kernel is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelState {
+    #[default]
+    Preparing,
+    Pulling,
+    Creating,
+    Running,
+    Terminating,
+    Terminated,
+}
+
+impl KernelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelState::Preparing => "preparing",
+            KernelState::Pulling => "pulling",
+            KernelState::Creating => "creating",
+            KernelState::Running => "running",
+            KernelState::Terminating => "terminating",
+            KernelState::Terminated => "terminated",
+        }
+    }
+}
+
+/// A published container port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: String,
+    pub container_port: u16,
+    pub host_port: u16,
+}
+
+/// What the agent remembers of a kernel, on disk and in memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    pub kernel_id: String,
+    pub session_id: String,
+    pub state: KernelState,
+    pub image: String,
+    pub owner_user_id: String,
+    pub owner_project_id: String,
+    pub container_id: Option<String>,
+    pub cpuset: Vec<u32>,
+    pub mem_bytes: u64,
+    /// Allocated slots as decimal strings (`{"cpu": "1", "mem": "268435456"}`).
+    pub slots: BTreeMap<String, String>,
+    pub shm_bytes: Option<u64>,
+    pub environ: BTreeMap<String, String>,
+    /// Host-side bind mounts (`host:container[:ro]`) besides the scratch directories.
+    pub binds: Vec<String>,
+    pub repl_in_port: u16,
+    pub repl_out_port: u16,
+    pub service_ports: Vec<ServicePort>,
+    /// Every host port the kernel holds.
+    pub host_ports: Vec<u16>,
+    /// Unix seconds.
+    pub created_at: f64,
+}
+
+impl KernelRecord {
+    fn allocation(&self) -> Allocation {
+        let slots = self
+            .slots
+            .iter()
+            .filter_map(|(slot, amount)| Some((slot.clone(), amount.parse::<SlotAmount>().ok()?)))
+            .collect::<ResourceSlots>();
+        Allocation { cpuset: self.cpuset.clone(), mem_bytes: self.mem_bytes, slots }
+    }
+}
+
+/// Why a kernel operation failed. Messages name the kernel and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("unknown kernel id `{0}`")]
+    UnknownKernel(String),
+    #[error("kernel `{0}` already exists")]
+    AlreadyExists(String),
+    #[error("kernel `{kernel_id}`: {source}")]
+    Spec { kernel_id: String, source: SpecError },
+    #[error("kernel `{kernel_id}`: {message}")]
+    Failed { kernel_id: String, message: String },
+    #[error("the Docker engine is not reachable: {0}")]
+    Docker(#[from] DockerError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Arguments(String),
+}
+
+fn failed(kernel_id: &str, message: impl std::fmt::Display) -> KernelError {
+    KernelError::Failed { kernel_id: kernel_id.to_owned(), message: message.to_string() }
+}
+
+/// Owns every kernel of this agent.
+pub struct KernelManager {
+    agent_id: String,
+    scaling_group: String,
+    agent_addr: String,
+    bind_host: String,
+    mount_root: PathBuf,
+    docker_host: Option<String>,
+    docker: Mutex<Option<DockerClient>>,
+    pub allocator: ResourceAllocator,
+    pub ports: PortPool,
+    scratch: ScratchRoot,
+    slot_registry: SlotRegistry,
+    events: EventBus,
+    store: KernelStore,
+    kernels: Mutex<BTreeMap<String, KernelRecord>>,
+    /// Kernels being stopped on purpose, whose container exit is not news.
+    stopping: Mutex<HashSet<String>>,
+    creation: Semaphore,
+    stop_grace_secs: i32,
+    /// Set once the saved registry has been reconciled with the engine.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// Process limit for every kernel container.
+const PIDS_LIMIT: i64 = 4096;
+/// Most log bytes `get_logs` returns.
+const LOG_LIMIT: usize = 1 << 20;
+
+impl KernelManager {
+    pub fn new(
+        config: &Config,
+        allocator: ResourceAllocator,
+        ports: PortPool,
+        scratch: ScratchRoot,
+        events: EventBus,
+    ) -> KernelManager {
+        let rpc_port = config.agent.rpc_listen_addr.port();
+        let public_host = config.agent.public_host.clone().unwrap_or_else(|| "127.0.0.1".to_owned());
+        KernelManager {
+            agent_id: config.agent.id.clone(),
+            scaling_group: config.agent.scaling_group.clone(),
+            agent_addr: format!("tcp://{public_host}:{rpc_port}"),
+            bind_host: config.container.bind_host.to_string(),
+            mount_root: config.container.mount_root.clone(),
+            docker_host: config.docker.host.clone(),
+            docker: Mutex::new(None),
+            allocator,
+            ports,
+            scratch,
+            slot_registry: SlotRegistry::intrinsic(),
+            events,
+            store: KernelStore::new(&config.agent.journal_dir),
+            kernels: Mutex::new(BTreeMap::new()),
+            stopping: Mutex::new(HashSet::new()),
+            creation: Semaphore::new(config.agent.kernel_creation_concurrency.max(1)),
+            stop_grace_secs: 10,
+            ready: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether recovery is done, so requests see every kernel this agent runs.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn docker(&self) -> Result<DockerClient, KernelError> {
+        let mut slot = self.docker.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = DockerClient::connect(self.docker_host.as_deref(), &self.agent_id).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn persist(&self, kernels: &BTreeMap<String, KernelRecord>) {
+        let records: Vec<KernelRecord> = kernels.values().cloned().collect();
+        if let Err(err) = self.store.save(&records) {
+            tracing::error!(error = %err, "persisting the kernel registry failed");
+        }
+    }
+
+    async fn set_state(&self, kernel_id: &str, state: KernelState, update: impl FnOnce(&mut KernelRecord)) {
+        let mut kernels = self.kernels.lock().await;
+        if let Some(record) = kernels.get_mut(kernel_id) {
+            record.state = state;
+            update(record);
+        }
+        self.persist(&kernels).await;
+    }
+
+    fn emit(&self, name: &str, args: Vec<Value>) {
+        self.events.emit(name, args);
+    }
+
+    /// Every kernel, for `list_kernels` and the heartbeat.
+    pub async fn records(&self) -> Vec<KernelRecord> {
+        self.kernels.lock().await.values().cloned().collect()
+    }
+
+    pub async fn record(&self, kernel_id: &str) -> Result<KernelRecord, KernelError> {
+        self.kernels.lock().await.get(kernel_id).cloned().ok_or_else(|| KernelError::UnknownKernel(kernel_id.into()))
+    }
+
+    /// The host directory mounted at `/home/work` in the kernel.
+    pub async fn work_dir(&self, kernel_id: &str) -> Result<PathBuf, KernelError> {
+        self.record(kernel_id).await?;
+        match self.scratch.existing(kernel_id) {
+            Ok(Some(scratch)) => Ok(scratch.work),
+            Ok(None) => Err(failed(kernel_id, "its scratch directory is gone")),
+            Err(err) => Err(failed(kernel_id, err)),
+        }
+    }
+
+    /// `create_kernels`: creates every kernel of the call, up to the creation concurrency at once.
+    pub async fn create_kernels(
+        self: &Arc<Self>,
+        session_id: &str,
+        kernel_ids: Vec<String>,
+        configs: Vec<Value>,
+        image_refs: HashMap<String, String>,
+    ) -> Result<Vec<Value>, KernelError> {
+        if kernel_ids.len() != configs.len() {
+            return Err(KernelError::Arguments(format!(
+                "create_kernels: {} kernel ids but {} configs",
+                kernel_ids.len(),
+                configs.len()
+            )));
+        }
+        let mut tasks = Vec::new();
+        for (kernel_id, config) in kernel_ids.into_iter().zip(configs) {
+            let manager = Arc::clone(self);
+            let session_id = session_id.to_owned();
+            let image_ref = image_refs.get(&kernel_id).cloned();
+            tasks.push(tokio::spawn(async move {
+                let _permit = manager.creation.acquire().await;
+                manager.create_kernel(&session_id, &kernel_id, &config, image_ref.as_deref()).await
+            }));
+        }
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(info)) => results.push(info),
+                Ok(Err(err)) => failures.push(err.to_string()),
+                Err(join) => failures.push(format!("a creation task failed: {join}")),
+            }
+        }
+        if failures.is_empty() { Ok(results) } else { Err(KernelError::Arguments(failures.join("; "))) }
+    }
+
+    async fn create_kernel(
+        &self,
+        session_id: &str,
+        kernel_id: &str,
+        config: &Value,
+        image_ref: Option<&str>,
+    ) -> Result<Value, KernelError> {
+        scratch::validate_kernel_id(kernel_id).map_err(|err| KernelError::Arguments(err.to_string()))?;
+        let spec = KernelSpec::parse(config, image_ref, &self.slot_registry)
+            .map_err(|source| KernelError::Spec { kernel_id: kernel_id.into(), source })?;
+        {
+            let mut kernels = self.kernels.lock().await;
+            if kernels.contains_key(kernel_id) {
+                return Err(KernelError::AlreadyExists(kernel_id.into()));
+            }
+            let record = KernelRecord {
+                kernel_id: kernel_id.into(),
+                session_id: session_id.into(),
+                state: KernelState::Preparing,
+                image: spec.image.clone(),
+                owner_user_id: spec.owner_user_id.clone(),
+                owner_project_id: spec.owner_project_id.clone(),
+                environ: spec.environ.clone(),
+                shm_bytes: spec.shm_bytes,
+                created_at: unix_now(),
+                ..Default::default()
+            };
+            kernels.insert(kernel_id.into(), record);
+            self.persist(&kernels).await;
+        }
+        self.emit("kernel_preparing", vec![kernel_id.into(), session_id.into()]);
+        match self.bring_up(session_id, kernel_id, &spec).await {
+            Ok(info) => Ok(info),
+            Err(err) => {
+                tracing::warn!(kernel_id, error = %err, "kernel failed to start; releasing what it held");
+                self.release(kernel_id).await;
+                self.emit(
+                    "kernel_terminated",
+                    vec![kernel_id.into(), session_id.into(), "failed-to-start".into(), Value::Nil],
+                );
+                Err(err)
+            }
+        }
+    }
+
+    /// Image, resources, scratch, ports, container: the steps after `preparing`.
+    async fn bring_up(&self, session_id: &str, kernel_id: &str, spec: &KernelSpec) -> Result<Value, KernelError> {
+        let docker = self.docker().await?;
+        if !docker.image_present(&spec.image).await? {
+            if !spec.auto_pull {
+                return Err(failed(kernel_id, format!("image `{}` is not present and auto_pull is off", spec.image)));
+            }
+            self.set_state(kernel_id, KernelState::Pulling, |_| {}).await;
+            self.emit("kernel_pulling", vec![kernel_id.into(), session_id.into(), spec.image.as_str().into()]);
+            let events = self.events.clone();
+            docker
+                .pull_image(&spec.image, |status| {
+                    events.emit(
+                        "kernel_pull_progress",
+                        vec![kernel_id.into(), session_id.into(), Value::Nil, Value::Nil, status.into()],
+                    );
+                })
+                .await
+                .map_err(|err| failed(kernel_id, format!("pulling `{}`: {err}", spec.image)))?;
+        }
+        self.set_state(kernel_id, KernelState::Creating, |_| {}).await;
+        self.emit("kernel_creating", vec![kernel_id.into(), session_id.into()]);
+
+        let allocation = self.allocator.allocate(kernel_id, &spec.slots).map_err(|err| failed(kernel_id, err))?;
+        let mut binds = Vec::new();
+        for mount in &spec.mounts {
+            let host = scratch::resolve_under(&self.mount_root, std::path::Path::new(&mount.host_path))
+                .map_err(|err| failed(kernel_id, err))?;
+            let mode = if mount.read_only { ":ro" } else { "" };
+            binds.push(format!("{}:{}{mode}", host.display(), mount.kernel_path));
+        }
+        let intrinsic = IntrinsicPorts::default();
+        let mut container_ports = vec![intrinsic.replin, intrinsic.replout];
+        container_ports.extend(&spec.preopen_ports);
+        let host_ports = self.ports.take(container_ports.len()).map_err(|err| failed(kernel_id, err))?;
+        let record_allocation = allocation.clone();
+        let ports_taken = host_ports.clone();
+        self.set_state(kernel_id, KernelState::Creating, |record| {
+            record.cpuset = record_allocation.cpuset.clone();
+            record.mem_bytes = record_allocation.mem_bytes;
+            record.slots =
+                record_allocation.slots.iter().map(|(slot, amount)| (slot.to_owned(), amount.to_string())).collect();
+            record.host_ports = ports_taken.clone();
+            record.repl_in_port = ports_taken[0];
+            record.repl_out_port = ports_taken[1];
+            record.service_ports = spec
+                .preopen_ports
+                .iter()
+                .zip(&ports_taken[2..])
+                .map(|(container_port, host_port)| ServicePort {
+                    name: format!("port{container_port}"),
+                    protocol: "preopen".into(),
+                    container_port: *container_port,
+                    host_port: *host_port,
+                })
+                .collect();
+            record.binds = binds.clone();
+        })
+        .await;
+
+        let mut contents = ScratchContents::new(KernelResourceSpec::for_allocation(&allocation));
+        contents.environ = spec.environ.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        contents.intrinsic_ports = intrinsic;
+        let kernel_scratch = self.scratch.prepare(kernel_id, &contents).map_err(|err| failed(kernel_id, err))?;
+
+        let record = self.record(kernel_id).await?;
+        let container_spec =
+            self.container_spec(&record, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
+        let container_id = docker.create_and_start(&container_spec).await.map_err(|err| failed(kernel_id, err))?;
+        if let Err(err) = kernel_scratch.record_container_id(&container_id) {
+            tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
+        }
+        let id_for_record = container_id.clone();
+        self.set_state(kernel_id, KernelState::Running, |record| record.container_id = Some(id_for_record)).await;
+        let record = self.record(kernel_id).await?;
+        let info = self.creation_info(&record);
+        self.emit("kernel_started", vec![kernel_id.into(), session_id.into(), "".into(), info.clone()]);
+        tracing::info!(kernel_id, session_id, container_id, image = %record.image, "kernel running");
+        Ok(info)
+    }
+
+    fn container_spec(
+        &self,
+        record: &KernelRecord,
+        work: &std::path::Path,
+        config_dir: &std::path::Path,
+        container_ports: &[u16],
+    ) -> ContainerSpec {
+        let mut labels = HashMap::from([
+            (labels::AGENT_ID.to_owned(), self.agent_id.clone()),
+            (labels::KERNEL_ID.to_owned(), record.kernel_id.clone()),
+            (labels::SESSION_ID.to_owned(), record.session_id.clone()),
+            (labels::OWNER_USER_ID.to_owned(), record.owner_user_id.clone()),
+            (labels::OWNER_PROJECT_ID.to_owned(), record.owner_project_id.clone()),
+        ]);
+        labels.insert("ai.backend.internal.block-service-ports".into(), "0".into());
+        let mut env: Vec<String> = record.environ.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("BACKENDAI_KERNEL_ID={}", record.kernel_id));
+        env.push(format!("BACKENDAI_SESSION_ID={}", record.session_id));
+        env.push(format!("BACKENDAI_AGENT_ID={}", self.agent_id));
+        let mut binds =
+            vec![format!("{}:/home/work", work.display()), format!("{}:/home/config:ro", config_dir.display())];
+        binds.extend(record.binds.iter().cloned());
+        let image_name = record.image.rsplit('/').next().unwrap_or(&record.image).replace(':', "-");
+        ContainerSpec {
+            name: format!("kernel.{image_name}.{}", record.kernel_id),
+            image: record.image.clone(),
+            labels,
+            env,
+            entrypoint: None,
+            cmd: None,
+            cpuset: crate::resources::format_cpuset(&record.cpuset),
+            memory_bytes: i64::try_from(record.mem_bytes).unwrap_or(i64::MAX),
+            shm_bytes: record.shm_bytes.and_then(|b| i64::try_from(b).ok()),
+            pids_limit: PIDS_LIMIT,
+            binds,
+            ports: container_ports.iter().copied().zip(record.host_ports.iter().copied()).collect(),
+            bind_host: self.bind_host.clone(),
+            working_dir: Some("/home/work".into()),
+        }
+    }
+
+    /// The per-kernel result of `create_kernels`, in Backend.AI's shape.
+    fn creation_info(&self, record: &KernelRecord) -> Value {
+        let service_ports = record
+            .service_ports
+            .iter()
+            .map(|p| {
+                map(vec![
+                    ("name", p.name.as_str().into()),
+                    ("protocol", p.protocol.as_str().into()),
+                    ("container_ports", Value::Array(vec![p.container_port.into()])),
+                    ("host_ports", Value::Array(vec![p.host_port.into()])),
+                ])
+            })
+            .collect();
+        let slots = Value::Map(record.slots.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect());
+        map(vec![
+            ("id", record.kernel_id.as_str().into()),
+            ("kernel_host", self.bind_host.as_str().into()),
+            ("repl_in_port", record.repl_in_port.into()),
+            ("repl_out_port", record.repl_out_port.into()),
+            ("stdin_port", 0.into()),
+            ("stdout_port", 0.into()),
+            ("service_ports", Value::Array(service_ports)),
+            ("container_id", record.container_id.as_deref().unwrap_or_default().into()),
+            (
+                "resource_spec",
+                map(vec![
+                    ("slots", slots),
+                    ("container_id", record.container_id.as_deref().unwrap_or_default().into()),
+                ]),
+            ),
+            ("attached_devices", Value::Map(Vec::new())),
+            ("agent_addr", self.agent_addr.as_str().into()),
+            ("scaling_group", self.scaling_group.as_str().into()),
+        ])
+    }
+
+    /// Gives back everything a kernel holds and forgets it.
+    async fn release(&self, kernel_id: &str) {
+        let record = self.kernels.lock().await.get(kernel_id).cloned();
+        if let Some(record) = &record {
+            if let Some(container_id) = &record.container_id
+                && let Ok(docker) = self.docker().await
+                && let Err(err) = docker.remove_container(container_id).await
+            {
+                tracing::warn!(kernel_id, error = %err, "removing the container failed");
+            }
+            self.ports.release(&record.host_ports);
+        }
+        self.allocator.free(kernel_id);
+        if let Err(err) = self.scratch.remove(kernel_id) {
+            tracing::warn!(kernel_id, error = %err, "removing the scratch directory failed");
+        }
+        let mut kernels = self.kernels.lock().await;
+        kernels.remove(kernel_id);
+        self.persist(&kernels).await;
+    }
+
+    /// `destroy_kernel`: stop gracefully, then kill after the grace period, then clean up.
+    pub async fn destroy_kernel(
+        &self,
+        kernel_id: &str,
+        reason: Option<&str>,
+        suppress_events: bool,
+    ) -> Result<Value, KernelError> {
+        let record = self.record(kernel_id).await?;
+        let reason = reason.unwrap_or("user-requested");
+        self.stopping.lock().await.insert(kernel_id.to_owned());
+        self.set_state(kernel_id, KernelState::Terminating, |_| {}).await;
+        if !suppress_events {
+            self.emit("kernel_terminating", vec![kernel_id.into(), record.session_id.as_str().into(), reason.into()]);
+        }
+        let mut exit_code = Value::Nil;
+        if let Some(container_id) = &record.container_id {
+            let docker = self.docker().await?;
+            docker.stop_container(container_id, self.stop_grace_secs).await?;
+            if let Some(exit) = docker.container_exit(container_id).await? {
+                exit_code = exit.exit_code.into();
+            }
+        }
+        self.release(kernel_id).await;
+        self.stopping.lock().await.remove(kernel_id);
+        if !suppress_events {
+            self.emit(
+                "kernel_terminated",
+                vec![kernel_id.into(), record.session_id.as_str().into(), reason.into(), exit_code],
+            );
+        }
+        tracing::info!(kernel_id, reason, "kernel destroyed");
+        Ok(Value::Nil)
+    }
+
+    /// `restart_kernel`: a new container over the same scratch, allocation and ports.
+    pub async fn restart_kernel(&self, kernel_id: &str, image: Option<&str>) -> Result<Value, KernelError> {
+        let mut record = self.record(kernel_id).await?;
+        if record.state != KernelState::Running {
+            return Err(failed(kernel_id, format!("cannot restart a kernel that is {}", record.state.as_str())));
+        }
+        let docker = self.docker().await?;
+        self.stopping.lock().await.insert(kernel_id.to_owned());
+        self.set_state(kernel_id, KernelState::Terminating, |_| {}).await;
+        if let Some(container_id) = &record.container_id {
+            docker.stop_container(container_id, self.stop_grace_secs).await?;
+            docker.remove_container(container_id).await?;
+        }
+        if let Some(image) = image.filter(|i| !i.is_empty()) {
+            record.image = image.to_owned();
+        }
+        let scratch = match self.scratch.existing(kernel_id) {
+            Ok(Some(scratch)) => scratch,
+            Ok(None) => return Err(failed(kernel_id, "its scratch directory is gone")),
+            Err(err) => return Err(failed(kernel_id, err)),
+        };
+        let intrinsic = IntrinsicPorts::default();
+        let mut container_ports = vec![intrinsic.replin, intrinsic.replout];
+        container_ports.extend(record.service_ports.iter().map(|p| p.container_port));
+        let spec = self.container_spec(&record, &scratch.work, &scratch.config, &container_ports);
+        let started = docker.create_and_start(&spec).await;
+        self.stopping.lock().await.remove(kernel_id);
+        let container_id = started.map_err(|err| failed(kernel_id, err))?;
+        let image = record.image.clone();
+        self.set_state(kernel_id, KernelState::Running, |r| {
+            r.container_id = Some(container_id.clone());
+            r.image = image;
+        })
+        .await;
+        let record = self.record(kernel_id).await?;
+        self.emit(
+            "kernel_started",
+            vec![kernel_id.into(), record.session_id.as_str().into(), "restarting".into(), self.creation_info(&record)],
+        );
+        Ok(self.creation_info(&record))
+    }
+
+    /// Whether the kernel's container is running.
+    pub async fn check_running(&self, kernel_id: &str) -> Result<bool, KernelError> {
+        let record = self.record(kernel_id).await?;
+        let Some(container_id) = &record.container_id else { return Ok(false) };
+        Ok(self.docker().await?.container_exit(container_id).await?.is_some_and(|exit| exit.running))
+    }
+
+    pub async fn logs(&self, kernel_id: &str) -> Result<String, KernelError> {
+        let record = self.record(kernel_id).await?;
+        let Some(container_id) = &record.container_id else { return Ok(String::new()) };
+        Ok(self.docker().await?.container_logs(container_id, LOG_LIMIT).await?)
+    }
+
+    /// `sync_kernel_registry`: destroy kernels the manager does not know; tell it about
+    /// kernels it lists that are gone here.
+    pub async fn sync_with_manager(&self, known: Vec<(String, String)>) -> Result<(), KernelError> {
+        let known_ids: HashSet<&str> = known.iter().map(|(kernel_id, _)| kernel_id.as_str()).collect();
+        let ours: Vec<String> = self.kernels.lock().await.keys().cloned().collect();
+        for kernel_id in &ours {
+            if !known_ids.contains(kernel_id.as_str()) {
+                self.destroy_kernel(kernel_id, Some("not-found-in-manager"), true).await?;
+            }
+        }
+        let ours: HashSet<String> = ours.into_iter().collect();
+        for (kernel_id, session_id) in known {
+            if !ours.contains(&kernel_id) {
+                self.emit(
+                    "kernel_terminated",
+                    vec![kernel_id.into(), session_id.into(), "already-terminated".into(), Value::Nil],
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A container of ours stopped on its own (or was OOM-killed): report it and clean up.
+    async fn container_stopped(&self, container_id: &str) {
+        let record = {
+            let kernels = self.kernels.lock().await;
+            kernels.values().find(|r| r.container_id.as_deref() == Some(container_id)).cloned()
+        };
+        let Some(record) = record else { return };
+        if record.state != KernelState::Running || self.stopping.lock().await.contains(&record.kernel_id) {
+            return;
+        }
+        let exit = match self.docker().await {
+            Ok(docker) => docker.container_exit(container_id).await.ok().flatten(),
+            Err(_) => None,
+        };
+        let reason = if exit.is_some_and(|e| e.oom_killed) { "oom-killed" } else { "self-terminated" };
+        let exit_code = exit.map_or(Value::Nil, |e| e.exit_code.into());
+        tracing::info!(kernel_id = %record.kernel_id, reason, "kernel container exited");
+        self.emit(
+            "kernel_terminating",
+            vec![record.kernel_id.as_str().into(), record.session_id.as_str().into(), reason.into()],
+        );
+        self.release(&record.kernel_id).await;
+        self.emit(
+            "kernel_terminated",
+            vec![record.kernel_id.as_str().into(), record.session_id.as_str().into(), reason.into(), exit_code],
+        );
+    }
+
+    /// Reconciles the saved registry with the containers that carry this agent's labels:
+    /// live kernels get their allocations and ports back; dead ones are cleaned and reported.
+    pub async fn recover(&self) -> Result<(), KernelError> {
+        let saved = match self.store.load() {
+            Ok(saved) => saved,
+            Err(err) => {
+                let aside = self.store.quarantine();
+                tracing::error!(error = %err, moved_to = ?aside, "the kernel registry is unreadable; recovering from container labels");
+                Vec::new()
+            }
+        };
+        let docker = self.docker().await?;
+        let containers = docker.all_kernel_containers().await?;
+        let mut by_kernel: HashMap<String, (String, bool)> = HashMap::new();
+        for (container_id, container_labels, running) in containers {
+            if let Some(kernel_id) = container_labels.get(labels::KERNEL_ID) {
+                by_kernel.insert(kernel_id.clone(), (container_id, running));
+            }
+        }
+        let mut recovered = 0;
+        for mut record in saved {
+            let found = by_kernel.remove(&record.kernel_id);
+            let alive = matches!(found, Some((_, true))) && record.state == KernelState::Running;
+            if let Some((container_id, _)) = &found {
+                record.container_id = Some(container_id.clone());
+            }
+            if alive {
+                let restored = self.allocator.restore(&record.kernel_id, record.allocation());
+                let reserved = self.ports.reserve(&record.host_ports);
+                if let Err(err) = &restored {
+                    tracing::error!(kernel_id = %record.kernel_id, error = %err, "restoring the allocation failed");
+                }
+                if let Err(err) = &reserved {
+                    tracing::error!(kernel_id = %record.kernel_id, error = %err, "reserving the ports failed");
+                }
+                let kernel_id = record.kernel_id.clone();
+                let session_id = record.session_id.clone();
+                let info = self.creation_info(&record);
+                self.kernels.lock().await.insert(kernel_id.clone(), record);
+                self.emit(
+                    "kernel_started",
+                    vec![kernel_id.as_str().into(), session_id.into(), "resuming-agent-operation".into(), info],
+                );
+                recovered += 1;
+            } else {
+                let exit_code = match &record.container_id {
+                    Some(id) => {
+                        docker.container_exit(id).await.ok().flatten().map_or(Value::Nil, |e| e.exit_code.into())
+                    }
+                    None => Value::Nil,
+                };
+                let kernel_id = record.kernel_id.clone();
+                let session_id = record.session_id.clone();
+                // Held nothing in this process yet: release only removes container and scratch.
+                self.kernels.lock().await.insert(kernel_id.clone(), record);
+                self.release(&kernel_id).await;
+                self.emit(
+                    "kernel_terminated",
+                    vec![kernel_id.as_str().into(), session_id.into(), "self-terminated".into(), exit_code],
+                );
+            }
+        }
+        for (kernel_id, (container_id, running)) in by_kernel {
+            tracing::warn!(
+                kernel_id,
+                container_id,
+                running,
+                "a labelled container this agent has no record of; leaving it alone"
+            );
+        }
+        let kernels = self.kernels.lock().await;
+        self.persist(&kernels).await;
+        tracing::info!(recovered, "kernel registry recovered");
+        Ok(())
+    }
+
+    /// Follows container exits until shutdown.
+    pub async fn follow_exits(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<ContainerEvent>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = events.recv() => match event { Some(event) => event, None => return },
+            };
+            match event {
+                ContainerEvent::Stopped { container_id } | ContainerEvent::Removed { container_id } => {
+                    self.container_stopped(&container_id).await
+                }
+                ContainerEvent::Snapshot(running) => {
+                    let running: HashSet<String> = running.into_iter().map(|k| k.container_id).collect();
+                    let gone: Vec<String> = self
+                        .kernels
+                        .lock()
+                        .await
+                        .values()
+                        .filter(|r| r.state == KernelState::Running)
+                        .filter_map(|r| r.container_id.clone())
+                        .filter(|id| !running.contains(id))
+                        .collect();
+                    for container_id in gone {
+                        self.container_stopped(&container_id).await;
+                    }
+                }
+                ContainerEvent::Started(_) => {}
+            }
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+}

@@ -1,0 +1,280 @@
+//! What a manager asks for in one kernel of `create_kernels`: the fields of Backend.AI's
+//! kernel creation config the agent uses, checked by name. Fields it does not use are
+//! ignored; a known field of the wrong type is an error naming the field.
+
+use std::collections::BTreeMap;
+
+use rmpv::Value;
+
+use crate::{
+    resources::{ResourceSlots, SlotRegistry, parse_binary_size},
+    rpc::codec::{map_get, type_name},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config.{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn spec_error(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError { field: field.to_owned(), message: message.into() }
+}
+
+/// A vfolder mount as the manager sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfolderMount {
+    pub host_path: String,
+    pub kernel_path: String,
+    pub read_only: bool,
+}
+
+/// The parts of a kernel creation config the agent acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelSpec {
+    pub image: String,
+    pub auto_pull: bool,
+    pub slots: ResourceSlots,
+    pub shm_bytes: Option<u64>,
+    pub environ: BTreeMap<String, String>,
+    pub mounts: Vec<VfolderMount>,
+    pub idle_timeout: Option<f64>,
+    pub startup_command: Option<String>,
+    pub bootstrap_script: Option<String>,
+    pub preopen_ports: Vec<u16>,
+    pub owner_user_id: String,
+    pub owner_project_id: String,
+}
+
+impl KernelSpec {
+    /// Reads one config; `image_ref` is the `kernel_image_refs` entry, used when the
+    /// config carries no image of its own.
+    pub fn parse(config: &Value, image_ref: Option<&str>, registry: &SlotRegistry) -> Result<KernelSpec, SpecError> {
+        let Value::Map(entries) = config else {
+            return Err(spec_error("", format!("a kernel config must be a map, got {}", type_name(config))));
+        };
+        let get = |name: &str| map_get(entries, name).filter(|v| !v.is_nil());
+
+        let image = match get("image") {
+            Some(Value::String(s)) => s.as_str().map(str::to_owned),
+            Some(Value::Map(image)) => match map_get(image, "canonical") {
+                Some(Value::String(s)) => s.as_str().map(str::to_owned),
+                Some(other) => {
+                    return Err(spec_error("image.canonical", format!("must be a string, got {}", type_name(other))));
+                }
+                None => None,
+            },
+            Some(other) => {
+                return Err(spec_error("image", format!("must be a map or a string, got {}", type_name(other))));
+            }
+            None => None,
+        }
+        .or_else(|| image_ref.map(str::to_owned))
+        .filter(|image| !image.trim().is_empty())
+        .ok_or_else(|| spec_error("image", "is missing (and no kernel_image_refs entry names one)"))?;
+
+        let auto_pull = match get("auto_pull").or_else(|| match get("image") {
+            Some(Value::Map(image)) => map_get(image, "auto_pull"),
+            _ => None,
+        }) {
+            None => false,
+            Some(Value::Boolean(b)) => *b,
+            // Backend.AI also sends the pull policy as a string ("digest", "tag", "none").
+            Some(Value::String(s)) => s.as_str().is_some_and(|s| s != "none"),
+            Some(other) => return Err(spec_error("auto_pull", format!("must be a boolean, got {}", type_name(other)))),
+        };
+
+        let slots_value = get("resource_slots").ok_or_else(|| spec_error("resource_slots", "is missing"))?;
+        let slots = ResourceSlots::parse_request(slots_value, registry)
+            .map_err(|err| spec_error("resource_slots", err.to_string()))?;
+
+        let shm_bytes = match get("resource_opts") {
+            None => None,
+            Some(Value::Map(opts)) => match map_get(opts, "shmem").filter(|v| !v.is_nil()) {
+                None => None,
+                Some(value) => Some(size(value).ok_or_else(|| {
+                    spec_error("resource_opts.shmem", format!("{value} is not a size (bytes, or e.g. \"64m\")"))
+                })?),
+            },
+            Some(other) => {
+                return Err(spec_error("resource_opts", format!("must be a map, got {}", type_name(other))));
+            }
+        };
+
+        let mut environ = BTreeMap::new();
+        match get("environ") {
+            None => {}
+            Some(Value::Map(pairs)) => {
+                for (key, value) in pairs {
+                    let (Some(key), Some(value)) = (key.as_str(), value.as_str()) else {
+                        return Err(spec_error("environ", "keys and values must be strings"));
+                    };
+                    environ.insert(key.to_owned(), value.to_owned());
+                }
+            }
+            Some(other) => return Err(spec_error("environ", format!("must be a map, got {}", type_name(other)))),
+        }
+
+        let mut mounts = Vec::new();
+        match get("mounts") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (index, item) in items.iter().enumerate() {
+                    mounts.push(parse_mount(item).map_err(|message| spec_error(&format!("mounts[{index}]"), message))?);
+                }
+            }
+            Some(other) => return Err(spec_error("mounts", format!("must be an array, got {}", type_name(other)))),
+        }
+
+        let idle_timeout = match get("idle_timeout") {
+            None => None,
+            Some(Value::Integer(i)) => i.as_f64(),
+            Some(Value::F64(f)) => Some(*f),
+            Some(Value::F32(f)) => Some(f64::from(*f)),
+            Some(other) => {
+                return Err(spec_error("idle_timeout", format!("must be a number, got {}", type_name(other))));
+            }
+        };
+
+        let optional_string = |name: &str| -> Result<Option<String>, SpecError> {
+            match get(name) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(s.as_str().map(str::to_owned)),
+                Some(other) => Err(spec_error(name, format!("must be a string, got {}", type_name(other)))),
+            }
+        };
+
+        let mut preopen_ports = Vec::new();
+        match get("preopen_ports") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for item in items {
+                    let port = item.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+                    preopen_ports
+                        .push(port.ok_or_else(|| spec_error("preopen_ports", format!("{item} is not a port")))?);
+                }
+            }
+            Some(other) => {
+                return Err(spec_error("preopen_ports", format!("must be an array, got {}", type_name(other))));
+            }
+        }
+
+        Ok(KernelSpec {
+            image,
+            auto_pull,
+            slots,
+            shm_bytes,
+            environ,
+            mounts,
+            idle_timeout,
+            startup_command: optional_string("startup_command")?,
+            bootstrap_script: optional_string("bootstrap_script")?,
+            preopen_ports,
+            owner_user_id: optional_string("owner_user_id")?.unwrap_or_default(),
+            owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
+        })
+    }
+}
+
+/// Bytes from an integer or a size string (`"64m"`, `"1g"`, `"1048576"`).
+fn size(value: &Value) -> Option<u64> {
+    match value {
+        Value::Integer(i) => i.as_u64(),
+        Value::String(s) => s.as_str().and_then(parse_binary_size),
+        _ => None,
+    }
+}
+
+/// A mount is a map (`host_path`/`source`, `kernel_path`/`target`, `permission`) or
+/// Backend.AI's legacy tuple `(name, host_path, kernel_path, permission)`.
+fn parse_mount(item: &Value) -> Result<VfolderMount, String> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    let (host_path, kernel_path, permission) = match item {
+        Value::Map(m) => (
+            text(map_get(m, "host_path")).or_else(|| text(map_get(m, "source"))),
+            text(map_get(m, "kernel_path")).or_else(|| text(map_get(m, "target"))),
+            text(map_get(m, "permission")).or_else(|| text(map_get(m, "mode"))),
+        ),
+        Value::Array(fields) if fields.len() >= 3 => (text(fields.get(1)), text(fields.get(2)), text(fields.get(3))),
+        other => return Err(format!("must be a map with host_path and kernel_path, got {}", type_name(other))),
+    };
+    let host_path = host_path.ok_or("host_path is missing")?;
+    let kernel_path = kernel_path.ok_or("kernel_path is missing")?;
+    if !kernel_path.starts_with('/') || kernel_path.split('/').any(|part| part == "..") {
+        return Err(format!("kernel_path `{kernel_path}` must be an absolute path without `..`"));
+    }
+    let read_only = match permission.as_deref() {
+        None | Some("ro") => true,
+        Some("rw") | Some("wd") => false,
+        Some(other) => return Err(format!("permission `{other}` is not ro, rw or wd")),
+    };
+    Ok(VfolderMount { host_path, kernel_path, read_only })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: Vec<(&str, Value)>) -> Value {
+        Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+    }
+
+    fn base() -> Vec<(&'static str, Value)> {
+        vec![
+            ("image", map(vec![("canonical", Value::from("bai-test/busybox:latest")), ("digest", Value::from(""))])),
+            ("resource_slots", map(vec![("cpu", Value::from("1")), ("mem", Value::from("268435456"))])),
+            ("some_future_field", Value::from(42)),
+        ]
+    }
+
+    #[test]
+    fn reads_what_the_agent_uses_and_ignores_the_rest() {
+        let mut config = base();
+        config.push(("resource_opts", map(vec![("shmem", Value::from("64m"))])));
+        config.push(("environ", map(vec![("A", Value::from("1"))])));
+        config.push(("auto_pull", Value::from(true)));
+        let spec = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect("valid");
+        assert_eq!(spec.image, "bai-test/busybox:latest");
+        assert_eq!(spec.shm_bytes, Some(64 << 20));
+        assert_eq!(spec.environ.get("A").map(String::as_str), Some("1"));
+        assert!(spec.auto_pull);
+    }
+
+    #[test]
+    fn a_known_field_of_the_wrong_type_is_named() {
+        let mut config = base();
+        config.push(("environ", Value::from("A=1")));
+        let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("bad environ");
+        assert_eq!(err.field, "environ");
+        let mut config = base();
+        config.push(("resource_opts", map(vec![("shmem", Value::from("lots"))])));
+        let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("bad shmem");
+        assert_eq!(err.field, "resource_opts.shmem");
+        let config = map(vec![("image", Value::from("x")), ("resource_slots", Value::from(3))]);
+        let err = KernelSpec::parse(&config, None, &SlotRegistry::intrinsic()).expect_err("bad slots");
+        assert_eq!(err.field, "resource_slots");
+    }
+
+    #[test]
+    fn the_image_can_come_from_kernel_image_refs() {
+        let config = map(vec![("resource_slots", map(vec![("cpu", Value::from(1)), ("mem", Value::from("1g"))]))]);
+        let spec = KernelSpec::parse(&config, Some("img:1"), &SlotRegistry::intrinsic()).expect("valid");
+        assert_eq!(spec.image, "img:1");
+        let err = KernelSpec::parse(&config, None, &SlotRegistry::intrinsic()).expect_err("no image");
+        assert_eq!(err.field, "image");
+    }
+
+    #[test]
+    fn mounts_need_safe_kernel_paths() {
+        let mut config = base();
+        let mount = map(vec![
+            ("host_path", Value::from("/data/v1")),
+            ("kernel_path", Value::from("/home/work/../../etc")),
+            ("permission", Value::from("rw")),
+        ]);
+        config.push(("mounts", Value::Array(vec![mount])));
+        let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("escape");
+        assert_eq!(err.field, "mounts[0]");
+    }
+}

@@ -1,0 +1,295 @@
+//! The kernel methods of the RPC table: argument binding for `create_kernels`,
+//! `destroy_kernel`, `restart_kernel`, `check_running`, `ping_kernel`,
+//! `sync_kernel_registry`, `get_logs`, `list_kernels`, `assign_port`, `release_port` and
+//! the file methods (`upload_file`, `download_file`, `download_single`, `list_files`);
+//! the work itself is [`KernelManager`]'s and [`crate::kernel_files`]'.
+
+use std::{collections::HashMap, sync::Arc};
+
+use rmpv::Value;
+
+use super::{
+    codec::type_name,
+    methods::{Args, MethodError, Methods},
+};
+use crate::kernel::{KernelError, KernelManager, KernelRecord};
+
+/// Backend.AI's msgpack extension type for UUIDs (16 raw bytes).
+const EXT_UUID: i8 = 1;
+
+/// A kernel or session id: a string, or a UUID in Backend.AI's extension type.
+pub fn id_value(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => s.as_str().map(str::to_owned),
+        Value::Ext(EXT_UUID, bytes) if bytes.len() == 16 => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            Some(format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]))
+        }
+        _ => None,
+    }
+}
+
+fn id_arg(args: &Args, index: usize, name: &str, method: &str) -> Result<String, MethodError> {
+    let value = args.required(index, name)?;
+    id_value(value).ok_or_else(|| {
+        MethodError::Arguments(format!(
+            "{method}: argument `{name}` must be an id string or UUID, got {}",
+            type_name(value)
+        ))
+    })
+}
+
+fn kernel_failure(method: &str, err: KernelError) -> MethodError {
+    match err {
+        KernelError::Arguments(message) => MethodError::Arguments(format!("{method}: {message}")),
+        other => MethodError::Failed { method: method.to_owned(), message: other.to_string() },
+    }
+}
+
+impl Methods {
+    fn kernels(&self, method: &str) -> Result<&Arc<KernelManager>, MethodError> {
+        let kernels = self.kernels.as_ref().ok_or_else(|| MethodError::Failed {
+            method: method.to_owned(),
+            message: "this agent does not manage kernels".into(),
+        })?;
+        if !kernels.is_ready() {
+            return Err(MethodError::Failed {
+                method: method.to_owned(),
+                message: "the agent is still recovering its kernels (is the Docker engine up?); retry shortly".into(),
+            });
+        }
+        Ok(kernels)
+    }
+
+    pub(super) async fn create_kernels(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "create_kernels";
+        args.expect(&["session_id", "kernel_ids", "configs", "cluster_info", "kernel_image_refs"])?;
+        let session_id = id_arg(&args, 0, "session_id", M)?;
+        let kernel_ids = args
+            .array(1, "kernel_ids")?
+            .iter()
+            .map(|v| {
+                id_value(v).ok_or_else(|| {
+                    MethodError::Arguments(format!("{M}: kernel_ids must hold ids, got {}", type_name(v)))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let configs = args.array(2, "configs")?.to_vec();
+        let mut image_refs = HashMap::new();
+        if let Some(Value::Map(refs)) = args.get(4, "kernel_image_refs") {
+            for (kernel_id, image) in refs {
+                let image = match image {
+                    Value::String(s) => s.as_str().map(str::to_owned),
+                    Value::Map(m) => super::codec::map_get(m, "canonical").and_then(Value::as_str).map(str::to_owned),
+                    _ => None,
+                };
+                if let (Some(kernel_id), Some(image)) = (id_value(kernel_id), image) {
+                    image_refs.insert(kernel_id, image);
+                }
+            }
+        }
+        let kernels = self.kernels(M)?;
+        let created = kernels
+            .create_kernels(&session_id, kernel_ids, configs, image_refs)
+            .await
+            .map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Array(created))
+    }
+
+    pub(super) async fn destroy_kernel(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "destroy_kernel";
+        args.expect(&["kernel_id", "session_id", "reason", "suppress_events"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let reason = args.optional_string(2, "reason")?;
+        let suppress = args.boolean_or(3, "suppress_events", false)?;
+        self.kernels(M)?
+            .destroy_kernel(&kernel_id, reason.as_deref(), suppress)
+            .await
+            .map_err(|err| kernel_failure(M, err))
+    }
+
+    pub(super) async fn restart_kernel(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "restart_kernel";
+        args.expect(&["session_id", "kernel_id", "kernel_image", "updated_config"])?;
+        let kernel_id = id_arg(&args, 1, "kernel_id", M)?;
+        let image = match args.get(2, "kernel_image") {
+            None | Some(Value::Nil) => None,
+            Some(Value::String(s)) => s.as_str().map(str::to_owned),
+            Some(Value::Map(m)) => super::codec::map_get(m, "canonical").and_then(Value::as_str).map(str::to_owned),
+            Some(other) => {
+                return Err(MethodError::Arguments(format!(
+                    "{M}: argument `kernel_image` must be an image name or map, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        self.kernels(M)?.restart_kernel(&kernel_id, image.as_deref()).await.map_err(|err| kernel_failure(M, err))
+    }
+
+    pub(super) async fn check_running(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "check_running";
+        args.expect(&["kernel_id"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        Ok(self.kernels(M)?.check_running(&kernel_id).await.map_err(|err| kernel_failure(M, err))?.into())
+    }
+
+    pub(super) async fn ping_kernel(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "ping_kernel";
+        args.expect(&["kernel_id"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let kernels = self.kernels(M)?;
+        match kernels.record(&kernel_id).await {
+            Ok(record) if kernels.check_running(&kernel_id).await.unwrap_or(false) => {
+                Ok(Value::Map(vec![("started_at".into(), record.created_at.into())]))
+            }
+            Ok(_) | Err(KernelError::UnknownKernel(_)) => Ok(Value::Nil),
+            Err(err) => Err(kernel_failure(M, err)),
+        }
+    }
+
+    pub(super) async fn sync_kernel_registry(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "sync_kernel_registry";
+        args.expect(&["kernel_session_ids"])?;
+        let mut known = Vec::new();
+        for pair in args.array(0, "kernel_session_ids")? {
+            let ids = pair.as_array().filter(|p| p.len() == 2).and_then(|p| Some((id_value(&p[0])?, id_value(&p[1])?)));
+            known.push(ids.ok_or_else(|| {
+                MethodError::Arguments(format!("{M}: each entry must be a (kernel_id, session_id) pair, got {pair}"))
+            })?);
+        }
+        self.kernels(M)?.sync_with_manager(known).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Nil)
+    }
+
+    pub(super) async fn get_logs(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "get_logs";
+        args.expect(&["kernel_id"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let logs = self.kernels(M)?.logs(&kernel_id).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(vec![("logs".into(), logs.into())]))
+    }
+
+    pub(super) async fn list_kernels(&self, args: Args) -> Result<Value, MethodError> {
+        args.expect(&[])?;
+        let records = self.kernels("list_kernels")?.records().await;
+        Ok(Value::Array(records.iter().map(kernel_summary).collect()))
+    }
+
+    pub(super) async fn assign_port(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "assign_port";
+        args.expect(&[])?;
+        let port = self
+            .kernels(M)?
+            .ports
+            .assign_one()
+            .map_err(|err| MethodError::Failed { method: M.into(), message: err.to_string() })?;
+        Ok(port.into())
+    }
+
+    pub(super) async fn release_port(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "release_port";
+        args.expect(&["port_no"])?;
+        let port = args.integer(0, "port_no")?;
+        let port = u16::try_from(port).map_err(|_| {
+            MethodError::Arguments(format!("{M}: argument `port_no` must be a port number, got {port}"))
+        })?;
+        self.kernels(M)?.ports.release_one(port);
+        Ok(Value::Nil)
+    }
+}
+
+impl Methods {
+    /// Runs a blocking file operation on a kernel's work directory.
+    async fn on_work_dir<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        kernel_id: &str,
+        operation: impl FnOnce(&std::path::Path) -> Result<T, crate::kernel_files::FileError> + Send + 'static,
+    ) -> Result<T, MethodError> {
+        let work = self.kernels(method)?.work_dir(kernel_id).await.map_err(|err| kernel_failure(method, err))?;
+        let failed = |message: String| MethodError::Failed { method: method.to_owned(), message };
+        tokio::task::spawn_blocking(move || operation(&work))
+            .await
+            .map_err(|join| failed(join.to_string()))?
+            .map_err(|err| failed(format!("{}: {err}", err.exception_name())))
+    }
+
+    pub(super) async fn upload_file(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "upload_file";
+        args.expect(&["kernel_id", "filename", "filedata"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let filename = args.string(1, "filename")?;
+        let data = match args.required(2, "filedata")? {
+            Value::Binary(bytes) => bytes.clone(),
+            Value::String(s) => s.as_bytes().to_vec(),
+            other => {
+                return Err(MethodError::Arguments(format!(
+                    "{M}: argument `filedata` must be bytes, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        self.on_work_dir(M, &kernel_id, move |work| crate::kernel_files::upload(work, &filename, &data)).await?;
+        Ok(Value::Nil)
+    }
+
+    pub(super) async fn download_file(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "download_file";
+        args.expect(&["kernel_id", "filepath"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let path = args.string(1, "filepath")?;
+        let tar = self.on_work_dir(M, &kernel_id, move |work| crate::kernel_files::download_tar(work, &path)).await?;
+        Ok(Value::Binary(tar))
+    }
+
+    pub(super) async fn download_single(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "download_single";
+        args.expect(&["kernel_id", "filepath"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let path = args.string(1, "filepath")?;
+        let bytes =
+            self.on_work_dir(M, &kernel_id, move |work| crate::kernel_files::download_single(work, &path)).await?;
+        Ok(Value::Binary(bytes))
+    }
+
+    pub(super) async fn list_files(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "list_files";
+        args.expect(&["kernel_id", "path"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let path = args.optional_string(1, "path")?.unwrap_or_else(|| "/home/work".into());
+        let listing = self.on_work_dir(M, &kernel_id, move |work| crate::kernel_files::list(work, &path)).await?;
+        Ok(listing.to_value())
+    }
+}
+
+fn kernel_summary(record: &KernelRecord) -> Value {
+    let text = |s: &str| Value::from(s);
+    Value::Map(vec![
+        ("kernel_id".into(), text(&record.kernel_id)),
+        ("session_id".into(), text(&record.session_id)),
+        ("state".into(), text(record.state.as_str())),
+        ("image".into(), text(&record.image)),
+        ("container_id".into(), record.container_id.as_deref().map_or(Value::Nil, Value::from)),
+        ("cpuset".into(), text(&crate::resources::format_cpuset(&record.cpuset))),
+        ("cpu".into(), text(record.slots.get("cpu").map(String::as_str).unwrap_or("0"))),
+        ("mem".into(), record.mem_bytes.into()),
+        ("repl_in_port".into(), record.repl_in_port.into()),
+        ("repl_out_port".into(), record.repl_out_port.into()),
+        ("owner_user_id".into(), text(&record.owner_user_id)),
+        ("owner_project_id".into(), text(&record.owner_project_id)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_as_strings_or_uuid_extensions() {
+        assert_eq!(id_value(&Value::from("k-1")), Some("k-1".into()));
+        let bytes: Vec<u8> = (0u8..16).collect();
+        assert_eq!(id_value(&Value::Ext(1, bytes)), Some("00010203-0405-0607-0809-0a0b0c0d0e0f".into()));
+        assert_eq!(id_value(&Value::from(3)), None);
+        assert_eq!(id_value(&Value::Ext(1, vec![1, 2])), None);
+    }
+}

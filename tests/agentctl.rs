@@ -1,0 +1,120 @@
+//! `bai-agentctl` against a real `bai-agent`: the node commands (`ping`, `hwinfo`,
+//! `config`, `health`) in human and JSON output, the address options, and the one-line
+//! errors with exit status 1 (a FAILURE reply, a refused connection).
+
+use std::{
+    net::TcpListener,
+    process::{Command, Output},
+};
+
+use bai_agent_tests::{Agent, agentctl_binary, require_environment};
+use serde_json::Value;
+
+fn agentctl(agent: &Agent, args: &[&str]) -> Output {
+    let binary = agentctl_binary();
+    assert!(binary.exists(), "no bai-agentctl at {} (build the workspace first)", binary.display());
+    Command::new(&binary)
+        .args(["--agent", &format!("tcp://{}", agent.rpc_addr), "--timeout", "20"])
+        .args(args)
+        .env_remove("BAI_AGENT_ADDR")
+        .output()
+        .expect("runs bai-agentctl")
+}
+
+/// Standard output of a successful run.
+fn ok(agent: &Agent, args: &[&str]) -> String {
+    let out = agentctl(agent, args);
+    assert!(
+        out.status.success(),
+        "bai-agentctl {args:?} failed with {}: {}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn json(agent: &Agent, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = ok(agent, &all);
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("{args:?} printed no JSON ({err}): {text}"))
+}
+
+/// Asserts a failed run: exit status 1 and exactly one stderr line `bai-agentctl: …`.
+fn failure(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("bai-agentctl: "), "{stderr:?}");
+    stderr
+}
+
+#[test]
+fn node_commands_print_for_people_and_as_json() {
+    require_environment();
+    let agent = Agent::start("").expect("agent starts");
+
+    assert!(ok(&agent, &["ping", "hello"]).starts_with("hello ("), "ping echoes with its round trip");
+    assert_eq!(json(&agent, &["ping", "hello"]), Value::from("hello"));
+    assert_eq!(json(&agent, &["ping"]), Value::from("ping"));
+
+    let health = json(&agent, &["health"]);
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["agent_id"], agent.id.as_str());
+    let text = ok(&agent, &["health"]);
+    assert!(text.lines().any(|l| l == "status: ok"), "{text}");
+    assert!(text.lines().any(|l| l == format!("agent_id: {}", agent.id)), "{text}");
+
+    let config = json(&agent, &["config"]);
+    assert_eq!(config["agent"]["id"], agent.id.as_str(), "{config}");
+    assert_eq!(config["agent"]["rpc-listen-addr"], agent.rpc_addr.as_str());
+    let text = ok(&agent, &["config"]);
+    assert!(text.lines().any(|l| l == "agent:"), "{text}");
+    assert!(text.lines().any(|l| l == format!("  id: {}", agent.id)), "nested maps are indented: {text}");
+
+    let hwinfo = json(&agent, &["hwinfo"]);
+    assert_eq!(hwinfo["cpu"]["status"], "healthy", "{hwinfo}");
+    let cores: u32 = hwinfo["cpu"]["metadata"]["cores"].as_str().expect("cores").parse().expect("a number");
+    assert!(cores >= 1);
+    let text = ok(&agent, &["hwinfo"]);
+    assert!(text.lines().any(|l| l == "cpu:") && text.lines().any(|l| l == "  status: healthy"), "{text}");
+
+    // `--addr HOST:PORT` and BAI_AGENT_ADDR reach the same agent.
+    let out = Command::new(agentctl_binary()).args(["--addr", &agent.rpc_addr, "ping", "x"]).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(agentctl_binary())
+        .args(["--json", "ping", "from-env"])
+        .env("BAI_AGENT_ADDR", &agent.rpc_addr)
+        .output()
+        .expect("runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "\"from-env\"");
+}
+
+#[test]
+fn errors_are_one_line_and_exit_1() {
+    require_environment();
+    let agent = Agent::start("").expect("agent starts");
+
+    // A FAILURE reply names the method and the agent's message.
+    let stderr = failure(&agentctl(&agent, &["logs", "nonexistent"]));
+    assert!(stderr.contains("`get_logs` failed on the agent: "), "{stderr}");
+
+    // Nothing listens: refused at once, not after the handshake timeout.
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let out = Command::new(agentctl_binary())
+        .args(["--addr", &format!("127.0.0.1:{closed}"), "ping"])
+        .output()
+        .expect("runs");
+    let stderr = failure(&out);
+    assert!(stderr.contains("cannot connect to the agent") && stderr.contains("refused"), "{stderr}");
+
+    // Bad local input fails before any call.
+    let stderr = failure(&agentctl(&agent, &["upload", "k", "/nonexistent/bai-agentctl-test-file"]));
+    assert!(stderr.contains("cannot read /nonexistent/bai-agentctl-test-file"), "{stderr}");
+    let stderr = failure(&agentctl(&agent, &["create", "--image", "x", "--mem", "12q"]));
+    assert!(stderr.contains("--mem `12q`"), "{stderr}");
+}
