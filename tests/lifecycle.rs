@@ -3,82 +3,15 @@
 //! a kernel that exits on its own, and `kill -9` of the agent followed by a restart that
 //! loses nothing and double-allocates nothing.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use bai_agent::rpc::client::RpcClient;
-use bai_agent_tests::{Agent, EventCollector, require_environment, test_redis, unique, wait_until};
+use bai_agent_tests::{
+    Agent, EventCollector,
+    kernels::{container_exists, create, docker_inspect, field, kernel_config, kernel_toml, list, runtime},
+    require_environment, test_redis, unique, wait_until,
+};
 use rmpv::Value;
-
-/// Config for a kernel-running agent: its own scratch root and port range, both host
-/// cores and all but 512 MiB of memory for kernels, events in the test Redis.
-fn kernel_toml(dir: &Path, first_port: u16) -> String {
-    format!(
-        "[container]\nscratch-root = \"{scratch}\"\nmount-root = \"{vfolders}\"\nport-range = [{first_port}, {last}]\n\
-         port-cooldown = \"1s\"\n\n[resource]\nreserved-cpu = 0\nreserved-mem = \"512m\"\n\n\
-         [redis]\naddr = \"{redis}\"\n\n[debug]\nheartbeat-interval = \"60s\"\n",
-        scratch = dir.join("scratch").display(),
-        vfolders = dir.join("vfolders").display(),
-        last = first_port + 39,
-        redis = test_redis(),
-    )
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
-}
-
-fn kernel_config(image: &str, cpu: &str, mem: &str) -> Value {
-    map(vec![
-        ("image", map(vec![("canonical", image.into()), ("digest", "".into()), ("labels", map(vec![]))])),
-        ("resource_slots", map(vec![("cpu", cpu.into()), ("mem", mem.into())])),
-        ("resource_opts", map(vec![("shmem", "64m".into())])),
-        ("environ", map(vec![("GREETING", "hello".into())])),
-        ("owner_user_id", "user-7".into()),
-        ("owner_project_id", "project-9".into()),
-        ("a_field_this_agent_does_not_use", 1.into()),
-    ])
-}
-
-async fn create(client: &RpcClient, session: &str, kernel: &str, config: Value) -> Result<Value, String> {
-    client
-        .call(
-            "create_kernels",
-            vec![
-                session.into(),
-                Value::Array(vec![kernel.into()]),
-                Value::Array(vec![config]),
-                map(vec![("mode", "single-node".into()), ("size", 1.into())]),
-                map(vec![]),
-            ],
-            vec![],
-        )
-        .await
-        .map_err(|err| err.to_string())
-}
-
-async fn list(client: &RpcClient) -> Vec<Value> {
-    match client.call("list_kernels", vec![], vec![]).await.expect("list_kernels") {
-        Value::Array(items) => items,
-        other => panic!("list_kernels returned {other}"),
-    }
-}
-
-fn field<'a>(value: &'a Value, name: &str) -> &'a Value {
-    value.as_map().and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(name))).map(|(_, v)| v).unwrap_or(&Value::Nil)
-}
-
-fn docker_inspect(container: &str, format: &str) -> String {
-    let out = Command::new("docker").args(["inspect", "-f", format, container]).output().expect("docker inspect");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn container_exists(container: &str) -> bool {
-    Command::new("docker").args(["inspect", container]).output().is_ok_and(|out| out.status.success())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
-}
 
 #[test]
 fn create_run_and_destroy_through_the_rpc() {

@@ -36,6 +36,56 @@ pub struct Config {
     pub resource: ResourceSection,
     pub container: ContainerSection,
     pub redis: RedisSection,
+    pub etcd: EtcdSection,
+    pub watcher: WatcherSection,
+    /// The `section.key` paths the TOML file set itself (e.g. `redis.addr`); the etcd overlay
+    /// never replaces these.
+    #[serde(skip)]
+    pub explicit_keys: std::collections::BTreeSet<String>,
+}
+
+/// Backend.AI's etcd: shared configuration under `/sorna/{namespace}/` overlaid on this file's
+/// defaults at startup, and node registration. Unset `addr` means no etcd.
+#[derive(Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct EtcdSection {
+    /// `host:port` of an etcd v3 endpoint (plain HTTP).
+    pub addr: Option<RedisAddr>,
+    /// The `{namespace}` of `/sorna/{namespace}/…` (Backend.AI: `local`).
+    pub namespace: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        Self { addr: None, namespace: "local".into(), user: None, password: None }
+    }
+}
+
+/// The password stays out of `--check-config` output and logs.
+impl std::fmt::Debug for EtcdSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSection")
+            .field("addr", &self.addr)
+            .field("namespace", &self.namespace)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The watcher side daemon (`X-BackendAI-Watcher-Token`); etcd's `config/watcher/token` fills it.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct WatcherSection {
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for WatcherSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatcherSection").field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +317,9 @@ pub struct ContainerSection {
     pub bind_host: std::net::IpAddr,
     /// vfolder host paths must resolve (symlinks included) to a path under this directory.
     pub mount_root: PathBuf,
+    /// How long `destroy_kernel` waits after SIGTERM before it kills a kernel's container.
+    #[serde(deserialize_with = "duration")]
+    pub stop_timeout: Duration,
 }
 
 impl Default for ResourceSection {
@@ -289,6 +342,7 @@ impl Default for ContainerSection {
             port_cooldown: Duration::from_secs(10),
             bind_host: std::net::IpAddr::from([127, 0, 0, 1]),
             mount_root: PathBuf::from("/var/lib/backend.ai/vfolders"),
+            stop_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -376,11 +430,13 @@ impl Config {
         let mut unknown = Vec::new();
         let mut record_unknown = |key: serde_ignored::Path<'_>| unknown.push(key.to_string());
         let tracked = serde_ignored::Deserializer::new(document, &mut record_unknown);
-        let config: Config = serde_path_to_error::deserialize(tracked).map_err(|err| ConfigError::InvalidValue {
-            path: path.clone(),
-            key: err.path().to_string(),
-            message: first_line(&err.inner().to_string()),
-        })?;
+        let mut config: Config =
+            serde_path_to_error::deserialize(tracked).map_err(|err| ConfigError::InvalidValue {
+                path: path.clone(),
+                key: err.path().to_string(),
+                message: first_line(&err.inner().to_string()),
+            })?;
+        config.explicit_keys = explicit_keys(text);
         if !unknown.is_empty() {
             return Err(ConfigError::UnknownKeys { path, keys: unknown });
         }
@@ -437,8 +493,30 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err(invalid("logging.level", "not a log filter (try \"info\" or \"debug\")"));
         }
+        let namespace = self.etcd.namespace.trim();
+        if namespace.is_empty() || namespace.contains('/') || namespace != self.etcd.namespace {
+            return Err(invalid("etcd.namespace", "must be a non-empty name without `/` or spaces"));
+        }
+        match (&self.etcd.user, &self.etcd.password) {
+            (Some(_), None) => return Err(invalid("etcd.password", "must be set when etcd.user is")),
+            (None, Some(_)) => return Err(invalid("etcd.user", "must be set when etcd.password is")),
+            _ => {}
+        }
         Ok(())
     }
+}
+
+/// The `section.key` paths present in `text` (already known to parse).
+fn explicit_keys(text: &str) -> std::collections::BTreeSet<String> {
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let mut keys = std::collections::BTreeSet::new();
+    for (section, value) in &table {
+        keys.insert(section.clone());
+        if let Some(inner) = value.as_table() {
+            keys.extend(inner.keys().map(|key| format!("{section}.{key}")));
+        }
+    }
+    keys
 }
 
 /// toml's messages carry a source excerpt after the first line; the key path says where.

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    docker,
+    docker, etcd,
     events::{self, EventService, EventSettings},
     kernel::KernelManager,
     metrics::{self, MetricsState, server},
@@ -37,6 +37,8 @@ pub enum DaemonError {
     Events(#[from] events::EventsError),
     #[error("cannot set up kernel resources: {0}")]
     Resources(String),
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
 }
 
 /// The socket's own reason, without repeating the address the message already names.
@@ -48,7 +50,12 @@ fn rpc_bind_reason(error: &rpc::RpcError) -> String {
 }
 
 /// Runs the agent until `shutdown` is cancelled, then detaches and returns.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    // The shared configuration in etcd comes first: everything below runs with it.
+    let etcd = etcd::Etcd::connect(&config).await?;
+    if let Some(etcd) = &etcd {
+        etcd.apply_shared_config(&mut config).await?;
+    }
     let layout = CgroupLayout::detect()?;
     tracing::info!(mode = ?layout.mode, unified_root = %layout.unified_root.display(), "cgroup layout");
     let ebpf = EbpfMonitor::load()?;
@@ -63,10 +70,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .map_err(|error| DaemonError::RpcBind { addr: config.agent.rpc_listen_addr, error })?;
     // Events to the manager (agent_started now, heartbeats, agent_terminated at the end). Code
     // that emits events gets a clone of `event_service.bus()`, an `events::EventBus`.
-    let mut event_service =
-        EventService::start(EventSettings::from_config(&config), Arc::new(events::heartbeat::proc_slots), &shutdown)?;
+    // The heartbeat advertises the allocator's capacity once the kernel manager exists.
+    let capacity_source: Arc<std::sync::OnceLock<Arc<KernelManager>>> = Arc::default();
+    let slots_source = capacity_source.clone();
+    let slots: events::heartbeat::SlotProvider = Arc::new(move || match slots_source.get() {
+        Some(kernels) => kernels.allocator.capacity().to_string_map(),
+        None => events::heartbeat::proc_slots(),
+    });
+    let mut event_service = EventService::start(EventSettings::from_config(&config), slots, &shutdown)?;
 
     let kernels = Arc::new(kernel_manager(&config, event_service.bus())?);
+    let _ = capacity_source.set(kernels.clone());
+    let ip = events::heartbeat::AgentIdentity::from_config(&config).ip;
+    let registration = etcd.map(|etcd| etcd.register(&config.agent.id, &ip, shutdown.clone()));
 
     let metrics_state = Arc::new(MetricsState::default());
     let (events_tx, events_rx) = mpsc::channel(1024);
@@ -99,6 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         agent_id: config.agent.id.clone(),
         docker_connected: connected_rx,
         monitor_synced: synced_rx,
+        kernels_ready: Some(kernels.clone()),
     });
     let mut http_task = tokio::spawn(server::serve(listener, server_state, shutdown.clone()));
     let mut rpc_task = tokio::spawn(rpc_server.serve(Arc::new(methods), shutdown.clone()));
@@ -117,6 +134,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let _ = watcher.await;
     let _ = monitor.await;
     let _ = lifecycle.await;
+    if let Some(registration) = registration {
+        let _ = registration.await;
+    }
     event_service.shutdown().await;
     match http_served {
         Ok(Ok(())) => {}

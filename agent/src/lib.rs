@@ -4,6 +4,7 @@
 pub mod config;
 pub mod daemon;
 pub mod docker;
+pub mod etcd;
 pub mod events;
 pub mod kernel;
 pub mod kernel_files;

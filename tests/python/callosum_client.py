@@ -2,6 +2,11 @@
 """Calls a bai-agent through the real callosum library, the way Backend.AI's manager does.
 
 Usage: callosum_client.py HOST:PORT
+       callosum_client.py HOST:PORT lifecycle IMAGE
+
+The second form creates one kernel with `create_kernels` as the manager does (UUID string
+ids, a kernel creation config with more fields than the agent uses), checks it with
+`check_running`, and destroys it with `destroy_kernel`.
 
 The Peer is built as in Backend.AI's `manager/agent_cache.py` (`AgentRPCCache.rpc_context`):
 a ZeroMQ DEALER transport with TCP keepalive options, msgpack with `use_bin_type=True` out and
@@ -89,9 +94,65 @@ async def main(addr: str) -> dict:
     return out
 
 
+async def lifecycle(addr: str, image: str) -> dict:
+    import uuid
+
+    global INVOKE_TIMEOUT
+    INVOKE_TIMEOUT = 60.0  # the manager gives kernel operations far longer than a ping
+
+    session_id, kernel_id = str(uuid.uuid4()), str(uuid.uuid4())
+    config = {
+        "image": {
+            "canonical": image,
+            "architecture": "x86_64",
+            "project": None,
+            "digest": "",
+            "repo_digest": None,
+            "registry": {"name": "local", "url": "http://127.0.0.1", "username": None, "password": None},
+            "labels": {},
+            "is_local": True,
+        },
+        "auto_pull": "digest",
+        "session_type": "interactive",
+        "cluster_mode": "single-node",
+        "cluster_role": "main",
+        "cluster_idx": 1,
+        "local_rank": 0,
+        "cluster_hostname": "main1",
+        "uid": None,
+        "main_gid": None,
+        "supplementary_gids": [],
+        "resource_slots": {"cpu": "1", "mem": "268435456"},
+        "resource_opts": {"shmem": "67108864"},
+        "environ": {"FROM_MANAGER": "yes"},
+        "mounts": [],
+        "package_directory": [],
+        "idle_timeout": 600,
+        "bootstrap_script": None,
+        "startup_command": None,
+        "internal_data": None,
+        "preopen_ports": [],
+        "owner_user_id": str(uuid.uuid4()),
+        "owner_project_id": str(uuid.uuid4()),
+    }
+    cluster_info = {"mode": "single-node", "size": 1, "replicas": {"main": 1}, "network_name": None, "ssh_keypair": None}
+    out = {"kernel_id": kernel_id, "session_id": session_id}
+    async with make_peer(addr) as peer:
+        created = await call(peer, "create_kernels", session_id, [kernel_id], [config], cluster_info, {kernel_id: image})
+        out["created"] = created
+        out["running"] = await call(peer, "check_running", kernel_id)
+        out["destroyed"] = await call(peer, "destroy_kernel", kernel_id, session_id, "user-requested", False)
+        out["after_destroy"] = await raised(call(peer, "check_running", kernel_id))
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} HOST:PORT")
-    result = asyncio.run(asyncio.wait_for(main(sys.argv[1]), timeout=60))
+    if len(sys.argv) == 4 and sys.argv[2] == "lifecycle":
+        work = lifecycle(sys.argv[1], sys.argv[3])
+    elif len(sys.argv) == 2:
+        work = main(sys.argv[1])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} HOST:PORT [lifecycle IMAGE]")
+    result = asyncio.run(asyncio.wait_for(work, timeout=90))
     json.dump(result, sys.stdout, indent=1, sort_keys=True, default=repr)
     sys.stdout.write("\n")

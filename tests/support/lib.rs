@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
+pub mod kernels;
+
 /// The image `cargo xtask setup` builds: busybox in a `FROM scratch` image.
 pub const BUSYBOX_IMAGE: &str = "bai-test/busybox:latest";
 
@@ -661,4 +663,125 @@ pub fn agentctl_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     agent_binary().with_file_name("bai-agentctl")
+}
+
+/// `BAI_TEST_ETCD` (`127.0.0.1:PORT`), the private etcd that `cargo xtask test` starts; fails
+/// the test when it is not set (no silent skip).
+pub fn test_etcd() -> String {
+    match std::env::var("BAI_TEST_ETCD") {
+        Ok(addr) if !addr.trim().is_empty() => addr.trim().to_owned(),
+        _ => panic!("BAI_TEST_ETCD is not set: run the suite with `cargo xtask test`, which starts etcd"),
+    }
+}
+
+/// An etcd v3 client of `addr` (`host:port`, plain HTTP) that has answered a request.
+pub async fn etcd_client(addr: &str) -> anyhow::Result<etcd_client::Client> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(5));
+    let mut client = etcd_client::Client::connect([format!("http://{addr}")], Some(options))
+        .await
+        .with_context(|| format!("connecting to etcd at {addr}"))?;
+    client.get("/", None).await.with_context(|| format!("etcd at {addr} does not answer"))?;
+    Ok(client)
+}
+
+/// The value of `key` (and the id of its lease, 0 for none), if the key exists.
+pub async fn etcd_get(client: &mut etcd_client::Client, key: &str) -> anyhow::Result<Option<(String, i64)>> {
+    let response = client.get(key, None).await.with_context(|| format!("etcd get {key}"))?;
+    Ok(response.kvs().first().map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
+}
+
+/// Whether an etcd answers `GET /health` with `"health":"true"` at `addr`.
+pub fn etcd_healthy(addr: &str) -> bool {
+    http_get(addr, "/health").is_ok_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
+}
+
+/// An `etcd` of a test's own on two free 127.0.0.1 ports (client, peer), its data in a
+/// temporary directory; stopped by PID when dropped. [`EtcdServer::stop`] and
+/// [`EtcdServer::restart`] make outages.
+pub struct EtcdServer {
+    pub port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> anyhow::Result<EtcdServer> {
+        let [port, peer_port] = free_ports()?;
+        let mut server = EtcdServer { port, peer_port, child: None, dir: tempfile::tempdir()? };
+        server.restart(false)?;
+        Ok(server)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same ports, with its data wiped first when `wipe` (a fresh
+    /// cluster: every key and lease gone), and waits until it is healthy.
+    pub fn restart(&mut self, wipe: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "etcd on port {} is already running", self.port);
+        let data = self.dir.path().join("data");
+        if wipe && data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
+        let (client_url, peer_url) =
+            (format!("http://127.0.0.1:{}", self.port), format!("http://127.0.0.1:{}", self.peer_port));
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--name", "default", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (Debian package etcd-server; `cargo xtask setup` installs it)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !etcd_healthy(&self.addr()) {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+                bail!("etcd on port {} exited with {status}; its log:\n{log}", self.port);
+            }
+            if Instant::now() > deadline {
+                bail!("etcd on port {} was not healthy within 30 s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to the server (by PID) and waits for it to exit; SIGKILL after 10 s.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("etcd is not running")?;
+        let pid = i32::try_from(child.id())?;
+        // SAFETY: signalling our own, unreaped child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
 }

@@ -70,9 +70,10 @@ enum Task {
 
     /// Set up, start the test services, build the whole workspace and run its tests.
     ///
-    /// Tests get BAI_AGENT_BIN (the debug agent binary), BPF_LINKER_DIR and BAI_TEST_REDIS (a
-    /// private redis-server on 127.0.0.1, stopped at the end; log: target/xtask/redis.log) in
-    /// their environment.
+    /// Tests get BAI_AGENT_BIN (the debug agent binary), BPF_LINKER_DIR, BAI_TEST_REDIS (a
+    /// private redis-server on 127.0.0.1, stopped at the end; log: target/xtask/redis.log) and
+    /// BAI_TEST_ETCD (a private etcd on 127.0.0.1, data wiped at each start, stopped at the end;
+    /// log: target/xtask/etcd.log) in their environment.
     Test {
         /// Extra arguments for the test binaries, after `--` (passed as
         /// `cargo test --workspace -- <ARGS>`, e.g. `cargo xtask test -- --nocapture cpu`).
@@ -80,10 +81,14 @@ enum Task {
         args: Vec<String>,
     },
 
-    /// Set up, build and run the eBPF benchmark (`bench-ebpf` of the tests package) with
-    /// kernel.bpf_stats_enabled=1, restoring the sysctl afterwards.
+    /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
+    /// kernel.bpf_stats_enabled=1, restored afterwards), then `bench-lifecycle`.
+    ///
+    /// After `--`, `ebpf` or `lifecycle` runs that one alone with the arguments that follow it
+    /// (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`); without a
+    /// name both run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// Extra arguments for bench-ebpf, after `--`.
+        /// `[ebpf|lifecycle] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -201,6 +206,8 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     // PID) when they go out of scope at the end of this function, whichever way it ends.
     let (_redis, redis_addr) =
         services::start_test_redis(&ctx.xtask_dir()).context("test: starting the tests' redis-server failed")?;
+    let (_etcd, etcd_addr) =
+        services::start_test_etcd(&ctx.xtask_dir()).context("test: starting the tests' etcd failed")?;
     let agent_bin = ctx.target_dir().join("debug/bai-agent");
     step("build", "the workspace, all targets");
     cmd::run(ctx.cargo(&["build", "--workspace", "--all-targets"]).env("BAI_AGENT_BIN", &agent_bin))
@@ -210,7 +217,7 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     if !args.is_empty() {
         test.arg("--").args(args);
     }
-    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin).env("BAI_TEST_REDIS", &redis_addr))
+    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin).env("BAI_TEST_REDIS", &redis_addr).env("BAI_TEST_ETCD", &etcd_addr))
         .context("test: step `test` failed")?;
     println!("tests passed");
     Ok(())
@@ -241,35 +248,56 @@ impl Drop for BpfStats {
     }
 }
 
+/// The benchmarks, in the order `cargo xtask bench` runs them.
+const BENCHES: [&str; 2] = ["ebpf", "lifecycle"];
+
+/// Which benchmarks run, each with its arguments: a leading name picks one, otherwise all
+/// run and the arguments go to the first (bench-ebpf), as before there were two.
+fn bench_plan(args: &[String]) -> Vec<(&'static str, Vec<String>)> {
+    match args.split_first() {
+        Some((name, rest)) if BENCHES.contains(&name.as_str()) => {
+            BENCHES.iter().filter(|b| **b == name).map(|b| (*b, rest.to_vec())).collect()
+        }
+        _ => BENCHES.iter().enumerate().map(|(i, b)| (*b, if i == 0 { args.to_vec() } else { Vec::new() })).collect(),
+    }
+}
+
 fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
+    let plan = bench_plan(args);
     setup::setup(ctx)?;
-    step("build", "bai-agent and bench-ebpf (release)");
-    cmd::run(&mut ctx.cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "bai-agent",
-        "-p",
-        "bai-agent-tests",
-        "--bin",
-        "bai-agent",
-        "--bin",
-        "bench-ebpf",
-    ]))
-    .context("building bench-ebpf failed")?;
-    let bench = ctx.target_dir().join("release/bench-ebpf");
-    if !bench.is_file() {
-        bail!("{} is missing after its build", bench.display());
+    let bins: Vec<String> = plan.iter().map(|(name, _)| format!("bench-{name}")).collect();
+    step("build", &format!("bai-agent and {} (release)", bins.join(", ")));
+    let mut build =
+        ctx.cargo(&["build", "--release", "-p", "bai-agent", "-p", "bai-agent-tests", "--bin", "bai-agent"]);
+    for bin in &bins {
+        build.args(["--bin", bin]);
     }
-    step("bench", &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()));
-    let stats = BpfStats::enable()?;
+    cmd::run(&mut build).with_context(|| format!("building {} failed", bins.join(", ")))?;
     let agent = ctx.target_dir().join("release/bai-agent");
-    let status = cmd::status(Command::new(&bench).args(args).env("BAI_AGENT_BIN", &agent).current_dir(&ctx.workspace))?;
-    drop(stats);
-    if !status.success() {
-        eprintln!("xtask: bench-ebpf ended: {}", cmd::describe(status));
+    let mut failed: Option<u8> = None;
+    for ((name, args), bin) in plan.iter().zip(&bins) {
+        let bench = ctx.target_dir().join("release").join(bin);
+        if !bench.is_file() {
+            bail!("{} is missing after its build", bench.display());
+        }
+        // Only bench-ebpf reads the kernel's per-program statistics; they cost every eBPF
+        // program two clock reads per run, so the other benchmarks run without them.
+        let stats = if *name == "ebpf" {
+            step("bench", &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()));
+            Some(BpfStats::enable()?)
+        } else {
+            step("bench", &bench.display().to_string());
+            None
+        };
+        let status =
+            cmd::status(Command::new(&bench).args(args).env("BAI_AGENT_BIN", &agent).current_dir(&ctx.workspace))?;
+        drop(stats);
+        if !status.success() {
+            eprintln!("xtask: {bin} ended: {}", cmd::describe(status));
+            failed.get_or_insert(cmd::exit_code(status));
+        }
     }
-    Ok(ExitCode::from(cmd::exit_code(status)))
+    Ok(failed.map_or(ExitCode::SUCCESS, ExitCode::from))
 }
 
 #[cfg(test)]
@@ -295,6 +323,15 @@ mod tests {
             _ => bail!("parsed as another task"),
         }
         Ok(())
+    }
+
+    #[test]
+    fn bench_runs_both_or_the_one_named() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(bench_plan(&[]), [("ebpf", args(&[])), ("lifecycle", args(&[]))]);
+        assert_eq!(bench_plan(&args(&["20"])), [("ebpf", args(&["20"])), ("lifecycle", args(&[]))]);
+        assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
+        assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
     }
 
     #[test]

@@ -176,6 +176,53 @@ pub fn start_test_redis(log_dir: &Path) -> Result<(Service, String)> {
     Ok((service, addr))
 }
 
+/// The etcd client port tried first for the tests' private `etcd` (peer port: the next one;
+/// then the next few pairs, then any free ports); never the default 2379/2380.
+pub const TEST_ETCD_PORT: u16 = 12379;
+
+/// Starts a private `etcd` (v3 API) for the tests on free 127.0.0.1 ports, with its data in
+/// `<log_dir>/etcd-data` (wiped first), logging to `<log_dir>/etcd.log`, and waits until it
+/// answers `/health`. Returns the service (stopped by PID when dropped) and its `127.0.0.1:PORT`.
+pub fn start_test_etcd(log_dir: &Path) -> Result<(Service, String)> {
+    let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let (client, peer) = match (TEST_ETCD_PORT..TEST_ETCD_PORT + 20).step_by(2).find(|&p| free(p) && free(p + 1)) {
+        Some(port) => (port, port + 1),
+        None => {
+            let (a, b) = (TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?);
+            (a.local_addr()?.port(), b.local_addr()?.port())
+        }
+    };
+    let (addr, client_url, peer_url) =
+        (format!("127.0.0.1:{client}"), format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+    let data = log_dir.join("etcd-data");
+    if data.exists() {
+        fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
+    }
+    fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--data-dir")
+        .arg(&data)
+        .args(["--name", "default", "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}")]);
+    let mut service = Service::start("etcd", cmd, log_dir)?;
+    service.wait_ready(Duration::from_secs(30), || etcd_healthy(&addr))?;
+    println!("    etcd (pid {}) on {addr}", service.pid());
+    Ok((service, addr))
+}
+
+/// Whether an etcd at `addr` answers `GET /health` with `"health":"true"`.
+pub fn etcd_healthy(addr: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = String::new();
+    stream.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_ok()
+        && stream.read_to_string(&mut reply).is_ok()
+        && reply.contains("\"health\":\"true\"")
+}
+
 /// Whether a Redis at `addr` answers PING.
 pub fn redis_answers(addr: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(addr) else {
@@ -248,6 +295,20 @@ mod tests {
         drop(service);
         assert!(!alive(pid), "redis-server (pid {pid}) survived the drop");
         assert!(!redis_answers(&addr));
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn test_etcd_is_healthy_and_is_stopped_on_drop() -> Result<()> {
+        let dir = log_dir("etcd");
+        let (service, addr) = start_test_etcd(&dir)?;
+        let pid = service.pid();
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        assert!(etcd_healthy(&addr));
+        drop(service);
+        assert!(!alive(pid), "etcd (pid {pid}) survived the drop");
+        assert!(!etcd_healthy(&addr));
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -28,6 +28,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "python3-zmq",
     "iproute2",
     "procps",
+    // A local registry for the image pull tests, on 127.0.0.1.
+    "docker-registry",
 ];
 
 /// The LLVM inside the nightly toolchain that bpf-linker links against:

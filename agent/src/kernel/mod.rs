@@ -88,6 +88,9 @@ pub struct KernelRecord {
     pub host_ports: Vec<u16>,
     /// Unix seconds.
     pub created_at: f64,
+    /// Run as the container's main process (`/bin/sh -c …`) instead of the image's command.
+    #[serde(default)]
+    pub startup_command: Option<String>,
 }
 
 impl KernelRecord {
@@ -118,6 +121,9 @@ pub enum KernelError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Arguments(String),
+    /// Some kernels of one `create_kernels` call failed; each is named.
+    #[error("{0}")]
+    Creation(String),
 }
 
 fn failed(kernel_id: &str, message: impl std::fmt::Display) -> KernelError {
@@ -180,7 +186,7 @@ impl KernelManager {
             kernels: Mutex::new(BTreeMap::new()),
             stopping: Mutex::new(HashSet::new()),
             creation: Semaphore::new(config.agent.kernel_creation_concurrency.max(1)),
-            stop_grace_secs: 10,
+            stop_grace_secs: i32::try_from(config.container.stop_timeout.as_secs()).unwrap_or(i32::MAX),
             ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -277,7 +283,7 @@ impl KernelManager {
                 Err(join) => failures.push(format!("a creation task failed: {join}")),
             }
         }
-        if failures.is_empty() { Ok(results) } else { Err(KernelError::Arguments(failures.join("; "))) }
+        if failures.is_empty() { Ok(results) } else { Err(KernelError::Creation(failures.join("; "))) }
     }
 
     async fn create_kernel(
@@ -304,6 +310,7 @@ impl KernelManager {
                 owner_project_id: spec.owner_project_id.clone(),
                 environ: spec.environ.clone(),
                 shm_bytes: spec.shm_bytes,
+                startup_command: spec.startup_command.clone(),
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -435,7 +442,7 @@ impl KernelManager {
             labels,
             env,
             entrypoint: None,
-            cmd: None,
+            cmd: record.startup_command.as_ref().map(|command| vec!["/bin/sh".into(), "-c".into(), command.clone()]),
             cpuset: crate::resources::format_cpuset(&record.cpuset),
             memory_bytes: i64::try_from(record.mem_bytes).unwrap_or(i64::MAX),
             shm_bytes: record.shm_bytes.and_then(|b| i64::try_from(b).ok()),

@@ -24,6 +24,8 @@ pub struct ServerState {
     pub agent_id: String,
     pub docker_connected: watch::Receiver<bool>,
     pub monitor_synced: watch::Receiver<bool>,
+    /// Kernel recovery done (the saved registry reconciled with the engine).
+    pub kernels_ready: Option<std::sync::Arc<crate::kernel::KernelManager>>,
 }
 
 impl ServerState {
@@ -33,6 +35,9 @@ impl ServerState {
         }
         if !*self.monitor_synced.borrow() {
             return Err("kernel containers not yet synced");
+        }
+        if self.kernels_ready.as_ref().is_some_and(|kernels| !kernels.is_ready()) {
+            return Err("kernels not yet recovered");
         }
         Ok(())
     }

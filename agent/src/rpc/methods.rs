@@ -352,6 +352,15 @@ impl Methods {
                 ]),
             ),
             ("debug", map(vec![("enabled", Value::from(c.debug.enabled))])),
+            // After the etcd overlay: where the values in effect came from is visible here.
+            ("redis", map(vec![("addr", c.redis.addr.as_ref().map_or(Value::Nil, |a| Value::from(a.to_string())))])),
+            (
+                "etcd",
+                map(vec![
+                    ("addr", c.etcd.addr.as_ref().map_or(Value::Nil, |a| Value::from(a.to_string()))),
+                    ("namespace", Value::from(c.etcd.namespace.as_str())),
+                ]),
+            ),
             ("version", Value::from(env!("CARGO_PKG_VERSION"))),
         ]))
     }

@@ -1,0 +1,340 @@
+//! Kernel operations past the basic lifecycle, through the RPC on the real engine:
+//! concurrent creates against fixed capacity, file methods and vfolder mounts that try
+//! to escape, an OOM-killed kernel, restart, and registry sync with the manager.
+
+use std::{collections::HashSet, process::Command, sync::Arc, time::Duration};
+
+use bai_agent::rpc::client::RpcClient;
+use bai_agent_tests::{
+    Agent, BUSYBOX_IMAGE, EventCollector,
+    kernels::{
+        container_exists, create, created_id, docker_inspect, field, kernel_config, kernel_toml, list, map, runtime,
+        with_field,
+    },
+    require_environment, test_redis, unique, wait_until,
+};
+use rmpv::Value;
+
+fn mem_total_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    kib * 1024
+}
+
+/// Twenty creates at once on a node with room for fewer: the survivors never share a
+/// core past the overcommit factor, never exceed the memory capacity, never share a port.
+#[test]
+fn twenty_concurrent_creates_never_over_allocate() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Capacity: 2 cores shared by up to 3 kernels each (cpu 6), and 1.25 GiB of memory:
+    // room for five 256 MiB kernels, so memory is what runs out first.
+    let reserved_mem = mem_total_bytes() - (1280 << 20);
+    let toml = kernel_toml(dir.path(), 41200)
+        .replace("reserved-mem = \"512m\"", &format!("reserved-mem = {reserved_mem}\ncpu-overcommit = 3.0"));
+    let agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = Arc::new(RpcClient::connect(&agent.rpc_addr).await.expect("connect"));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                create(&client, "s", &unique("kernel"), kernel_config(BUSYBOX_IMAGE, "1", "268435456")).await
+            }));
+        }
+        let mut created = Vec::new();
+        let mut refusals = Vec::new();
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(result) => created.push(result),
+                Err(err) => refusals.push(err),
+            }
+        }
+        assert_eq!(created.len(), 5, "exactly five fit in memory; refusals: {refusals:?}");
+        assert!(refusals.iter().all(|e| e.contains("insufficient mem")), "{refusals:?}");
+
+        let mut cores: Vec<String> = Vec::new();
+        let mut ports = HashSet::new();
+        let mut memory = 0u64;
+        for result in &created {
+            let container = created_id(result, "container_id");
+            cores.push(docker_inspect(&container, "{{.HostConfig.CpusetCpus}}"));
+            memory += docker_inspect(&container, "{{.HostConfig.Memory}}").parse::<u64>().expect("memory");
+            for port in ["repl_in_port", "repl_out_port"] {
+                let port = field(&result.as_array().expect("list")[0], port).as_u64().expect("port");
+                assert!(ports.insert(port), "host port {port} handed out twice");
+            }
+        }
+        assert!(memory <= 1280 << 20, "memory limits add up to {memory}, over the capacity");
+        for core in ["0", "1"] {
+            let sharing = cores.iter().filter(|c| c.as_str() == core).count();
+            assert!(sharing <= 3, "core {core} pinned by {sharing} kernels, over the overcommit of 3: {cores:?}");
+        }
+        for kernel in list(&client).await {
+            let id = field(&kernel, "kernel_id").as_str().expect("id").to_owned();
+            client.call("destroy_kernel", vec![id.as_str().into(), "s".into()], vec![]).await.expect("destroy");
+        }
+    });
+}
+
+#[test]
+fn file_methods_and_mounts_stay_inside_their_roots() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vfolders = dir.path().join("vfolders");
+    std::fs::create_dir_all(vfolders.join("data")).expect("vfolder");
+    std::fs::write(vfolders.join("data/readme.txt"), "vfolder file\n").expect("vfolder file");
+    std::os::unix::fs::symlink("/etc", vfolders.join("sneaky")).expect("symlink");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41250)).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let mount = |host: &str| {
+            Value::Array(vec![map(vec![
+                ("host_path", host.into()),
+                ("kernel_path", "/home/work/data".into()),
+                ("permission", "ro".into()),
+            ])])
+        };
+        // Mounts: one under the mount root works; outside it, or through a symlink out, is refused.
+        for host in ["/etc", "../../etc", vfolders.join("sneaky").to_str().expect("utf-8")] {
+            let config = with_field(kernel_config(BUSYBOX_IMAGE, "1", "268435456"), "mounts", mount(host));
+            let err = create(&client, "s", &unique("kernel"), config).await.expect_err("escaping mount refused");
+            let named = std::path::Path::new(host).file_name().and_then(|n| n.to_str()).unwrap_or(host);
+            assert!(err.contains(named), "the refusal should name the vfolder path {host}: {err}");
+            assert!(!err.contains("TypeError"), "a refused mount is not an argument-type error: {err}");
+        }
+        let data = vfolders.join("data");
+        let config =
+            with_field(kernel_config(BUSYBOX_IMAGE, "1", "268435456"), "mounts", mount(data.to_str().expect("utf-8")));
+        let kernel = unique("kernel");
+        let created = create(&client, "s", &kernel, config).await.expect("mount under the root");
+        let container = created_id(&created, "container_id");
+        let out = Command::new("docker").args(["exec", &container, "cat", "/home/work/data/readme.txt"]).output();
+        assert_eq!(String::from_utf8_lossy(&out.expect("exec").stdout), "vfolder file\n");
+
+        // Files: an upload lands in the kernel's /home/work and comes back down.
+        let payload = Value::Binary(b"hello from the manager\n".to_vec());
+        client
+            .call("upload_file", vec![kernel.as_str().into(), "notes/hello.txt".into(), payload], vec![])
+            .await
+            .expect("upload");
+        let out = Command::new("docker").args(["exec", &container, "cat", "/home/work/notes/hello.txt"]).output();
+        assert_eq!(String::from_utf8_lossy(&out.expect("exec").stdout), "hello from the manager\n");
+        let back = client
+            .call("download_single", vec![kernel.as_str().into(), "notes/hello.txt".into()], vec![])
+            .await
+            .expect("download");
+        assert_eq!(back, Value::Binary(b"hello from the manager\n".to_vec()));
+        let listing =
+            client.call("list_files", vec![kernel.as_str().into(), "notes".into()], vec![]).await.expect("list");
+        assert!(field(&listing, "files").as_str().is_some_and(|f| f.contains("hello.txt")), "{listing}");
+        let tar = client.call("download_file", vec![kernel.as_str().into(), "notes".into()], vec![]).await;
+        assert!(matches!(tar, Ok(Value::Binary(ref bytes)) if bytes.len() >= 1024), "a tar archive: {tar:?}");
+
+        // Escapes are refused, name the path, and write nothing outside.
+        let outside = dir.path().join("escaped.txt");
+        for (method, path) in [
+            ("upload_file", "../../../escaped.txt"),
+            ("upload_file", "/etc/bai-agent-test-escape"),
+            ("download_single", "/etc/passwd"),
+            ("download_single", "../../../../etc/passwd"),
+            ("download_file", "/etc"),
+            ("list_files", "/etc"),
+        ] {
+            let mut args = vec![kernel.as_str().into(), path.into()];
+            if method == "upload_file" {
+                args.push(Value::Binary(b"x".to_vec()));
+            }
+            let err = client.call(method, args, vec![]).await.expect_err("escape refused");
+            assert!(err.to_string().contains("escapes"), "{method} {path}: {err}");
+        }
+        assert!(!outside.exists() && !std::path::Path::new("/etc/bai-agent-test-escape").exists());
+        client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![]).await.expect("destroy");
+    });
+}
+
+#[test]
+fn an_oom_killed_kernel_is_reported_as_such() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41300)).expect("agent starts");
+    let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        // The kernel's main process reads /dev/zero into memory until the limit kills it.
+        let config = with_field(
+            kernel_config(BUSYBOX_IMAGE, "1", "64m"),
+            "startup_command",
+            "sleep 1; exec tail /dev/zero".into(),
+        );
+        let kernel = unique("kernel");
+        let created = create(&client, "s", &kernel, config).await.expect("create");
+        let container = created_id(&created, "container_id");
+        wait_until("kernel_terminated", Duration::from_secs(30), || {
+            collector.events().iter().any(|e| e.name == "kernel_terminated")
+        })
+        .expect("reported");
+        let event = collector.events().into_iter().find(|e| e.name == "kernel_terminated").expect("event");
+        let args = event.args_value();
+        let args = args.as_array().expect("tuple");
+        assert_eq!(args[0].as_str(), Some(kernel.as_str()));
+        assert_eq!(args[2].as_str(), Some("oom-killed"), "{args:?}");
+        wait_until("cleanup", Duration::from_secs(10), || !container_exists(&container)).expect("container removed");
+        assert!(list(&client).await.is_empty());
+    });
+}
+
+#[test]
+fn restart_keeps_scratch_and_allocation_and_sync_drops_unknown_kernels() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41350)).expect("agent starts");
+    let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let created =
+            create(&client, "s", &kernel, kernel_config(BUSYBOX_IMAGE, "1", "268435456")).await.expect("create");
+        let first = created_id(&created, "container_id");
+        let cpuset = docker_inspect(&first, "{{.HostConfig.CpusetCpus}}");
+        client
+            .call(
+                "upload_file",
+                vec![kernel.as_str().into(), "kept.txt".into(), Value::Binary(b"kept".to_vec())],
+                vec![],
+            )
+            .await
+            .expect("upload");
+        let restarted = client
+            .call("restart_kernel", vec!["s".into(), kernel.as_str().into(), BUSYBOX_IMAGE.into(), map(vec![])], vec![])
+            .await
+            .expect("restart");
+        let second = field(&restarted, "container_id").as_str().expect("container").to_owned();
+        assert_ne!(first, second, "a new container");
+        assert!(!container_exists(&first), "the old container is gone");
+        assert_eq!(docker_inspect(&second, "{{.HostConfig.CpusetCpus}}"), cpuset, "same cores");
+        let out = Command::new("docker").args(["exec", &second, "cat", "/home/work/kept.txt"]).output().expect("exec");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "kept", "same scratch");
+        assert_eq!(
+            client.call("check_running", vec![kernel.as_str().into()], vec![]).await.expect("check"),
+            Value::Boolean(true)
+        );
+
+        // The manager knows another kernel, not this one: ours goes, theirs is reported gone.
+        let theirs = unique("kernel");
+        let pairs = Value::Array(vec![Value::Array(vec![theirs.as_str().into(), "s2".into()])]);
+        client.call("sync_kernel_registry", vec![pairs], vec![]).await.expect("sync");
+        assert!(list(&client).await.is_empty(), "the kernel the manager does not know is destroyed");
+        assert!(!container_exists(&second));
+        wait_until("already-terminated for the manager's kernel", Duration::from_secs(10), || {
+            collector.events().iter().any(|e| {
+                e.name == "kernel_terminated"
+                    && e.args_value().as_array().and_then(|a| a.first()).and_then(Value::as_str)
+                        == Some(theirs.as_str())
+            })
+        })
+        .expect("reported");
+    });
+}
+
+#[test]
+fn the_python_callosum_client_creates_and_destroys_a_kernel() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41400)).expect("agent starts");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/callosum_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([agent.rpc_addr.as_str(), "lifecycle", BUSYBOX_IMAGE])
+        .output()
+        .expect("python3 runs (cargo xtask setup installs callosum)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("JSON from the client");
+    let created = &result["created"][0];
+    assert_eq!(created["id"], result["kernel_id"]);
+    let container = created["container_id"].as_str().expect("a container id");
+    assert_eq!(result["running"], serde_json::Value::Bool(true));
+    assert_eq!(result["after_destroy"]["raised"], "RPCUserError", "{result}");
+    assert!(result["after_destroy"]["repr"].as_str().is_some_and(|r| r.contains("unknown kernel id")), "{result}");
+    assert!(!container_exists(container), "destroy_kernel removed the container");
+}
+
+/// A `docker-registry` of the test's own on 127.0.0.1, stopped by PID when dropped.
+struct LocalRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalRegistry {
+    fn start() -> LocalRegistry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = bai_agent_tests::free_loopback_port().expect("port");
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let child = Command::new("docker-registry")
+            .args(["serve", config.to_str().expect("utf-8")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry runs (cargo xtask setup installs it)");
+        wait_until("the registry to listen", Duration::from_secs(10), || std::net::TcpStream::connect(&addr).is_ok())
+            .expect("registry up");
+        LocalRegistry { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn docker(args: &[&str]) {
+    let out = Command::new("docker").args(args).output().expect("docker");
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_missing_image_is_pulled_only_when_auto_pull_allows() {
+    require_environment();
+    let registry = LocalRegistry::start();
+    let image = format!("{}/bai-test/pull-me:{}", registry.addr, unique("tag"));
+    docker(&["tag", BUSYBOX_IMAGE, &image]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41450)).expect("agent starts");
+    let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let refused = create(&client, "s", &unique("kernel"), kernel_config(&image, "1", "268435456")).await;
+        assert!(refused.expect_err("not present").contains("not present"));
+        let config = with_field(kernel_config(&image, "1", "268435456"), "auto_pull", true.into());
+        let kernel = unique("kernel");
+        let created = create(&client, "s", &kernel, config).await.expect("pulled and started");
+        let container = created_id(&created, "container_id");
+        assert_eq!(docker_inspect(&container, "{{.Config.Image}}"), image);
+        let names: Vec<String> = collector.events().into_iter().map(|e| e.name).collect();
+        assert!(names.contains(&"kernel_pulling".to_string()), "{names:?}");
+        assert!(names.contains(&"kernel_pull_progress".to_string()), "{names:?}");
+        client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![]).await.expect("destroy");
+    });
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+}
