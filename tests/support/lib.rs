@@ -488,20 +488,7 @@ impl RedisServer {
 
     /// SIGTERM to the server (by PID) and waits for it to exit; SIGKILL after 10 s.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().context("redis-server is not running")?;
-        let pid = i32::try_from(child.id())?;
-        // SAFETY: signalling our own, unreaped child by pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        stop_child(self.child.take().context("redis-server is not running")?)
     }
 }
 
@@ -761,20 +748,7 @@ impl EtcdServer {
 
     /// SIGTERM to the server (by PID) and waits for it to exit; SIGKILL after 10 s.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().context("etcd is not running")?;
-        let pid = i32::try_from(child.id())?;
-        // SAFETY: signalling our own, unreaped child by pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        stop_child(self.child.take().context("etcd is not running")?)
     }
 }
 
@@ -784,4 +758,21 @@ impl Drop for EtcdServer {
             let _ = self.stop();
         }
     }
+}
+
+/// SIGTERM to a child of ours (by PID), then SIGKILL if it has not exited within 10 s.
+pub fn stop_child(mut child: Child) -> anyhow::Result<()> {
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: signalling our own, unreaped child by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

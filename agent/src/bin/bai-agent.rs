@@ -74,27 +74,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            let message = describe(&err);
+            let message = bai_agent::logging::one_line(&err);
             tracing::error!("{message}");
             eprintln!("bai-agent: {message}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error chain on one line, without repeating a cause its parent already quoted.
-fn describe(err: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-    }
-    message
 }
 
 fn run(config: Config) -> anyhow::Result<()> {

@@ -162,25 +162,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("bai-agentctl: {}", describe(&err));
+            eprintln!("bai-agentctl: {}", bai_agent::logging::one_line(&err));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error chain on one line, without repeating a cause its parent already quoted.
-fn describe(err: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-    }
-    message.replace('\n', " ")
 }
 
 /// One connection and the options every call uses.
