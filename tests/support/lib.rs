@@ -235,6 +235,17 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        // Whatever happened in the test, leave none of this agent's kernels behind.
+        let listed = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=ai.backend.agent-id={}", self.id)])
+            .output();
+        if let Ok(listed) = listed {
+            let ids: Vec<String> =
+                String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned).collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
+            }
+        }
     }
 }
 

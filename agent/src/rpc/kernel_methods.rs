@@ -102,9 +102,13 @@ impl Methods {
         let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
         let reason = args.optional_string(2, "reason")?;
         let suppress = args.boolean_or(3, "suppress_events", false)?;
-        self.kernels(M)?
-            .destroy_kernel(&kernel_id, reason.as_deref(), suppress)
+        // Once begun, a destroy runs to the end even if the caller gives up waiting.
+        let kernels = self.kernels(M)?.clone();
+        let destroy =
+            tokio::spawn(async move { kernels.destroy_kernel(&kernel_id, reason.as_deref(), suppress).await });
+        destroy
             .await
+            .map_err(|join| kernel_failure(M, KernelError::Arguments(join.to_string())))?
             .map_err(|err| kernel_failure(M, err))
     }
 
@@ -123,7 +127,12 @@ impl Methods {
                 )));
             }
         };
-        self.kernels(M)?.restart_kernel(&kernel_id, image.as_deref()).await.map_err(|err| kernel_failure(M, err))
+        let kernels = self.kernels(M)?.clone();
+        let restart = tokio::spawn(async move { kernels.restart_kernel(&kernel_id, image.as_deref()).await });
+        restart
+            .await
+            .map_err(|join| kernel_failure(M, KernelError::Arguments(join.to_string())))?
+            .map_err(|err| kernel_failure(M, err))
     }
 
     pub(super) async fn check_running(&self, args: Args) -> Result<Value, MethodError> {
