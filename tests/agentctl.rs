@@ -118,3 +118,33 @@ fn errors_are_one_line_and_exit_1() {
     let stderr = failure(&agentctl(&agent, &["create", "--image", "x", "--mem", "12q"]));
     assert!(stderr.contains("--mem `12q`"), "{stderr}");
 }
+
+#[test]
+fn kernel_commands_create_list_move_files_and_destroy() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 41500)).expect("agent starts");
+    let created = json(
+        &agent,
+        &["create", "--image", bai_agent_tests::BUSYBOX_IMAGE, "--cpu", "1", "--mem", "256m", "--env", "COLOR=blue"],
+    );
+    let kernel = created[0]["id"].as_str().expect("a kernel id").to_owned();
+    let listed = json(&agent, &["list"]);
+    assert_eq!(listed[0]["kernel_id"], kernel.as_str());
+    assert_eq!(listed[0]["state"], "running");
+    assert!(ok(&agent, &["list"]).contains(&kernel), "the table lists the kernel");
+
+    let local = dir.path().join("notes.txt");
+    std::fs::write(&local, "from the CLI\n").expect("local file");
+    ok(&agent, &["upload", &kernel, local.to_str().expect("utf-8"), "notes.txt"]);
+    assert!(ok(&agent, &["ls", &kernel]).contains("notes.txt"));
+    let fetched = dir.path().join("fetched.txt");
+    ok(&agent, &["download", &kernel, "notes.txt", "-o", fetched.to_str().expect("utf-8")]);
+    assert_eq!(std::fs::read_to_string(&fetched).expect("downloaded"), "from the CLI\n");
+    let escape = agentctl(&agent, &["download", &kernel, "/etc/passwd"]);
+    assert!(failure(&escape).contains("escapes"));
+
+    ok(&agent, &["destroy", &kernel]);
+    assert_eq!(json(&agent, &["list"]), serde_json::json!([]));
+    assert!(failure(&agentctl(&agent, &["logs", &kernel])).contains("unknown kernel id"));
+}

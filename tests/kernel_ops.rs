@@ -338,3 +338,45 @@ fn a_missing_image_is_pulled_only_when_auto_pull_allows() {
     });
     let _ = Command::new("docker").args(["rmi", &image]).output();
 }
+
+#[test]
+fn services_declared_by_the_image_are_published_on_loopback() {
+    require_environment();
+    let image = format!("bai-test/with-services:{}", unique("tag"));
+    let dockerfile =
+        format!("FROM {BUSYBOX_IMAGE}\nLABEL ai.backend.service-ports=\"web:http:8080,notebook:http:8888\"\n");
+    let mut build = Command::new("docker")
+        .args(["build", "-q", "-t", &image, "-"])
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker build");
+    std::io::Write::write_all(build.stdin.as_mut().expect("stdin"), dockerfile.as_bytes()).expect("Dockerfile");
+    drop(build.stdin.take());
+    assert!(build.wait().expect("build").success());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 41550)).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let created = create(&client, "s", &kernel, kernel_config(&image, "1", "268435456")).await.expect("create");
+        let info = &created.as_array().expect("list")[0];
+        let container = created_id(&created, "container_id");
+        let bindings = docker_inspect(&container, "{{json .HostConfig.PortBindings}}");
+        let services = field(info, "service_ports").as_array().expect("service_ports").clone();
+        let names: Vec<&str> = services.iter().filter_map(|s| field(s, "name").as_str()).collect();
+        assert_eq!(names, ["sshd", "ttyd", "web", "notebook"]);
+        for service in &services {
+            let container_port = field(service, "container_ports").as_array().expect("list")[0].as_u64().expect("port");
+            let host_port = field(service, "host_ports").as_array().expect("list")[0].as_u64().expect("port");
+            assert!((41550..=41589).contains(&host_port), "host port {host_port} from the pool");
+            let expected =
+                format!("\"{container_port}/tcp\":[{{\"HostIp\":\"127.0.0.1\",\"HostPort\":\"{host_port}\"}}]");
+            assert!(bindings.contains(&expected), "{expected} in {bindings}");
+        }
+        client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![]).await.expect("destroy");
+    });
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+}

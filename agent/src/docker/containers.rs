@@ -55,6 +55,16 @@ impl DockerClient {
         }
     }
 
+    /// The image's labels (empty when it has none).
+    pub async fn image_labels(&self, image: &str) -> Result<HashMap<String, String>, DockerError> {
+        let inspected = self
+            .engine()
+            .inspect_image(image)
+            .await
+            .map_err(|source| DockerError::Request { what: format!("inspect image {image}"), source })?;
+        Ok(inspected.config.and_then(|config| config.labels).unwrap_or_default())
+    }
+
     /// Pulls `image` from its registry, calling `progress` with each status line.
     pub async fn pull_image(&self, image: &str, mut progress: impl FnMut(&str)) -> Result<(), DockerError> {
         let (name, tag) = split_image_tag(image);

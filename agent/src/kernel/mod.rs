@@ -154,6 +154,37 @@ pub struct KernelManager {
     ready: std::sync::atomic::AtomicBool,
 }
 
+/// The image label that declares a kernel's services: `name:protocol:port,…`.
+pub const SERVICE_PORTS_LABEL: &str = "ai.backend.service-ports";
+
+/// Services every kernel has whether its image declares them or not (Backend.AI's intrinsic ones).
+const BUILTIN_SERVICES: &[(&str, &str, u16)] = &[("sshd", "tcp", 2200), ("ttyd", "http", 7681)];
+
+/// The built-in services plus those of an `ai.backend.service-ports` label, as
+/// (name, protocol, container port); a port declared twice is kept once.
+pub fn service_ports(label: &str) -> Result<Vec<(String, String, u16)>, String> {
+    let mut services: Vec<(String, String, u16)> =
+        BUILTIN_SERVICES.iter().map(|(name, protocol, port)| (name.to_string(), protocol.to_string(), *port)).collect();
+    for entry in label.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let parts: Vec<&str> = entry.split(':').collect();
+        let [name, protocol, port] = parts[..] else {
+            return Err(format!("`{entry}` is not name:protocol:port"));
+        };
+        let port: u16 =
+            port.parse().ok().filter(|p| *p > 0).ok_or_else(|| format!("`{entry}`: `{port}` is not a port number"))?;
+        if name.is_empty() || !["tcp", "http", "pty", "preopen", "vnc", "rdp"].contains(&protocol) {
+            return Err(format!("`{entry}`: needs a name and a protocol of tcp, http, pty, preopen, vnc or rdp"));
+        }
+        if [2000, 2001, 2002, 2003].contains(&port) {
+            return Err(format!("`{entry}`: port {port} is reserved for the kernel runner"));
+        }
+        if !services.iter().any(|(_, _, p)| *p == port) {
+            services.push((name.to_owned(), protocol.to_owned(), port));
+        }
+    }
+    Ok(services)
+}
+
 /// Process limit for every kernel container.
 const PIDS_LIMIT: i64 = 4096;
 /// Most log bytes `get_logs` returns.
@@ -354,6 +385,14 @@ impl KernelManager {
         }
         self.set_state(kernel_id, KernelState::Creating, |_| {}).await;
         self.emit("kernel_creating", vec![kernel_id.into(), session_id.into()]);
+        let labels = docker.image_labels(&spec.image).await?;
+        let mut services = service_ports(labels.get(SERVICE_PORTS_LABEL).map(String::as_str).unwrap_or(""))
+            .map_err(|message| failed(kernel_id, format!("image label {SERVICE_PORTS_LABEL}: {message}")))?;
+        for port in &spec.preopen_ports {
+            if !services.iter().any(|(_, _, p)| p == port) {
+                services.push((format!("port{port}"), "preopen".into(), *port));
+            }
+        }
 
         let allocation = self.allocator.allocate(kernel_id, &spec.slots).map_err(|err| failed(kernel_id, err))?;
         let mut binds = Vec::new();
@@ -365,7 +404,7 @@ impl KernelManager {
         }
         let intrinsic = IntrinsicPorts::default();
         let mut container_ports = vec![intrinsic.replin, intrinsic.replout];
-        container_ports.extend(&spec.preopen_ports);
+        container_ports.extend(services.iter().map(|(_, _, port)| *port));
         let host_ports = self.ports.take(container_ports.len()).map_err(|err| failed(kernel_id, err))?;
         let record_allocation = allocation.clone();
         let ports_taken = host_ports.clone();
@@ -377,13 +416,12 @@ impl KernelManager {
             record.host_ports = ports_taken.clone();
             record.repl_in_port = ports_taken[0];
             record.repl_out_port = ports_taken[1];
-            record.service_ports = spec
-                .preopen_ports
+            record.service_ports = services
                 .iter()
                 .zip(&ports_taken[2..])
-                .map(|(container_port, host_port)| ServicePort {
-                    name: format!("port{container_port}"),
-                    protocol: "preopen".into(),
+                .map(|((name, protocol, container_port), host_port)| ServicePort {
+                    name: name.clone(),
+                    protocol: protocol.clone(),
                     container_port: *container_port,
                     host_port: *host_port,
                 })
@@ -760,6 +798,28 @@ impl KernelManager {
                 ContainerEvent::Started(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_ports_come_from_the_label_after_the_builtin_ones() {
+        let services = service_ports("jupyter:http:8080, sshd:tcp:2200,vscode:http:8180").expect("valid");
+        let ports: Vec<u16> = services.iter().map(|(_, _, p)| *p).collect();
+        assert_eq!(ports, [2200, 7681, 8080, 8180]);
+        assert_eq!(services[2], ("jupyter".to_string(), "http".to_string(), 8080));
+        assert_eq!(service_ports("").expect("empty").len(), 2);
+    }
+
+    #[test]
+    fn malformed_service_ports_are_named() {
+        assert!(service_ports("jupyter:http").expect_err("short").contains("jupyter:http"));
+        assert!(service_ports("web:http:eighty").expect_err("port").contains("eighty"));
+        assert!(service_ports("web:smtp:25").expect_err("protocol").contains("web:smtp:25"));
+        assert!(service_ports("repl:tcp:2000").expect_err("reserved").contains("reserved"));
     }
 }
 
