@@ -801,6 +801,14 @@ impl KernelManager {
     }
 }
 
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -821,12 +829,4 @@ mod tests {
         assert!(service_ports("web:smtp:25").expect_err("protocol").contains("web:smtp:25"));
         assert!(service_ports("repl:tcp:2000").expect_err("reserved").contains("reserved"));
     }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
 }
