@@ -56,6 +56,13 @@ fn create_run_and_destroy_through_the_rpc() {
             client.call("check_running", vec![kernel.as_str().into()], vec![]).await.expect("check"),
             Value::Boolean(true)
         );
+        // The monitor counts it: its series appear in /metrics.
+        agent.wait_for_kernel(&kernel, true, Duration::from_secs(10)).expect("the kernel's series in /metrics");
+        let started = client.call("ping_kernel", vec![kernel.as_str().into()], vec![]).await.expect("ping_kernel");
+        assert!(field(&started, "started_at").as_f64().is_some_and(|t| t > 0.0), "{started}");
+        let port = client.call("assign_port", vec![], vec![]).await.expect("assign_port").as_u64().expect("a port");
+        assert!((41000..=41039).contains(&port), "port {port} from the pool");
+        client.call("release_port", vec![port.into()], vec![]).await.expect("release_port");
         let listed = list(&client).await;
         assert_eq!(listed.len(), 1);
         assert_eq!(field(&listed[0], "state").as_str(), Some("running"));
@@ -193,17 +200,25 @@ fn kill_9_and_restart_loses_nothing_and_double_allocates_nothing() {
     let toml = kernel_toml(dir.path(), 41120);
     let mut agent = Agent::start_with_journal(&id, &journal, &toml).expect("agent starts");
     let rt = runtime();
-    let (kernel, container) = rt.block_on(async {
+    // Two kernels, one core each: one lives through the agent's death, one dies meanwhile.
+    let ((kernel, container), (doomed, doomed_container)) = rt.block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
-        let kernel = unique("kernel");
-        let created = create(&client, "s", &kernel, kernel_config(bai_agent_tests::BUSYBOX_IMAGE, "1", "268435456"))
-            .await
-            .expect("create");
-        let container = field(&created.as_array().expect("list")[0], "container_id").as_str().expect("id").to_owned();
-        (kernel, container)
+        let mut made = Vec::new();
+        for _ in 0..2 {
+            let kernel = unique("kernel");
+            let config = kernel_config(bai_agent_tests::BUSYBOX_IMAGE, "1", "268435456");
+            let created = create(&client, "s", &kernel, config).await.expect("create");
+            let container =
+                field(&created.as_array().expect("list")[0], "container_id").as_str().expect("id").to_owned();
+            made.push((kernel, container));
+        }
+        let second = made.pop().expect("two");
+        (made.pop().expect("two"), second)
     });
     agent.kill_hard().expect("kill -9");
     assert_eq!(docker_inspect(&container, "{{.State.Running}}"), "true", "the kernel outlives the agent");
+    let killed = Command::new("docker").args(["kill", &doomed_container]).output().expect("docker kill");
+    assert!(killed.status.success());
 
     let collector = EventCollector::start(&test_redis(), 4, &id).expect("event collector");
     let agent = Agent::start_with_journal(&id, &journal, &toml).expect("agent restarts");
@@ -219,7 +234,7 @@ fn kill_9_and_restart_loses_nothing_and_double_allocates_nothing() {
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        assert_eq!(listed.len(), 1, "the kernel is known again: {listed:?}");
+        assert_eq!(listed.len(), 1, "the live kernel is known again, the dead one is not: {listed:?}");
         assert_eq!(field(&listed[0], "kernel_id").as_str(), Some(kernel.as_str()));
         assert_eq!(field(&listed[0], "container_id").as_str(), Some(container.as_str()));
         wait_until("resuming-agent-operation", Duration::from_secs(10), || {
@@ -230,6 +245,18 @@ fn kill_9_and_restart_loses_nothing_and_double_allocates_nothing() {
             })
         })
         .expect("reported as resumed");
+        wait_until("the dead kernel reported", Duration::from_secs(10), || {
+            collector.events().iter().any(|e| {
+                let args = e.args_value();
+                let args = args.as_array().cloned().unwrap_or_default();
+                e.name == "kernel_terminated"
+                    && args.first().and_then(Value::as_str) == Some(doomed.as_str())
+                    && args.get(2).and_then(Value::as_str) == Some("self-terminated")
+            })
+        })
+        .expect("the kernel that died while the agent was down is reported self-terminated");
+        assert!(!container_exists(&doomed_container), "its container is cleaned up");
+        assert!(!dir.path().join("scratch").join(&doomed).exists(), "its scratch is cleaned up");
 
         // One core is still the recovered kernel's: one more fits, a third does not.
         let second =
