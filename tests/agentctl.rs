@@ -123,7 +123,7 @@ fn errors_are_one_line_and_exit_1() {
 fn kernel_commands_create_list_move_files_and_destroy() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 41500)).expect("agent starts");
+    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 21500)).expect("agent starts");
     let created = json(
         &agent,
         &["create", "--image", bai_agent_tests::BUSYBOX_IMAGE, "--cpu", "1", "--mem", "256m", "--env", "COLOR=blue"],

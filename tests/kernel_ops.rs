@@ -35,7 +35,7 @@ fn twenty_concurrent_creates_never_over_allocate() {
     // Capacity: 2 cores shared by up to 3 kernels each (cpu 6), and 1.25 GiB of memory:
     // room for five 256 MiB kernels, so memory is what runs out first.
     let reserved_mem = mem_total_bytes() - (1280 << 20);
-    let toml = kernel_toml(dir.path(), 41200)
+    let toml = kernel_toml(dir.path(), 21200)
         .replace("reserved-mem = \"512m\"", &format!("reserved-mem = {reserved_mem}\ncpu-overcommit = 3.0"));
     let agent = Agent::start(&toml).expect("agent starts");
     runtime().block_on(async {
@@ -90,7 +90,7 @@ fn file_methods_and_mounts_stay_inside_their_roots() {
     std::fs::create_dir_all(vfolders.join("data")).expect("vfolder");
     std::fs::write(vfolders.join("data/readme.txt"), "vfolder file\n").expect("vfolder file");
     std::os::unix::fs::symlink("/etc", vfolders.join("sneaky")).expect("symlink");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41250)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21250)).expect("agent starts");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let mount = |host: &str| {
@@ -162,7 +162,7 @@ fn file_methods_and_mounts_stay_inside_their_roots() {
 fn an_oom_killed_kernel_is_reported_as_such() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41300)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21300)).expect("agent starts");
     let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -193,7 +193,7 @@ fn an_oom_killed_kernel_is_reported_as_such() {
 fn restart_keeps_scratch_and_allocation_and_sync_drops_unknown_kernels() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41350)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21350)).expect("agent starts");
     let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -246,7 +246,7 @@ fn restart_keeps_scratch_and_allocation_and_sync_drops_unknown_kernels() {
 fn the_python_callosum_client_creates_and_destroys_a_kernel() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41400)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21400)).expect("agent starts");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/callosum_client.py");
     let out = Command::new("python3")
         .arg(&script)
@@ -320,7 +320,7 @@ fn a_missing_image_is_pulled_only_when_auto_pull_allows() {
     docker(&["rmi", &image]);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41450)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21450)).expect("agent starts");
     let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -357,7 +357,7 @@ fn services_declared_by_the_image_are_published_on_loopback() {
     assert!(build.wait().expect("build").success());
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41550)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21550)).expect("agent starts");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let kernel = unique("kernel");
@@ -371,7 +371,7 @@ fn services_declared_by_the_image_are_published_on_loopback() {
         for service in &services {
             let container_port = field(service, "container_ports").as_array().expect("list")[0].as_u64().expect("port");
             let host_port = field(service, "host_ports").as_array().expect("list")[0].as_u64().expect("port");
-            assert!((41550..=41589).contains(&host_port), "host port {host_port} from the pool");
+            assert!((21550..=21589).contains(&host_port), "host port {host_port} from the pool");
             let expected =
                 format!("\"{container_port}/tcp\":[{{\"HostIp\":\"127.0.0.1\",\"HostPort\":\"{host_port}\"}}]");
             assert!(bindings.contains(&expected), "{expected} in {bindings}");
@@ -379,4 +379,29 @@ fn services_declared_by_the_image_are_published_on_loopback() {
         client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![]).await.expect("destroy");
     });
     let _ = Command::new("docker").args(["rmi", &image]).output();
+}
+
+#[test]
+fn pool_ports_held_by_another_process_are_skipped() {
+    require_environment();
+    // Another program on the node holds the first ports of the agent's pool.
+    let holders: Vec<std::net::TcpListener> =
+        (21600..21603).filter_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok()).collect();
+    assert!(!holders.is_empty(), "could not hold any pool port for the test");
+    let held: Vec<u16> = holders.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21600)).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let created = create(&client, "s", &kernel, kernel_config(BUSYBOX_IMAGE, "1", "268435456")).await;
+        let created = created.expect("the kernel starts on other ports");
+        let info = &created.as_array().expect("list")[0];
+        for name in ["repl_in_port", "repl_out_port"] {
+            let port = u16::try_from(field(info, name).as_u64().expect("port")).expect("u16");
+            assert!(!held.contains(&port), "{name} {port} is held by another process");
+        }
+        client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![]).await.expect("destroy");
+    });
+    drop(holders);
 }

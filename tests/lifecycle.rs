@@ -17,7 +17,7 @@ use rmpv::Value;
 fn create_run_and_destroy_through_the_rpc() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41000)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21000)).expect("agent starts");
     let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("event collector");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -30,7 +30,7 @@ fn create_run_and_destroy_through_the_rpc() {
         assert_eq!(field(info, "id").as_str(), Some(kernel.as_str()));
         let container = field(info, "container_id").as_str().expect("container id").to_owned();
         let repl_in = field(info, "repl_in_port").as_u64().expect("repl_in_port");
-        assert!((41000..=41039).contains(&repl_in), "repl port {repl_in} from the pool");
+        assert!((21000..=21039).contains(&repl_in), "repl port {repl_in} from the pool");
 
         // The container as DESIGN.md says: labels, limits, no-new-privileges, 127.0.0.1 ports, scratch mounts.
         assert_eq!(docker_inspect(&container, "{{index .Config.Labels \"ai.backend.kernel-id\"}}"), kernel);
@@ -61,7 +61,7 @@ fn create_run_and_destroy_through_the_rpc() {
         let started = client.call("ping_kernel", vec![kernel.as_str().into()], vec![]).await.expect("ping_kernel");
         assert!(field(&started, "started_at").as_f64().is_some_and(|t| t > 0.0), "{started}");
         let port = client.call("assign_port", vec![], vec![]).await.expect("assign_port").as_u64().expect("a port");
-        assert!((41000..=41039).contains(&port), "port {port} from the pool");
+        assert!((21000..=21039).contains(&port), "port {port} from the pool");
         client.call("release_port", vec![port.into()], vec![]).await.expect("release_port");
         let listed = list(&client).await;
         assert_eq!(listed.len(), 1);
@@ -106,7 +106,7 @@ fn create_run_and_destroy_through_the_rpc() {
 fn bad_requests_are_refused_by_name_and_leak_nothing() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41040)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21040)).expect("agent starts");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let image = bai_agent_tests::BUSYBOX_IMAGE;
@@ -158,7 +158,7 @@ fn bad_requests_are_refused_by_name_and_leak_nothing() {
 fn a_kernel_that_exits_on_its_own_is_reported_and_cleaned_up() {
     require_environment();
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&kernel_toml(dir.path(), 41080)).expect("agent starts");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21080)).expect("agent starts");
     let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("event collector");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -197,7 +197,7 @@ fn kill_9_and_restart_loses_nothing_and_double_allocates_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = dir.path().join("state");
     let id = unique("i-test");
-    let toml = kernel_toml(dir.path(), 41120);
+    let toml = kernel_toml(dir.path(), 21120);
     let mut agent = Agent::start_with_journal(&id, &journal, &toml).expect("agent starts");
     let rt = runtime();
     // Two kernels, one core each: one lives through the agent's death, one dies meanwhile.

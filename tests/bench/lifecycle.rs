@@ -35,7 +35,7 @@ const PING_WARM_UP: usize = 200;
 /// The timed pings of each path run in this many alternating blocks.
 const PING_BLOCKS: usize = 5;
 /// The agent's host port pool (clear of the 41000-range of the integration tests).
-const FIRST_PORT: u16 = 43100;
+const FIRST_PORT: u16 = 23100;
 /// A pause before each timed start, so that the engine's clean-up of the previous
 /// container is not charged to the next one.
 const SETTLE: Duration = Duration::from_millis(250);

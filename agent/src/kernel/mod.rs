@@ -405,7 +405,7 @@ impl KernelManager {
         let intrinsic = IntrinsicPorts::default();
         let mut container_ports = vec![intrinsic.replin, intrinsic.replout];
         container_ports.extend(services.iter().map(|(_, _, port)| *port));
-        let host_ports = self.ports.take(container_ports.len()).map_err(|err| failed(kernel_id, err))?;
+        let host_ports = self.take_free_ports(container_ports.len()).map_err(|err| failed(kernel_id, err))?;
         let record_allocation = allocation.clone();
         let ports_taken = host_ports.clone();
         self.set_state(kernel_id, KernelState::Creating, |record| {
@@ -527,6 +527,33 @@ impl KernelManager {
             ("agent_addr", self.agent_addr.as_str().into()),
             ("scaling_group", self.scaling_group.as_str().into()),
         ])
+    }
+
+    /// `n` pool ports that nothing else on the host holds right now. The pool is shared
+    /// with whatever else runs on the node, so a port some other process bound is put back
+    /// (into its cooldown) and another is taken instead.
+    fn take_free_ports(&self, n: usize) -> Result<Vec<u16>, String> {
+        const ATTEMPTS: usize = 8;
+        let mut chosen = Vec::with_capacity(n);
+        for _ in 0..ATTEMPTS {
+            let candidates = self.ports.take(n - chosen.len()).map_err(|err| {
+                self.ports.release(&chosen);
+                err.to_string()
+            })?;
+            let (free, busy): (Vec<u16>, Vec<u16>) = candidates
+                .into_iter()
+                .partition(|port| std::net::TcpListener::bind((self.bind_host.as_str(), *port)).is_ok());
+            if !busy.is_empty() {
+                tracing::warn!(?busy, "pool ports in use by another process on the host; skipping them");
+                self.ports.release(&busy);
+            }
+            chosen.extend(free);
+            if chosen.len() == n {
+                return Ok(chosen);
+            }
+        }
+        self.ports.release(&chosen);
+        Err(format!("could not find {n} free host ports in the pool after {ATTEMPTS} tries"))
     }
 
     /// Gives back everything a kernel holds and forgets it.
