@@ -1,0 +1,78 @@
+//! `bai-krunner` entry point: CLI flags and env, config dir, tracing to stderr, signal handling.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+use kernel_runner::config::{self, RunnerConfig, Runtime, RuntimeKind};
+
+#[derive(Debug, Parser)]
+#[command(name = "bai-krunner", version, about = "Backend.AI-compatible in-container kernel runner")]
+struct Cli {
+    /// Folder holding intrinsic-ports.json and environ.txt.
+    #[arg(long, default_value = "/home/config")]
+    config_dir: PathBuf,
+    /// Address to bind the REPL sockets on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// REPL in (PULL) port; default from intrinsic-ports.json `replin`, else 2000.
+    #[arg(long)]
+    repl_in_port: Option<u16>,
+    /// REPL out (PUSH) port; default from intrinsic-ports.json `replout`, else 2001.
+    #[arg(long)]
+    repl_out_port: Option<u16>,
+    /// Query-mode profile (the image label `ai.backend.runtime-type`): shell or python.
+    #[arg(long, env = "BACKENDAI_RUNTIME_TYPE", default_value = "shell")]
+    runtime: String,
+    /// Interpreter path (the image label `ai.backend.runtime-path`).
+    #[arg(long, env = "BACKENDAI_RUNTIME_PATH")]
+    runtime_path: Option<PathBuf>,
+    /// Where code runs; defaults to /home/work if it exists, else the current dir.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Service definitions (`<name>.json`).
+    #[arg(long, default_value = "/etc/backend.ai/service-defs")]
+    service_defs_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let ports = config::read_intrinsic_ports(&cli.config_dir).context("reading intrinsic ports")?;
+    let child_env = config::read_environ(&cli.config_dir).context("reading environ.txt")?;
+    let kind = RuntimeKind::from_label(&cli.runtime);
+    let runtime = Runtime {
+        kind,
+        path: cli.runtime_path.filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| kind.default_path()),
+    };
+    let work_dir = match cli.work_dir {
+        Some(dir) => dir,
+        None if std::path::Path::new("/home/work").is_dir() => PathBuf::from("/home/work"),
+        None => std::env::current_dir().context("current dir")?,
+    };
+    let config = RunnerConfig {
+        bind: cli.bind,
+        repl_in_port: cli.repl_in_port.or(ports.get("replin").copied()).unwrap_or(config::DEFAULT_REPL_IN_PORT),
+        repl_out_port: cli.repl_out_port.or(ports.get("replout").copied()).unwrap_or(config::DEFAULT_REPL_OUT_PORT),
+        runtime,
+        work_dir,
+        child_env,
+        service_defs_dir: cli.service_defs_dir,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    kernel_runner::runner::run(config, shutdown).await?;
+    Ok(())
+}
