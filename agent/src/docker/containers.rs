@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use bollard::{
-    models::{ContainerCreateBody, HostConfig, PortBinding},
+    models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding},
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
     },
@@ -204,8 +204,8 @@ impl DockerClient {
         Ok(summaries
             .into_iter()
             .filter_map(|s| {
-                let running = s.state.as_ref().map(|state| format!("{state:?}").to_lowercase().contains("running"));
-                Some((s.id?, s.labels.unwrap_or_default(), running.unwrap_or(false)))
+                let running = s.state == Some(ContainerSummaryStateEnum::RUNNING);
+                Some((s.id?, s.labels.unwrap_or_default(), running))
             })
             .collect())
     }

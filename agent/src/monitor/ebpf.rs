@@ -144,19 +144,7 @@ impl EbpfMonitor {
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        [programs::SCHED_SWITCH, programs::SKB_INGRESS, programs::SKB_EGRESS]
-            .into_iter()
-            .filter_map(|name| {
-                let fd = self.ebpf.program(name)?.fd().ok()?;
-                match kernel_program_stats(name, fd.as_fd()) {
-                    Ok(stats) => Some(stats),
-                    Err(err) => {
-                        tracing::debug!(program = name, error = %err, "reading program stats failed");
-                        None
-                    }
-                }
-            })
-            .collect()
+        loaded_program_stats(&self.ebpf, &[programs::SCHED_SWITCH, programs::SKB_INGRESS, programs::SKB_EGRESS])
     }
 
     /// (cgroups in direct slots, cgroups in the overflow map)
@@ -216,11 +204,25 @@ impl BaselinePrograms {
     }
 
     pub fn stats(&self) -> Vec<ProgramStats> {
-        [programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB]
-            .into_iter()
-            .filter_map(|name| kernel_program_stats(name, self.ebpf.program(name)?.fd().ok()?.as_fd()).ok())
-            .collect()
+        loaded_program_stats(&self.ebpf, &[programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB])
     }
+}
+
+/// The kernel's cost accounting of each named program that is loaded in `ebpf`.
+fn loaded_program_stats(ebpf: &Ebpf, names: &[&'static str]) -> Vec<ProgramStats> {
+    names
+        .iter()
+        .filter_map(|&name| {
+            let fd = ebpf.program(name)?.fd().ok()?;
+            match kernel_program_stats(name, fd.as_fd()) {
+                Ok(stats) => Some(stats),
+                Err(err) => {
+                    tracing::debug!(program = name, error = %err, "reading program stats failed");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The kernel's own cost accounting of one program.

@@ -108,7 +108,7 @@ impl Methods {
             tokio::spawn(async move { kernels.destroy_kernel(&kernel_id, reason.as_deref(), suppress).await });
         destroy
             .await
-            .map_err(|join| kernel_failure(M, KernelError::Arguments(join.to_string())))?
+            .map_err(|join| MethodError::Failed { method: M.into(), message: join.to_string() })?
             .map_err(|err| kernel_failure(M, err))
     }
 
@@ -131,7 +131,7 @@ impl Methods {
         let restart = tokio::spawn(async move { kernels.restart_kernel(&kernel_id, image.as_deref()).await });
         restart
             .await
-            .map_err(|join| kernel_failure(M, KernelError::Arguments(join.to_string())))?
+            .map_err(|join| MethodError::Failed { method: M.into(), message: join.to_string() })?
             .map_err(|err| kernel_failure(M, err))
     }
 
