@@ -35,6 +35,7 @@ pub struct Config {
     pub debug: DebugSection,
     pub resource: ResourceSection,
     pub container: ContainerSection,
+    pub kernel_runner: KernelRunnerSection,
     pub redis: RedisSection,
     pub etcd: EtcdSection,
     pub watcher: WatcherSection,
@@ -322,6 +323,36 @@ pub struct ContainerSection {
     pub stop_timeout: Duration,
 }
 
+/// Code execution: the in-container runner the agent mounts, and how `execute` waits on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct KernelRunnerSection {
+    /// The static `bai-krunner` binary, mounted read-only at `/opt/kernel/bai-krunner` and
+    /// made the entrypoint of every kernel whose image does not bring its own runner.
+    pub path: PathBuf,
+    /// Most output bytes one run keeps; the rest is dropped and a marker says how much.
+    #[serde(deserialize_with = "byte_size")]
+    pub output_limit: u64,
+    /// A runner silent this long, a status probe included, makes `execute` return
+    /// `exec-timeout` instead of waiting forever.
+    #[serde(deserialize_with = "duration")]
+    pub response_timeout: Duration,
+    /// How long the agent keeps trying to reach a new kernel's runner.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for KernelRunnerSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/opt/bai-agent/bin/bai-krunner"),
+            output_limit: 16 << 20,
+            response_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 impl Default for ResourceSection {
     fn default() -> Self {
         Self {
@@ -481,6 +512,7 @@ impl Config {
         for (key, dir) in [
             ("container.scratch-root", &self.container.scratch_root),
             ("container.mount-root", &self.container.mount_root),
+            ("kernel-runner.path", &self.kernel_runner.path),
         ] {
             if !dir.is_absolute() {
                 return Err(invalid(key, "must be an absolute path"));
@@ -489,6 +521,17 @@ impl Config {
         let [low, high] = self.container.port_range;
         if low == 0 || low > high {
             return Err(invalid("container.port-range", "must be [low, high] with 1 <= low <= high <= 65535"));
+        }
+        if self.kernel_runner.output_limit < 1024 {
+            return Err(invalid("kernel-runner.output-limit", "must be at least 1k"));
+        }
+        for (key, value) in [
+            ("kernel-runner.response-timeout", self.kernel_runner.response_timeout),
+            ("kernel-runner.connect-timeout", self.kernel_runner.connect_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(key, "must be at least 100ms"));
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err(invalid("logging.level", "not a log filter (try \"info\" or \"debug\")"));
@@ -564,6 +607,9 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
         let sample = Config::from_file(&root.join("agent.sample.toml")).expect("agent.sample.toml");
         assert_eq!(sample.agent.rpc_listen_addr, "0.0.0.0:6001".parse().expect("addr"));
+        assert_eq!(sample.kernel_runner.path, KernelRunnerSection::default().path);
+        assert_eq!(sample.kernel_runner.output_limit, 16 << 20);
+        assert_eq!(sample.kernel_runner.response_timeout, Duration::from_secs(15));
         let dev = Config::from_file(&root.join("agent.dev.toml")).expect("agent.dev.toml");
         assert_eq!(dev.agent.rpc_listen_addr, "127.0.0.1:6001".parse().expect("addr"));
         assert_eq!(sample.agent.journal_dir, Path::new("/var/lib/backend.ai/agent"));
@@ -761,6 +807,9 @@ mod tests {
         for (text, key) in [
             ("[container]\nscratch-root = \"scratches\"\n", "container.scratch-root"),
             ("[container]\nmount-root = \"vfolders\"\n", "container.mount-root"),
+            ("[kernel-runner]\npath = \"bai-krunner\"\n", "kernel-runner.path"),
+            ("[kernel-runner]\noutput-limit = 10\n", "kernel-runner.output-limit"),
+            ("[kernel-runner]\nresponse-timeout = \"1ms\"\n", "kernel-runner.response-timeout"),
             ("[container]\nport-range = [31000, 30000]\n", "container.port-range"),
             ("[container]\nport-range = [0, 10]\n", "container.port-range"),
             ("[container]\nport-range = [30000, 70000]\n", "container.port-range"),
@@ -781,6 +830,9 @@ mod tests {
         assert_eq!(sample.container.scratch_root, Path::new("/var/lib/backend.ai/scratches"));
         assert_eq!(sample.container.port_range, [30000, 31000]);
         assert_eq!(sample.resource.reserved_mem, 1 << 30);
+        assert_eq!(sample.kernel_runner.path, KernelRunnerSection::default().path);
+        assert_eq!(sample.kernel_runner.output_limit, 16 << 20);
+        assert_eq!(sample.kernel_runner.response_timeout, Duration::from_secs(15));
         let dev = Config::from_file(&root.join("agent.dev.toml")).expect("agent.dev.toml");
         assert_eq!(dev.container.scratch_root, Path::new("/tmp/bai-agent-dev/scratches"));
         assert_eq!(dev.container.mount_root, Path::new("/tmp/bai-agent-dev/vfolders"));

@@ -15,6 +15,18 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     status.code().or_else(|| status.signal().map(|signal| -signal)).unwrap_or(-1)
 }
 
+/// Makes the child lead a new session and process group (the group `interrupt` signals)
+/// without a controlling terminal. A container's TTY would otherwise stop a child in a
+/// background group that touches it (SIGTTIN/SIGTTOU), as an interactive shell does at start.
+/// Only for use between fork and exec.
+pub fn detach_from_terminal() -> io::Result<()> {
+    // SAFETY: setsid(2) is async-signal-safe and takes no pointers.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `command_line` with `/bin/sh -c`; `on_start` gets the process group id (for interrupt).
 pub async fn run_command(
     command_line: &str,
@@ -32,14 +44,14 @@ pub async fn run_command(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
     if batch_mode {
         cmd.env("_BACKEND_BATCH_MODE", "1");
     }
-    // SAFETY: `signal` is async-signal-safe; it undoes a SIGINT ignored by whoever started us.
+    // SAFETY: `setsid` and `signal` are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
+            detach_from_terminal()?;
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             Ok(())
         });

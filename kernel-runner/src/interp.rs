@@ -100,7 +100,6 @@ impl Interpreter {
             .envs(env)
             .stdout(Stdio::from(stdout_w))
             .stderr(Stdio::from(stderr_w))
-            .process_group(0)
             .kill_on_drop(true);
         let mut fd_map = vec![(status_w.as_raw_fd(), SHELL_STATUS_FD)];
         let mut ctl_writer = None;
@@ -116,10 +115,11 @@ impl Interpreter {
                 ctl_writer = Some((ctl_r, ctl_w));
             }
         }
-        // SAFETY: only async-signal-safe calls (dup2, signal) between fork and exec; the
+        // SAFETY: only async-signal-safe calls (setsid, dup2, signal) between fork and exec; the
         // source fds are open in the parent and numbered ≥ 64, so no target clobbers one.
         unsafe {
             cmd.pre_exec(move || {
+                crate::batch::detach_from_terminal()?;
                 for &(from, to) in &fd_map {
                     if libc::dup2(from, to) < 0 {
                         return Err(io::Error::last_os_error());

@@ -3,7 +3,8 @@
 //!
 //! Query mode keeps one long-lived interpreter per runner (`interp`: POSIX shell or Python 3)
 //! so state survives between snippets; batch mode runs `clean`/`build`/`exec` commands
-//! (`batch`); `service` starts and stops the image's declared services.
+//! (`batch`); `service` starts and stops the image's declared services; `main_command` runs
+//! the kernel's own main process (`bai-krunner -- CMD…`) whose end ends the runner.
 //!
 //! The release binary is static (it must run in a `FROM scratch` image):
 //! `cargo build --release -p kernel-runner --target x86_64-unknown-linux-musl`
@@ -12,6 +13,7 @@
 pub mod batch;
 pub mod config;
 pub mod interp;
+pub mod main_command;
 pub mod protocol;
 pub mod runner;
 pub mod service;

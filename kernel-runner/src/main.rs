@@ -1,10 +1,14 @@
-//! `bai-krunner` entry point: CLI flags and env, config dir, tracing to stderr, signal handling.
+//! `bai-krunner` entry point: CLI flags and env, config dir, tracing to stderr, signal handling
+//! and the optional main command.
 
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
-use kernel_runner::config::{self, RunnerConfig, Runtime, RuntimeKind};
+use kernel_runner::{
+    config::{self, RunnerConfig, Runtime, RuntimeKind},
+    main_command::MainCommand,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "bai-krunner", version, about = "Backend.AI-compatible in-container kernel runner")]
@@ -33,6 +37,10 @@ struct Cli {
     /// Service definitions (`<name>.json`).
     #[arg(long, default_value = "/etc/backend.ai/service-defs")]
     service_defs_dir: PathBuf,
+    /// The kernel's main command (after `--`): run next to the REPL; when it ends, the runner
+    /// ends with its exit code.
+    #[arg(last = true, value_name = "CMD")]
+    main_command: Vec<String>,
 }
 
 #[tokio::main]
@@ -66,13 +74,44 @@ async fn main() -> anyhow::Result<()> {
         child_env,
         service_defs_dir: cli.service_defs_dir,
     };
+    let mut main_command = match cli.main_command.is_empty() {
+        true => None,
+        false => Some(
+            MainCommand::start(&cli.main_command, &config.work_dir, &config.child_env)
+                .with_context(|| format!("starting the main command {:?}", cli.main_command))?,
+        ),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let code = tokio::select! {
+            _ = tokio::signal::ctrl_c() => stop(main_command.as_mut()).await,
+            _ = term.recv() => stop(main_command.as_mut()).await,
+            code = wait(main_command.as_mut()) => {
+                tracing::info!(code, "the main command ended; the kernel ends with it");
+                Some(code)
+            }
+        };
+        exit_tx.send(code).ok();
     };
     kernel_runner::runner::run(config, shutdown).await?;
-    Ok(())
+    match exit_rx.await.ok().flatten() {
+        Some(code) => std::process::exit(code),
+        None => Ok(()),
+    }
+}
+
+async fn stop(main: Option<&mut MainCommand>) -> Option<i32> {
+    match main {
+        Some(main) => Some(main.stop().await),
+        None => None,
+    }
+}
+
+/// The main command's exit code; never resolves when there is none.
+async fn wait(main: Option<&mut MainCommand>) -> i32 {
+    match main {
+        Some(main) => main.wait().await,
+        None => std::future::pending().await,
+    }
 }

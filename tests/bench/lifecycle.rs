@@ -23,7 +23,11 @@ use bai_agent::{
     docker::{DockerClient, containers::ContainerSpec},
     rpc::{client::RpcClient, codec::Message, server::UPPER},
 };
-use bai_agent_tests::{Agent, BUSYBOX_IMAGE, free_loopback_port, require_environment, unique};
+use bai_agent_tests::{
+    Agent, BUSYBOX_IMAGE,
+    bench::{Summary, load_average, machine_description, ms, us},
+    free_loopback_port, require_environment, unique,
+};
 use bytes::Bytes;
 use rmpv::Value;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -73,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((starts, pings))
     })?;
 
-    println!("{}", machine_line()?);
+    println!("Kernel lifecycle and RPC, {}", machine_description()?);
     println!();
     println!("Load average (1 min) before: {load_before}, after: {}", load_average());
     println!();
@@ -512,64 +516,4 @@ fn start_echo_router() -> anyhow::Result<String> {
         });
     });
     rx.recv().context("the echo ROUTER's thread ended")?
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    mean: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Summary {
-    /// Nearest-rank percentiles.
-    fn of(samples: &[Duration]) -> Summary {
-        let mut sorted = samples.to_vec();
-        sorted.sort();
-        let rank = |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
-        Summary {
-            p50: rank(0.50),
-            p90: rank(0.90),
-            p99: rank(0.99),
-            mean: sorted.iter().sum::<Duration>() / sorted.len() as u32,
-            min: sorted[0],
-            max: sorted[sorted.len() - 1],
-        }
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-/// The 1-minute load average: other work on the machine shows here.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
-}
-
-/// Kernel version, CPU model and count, and the Docker engine's and CLI's versions.
-fn machine_line() -> anyhow::Result<String> {
-    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_owned();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let docker = Command::new("docker")
-        .args(["version", "--format", "Docker Engine {{.Server.Version}}, CLI {{.Client.Version}}"])
-        .output()?;
-    Ok(format!(
-        "Kernel lifecycle and RPC, kernel {kernel}, {cpu}, {cpus} CPUs, {}",
-        String::from_utf8_lossy(&docker.stdout).trim()
-    ))
 }

@@ -14,10 +14,14 @@ use std::{
 
 use anyhow::{Context, bail};
 
+pub mod bench;
 pub mod kernels;
 
 /// The image `cargo xtask setup` builds: busybox in a `FROM scratch` image.
 pub const BUSYBOX_IMAGE: &str = "bai-test/busybox:latest";
+
+/// The image `cargo xtask setup` builds: Debian bookworm minbase with python3 (debootstrap).
+pub const PYTHON_IMAGE: &str = "bai-test/python3:latest";
 
 /// Fails the test with a list of what this machine lacks, instead of skipping it.
 pub fn require_environment() {
@@ -31,12 +35,18 @@ pub fn require_environment() {
     }
     match Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output() {
         Ok(out) if out.status.success() => {
-            let image = Command::new("docker").args(["image", "inspect", BUSYBOX_IMAGE]).output();
-            if !image.is_ok_and(|out| out.status.success()) {
-                missing.push(format!("the test image {BUSYBOX_IMAGE}"));
+            for name in [BUSYBOX_IMAGE, PYTHON_IMAGE] {
+                let image = Command::new("docker").args(["image", "inspect", name]).output();
+                if !image.is_ok_and(|out| out.status.success()) {
+                    missing.push(format!("the test image {name} (`cargo xtask setup` builds it)"));
+                }
             }
         }
         _ => missing.push("a running Docker engine (dockerd answering on /var/run/docker.sock)".to_string()),
+    }
+    let krunner = "/opt/bai-agent/bin/bai-krunner";
+    if !Path::new(krunner).exists() {
+        missing.push(format!("the kernel runner at {krunner} (`cargo xtask setup` builds and installs it)"));
     }
     let agent = agent_binary();
     if !agent.exists() {

@@ -31,6 +31,48 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
     println!("$ {}", display(cmd));
     let guard = SigintIgnored::new();
+    default_sigint(cmd);
+    let mut child = spawn(cmd)?;
+    let status = child.wait().with_context(|| format!("waiting for `{}`", display(cmd)))?;
+    drop(guard);
+    Ok(status)
+}
+
+/// Runs `first | second` with inherited stdin of `first`, stdout of `second` and both stderrs,
+/// after printing it; fails unless both exit 0 (SIGINT as in [`status`]).
+pub fn pipe(first: &mut Command, second: &mut Command) -> Result<()> {
+    let shown = format!("{} | {}", display(first), display(second));
+    println!("$ {shown}");
+    let guard = SigintIgnored::new();
+    default_sigint(first);
+    default_sigint(second);
+    let mut producer = spawn(first.stdout(Stdio::piped()))?;
+    let pipe = producer.stdout.take().context("the first command of a pipe has no stdout")?;
+    let consumer = spawn(second.stdin(Stdio::from(pipe)));
+    let mut consumer = match consumer {
+        Ok(child) => child,
+        Err(err) => {
+            // Not reaped yet, so the PID is still this child's.
+            let _ = producer.kill();
+            let _ = producer.wait();
+            return Err(err);
+        }
+    };
+    let second_status = consumer.wait().with_context(|| format!("waiting for `{}`", display(second)))?;
+    let first_status = producer.wait().with_context(|| format!("waiting for `{}`", display(first)))?;
+    drop(guard);
+    if !second_status.success() {
+        bail!("`{shown}` failed: `{}` ended with {}", display(second), describe(second_status));
+    }
+    if !first_status.success() {
+        bail!("`{shown}` failed: `{}` ended with {}", display(first), describe(first_status));
+    }
+    Ok(())
+}
+
+/// Gives the child SIGINT's default disposition back (xtask ignores it while children run,
+/// and an ignored signal would be inherited across exec).
+fn default_sigint(cmd: &mut Command) {
     // SAFETY: the closure runs between fork and exec and only calls signal(2), which is
     // async-signal-safe.
     unsafe {
@@ -39,10 +81,6 @@ pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
             Ok(())
         });
     }
-    let mut child = spawn(cmd)?;
-    let status = child.wait().with_context(|| format!("waiting for `{}`", display(cmd)))?;
-    drop(guard);
-    Ok(status)
 }
 
 /// Runs `cmd` quietly and returns its stdout (trimmed); fails with its stderr unless it exits 0.
@@ -220,6 +258,16 @@ mod tests {
         let status = status(Command::new("sh").args(["-c", "kill -INT $$; exit 0"]))?;
         assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
         assert_eq!(exit_code(status), 130);
+        Ok(())
+    }
+
+    #[test]
+    fn pipe_feeds_the_second_and_names_a_failure() -> Result<()> {
+        pipe(Command::new("echo").arg("through"), Command::new("grep").args(["-q", "^through$"]))?;
+        let err = pipe(Command::new("sh").args(["-c", "exit 4"]), &mut Command::new("cat")).unwrap_err();
+        assert_eq!(err.to_string(), "`sh -c 'exit 4' | cat` failed: `sh -c 'exit 4'` ended with exit status 4");
+        let err = pipe(&mut Command::new("true"), Command::new("sh").args(["-c", "cat; exit 5"])).unwrap_err();
+        assert!(err.to_string().ends_with("ended with exit status 5"), "{err}");
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 mod cmd;
 mod docker;
+mod krunner;
 mod services;
 mod setup;
 
@@ -14,6 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+pub use crate::krunner::KRUNNER_INSTALL_PATH;
 use crate::setup::step;
 
 const EBPF_TARGET: &str = "bpfel-unknown-none";
@@ -46,7 +48,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Prepare this machine (idempotent, needs root): Debian packages, nightly Rust with
-    /// rust-src, bpf-linker, tracefs, a running dockerd and the test images.
+    /// rust-src, bpf-linker, tracefs, the static kernel runner (built for
+    /// x86_64-unknown-linux-musl, installed at /opt/bai-agent/bin/bai-krunner), a running
+    /// dockerd and the test images (rebuilt when their inputs under config/images/ change).
     ///
     /// Each step checks first and says `already present` when there is nothing to do. dockerd,
     /// when setup has to start it, keeps running afterwards (log: target/xtask/dockerd.log).
@@ -82,13 +86,14 @@ enum Task {
     },
 
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
-    /// kernel.bpf_stats_enabled=1, restored afterwards), then `bench-lifecycle`.
+    /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, then `bench-exec`.
     ///
-    /// After `--`, `ebpf` or `lifecycle` runs that one alone with the arguments that follow it
-    /// (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`); without a
-    /// name both run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
+    /// After `--`, `ebpf`, `lifecycle` or `exec` runs that one alone with the arguments that
+    /// follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`,
+    /// `cargo xtask bench -- exec 1000 256`); without a name all run, and any arguments go to
+    /// bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -249,10 +254,10 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 2] = ["ebpf", "lifecycle"];
+const BENCHES: [&str; 3] = ["ebpf", "lifecycle", "exec"];
 
 /// Which benchmarks run, each with its arguments: a leading name picks one, otherwise all
-/// run and the arguments go to the first (bench-ebpf), as before there were two.
+/// run and the arguments go to the first (bench-ebpf).
 fn bench_plan(args: &[String]) -> Vec<(&'static str, Vec<String>)> {
     match args.split_first() {
         Some((name, rest)) if BENCHES.contains(&name.as_str()) => {
@@ -326,10 +331,14 @@ mod tests {
     }
 
     #[test]
-    fn bench_runs_both_or_the_one_named() {
+    fn bench_runs_all_or_the_one_named() {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(bench_plan(&[]), [("ebpf", args(&[])), ("lifecycle", args(&[]))]);
-        assert_eq!(bench_plan(&args(&["20"])), [("ebpf", args(&["20"])), ("lifecycle", args(&[]))]);
+        assert_eq!(bench_plan(&[]), [("ebpf", args(&[])), ("lifecycle", args(&[])), ("exec", args(&[]))]);
+        assert_eq!(
+            bench_plan(&args(&["20"])),
+            [("ebpf", args(&["20"])), ("lifecycle", args(&[])), ("exec", args(&[]))]
+        );
+        assert_eq!(bench_plan(&args(&["exec", "100"])), [("exec", args(&["100"]))]);
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
     }

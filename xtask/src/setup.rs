@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: makes a fresh machine ready to build, run and test the agent
-//! (Debian packages, nightly Rust with rust-src, bpf-linker, tracefs, dockerd, test images).
+//! (Debian packages, nightly Rust with rust-src, bpf-linker, tracefs, the static kernel runner,
+//! dockerd, test images).
 //! Every step checks first and changes nothing that is already in place.
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Ctx, cmd, docker};
+use crate::{Ctx, cmd, docker, krunner};
 
 /// Debian packages the project needs on the machine (tools, test services, image building).
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -70,6 +71,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     nightly()?;
     bpf_linker(&ctx.bpf_linker_root)?;
     tracefs()?;
+    krunner::ensure_krunner(ctx)?;
     docker::ensure_dockerd(ctx)?;
     docker::ensure_images(ctx)?;
     python_packages()?;

@@ -111,6 +111,44 @@ enum Command {
         #[arg(default_value = "/home/work")]
         path: String,
     },
+    /// `execute(...)`: run CODE in the kernel and stream its output as it comes, like a remote
+    /// REPL. When the code asks for input, a line is read from standard input. Ctrl-C
+    /// interrupts the code. Exits with the code's exit status.
+    Exec(ExecArgs),
+    /// `interrupt_kernel(kernel_id)`: SIGINT to the code running in the kernel.
+    Interrupt { kernel: String },
+    /// `get_completions(kernel_id, text, {})`: completion candidates for TEXT.
+    Complete { kernel: String, text: String },
+    /// `start_service(kernel_id, service, {})` / `shutdown_service(kernel_id, service)`.
+    Service {
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        kernel: String,
+        service: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    kernel: String,
+    /// Query mode: code for the kernel's interpreter. With --batch: the command to run.
+    code: String,
+    /// Batch mode: run CODE as the `exec` command (after --clean and --build) instead of in
+    /// the kernel's interpreter.
+    #[arg(long)]
+    batch: bool,
+    /// Batch mode: the `clean` command.
+    #[arg(long, value_name = "CMD", requires = "batch")]
+    clean: Option<String>,
+    /// Batch mode: the `build` command.
+    #[arg(long, value_name = "CMD", requires = "batch")]
+    build: Option<String>,
+    /// Seconds the agent collects output before handing it over (the `flush_timeout`).
+    #[arg(long, value_name = "SECS", default_value_t = 0.1)]
+    flush: f64,
+    /// The execute API version: 1 (stdout/stderr apart) or 2 (one ordered console).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=3))]
+    api_version: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -160,7 +198,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("bai-agentctl: {}", bai_agent::logging::one_line(&err));
             ExitCode::FAILURE
@@ -180,7 +218,7 @@ impl Agent {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
         bail!("--timeout must be a positive number of seconds, got {}", cli.timeout);
     }
@@ -338,7 +376,145 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_files(&reply)?;
             }
         }
+        Command::Exec(args) => return exec(&agent, &args, json).await,
+        Command::Interrupt { kernel } => {
+            let reply = agent.call("interrupt_kernel", vec![s(&kernel)]).await?;
+            if json {
+                print_json(&reply);
+            } else {
+                println!("interrupted the code running in {kernel}");
+            }
+        }
+        Command::Complete { kernel, text } => {
+            let reply = agent.call("get_completions", vec![s(&kernel), s(&text), Value::Map(Vec::new())]).await?;
+            if json {
+                print_json(&reply);
+            } else {
+                for candidate in field(&reply, "completions").and_then(Value::as_array).into_iter().flatten() {
+                    println!("{}", plain(candidate));
+                }
+            }
+        }
+        Command::Service { action, kernel, service } => {
+            let reply = if action == "start" {
+                agent.call("start_service", vec![s(&kernel), s(&service), Value::Map(Vec::new())]).await?
+            } else {
+                agent.call("shutdown_service", vec![s(&kernel), s(&service)]).await?
+            };
+            if json {
+                print_json(&reply);
+            } else if action == "start" {
+                print_human(&reply, 0);
+            } else {
+                println!("asked {kernel} to stop {service}");
+            }
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drives one run with `execute` steps: prints each step's console as it arrives, answers
+/// `waiting-input` from standard input, and interrupts the code on Ctrl-C.
+async fn exec(agent: &Agent, args: &ExecArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if !(args.flush.is_finite() && args.flush > 0.0) {
+        bail!("--flush must be a positive number of seconds, got {}", args.flush);
+    }
+    let s = |text: &str| Value::from(text);
+    let session = find_session(agent, &args.kernel).await.map_or(Value::Nil, Value::from);
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let mut opts = Vec::new();
+    if args.batch {
+        opts.push((s("exec"), s(&args.code)));
+        opts.extend(args.clean.as_deref().map(|c| (s("clean"), s(c))));
+        opts.extend(args.build.as_deref().map(|c| (s("build"), s(c))));
+    }
+    let (mut mode, mut code) = if args.batch { ("batch", String::new()) } else { ("query", args.code.clone()) };
+    let mut stdin_lines = stdin_reader();
+    loop {
+        let call = vec![
+            session.clone(),
+            s(&args.kernel),
+            Value::from(args.api_version),
+            s(&run_id),
+            s(mode),
+            s(&code),
+            Value::Map(opts.clone()),
+            Value::F64(args.flush),
+        ];
+        let reply = tokio::select! {
+            reply = agent.call("execute", call) => reply?,
+            _ = tokio::signal::ctrl_c() => {
+                agent.call("interrupt_kernel", vec![s(&args.kernel)]).await?;
+                eprintln!("\nbai-agentctl: interrupted");
+                return Ok(ExitCode::from(130));
+            }
+        };
+        if json {
+            print_json(&reply);
+        } else {
+            print_console(&reply)?;
+        }
+        let status = field(&reply, "status").and_then(Value::as_str).unwrap_or("");
+        match status {
+            "finished" => {
+                let exit = field(&reply, "exitCode").and_then(Value::as_i64).unwrap_or(0);
+                return Ok(ExitCode::from(u8::try_from(exit.rem_euclid(256)).unwrap_or(1)));
+            }
+            "continued" | "build-finished" | "clean-finished" => (mode, code) = ("continue", String::new()),
+            "waiting-input" => {
+                let line = stdin_lines.recv().await.unwrap_or_default();
+                (mode, code) = ("input", line);
+            }
+            "exec-timeout" => bail!("the kernel stopped answering (exec-timeout); the run may still be going"),
+            other => bail!("execute returned an unknown status {other:?}: {reply}"),
+        }
+    }
+}
+
+/// Lines of standard input, read on a thread so a waiting prompt never blocks the runtime.
+fn stdin_reader() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in std::io::BufRead::lines(stdin.lock()) {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Writes an execute step's output: stdout items to stdout, stderr items to stderr, raw bytes.
+fn print_console(reply: &Value) -> anyhow::Result<()> {
+    let bytes = |value: &Value| match value {
+        Value::String(text) => text.as_bytes().to_vec(),
+        Value::Binary(bytes) => bytes.clone(),
+        other => other.to_string().into_bytes(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    let mut items = Vec::new();
+    if let Some(console) = field(reply, "console").and_then(Value::as_array) {
+        for item in console {
+            if let Some([kind, data]) = item.as_array().map(Vec::as_slice) {
+                items.push((kind.as_str().unwrap_or(""), data));
+            }
+        }
+    } else {
+        items.extend(field(reply, "stdout").map(|data| ("stdout", data)));
+        items.extend(field(reply, "stderr").map(|data| ("stderr", data)));
+    }
+    for (kind, data) in items {
+        match kind {
+            "stdout" => stdout.write_all(&bytes(data)).context("cannot write to standard output")?,
+            "stderr" | "log" => stderr.write_all(&bytes(data)).context("cannot write to standard error")?,
+            other => writeln!(stdout, "[{other}] {data}").context("cannot write to standard output")?,
+        }
+    }
+    stdout.flush().ok();
+    stderr.flush().ok();
     Ok(())
 }
 

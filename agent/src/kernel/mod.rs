@@ -1,7 +1,10 @@
 //! The kernel registry and lifecycle: one state machine per kernel (preparing → pulling →
 //! creating → running → terminating → terminated), the create/destroy/restart flows over
-//! resources, scratch, ports and Docker, lifecycle events, persistence and recovery.
+//! resources, scratch, ports and Docker, lifecycle events, persistence and recovery; how a
+//! kernel's container is launched (the mounted kernel runner as its entrypoint).
 
+pub mod execution;
+pub mod runner;
 pub mod spec;
 pub mod store;
 
@@ -150,12 +153,57 @@ pub struct KernelManager {
     stopping: Mutex<HashSet<String>>,
     creation: Semaphore,
     stop_grace_secs: i32,
+    krunner_path: PathBuf,
+    runner_limits: runner::RunnerLimits,
+    repls: execution::Repls,
     /// Set once the saved registry has been reconciled with the engine.
     ready: std::sync::atomic::AtomicBool,
 }
 
 /// The image label that declares a kernel's services: `name:protocol:port,…`.
 pub const SERVICE_PORTS_LABEL: &str = "ai.backend.service-ports";
+
+/// An image whose own entrypoint is a Backend.AI-compatible runner says so with this label
+/// set to `image`; every other image gets `bai-krunner` as its entrypoint.
+pub const OWN_RUNNER_LABEL: &str = "ai.backend.kernel-runner";
+/// The query-mode profile of an image (`shell`, `python`, …) and its interpreter.
+pub const RUNTIME_TYPE_LABEL: &str = "ai.backend.runtime-type";
+pub const RUNTIME_PATH_LABEL: &str = "ai.backend.runtime-path";
+/// Where the kernel runner appears inside every kernel (read-only).
+pub const KRUNNER_MOUNT: &str = "/opt/kernel/bai-krunner";
+
+/// How a kernel's container starts: its entrypoint and command, and the runner mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub runner_bind: Option<String>,
+}
+
+/// The launch for an image with `labels`. With our runner, the startup command (if any)
+/// becomes the runner's main command, so the kernel still ends when that command ends.
+pub fn launch(labels: &HashMap<String, String>, startup_command: Option<&str>, krunner: &std::path::Path) -> Launch {
+    let startup = startup_command.map(|command| vec!["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()]);
+    if labels.get(OWN_RUNNER_LABEL).is_some_and(|value| value.trim() == "image") {
+        return Launch { entrypoint: None, cmd: startup, runner_bind: None };
+    }
+    let mut entrypoint = vec![KRUNNER_MOUNT.to_owned()];
+    if let Some(kind) = labels.get(RUNTIME_TYPE_LABEL).filter(|v| !v.trim().is_empty()) {
+        entrypoint.extend(["--runtime".to_owned(), kind.trim().to_owned()]);
+    }
+    if let Some(path) = labels.get(RUNTIME_PATH_LABEL).filter(|v| !v.trim().is_empty()) {
+        entrypoint.extend(["--runtime-path".to_owned(), path.trim().to_owned()]);
+    }
+    if let Some(startup) = startup {
+        entrypoint.push("--".to_owned());
+        entrypoint.extend(startup);
+    }
+    Launch {
+        entrypoint: Some(entrypoint),
+        cmd: None,
+        runner_bind: Some(format!("{}:{KRUNNER_MOUNT}:ro", krunner.display())),
+    }
+}
 
 /// Services every kernel has whether its image declares them or not (Backend.AI's intrinsic ones).
 const BUILTIN_SERVICES: &[(&str, &str, u16)] = &[("sshd", "tcp", 2200), ("ttyd", "http", 7681)];
@@ -218,6 +266,13 @@ impl KernelManager {
             stopping: Mutex::new(HashSet::new()),
             creation: Semaphore::new(config.agent.kernel_creation_concurrency.max(1)),
             stop_grace_secs: i32::try_from(config.container.stop_timeout.as_secs()).unwrap_or(i32::MAX),
+            krunner_path: config.kernel_runner.path.clone(),
+            runner_limits: runner::RunnerLimits {
+                output_limit: usize::try_from(config.kernel_runner.output_limit).unwrap_or(usize::MAX),
+                response_timeout: config.kernel_runner.response_timeout,
+                connect_timeout: config.kernel_runner.connect_timeout,
+            },
+            repls: execution::Repls::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -341,7 +396,8 @@ impl KernelManager {
                 owner_project_id: spec.owner_project_id.clone(),
                 environ: spec.environ.clone(),
                 shm_bytes: spec.shm_bytes,
-                startup_command: spec.startup_command.clone(),
+                // A batch session's command is its job, started by trigger_batch_execution.
+                startup_command: spec.startup_command.clone().filter(|_| !spec.batch_session),
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -436,8 +492,9 @@ impl KernelManager {
         let kernel_scratch = self.scratch.prepare(kernel_id, &contents).map_err(|err| failed(kernel_id, err))?;
 
         let record = self.record(kernel_id).await?;
+        let launch = self.launch_checked(kernel_id, &labels, record.startup_command.as_deref())?;
         let container_spec =
-            self.container_spec(&record, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
+            self.container_spec(&record, &launch, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
         let container_id = docker.create_and_start(&container_spec).await.map_err(|err| failed(kernel_id, err))?;
         if let Err(err) = kernel_scratch.record_container_id(&container_id) {
             tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
@@ -451,9 +508,30 @@ impl KernelManager {
         Ok(info)
     }
 
+    /// [`launch`], refusing when our runner is needed but missing on the host.
+    fn launch_checked(
+        &self,
+        kernel_id: &str,
+        labels: &HashMap<String, String>,
+        startup_command: Option<&str>,
+    ) -> Result<Launch, KernelError> {
+        let launch = launch(labels, startup_command, &self.krunner_path);
+        if launch.runner_bind.is_some() && !self.krunner_path.is_file() {
+            return Err(failed(
+                kernel_id,
+                format!(
+                    "the kernel runner {} is missing (build it with `cargo xtask setup`, or set [kernel-runner] path)",
+                    self.krunner_path.display()
+                ),
+            ));
+        }
+        Ok(launch)
+    }
+
     fn container_spec(
         &self,
         record: &KernelRecord,
+        launch: &Launch,
         work: &std::path::Path,
         config_dir: &std::path::Path,
         container_ports: &[u16],
@@ -473,14 +551,15 @@ impl KernelManager {
         let mut binds =
             vec![format!("{}:/home/work", work.display()), format!("{}:/home/config:ro", config_dir.display())];
         binds.extend(record.binds.iter().cloned());
+        binds.extend(launch.runner_bind.iter().cloned());
         let image_name = record.image.rsplit('/').next().unwrap_or(&record.image).replace(':', "-");
         ContainerSpec {
             name: format!("kernel.{image_name}.{}", record.kernel_id),
             image: record.image.clone(),
             labels,
             env,
-            entrypoint: None,
-            cmd: record.startup_command.as_ref().map(|command| vec!["/bin/sh".into(), "-c".into(), command.clone()]),
+            entrypoint: launch.entrypoint.clone(),
+            cmd: launch.cmd.clone(),
             cpuset: crate::resources::format_cpuset(&record.cpuset),
             memory_bytes: i64::try_from(record.mem_bytes).unwrap_or(i64::MAX),
             shm_bytes: record.shm_bytes.and_then(|b| i64::try_from(b).ok()),
@@ -558,6 +637,7 @@ impl KernelManager {
 
     /// Gives back everything a kernel holds and forgets it.
     async fn release(&self, kernel_id: &str) {
+        self.repls.forget(kernel_id).await;
         let record = self.kernels.lock().await.get(kernel_id).cloned();
         if let Some(record) = &record {
             if let Some(container_id) = &record.container_id
@@ -635,10 +715,20 @@ impl KernelManager {
         let intrinsic = IntrinsicPorts::default();
         let mut container_ports = vec![intrinsic.replin, intrinsic.replout];
         container_ports.extend(record.service_ports.iter().map(|p| p.container_port));
-        let spec = self.container_spec(&record, &scratch.work, &scratch.config, &container_ports);
-        let started = docker.create_and_start(&spec).await;
+        self.repls.forget(kernel_id).await;
+        let labels = docker.image_labels(&record.image).await;
+        let started = match labels
+            .map_err(|err| failed(kernel_id, err))
+            .and_then(|labels| self.launch_checked(kernel_id, &labels, record.startup_command.as_deref()))
+        {
+            Ok(launch) => {
+                let spec = self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
+                docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err))
+            }
+            Err(err) => Err(err),
+        };
         self.stopping.lock().await.remove(kernel_id);
-        let container_id = started.map_err(|err| failed(kernel_id, err))?;
+        let container_id = started?;
         let image = record.image.clone();
         self.set_state(kernel_id, KernelState::Running, |r| {
             r.container_id = Some(container_id.clone());

@@ -40,7 +40,10 @@ pub struct KernelSpec {
     pub environ: BTreeMap<String, String>,
     pub mounts: Vec<VfolderMount>,
     pub idle_timeout: Option<f64>,
+    /// The kernel's main process (it ends when this ends). In a batch session
+    /// (`session_type = "batch"`) it is the batch job instead, run by `trigger_batch_execution`.
     pub startup_command: Option<String>,
+    pub batch_session: bool,
     pub bootstrap_script: Option<String>,
     pub preopen_ports: Vec<u16>,
     pub owner_user_id: String,
@@ -169,6 +172,7 @@ impl KernelSpec {
             mounts,
             idle_timeout,
             startup_command: optional_string("startup_command")?,
+            batch_session: optional_string("session_type")?.is_some_and(|t| t.eq_ignore_ascii_case("batch")),
             bootstrap_script: optional_string("bootstrap_script")?,
             preopen_ports,
             owner_user_id: optional_string("owner_user_id")?.unwrap_or_default(),

@@ -29,7 +29,7 @@ pub fn id_value(value: &Value) -> Option<String> {
     }
 }
 
-fn id_arg(args: &Args, index: usize, name: &str, method: &str) -> Result<String, MethodError> {
+pub(super) fn id_arg(args: &Args, index: usize, name: &str, method: &str) -> Result<String, MethodError> {
     let value = args.required(index, name)?;
     id_value(value).ok_or_else(|| {
         MethodError::Arguments(format!(
@@ -39,7 +39,7 @@ fn id_arg(args: &Args, index: usize, name: &str, method: &str) -> Result<String,
     })
 }
 
-fn kernel_failure(method: &str, err: KernelError) -> MethodError {
+pub(super) fn kernel_failure(method: &str, err: KernelError) -> MethodError {
     match err {
         KernelError::Arguments(message) => MethodError::Arguments(format!("{method}: {message}")),
         other => MethodError::Failed { method: method.to_owned(), message: other.to_string() },
@@ -47,7 +47,7 @@ fn kernel_failure(method: &str, err: KernelError) -> MethodError {
 }
 
 impl Methods {
-    fn kernels(&self, method: &str) -> Result<&Arc<KernelManager>, MethodError> {
+    pub(super) fn kernels(&self, method: &str) -> Result<&Arc<KernelManager>, MethodError> {
         let kernels = self.kernels.as_ref().ok_or_else(|| MethodError::Failed {
             method: method.to_owned(),
             message: "this agent does not manage kernels".into(),

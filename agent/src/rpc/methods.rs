@@ -141,6 +141,11 @@ impl Args {
     }
 
     /// The argument for parameter `name` at position `index`, if given.
+    /// The method these arguments are for.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
     pub fn get(&self, index: usize, name: &str) -> Option<&Value> {
         self.positional.get(index).or_else(|| self.keyword.get(name))
     }
@@ -256,6 +261,12 @@ impl Methods {
             "download_single" => self.download_single(args).await,
             "list_files" => self.list_files(args).await,
             "release_port" => self.release_port(args).await,
+            "execute" => self.execute(args).await,
+            "interrupt_kernel" => self.interrupt_kernel(args).await,
+            "get_completions" => self.get_completions(args).await,
+            "start_service" => self.start_service(args).await,
+            "shutdown_service" => self.shutdown_service(args).await,
+            "trigger_batch_execution" => self.trigger_batch_execution(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }

@@ -4,10 +4,12 @@
 //! - [`codec`]: the wire format (msgpack header and envelope, snappy, failure metadata);
 //! - [`server`]: the ROUTER socket, keepalive, per-order-key scheduling, shutdown;
 //! - [`methods`]: Backend.AI's methods (`ping`, `health`, `gather_hwinfo`, …) and argument binding;
+//! - [`kernel_methods`], [`exec_methods`]: the kernel lifecycle and code-execution methods;
 //! - [`client`]: the DEALER side, for `bai-agentctl` and tests.
 
 pub mod client;
 pub mod codec;
+pub mod exec_methods;
 pub mod kernel_methods;
 pub mod methods;
 pub mod server;
