@@ -148,3 +148,55 @@ fn kernel_commands_create_list_move_files_and_destroy() {
     assert_eq!(json(&agent, &["list"]), serde_json::json!([]));
     assert!(failure(&agentctl(&agent, &["logs", &kernel])).contains("unknown kernel id"));
 }
+
+#[test]
+fn exec_streams_output_answers_input_and_exits_with_the_codes_status() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        process::Stdio,
+    };
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 21650)).expect("agent starts");
+    let created = json(&agent, &["create", "--image", bai_agent_tests::PYTHON_IMAGE, "--cpu", "1", "--mem", "256m"]);
+    let kernel = created[0]["id"].as_str().expect("a kernel id").to_owned();
+    let exec = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(agentctl_binary())
+            .args(["--agent", &agent.rpc_addr, "exec", &kernel])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bai-agentctl");
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child
+    };
+
+    // Output arrives while the code still runs.
+    let mut slow = exec(&["import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"], "");
+    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("tick 0"));
+    assert!(slow.try_wait().expect("try_wait").is_none(), "the first line came before the run ended");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(rest, ["tick 1", "tick 2"]);
+    assert!(slow.wait().expect("wait").success());
+
+    // input() is answered from standard input; the exit status is the code's.
+    let out = exec(&["name = input('name? ')\nprint('hi', name)\nraise SystemExit(5)"], "Ada\n")
+        .wait_with_output()
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "name? hi Ada\n");
+    assert_eq!(out.status.code(), Some(5), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+
+    // stderr goes to stderr; batch mode runs a command.
+    let out = exec(&["import sys; print('oops', file=sys.stderr)"], "").wait_with_output().expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    let out = exec(&["--batch", "--build", "echo built", "echo ran; exit 2"], "").wait_with_output().expect("batch");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "built\nran\n");
+    assert_eq!(out.status.code(), Some(2));
+
+    let bad = agentctl(&agent, &["exec", "no-such-kernel", "print(1)"]);
+    assert!(failure(&bad).contains("no-such-kernel"));
+    ok(&agent, &["destroy", &kernel]);
+}

@@ -1,4 +1,5 @@
-# bai-krunner's Python query-mode driver: runs snippets in one globals dict, reports on fd 4.
+# bai-krunner's Python query-mode driver: runs snippets in one globals dict and completes
+# names in it, reports on fd 4.
 import ast, builtins, json, os, sys, traceback
 
 
@@ -66,6 +67,21 @@ def _main():
             except Exception:
                 pass
 
+    def complete(text):
+        import rlcompleter
+
+        completer = rlcompleter.Completer(g)
+        found = []
+        try:
+            while len(found) < 200:
+                match = completer.complete(text, len(found))
+                if match is None:
+                    break
+                found.append(match)
+        except Exception:
+            pass
+        return found
+
     report("ready")
     while True:
         rc = None
@@ -74,6 +90,9 @@ def _main():
             if not line:
                 break
             kind, _, arg = line.rstrip("\n").partition(" ")
+            if kind == "complete":
+                report("completions", json.dumps(complete(json.loads(arg))))
+                continue
             if kind != "code":
                 continue
             rc = 1

@@ -26,6 +26,9 @@ use tokio::{
     sync::mpsc,
 };
 
+/// How long a completion may take before the answer is "nothing".
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3);
+
 use crate::{
     config::{Runtime, RuntimeKind},
     protocol::{reply, waiting_input_payload},
@@ -64,6 +67,8 @@ enum Status {
     WantsInput {
         is_password: bool,
     },
+    /// Completion candidates (JSON list text).
+    Completions(String),
 }
 
 /// One running interpreter process.
@@ -261,8 +266,7 @@ impl Interpreter {
                         Some(Status::Done(seq, code)) if self.kind == RuntimeKind::Python || seq == self.runs => {
                             return Ok(code);
                         }
-                        Some(Status::Done(..)) => {}
-                        Some(Status::Ready) => {}
+                        Some(Status::Done(..)) | Some(Status::Ready) | Some(Status::Completions(_)) => {}
                         Some(Status::WantsInput { is_password }) => {
                             out.send(reply::WAITING_INPUT, waiting_input_payload(is_password)).await;
                             let Some(text) = self.wait_input(out, inputs).await? else {
@@ -300,6 +304,30 @@ impl Interpreter {
         }
     }
 
+    /// Python completion candidates for `text` from the interpreter's globals, as a JSON list;
+    /// the shell profile completes without its interpreter (see `complete`).
+    pub async fn complete(&mut self, text: &str) -> Result<String, InterpError> {
+        if self.kind != RuntimeKind::Python {
+            return Ok("[]".to_owned());
+        }
+        let line = format!("complete {}\n", serde_json::Value::String(text.to_owned()));
+        self.commands.write_all(line.as_bytes()).await?;
+        self.commands.flush().await?;
+        let wait = async {
+            loop {
+                match read_status(&mut self.status, &mut self.status_line, &self.sentinel).await? {
+                    Some(Status::Completions(list)) => return Ok(list),
+                    Some(_) => {}
+                    None => return Err(InterpError::Exited(-1)),
+                }
+            }
+        };
+        match tokio::time::timeout(COMPLETE_TIMEOUT, wait).await {
+            Ok(result) => result,
+            Err(_) => Ok("[]".to_owned()),
+        }
+    }
+
     async fn exit_code(&mut self) -> i32 {
         match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
             Ok(Ok(status)) => crate::batch::exit_code(status),
@@ -333,6 +361,9 @@ async fn read_status(
                 None => Status::Done(0, first.parse().unwrap_or(-1)),
             },
             (Some("input"), flag) => Status::WantsInput { is_password: flag == Some("1") },
+            (Some("completions"), Some(_)) => {
+                Status::Completions(rest.trim_start().trim_start_matches("completions").trim().to_owned())
+            }
             _ => continue,
         };
         return Ok(Some(status));

@@ -50,6 +50,7 @@ enum Job {
     Clean(String),
     Build(String),
     Exec(String),
+    Complete(String),
 }
 
 /// The process group of the job running now, if any.
@@ -146,7 +147,14 @@ pub async fn run(config: RunnerConfig, shutdown: impl std::future::Future<Output
                 }
             }
             Request::Status => outbox.send(reply::STATUS, protocol::status_payload(started_at)).await,
-            Request::Complete(_) => outbox.send(reply::COMPLETION, Bytes::from_static(b"[]")).await,
+            Request::Complete(payload) => {
+                // Running code owns the interpreter; a completion never waits for it.
+                if running.lock().ok().and_then(|slot| *slot).is_some() {
+                    outbox.send(reply::COMPLETION, Bytes::from_static(b"[]")).await;
+                } else {
+                    job_tx.send(Job::Complete(crate::complete::request_text(&payload))).ok();
+                }
+            }
             Request::Event(data) => tracing::info!(event = %String::from_utf8_lossy(&data), "agent event"),
             Request::StartService(payload) => {
                 let (services, outbox) = (services.clone(), outbox.clone());
@@ -245,6 +253,22 @@ async fn work_loop(
                 build_ok = Some(code == 0);
                 out.send(reply::BUILD_FINISHED, protocol::exit_code_payload(code)).await;
             }
+            Job::Complete(text) => {
+                let candidates = match config.runtime.kind {
+                    crate::config::RuntimeKind::Shell => {
+                        let path = config.child_env.get("PATH").cloned().or_else(|| std::env::var("PATH").ok());
+                        let found = crate::complete::shell(&text, &config.work_dir, &path.unwrap_or_default());
+                        serde_json::Value::from(found).to_string()
+                    }
+                    crate::config::RuntimeKind::Python => {
+                        match python_completions(&config, &scratch, &mut interp, &text).await {
+                            Some(list) => list,
+                            None => "[]".to_owned(),
+                        }
+                    }
+                };
+                out.send(reply::COMPLETION, Bytes::from(candidates)).await;
+            }
             Job::Exec(cmd) => {
                 // Backend.AI skips the exec step after a failed build, with "command not found".
                 let code = if build_ok.take() == Some(false) {
@@ -262,6 +286,25 @@ async fn work_loop(
                 };
                 out.send(reply::FINISHED, protocol::exit_code_payload(code)).await;
             }
+        }
+    }
+}
+
+async fn python_completions(
+    config: &RunnerConfig,
+    scratch: &std::path::Path,
+    interp: &mut Option<Interpreter>,
+    text: &str,
+) -> Option<String> {
+    if interp.is_none() {
+        *interp = Interpreter::start(&config.runtime, &config.child_env, &config.work_dir, scratch).await.ok();
+    }
+    match interp.as_mut()?.complete(text).await {
+        Ok(list) => Some(list),
+        Err(err) => {
+            tracing::warn!(%err, "completion failed; restarting the interpreter with the next snippet");
+            *interp = None;
+            None
         }
     }
 }

@@ -114,6 +114,10 @@ async fn shell_state_order_exit_code_and_bytes() {
     let mut r = start("shell").await;
     let (c, code) = r.run("mkdir -p sub && cd sub && X=42").await;
     assert_eq!(code, 0, "{c:?}");
+    r.send("complete", br#"{"code": "ech"}"#).await;
+    let (kind, data) = r.recv().await;
+    assert_eq!(kind, "completion");
+    assert!(String::from_utf8_lossy(&data).contains("\"echo\""), "{}", String::from_utf8_lossy(&data));
     let (c, code) = r.run("echo \"$X $(basename \"$PWD\")\"").await;
     assert_eq!((text(&c, "stdout"), code), ("42 sub\n".into(), 0));
 
@@ -153,8 +157,12 @@ async fn shell_interrupt_then_next_snippet() {
     let (kind, data) = r.recv().await;
     assert_eq!(kind, "status");
     assert_eq!(&data[..12], b"\x81\xaastarted_at");
+    // Completion answers even while nothing runs; while code runs it answers at once, empty.
+    r.send("code", b"sleep 1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     r.send("complete", br#"{"code": "ec", "row": 0, "col": 2}"#).await;
     assert_eq!(r.recv().await, ("completion".into(), b"[]".to_vec()));
+    r.collect("finished").await;
 }
 
 #[tokio::test]
@@ -183,13 +191,18 @@ fn have_python() -> bool {
 
 #[tokio::test]
 async fn python_state_input_and_interrupt() {
-    if !have_python() {
-        eprintln!("python3 missing; skipped");
-        return;
-    }
+    assert!(have_python(), "python3 is missing: `cargo xtask setup` installs it");
     let mut r = start("python").await;
     let (c, code) = r.run("x = 41\ndef f(a):\n    return a + 1").await;
     assert_eq!(code, 0, "{c:?}");
+    // Completion sees the interpreter's own names.
+    r.send("complete", br#"{"code": "f"}"#).await;
+    let (kind, data) = r.recv().await;
+    assert_eq!(kind, "completion");
+    let found: Vec<String> = serde_json::from_slice(&data).expect("json list");
+    assert!(found.contains(&"f(".to_owned()) && found.contains(&"float(".to_owned()), "{found:?}");
+    r.send("complete", br#"{"code": "no_such_name_"}"#).await;
+    assert_eq!(r.recv().await, ("completion".to_owned(), b"[]".to_vec()));
     let (c, code) = r.run("print(f(x))\nx * 2").await;
     assert_eq!((text(&c, "stdout"), code), ("42\n82\n".into(), 0));
 
