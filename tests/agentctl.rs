@@ -174,7 +174,8 @@ fn exec_streams_output_answers_input_and_exits_with_the_codes_status() {
     };
 
     // Output arrives while the code still runs.
-    let mut slow = exec(&["import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"], "");
+    let mut slow =
+        exec(&["import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"], "");
     let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("tick 0"));
     assert!(slow.try_wait().expect("try_wait").is_none(), "the first line came before the run ended");

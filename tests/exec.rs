@@ -407,3 +407,69 @@ fn batch_jobs_report_session_success_and_failure() {
         .expect_err("unknown kernel");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+#[test]
+fn an_image_with_its_own_runner_keeps_its_entrypoint() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An image that carries a Backend.AI-compatible runner as its own entrypoint.
+    let context = dir.path().join("image");
+    std::fs::create_dir_all(&context).expect("context");
+    std::fs::copy("/opt/bai-agent/bin/bai-krunner", context.join("image-runner")).expect("copy the runner");
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX_IMAGE}\nCOPY image-runner /usr/local/bin/image-runner\n\
+             LABEL ai.backend.kernel-runner=image\nENTRYPOINT [\"/usr/local/bin/image-runner\"]\n"
+        ),
+    )
+    .expect("Dockerfile");
+    let image = "bai-test/own-runner:latest";
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", image])
+        .arg(&context)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build");
+    assert!(built.status.success(), "docker build: {}", String::from_utf8_lossy(&built.stderr));
+
+    let agent = Agent::start(&kernel_toml(dir.path(), 24200)).expect("agent starts");
+    let rt = runtime();
+    let client = rt.block_on(RpcClient::connect(&agent.rpc_addr)).expect("connect");
+    let (kernel, container) = start_kernel(&client, &rt, image);
+    let entrypoint = bai_agent_tests::kernels::docker_inspect(&container, "{{json .Config.Entrypoint}}");
+    assert_eq!(entrypoint, r#"["/usr/local/bin/image-runner"]"#);
+    let mounts = bai_agent_tests::kernels::docker_inspect(&container, "{{range .Mounts}}{{.Destination}} {{end}}");
+    assert!(!mounts.contains("/opt/kernel"), "no runner mounted: {mounts}");
+    let (items, code) = rt.block_on(run(&client, &kernel, "echo from the image runner"));
+    assert_eq!((stream(&items, "stdout"), code), (b"from the image runner\n".to_vec(), 0));
+    rt.block_on(client.call("destroy_kernel", vec![kernel.as_str().into(), "session".into()], vec![]))
+        .expect("destroy");
+    Command::new("docker").args(["rmi", "-f", image]).output().ok();
+}
+
+#[test]
+fn interpreter_state_survives_a_kill_9_of_the_agent() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("state");
+    let id = unique("i-test");
+    let toml = kernel_toml(dir.path(), 24240);
+    let mut agent = Agent::start_with_journal(&id, &journal, &toml).expect("agent starts");
+    let rt = runtime();
+    let client = rt.block_on(RpcClient::connect(&agent.rpc_addr)).expect("connect");
+    let (kernel, _) = start_kernel(&client, &rt, BUSYBOX_IMAGE);
+    rt.block_on(run(&client, &kernel, "KEPT=across-restarts; cd /tmp"));
+    drop(client);
+    agent.kill_hard().expect("kill -9");
+    let agent = Agent::start_with_journal(&id, &journal, &toml).expect("agent restarts");
+    let client = rt.block_on(RpcClient::connect(&agent.rpc_addr)).expect("connect again");
+    wait_until("the kernel is recovered", Duration::from_secs(20), || {
+        rt.block_on(client.call("check_running", vec![kernel.as_str().into()], vec![]))
+            .is_ok_and(|v| v == Value::from(true))
+    })
+    .expect("recovered");
+    let (items, code) = rt.block_on(run(&client, &kernel, "echo $KEPT $(pwd)"));
+    assert_eq!(String::from_utf8_lossy(&stream(&items, "stdout")), "across-restarts /tmp\n");
+    assert_eq!(code, 0);
+}

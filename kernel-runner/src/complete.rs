@@ -31,8 +31,8 @@ const SHELL_BUILTINS: &[&str] = &[
 pub fn shell(text: &str, work_dir: &Path, path_var: &str) -> Vec<String> {
     let word_start = text.rfind(|c: char| c.is_whitespace() || matches!(c, ';' | '|' | '&' | '(')).map_or(0, |i| i + 1);
     let word = &text[word_start..];
-    let first_word = text[..word_start].trim_end().is_empty()
-        || text[..word_start].trim_end().ends_with([';', '|', '&', '(']);
+    let first_word =
+        text[..word_start].trim_end().is_empty() || text[..word_start].trim_end().ends_with([';', '|', '&', '(']);
     let mut found = BTreeSet::new();
     if first_word && !word.contains('/') {
         found.extend(SHELL_BUILTINS.iter().filter(|b| b.starts_with(word)).map(|b| (*b).to_owned()));

@@ -940,6 +940,40 @@ mod tests {
     }
 
     #[test]
+    fn the_runner_is_the_entrypoint_unless_the_image_brings_its_own() {
+        let krunner = std::path::Path::new("/opt/bai-agent/bin/bai-krunner");
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>()
+        };
+        let python = launch(
+            &labels(&[(RUNTIME_TYPE_LABEL, "python"), (RUNTIME_PATH_LABEL, "/usr/bin/python3")]),
+            Some("serve --port 80"),
+            krunner,
+        );
+        assert_eq!(
+            python.entrypoint.as_deref().unwrap_or_default(),
+            [KRUNNER_MOUNT, "--runtime", "python", "--runtime-path", "/usr/bin/python3", "--", "/bin/sh", "-c"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["serve --port 80".to_owned()])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(python.runner_bind.as_deref(), Some("/opt/bai-agent/bin/bai-krunner:/opt/kernel/bai-krunner:ro"));
+        assert_eq!(python.cmd, None);
+        let plain = launch(&labels(&[]), None, krunner);
+        assert_eq!(plain.entrypoint, Some(vec![KRUNNER_MOUNT.to_owned()]));
+        let own = launch(&labels(&[(OWN_RUNNER_LABEL, "image")]), Some("run"), krunner);
+        assert_eq!(
+            own,
+            Launch {
+                entrypoint: None,
+                cmd: Some(vec!["/bin/sh".into(), "-c".into(), "run".into()]),
+                runner_bind: None
+            }
+        );
+    }
+
+    #[test]
     fn malformed_service_ports_are_named() {
         assert!(service_ports("jupyter:http").expect_err("short").contains("jupyter:http"));
         assert!(service_ports("web:http:eighty").expect_err("port").contains("eighty"));

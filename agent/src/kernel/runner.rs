@@ -14,6 +14,10 @@ use zeromq::{PullSocket, PushSocket, Socket, SocketRecv, SocketSend, ZmqMessage}
 
 /// How long one connect attempt may take before it is retried.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a new connection's probe waits for its answer.
+const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// How long a new connection probes before it is used anyway.
+const SETTLE_BUDGET: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -131,6 +135,8 @@ struct Inbox {
     /// of this and `last_heard`.
     awaiting_since: Instant,
     probe_sent: Option<Instant>,
+    /// `status` replies received so far.
+    status_replies: u64,
     completions: VecDeque<Bytes>,
     service_results: VecDeque<Bytes>,
     apps_results: VecDeque<Bytes>,
@@ -154,12 +160,29 @@ impl Shared {
                 last_heard: now,
                 awaiting_since: now,
                 probe_sent: None,
+                status_replies: 0,
                 completions: VecDeque::new(),
                 service_results: VecDeque::new(),
                 apps_results: VecDeque::new(),
             }),
             wake: Notify::new(),
             limit,
+        }
+    }
+
+    /// Waits until `ready` holds for the inbox or `deadline` passes; whether it held.
+    async fn wait_until(&self, deadline: tokio::time::Instant, mut ready: impl FnMut(&mut Inbox) -> bool) -> bool {
+        loop {
+            let wake = self.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if ready(&mut self.lock()) {
+                return true;
+            }
+            tokio::select! {
+                () = &mut wake => {}
+                () = tokio::time::sleep_until(deadline) => return ready(&mut self.lock()),
+            }
         }
     }
 
@@ -195,7 +218,7 @@ impl Shared {
                 b"completion" => inbox.replies(ReplyKind::Completion).push_back(payload),
                 b"service-result" => inbox.replies(ReplyKind::ServiceResult).push_back(payload),
                 b"apps-result" => inbox.replies(ReplyKind::AppsResult).push_back(payload),
-                b"status" => {}
+                b"status" => inbox.status_replies += 1,
                 other => tracing::debug!(op = %String::from_utf8_lossy(other), "ignoring a runner message"),
             }
         }
@@ -315,7 +338,7 @@ impl RunnerClient {
         let shared = Arc::new(Shared::new(limits.output_limit));
         let reader = tokio::spawn(read_loop(pull, shared.clone()));
         tracing::debug!(%addr, elapsed = ?started.elapsed(), "connected to the kernel runner");
-        Ok(RunnerClient {
+        let client = RunnerClient {
             addr,
             push: tokio::sync::Mutex::new(push),
             shared,
@@ -323,7 +346,32 @@ impl RunnerClient {
             limits,
             collecting: tokio::sync::Mutex::new(()),
             side_request: tokio::sync::Mutex::new(()),
-        })
+        };
+        client.settle().await;
+        Ok(client)
+    }
+
+    /// Makes sure the runner's replies come to this connection only. A runner whose previous
+    /// agent died (kill -9) still has that agent's connection among its PUSH peers, and a PUSH
+    /// socket deals messages round-robin: replies would go to the dead peer until a write to it
+    /// fails. Probes go out one at a time until two in a row are answered, which cannot happen
+    /// while a second peer takes every other message; the probes lost meanwhile are what
+    /// retires the dead peer.
+    async fn settle(&self) {
+        let started = Instant::now();
+        let mut answered_in_a_row = 0;
+        while answered_in_a_row < 2 && started.elapsed() < SETTLE_BUDGET {
+            let before = self.shared.lock().status_replies;
+            if self.send("status", Bytes::new()).await.is_err() {
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + PROBE_WAIT;
+            let answered = self.shared.wait_until(deadline, |inbox| inbox.status_replies > before).await;
+            answered_in_a_row = if answered { answered_in_a_row + 1 } else { 0 };
+        }
+        if answered_in_a_row < 2 {
+            tracing::warn!(addr = %self.addr, "the kernel runner does not answer status probes; using it anyway");
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -436,20 +484,14 @@ impl RunnerClient {
         self.shared.lock().replies(reply).clear();
         self.send(op, payload).await?;
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let wake = self.shared.wake.notified();
-            tokio::pin!(wake);
-            wake.as_mut().enable();
-            if let Some(answer) = self.shared.lock().replies(reply).pop_front() {
-                return Ok(answer);
-            }
-            tokio::select! {
-                () = &mut wake => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(RunnerError::NoReply { op: op.to_owned(), waited: wait });
-                }
-            }
-        }
+        let mut answer = None;
+        self.shared
+            .wait_until(deadline, |inbox| {
+                answer = inbox.replies(reply).pop_front();
+                answer.is_some()
+            })
+            .await;
+        answer.ok_or_else(|| RunnerError::NoReply { op: op.to_owned(), waited: wait })
     }
 }
 
