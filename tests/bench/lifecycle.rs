@@ -21,6 +21,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use bai_agent::{
     docker::{DockerClient, containers::ContainerSpec},
+    kernel,
     rpc::{client::RpcClient, codec::Message, server::UPPER},
 };
 use bai_agent_tests::{
@@ -44,6 +45,11 @@ const FIRST_PORT: u16 = 23100;
 /// container is not charged to the next one.
 const SETTLE: Duration = Duration::from_millis(250);
 const MEM_BYTES: u64 = 256 << 20;
+/// The container ports the agent publishes for a busybox kernel: the REPL pair, the built-in
+/// sshd and ttyd, and the image's `http` service.
+const KERNEL_PORTS: [u16; 5] = [2000, 2001, 2200, 7681, 8080];
+/// The kernel runner the agent mounts (its default `[kernel-runner] path`).
+const KRUNNER: &str = "/opt/bai-agent/bin/bai-krunner";
 
 fn main() -> anyhow::Result<()> {
     let usage = "usage: bench-lifecycle [ROUNDS] [PINGS]";
@@ -325,7 +331,7 @@ fn docker_run(dir: &Path) -> anyhow::Result<Duration> {
     let kernel = unique("docker-run");
     let (_scratch, work, config) = baseline_scratch(dir)?;
     let (labels, env) = baseline_labels_and_env(&kernel);
-    let (repl_in, repl_out) = two_free_ports()?;
+    let host_ports = free_ports(KERNEL_PORTS.len())?;
     let mut cmd = Command::new("docker");
     cmd.args(["run", "-d", "--name", &format!("bench.{kernel}")]);
     for (key, value) in &labels {
@@ -347,10 +353,10 @@ fn docker_run(dir: &Path) -> anyhow::Result<Duration> {
         "no-new-privileges",
         "--pids-limit",
         "4096",
-        "-p",
-        &format!("127.0.0.1:{repl_in}:2000"),
-        "-p",
-        &format!("127.0.0.1:{repl_out}:2001"),
+        "-v",
+        &format!("{KRUNNER}:{}:ro", kernel::KRUNNER_MOUNT),
+        "--entrypoint",
+        kernel::KRUNNER_MOUNT,
         "-v",
         &format!("{work}:/home/work"),
         "-v",
@@ -360,8 +366,11 @@ fn docker_run(dir: &Path) -> anyhow::Result<Duration> {
         "--init",
         "-t",
         "-i",
-        BUSYBOX_IMAGE,
     ]);
+    for (container_port, host_port) in KERNEL_PORTS.iter().zip(&host_ports) {
+        cmd.args(["-p", &format!("127.0.0.1:{host_port}:{container_port}")]);
+    }
+    cmd.arg(BUSYBOX_IMAGE);
     std::thread::sleep(SETTLE);
     let started = Instant::now();
     let out = cmd.output().context("running docker")?;
@@ -388,17 +397,18 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         image: BUSYBOX_IMAGE.to_owned(),
         labels: labels.into_iter().collect(),
         env,
-        entrypoint: None,
+        entrypoint: Some(vec![kernel::KRUNNER_MOUNT.to_owned()]),
         cmd: None,
         cpuset: "0".to_owned(),
         memory_bytes: MEM_BYTES as i64,
         shm_bytes: Some(64 << 20),
         pids_limit: 4096,
-        binds: vec![format!("{work}:/home/work"), format!("{config}:/home/config:ro")],
-        ports: {
-            let (repl_in, repl_out) = two_free_ports()?;
-            vec![(2000, repl_in), (2001, repl_out)]
-        },
+        binds: vec![
+            format!("{work}:/home/work"),
+            format!("{config}:/home/config:ro"),
+            format!("{KRUNNER}:{}:ro", kernel::KRUNNER_MOUNT),
+        ],
+        ports: KERNEL_PORTS.iter().copied().zip(free_ports(KERNEL_PORTS.len())?).collect(),
         bind_host: "127.0.0.1".to_owned(),
         working_dir: Some("/home/work".to_owned()),
     };
@@ -414,17 +424,17 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
     Ok(took)
 }
 
-/// Two distinct free loopback ports for a baseline container's REPL ports.
-fn two_free_ports() -> anyhow::Result<(u16, u16)> {
-    let first = free_loopback_port()?;
-    loop {
-        let second = free_loopback_port()?;
-        if second != first {
-            return Ok((first, second));
+/// Distinct free loopback ports for a baseline container's published ports.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = free_loopback_port()?;
+        if !ports.contains(&port) {
+            ports.push(port);
         }
     }
+    Ok(ports)
 }
-
 fn container_running(container: &str) -> bool {
     Command::new("docker")
         .args(["inspect", "-f", "{{.State.Running}}", container])
