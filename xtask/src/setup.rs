@@ -20,6 +20,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
     "protobuf-compiler",
+    // protoc's own includes (google/protobuf/*.proto), which etcd-client's build imports;
+    // only a Recommends of protobuf-compiler, so --no-install-recommends leaves it out.
+    "libprotobuf-dev",
     "bpftool",
     "redis-server",
     "etcd-server",
