@@ -12,10 +12,35 @@ pub const SLOTS_MAP: &str = "CGROUP_SLOTS";
 pub const SLOT_OVERFLOW_MAP: &str = "SLOT_OVERFLOW";
 /// Per-CPU hash map of [`CgroupCounters`] by cgroup id, for cgroups whose slot was taken.
 pub const COUNTERS_MAP: &str = "CGROUP_COUNTERS";
-/// Globals the loader sets: byte offsets of `task_struct.se.sum_exec_runtime` and
-/// `task_struct.se.prev_sum_exec_runtime` (its value when the task was last picked).
-pub const SUM_EXEC_RUNTIME_OFFSET: &str = "SUM_EXEC_RUNTIME_OFFSET";
-pub const PREV_SUM_EXEC_RUNTIME_OFFSET: &str = "PREV_SUM_EXEC_RUNTIME_OFFSET";
+/// Ring buffer of [`OomEvent`]s, one per OOM kill.
+pub const OOM_EVENTS_MAP: &str = "OOM_EVENTS";
+/// Per-CPU array of one `u64`: events the programs could not hand to user space
+/// (ring buffer full). The counters themselves are never lost.
+pub const LOST_EVENTS_MAP: &str = "LOST_EVENTS";
+/// Bytes of [`OOM_EVENTS_MAP`] (a power of two, a multiple of the page size).
+pub const OOM_EVENTS_BYTES: u32 = 64 * 1024;
+
+/// Globals the loader sets from kernel BTF: byte offsets of the kernel struct fields
+/// the programs read (aya's Rust programs carry no CO-RE relocations).
+pub mod offsets {
+    /// `task_struct.se.sum_exec_runtime`.
+    pub const SUM_EXEC_RUNTIME: &str = "SUM_EXEC_RUNTIME_OFFSET";
+    /// `task_struct.se.prev_sum_exec_runtime` (its value when the task was last picked).
+    pub const PREV_SUM_EXEC_RUNTIME: &str = "PREV_SUM_EXEC_RUNTIME_OFFSET";
+    /// `bio.bi_opf` (operation and flags).
+    pub const BIO_OPF: &str = "BIO_OPF_OFFSET";
+    /// `bio.bi_iter.bi_size` (bytes).
+    pub const BIO_SIZE: &str = "BIO_SIZE_OFFSET";
+    /// `task_struct.tgid`, `task_struct.comm`, `task_struct.cgroups`.
+    pub const TASK_TGID: &str = "TASK_TGID_OFFSET";
+    pub const TASK_COMM: &str = "TASK_COMM_OFFSET";
+    pub const TASK_CGROUPS: &str = "TASK_CGROUPS_OFFSET";
+    /// `css_set.dfl_cgrp` (the task's cgroup in the unified hierarchy).
+    pub const CSS_SET_DFL_CGRP: &str = "CSS_SET_DFL_CGRP_OFFSET";
+    /// `cgroup.kn` and `kernfs_node.id` (a cgroup's id is its kernfs node's).
+    pub const CGROUP_KN: &str = "CGROUP_KN_OFFSET";
+    pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID_OFFSET";
+}
 
 /// Slots in [`SLOTS_MAP`] (a power of two): direct, hash-free lookups for the hot paths.
 pub const SLOTS: u32 = 1024;
@@ -41,9 +66,40 @@ pub mod programs {
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const SKB_INGRESS: &str = "cgroup_skb_ingress";
     pub const SKB_EGRESS: &str = "cgroup_skb_egress";
+    pub const BLOCK_BIO_QUEUE: &str = "block_bio_queue";
+    pub const MARK_VICTIM: &str = "mark_victim";
     /// Empty programs on the same hooks, for the benchmark's baseline.
     pub const BASELINE_SCHED_SWITCH: &str = "baseline_sched_switch";
     pub const BASELINE_SKB: &str = "baseline_cgroup_skb";
+    pub const BASELINE_BLOCK_BIO_QUEUE: &str = "baseline_block_bio_queue";
+}
+
+/// The operation bits of `bio.bi_opf` (`REQ_OP_MASK`) and the operations the block
+/// counters tell apart, as the kernel's own cgroup I/O statistics do (`blkg_rwstat_add`):
+/// discards apart, odd operations are writes, the rest reads.
+pub mod bio_op {
+    pub const MASK: u32 = 0xff;
+    pub const DISCARD: u32 = 3;
+    #[inline(always)]
+    pub const fn is_write(opf: u32) -> bool {
+        opf & 1 == 1
+    }
+}
+
+/// Length of `task_struct.comm`.
+pub const TASK_COMM_LEN: usize = 16;
+
+/// One OOM kill as the `mark_victim` program reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomEvent {
+    /// The victim's cgroup in the unified hierarchy.
+    pub cgroup_id: CgroupId,
+    /// The victim's process id (thread group id) in the host's pid namespace.
+    pub pid: u32,
+    pub _pad: u32,
+    /// The victim's command name, NUL-padded.
+    pub comm: [u8; TASK_COMM_LEN],
 }
 
 /// A cgroup v2 id: the inode number of the cgroup's directory in the unified hierarchy.
@@ -65,6 +121,14 @@ pub struct CgroupCounters {
     pub rx_packets: u64,
     pub tx_bytes: u64,
     pub tx_packets: u64,
+    /// Block I/O the cgroup's tasks submitted (`block_bio_queue`), in the units of the
+    /// kernel's cgroup I/O statistics: bytes and operations per bio, discards not counted.
+    pub io_read_bytes: u64,
+    pub io_read_ops: u64,
+    pub io_write_bytes: u64,
+    pub io_write_ops: u64,
+    /// Processes of the cgroup the OOM killer chose (`mark_victim`).
+    pub oom_kills: u64,
 }
 
 impl CgroupCounters {
@@ -75,6 +139,11 @@ impl CgroupCounters {
         self.rx_packets = self.rx_packets.wrapping_add(other.rx_packets);
         self.tx_bytes = self.tx_bytes.wrapping_add(other.tx_bytes);
         self.tx_packets = self.tx_packets.wrapping_add(other.tx_packets);
+        self.io_read_bytes = self.io_read_bytes.wrapping_add(other.io_read_bytes);
+        self.io_read_ops = self.io_read_ops.wrapping_add(other.io_read_ops);
+        self.io_write_bytes = self.io_write_bytes.wrapping_add(other.io_write_bytes);
+        self.io_write_ops = self.io_write_ops.wrapping_add(other.io_write_ops);
+        self.oom_kills = self.oom_kills.wrapping_add(other.oom_kills);
     }
 }
 
@@ -84,6 +153,9 @@ unsafe impl aya::Pod for CgroupCounters {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for CgroupSlot {}
+#[cfg(feature = "user")]
+// SAFETY: as above (the padding is an explicit field).
+unsafe impl aya::Pod for OomEvent {}
 
 #[cfg(test)]
 mod tests {
@@ -99,8 +171,20 @@ mod tests {
 
     #[test]
     fn accumulate_adds_every_field() {
-        let mut total = CgroupCounters { cpu_ns: 1, rx_bytes: 2, rx_packets: 3, tx_bytes: 4, tx_packets: 5 };
-        total.accumulate(&CgroupCounters { cpu_ns: 10, rx_bytes: 20, rx_packets: 30, tx_bytes: 40, tx_packets: 50 });
-        assert_eq!(total, CgroupCounters { cpu_ns: 11, rx_bytes: 22, rx_packets: 33, tx_bytes: 44, tx_packets: 55 });
+        let ones = |n: u64| CgroupCounters {
+            cpu_ns: n,
+            rx_bytes: n,
+            rx_packets: n,
+            tx_bytes: n,
+            tx_packets: n,
+            io_read_bytes: n,
+            io_read_ops: n,
+            io_write_bytes: n,
+            io_write_ops: n,
+            oom_kills: n,
+        };
+        let mut total = ones(1);
+        total.accumulate(&ones(10));
+        assert_eq!(total, ones(11));
     }
 }

@@ -119,6 +119,11 @@ pub struct MonitorSection {
     /// How long a stopped container's series stay in `/metrics` so a last scrape sees them.
     #[serde(deserialize_with = "duration")]
     pub gone_series_grace: Duration,
+    /// How often the measurements for the manager are written to Redis (`redis.stats-db`).
+    #[serde(deserialize_with = "duration")]
+    pub stats_interval: Duration,
+    /// Resources counted from cgroup files even where their eBPF program loads.
+    pub cgroup_file_resources: Vec<crate::monitor::Resource>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +150,8 @@ pub struct DebugSection {
     /// How often `agent_heartbeat` goes to the manager (Backend.AI: 20 s).
     #[serde(deserialize_with = "duration")]
     pub heartbeat_interval: Duration,
+    /// Measure this many fake NVIDIA devices instead of loading NVML (nodes without GPUs).
+    pub fake_cuda_devices: u32,
 }
 
 /// The manager's Redis: events (stream `events`) and stats. Unset `addr` means no Redis:
@@ -219,7 +226,7 @@ impl Default for RedisSection {
 
 impl Default for DebugSection {
     fn default() -> Self {
-        Self { enabled: false, heartbeat_interval: Duration::from_secs(20) }
+        Self { enabled: false, heartbeat_interval: Duration::from_secs(20), fake_cuda_devices: 0 }
     }
 }
 
@@ -247,7 +254,12 @@ impl Default for AgentSection {
 
 impl Default for MonitorSection {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(1), gone_series_grace: Duration::from_secs(120) }
+        Self {
+            interval: Duration::from_secs(1),
+            gone_series_grace: Duration::from_secs(120),
+            stats_interval: Duration::from_secs(5),
+            cgroup_file_resources: Vec::new(),
+        }
     }
 }
 
@@ -486,6 +498,9 @@ impl Config {
         }
         if self.monitor.interval < Duration::from_millis(10) {
             return Err(invalid("monitor.interval", "must be at least 10ms"));
+        }
+        if self.monitor.stats_interval < Duration::from_millis(100) {
+            return Err(invalid("monitor.stats-interval", "must be at least 100ms"));
         }
         if self.agent.journal_dir.as_os_str().is_empty() {
             return Err(invalid("agent.journal-dir", "must not be empty"));

@@ -1,4 +1,4 @@
-//! The daemon's wiring: one task per job (Docker watcher, monitor, HTTP server, RPC server),
+//! The daemon's wiring: one task per job (Docker watcher, monitor, stats writer, HTTP server, RPC server),
 //! one cancellation token to stop them, and an orderly shutdown that leaves containers running.
 
 use std::sync::Arc;
@@ -9,12 +9,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     docker, etcd,
-    events::{self, EventService, EventSettings},
+    events::{self, EventService, EventSettings, RedisTarget},
     kernel::KernelManager,
-    metrics::{self, MetricsState, server},
-    monitor::{self, CgroupLayout, ContainerMonitor, EbpfMonitor},
+    metrics::{self, MetricsState, rpc::RpcMetrics, server},
+    monitor::{self, CgroupLayout, ContainerMonitor, EbpfMonitor, node::NodeReader},
     ports::PortPool,
-    resources::{CapacityPolicy, HostResources, NodeCapacity, ResourceAllocator},
+    resources::{CapacityPolicy, HostResources, NodeCapacity, ResourceAllocator, compute},
     rpc::{self, RpcServer},
     scratch::ScratchRoot,
 };
@@ -58,8 +58,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     }
     let layout = CgroupLayout::detect()?;
     tracing::info!(mode = ?layout.mode, unified_root = %layout.unified_root.display(), "cgroup layout");
-    let ebpf = EbpfMonitor::load()?;
-    tracing::info!("eBPF programs loaded; sched_switch attached");
+    let ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources)?;
+    for (resource, source) in ebpf.sources().iter() {
+        tracing::info!(%resource, source = source.as_str(), "counting");
+    }
 
     let listener = server::bind(config.agent.internal_addr)
         .await
@@ -79,12 +81,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     });
     let mut event_service = EventService::start(EventSettings::from_config(&config), slots, &shutdown)?;
 
-    let kernels = Arc::new(kernel_manager(&config, event_service.bus())?);
+    let metrics_state = Arc::new(MetricsState::default());
+    let kernels = Arc::new(kernel_manager(&config, event_service.bus(), metrics_state.clone())?);
     let _ = capacity_source.set(kernels.clone());
     let ip = events::heartbeat::AgentIdentity::from_config(&config).ip;
     let registration = etcd.map(|etcd| etcd.register(&config.agent.id, &ip, shutdown.clone()));
 
-    let metrics_state = Arc::new(MetricsState::default());
     let (events_tx, events_rx) = mpsc::channel(1024);
     let (exits_tx, exits_rx) = mpsc::channel(1024);
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -97,8 +99,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         connected_tx,
         shutdown.clone(),
     ));
+    let node = NodeReader::new(&[config.container.scratch_root.as_path()]);
+    let accelerators = compute::detect(config.debug.fake_cuda_devices);
     let monitor = tokio::spawn(monitor::run_monitor(
-        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace),
+        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators),
         events_rx,
         config.monitor.interval,
         metrics_state.clone(),
@@ -106,11 +110,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         shutdown.clone(),
     ));
     let lifecycle = tokio::spawn(run_kernels(kernels.clone(), exits_rx, shutdown.clone()));
+    let stats_writer = config.redis.addr.clone().map(|addr| {
+        let target = RedisTarget { addr, password: config.redis.password.clone(), db: config.redis.stats_db };
+        tokio::spawn(metrics::stats::run_stats_writer(
+            target,
+            config.agent.id.clone(),
+            metrics_state.clone(),
+            config.monitor.stats_interval,
+            shutdown.clone(),
+        ))
+    });
+    let rpc_metrics = RpcMetrics::default();
     let methods = rpc::Methods::new(config.clone())
         .with_readiness(connected_rx.clone(), synced_rx.clone())
         .with_kernels(kernels.clone());
+    let mut registry = metrics::registry(metrics_state.clone(), &config.agent.id);
+    rpc_metrics.register(&mut registry);
+    registry.register_collector(Box::new(metrics::kernels::KernelCollector(kernels.clone())));
     let server_state = Arc::new(server::ServerState {
-        registry: metrics::registry(metrics_state.clone(), &config.agent.id),
+        registry,
         metrics: metrics_state,
         agent_id: config.agent.id.clone(),
         docker_connected: connected_rx,
@@ -118,7 +136,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         kernels_ready: Some(kernels.clone()),
     });
     let mut http_task = tokio::spawn(server::serve(listener, server_state, shutdown.clone()));
-    let mut rpc_task = tokio::spawn(rpc_server.serve(Arc::new(methods), shutdown.clone()));
+    let mut rpc_task = tokio::spawn(rpc_server.serve(Arc::new(methods), rpc_metrics, shutdown.clone()));
 
     // The servers end on shutdown, or early on failure: either way everything stops.
     let (http_served, rpc_served) = tokio::select! {
@@ -134,6 +152,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let _ = watcher.await;
     let _ = monitor.await;
     let _ = lifecycle.await;
+    if let Some(stats_writer) = stats_writer {
+        let _ = stats_writer.await;
+    }
     if let Some(registration) = registration {
         let _ = registration.await;
     }
@@ -151,7 +172,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
 }
 
 /// The kernel manager over this node's resources, port pool and scratch root.
-fn kernel_manager(config: &Config, events: events::EventBus) -> Result<KernelManager, DaemonError> {
+fn kernel_manager(
+    config: &Config,
+    events: events::EventBus,
+    metrics: Arc<MetricsState>,
+) -> Result<KernelManager, DaemonError> {
     let host = HostResources::detect().map_err(|err| DaemonError::Resources(err.to_string()))?;
     let capacity = NodeCapacity::compute(&host, &CapacityPolicy::from(&config.resource))
         .map_err(|err| DaemonError::Resources(format!("[resource]: {err}")))?;
@@ -161,7 +186,7 @@ fn kernel_manager(config: &Config, events: events::EventBus) -> Result<KernelMan
         .map_err(|err| DaemonError::Resources(format!("container.port-range: {err}")))?;
     let scratch = ScratchRoot::new(config.container.scratch_root.clone())
         .map_err(|err| DaemonError::Resources(format!("container.scratch-root: {err}")))?;
-    Ok(KernelManager::new(config, allocator, ports, scratch, events))
+    Ok(KernelManager::new(config, allocator, ports, scratch, events, metrics))
 }
 
 /// Recovers the kernels this agent ran before (retrying until the engine answers), then

@@ -84,15 +84,24 @@ pub fn xadd_command(agent_id: &str, record: &Record) -> Cmd {
     cmd
 }
 
-/// One connection, made on demand and dropped on any error.
-struct Sender {
+/// One connection to Redis, made on demand and dropped on any error (the next use reconnects).
+pub struct RedisLink {
     client: Client,
     conn: Option<aio::MultiplexedConnection>,
-    agent_id: String,
 }
 
-impl Sender {
-    async fn send(&mut self, batch: &[Record]) -> redis::RedisResult<()> {
+impl RedisLink {
+    pub fn new(client: Client) -> Self {
+        RedisLink { client, conn: None }
+    }
+
+    /// Drops the connection; the next use makes a new one.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// Runs `pipe` (its replies ignored).
+    pub async fn run(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
@@ -102,6 +111,22 @@ impl Sender {
                 self.conn.insert(self.client.get_multiplexed_async_connection_with_config(&config).await?)
             }
         };
+        let sent = pipe.query_async::<()>(conn).await;
+        if sent.is_err() {
+            self.conn = None;
+        }
+        sent
+    }
+}
+
+/// Sends batches of journal records as stream entries.
+struct Sender {
+    link: RedisLink,
+    agent_id: String,
+}
+
+impl Sender {
+    async fn send(&mut self, batch: &[Record]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         if batch.len() > 1 {
             pipe.atomic();
@@ -109,11 +134,7 @@ impl Sender {
         for record in batch {
             pipe.add_command(xadd_command(&self.agent_id, record)).ignore();
         }
-        let sent = pipe.query_async::<()>(conn).await;
-        if sent.is_err() {
-            self.conn = None;
-        }
-        sent
+        self.link.run(&pipe).await
     }
 }
 
@@ -132,7 +153,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut sender = Sender { client, conn: None, agent_id };
+    let mut sender = Sender { link: RedisLink::new(client), agent_id };
     let mut backoff = INITIAL_BACKOFF;
     let mut outage: Option<(Instant, u32)> = None;
     loop {
@@ -197,7 +218,7 @@ pub(super) async fn run(
         match tokio::time::timeout(left, sender.send(&batch)).await {
             Ok(Ok(())) => shared.delivered(&batch),
             Ok(Err(_)) | Err(_) => {
-                sender.conn = None;
+                sender.link.reset();
                 tokio::time::sleep(Duration::from_millis(100).min(left)).await;
             }
         }

@@ -48,7 +48,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use self::{
-    delivery::{RedisTarget, STREAM_KEY, STREAM_MAXLEN},
+    delivery::{RedisLink, RedisTarget, STREAM_KEY, STREAM_MAXLEN},
     heartbeat::{AgentIdentity, SlotProvider},
     journal::{Journal, JournalError, Record},
 };

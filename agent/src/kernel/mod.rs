@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, labels},
     events::EventBus,
+    metrics::MetricsState,
     ports::PortPool,
     resources::{Allocation, KernelResourceSpec, ResourceAllocator, ResourceSlots, SlotAmount, SlotRegistry},
     scratch::{self, IntrinsicPorts, ScratchContents, ScratchRoot},
@@ -45,6 +46,15 @@ pub enum KernelState {
 }
 
 impl KernelState {
+    pub const ALL: [KernelState; 6] = [
+        KernelState::Preparing,
+        KernelState::Pulling,
+        KernelState::Creating,
+        KernelState::Running,
+        KernelState::Terminating,
+        KernelState::Terminated,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             KernelState::Preparing => "preparing",
@@ -156,6 +166,10 @@ pub struct KernelManager {
     krunner_path: PathBuf,
     runner_limits: runner::RunnerLimits,
     repls: execution::Repls,
+    /// The measurements `destroy_kernel` returns as the kernel's last stats.
+    metrics: Arc<MetricsState>,
+    /// Kernels per state as of the last change, for scrapes that cannot wait on `kernels`.
+    state_counts: std::sync::Mutex<[usize; KernelState::ALL.len()]>,
     /// Set once the saved registry has been reconciled with the engine.
     ready: std::sync::atomic::AtomicBool,
 }
@@ -245,6 +259,7 @@ impl KernelManager {
         ports: PortPool,
         scratch: ScratchRoot,
         events: EventBus,
+        metrics: Arc<MetricsState>,
     ) -> KernelManager {
         let rpc_port = config.agent.rpc_listen_addr.port();
         let public_host = config.agent.public_host.clone().unwrap_or_else(|| "127.0.0.1".to_owned());
@@ -273,8 +288,16 @@ impl KernelManager {
                 connect_timeout: config.kernel_runner.connect_timeout,
             },
             repls: execution::Repls::default(),
+            metrics,
+            state_counts: std::sync::Mutex::new([0; KernelState::ALL.len()]),
             ready: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// How many kernels are in each state, every state listed.
+    pub fn state_counts(&self) -> Vec<(KernelState, usize)> {
+        let counts = *self.state_counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        KernelState::ALL.into_iter().zip(counts).collect()
     }
 
     pub fn mark_ready(&self) {
@@ -297,6 +320,11 @@ impl KernelManager {
     }
 
     async fn persist(&self, kernels: &BTreeMap<String, KernelRecord>) {
+        let mut counts = [0; KernelState::ALL.len()];
+        for record in kernels.values() {
+            counts[record.state as usize] += 1;
+        }
+        *self.state_counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
         let records: Vec<KernelRecord> = kernels.values().cloned().collect();
         if let Err(err) = self.store.save(&records) {
             tracing::error!(error = %err, "persisting the kernel registry failed");
@@ -688,7 +716,8 @@ impl KernelManager {
             );
         }
         tracing::info!(kernel_id, reason, "kernel destroyed");
-        Ok(Value::Nil)
+        // The last measurements, as the manager keeps them in `last_stat`.
+        Ok(self.metrics.kernel_measurements(kernel_id).map_or(Value::Nil, |last| last.to_value()))
     }
 
     /// `restart_kernel`: a new container over the same scratch, allocation and ports.

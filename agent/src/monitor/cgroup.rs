@@ -1,7 +1,9 @@
 //! Where a process's cgroup lives: the unified (v2) hierarchy on hybrid and pure v2
-//! hosts, and the cgroup v2 id that eBPF programs key on.
+//! hosts, the cgroup v2 id that eBPF programs key on, and the directories of each
+//! controller whose files the readers sample (v1 controllers on hybrid hosts).
 
 use std::{
+    collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -35,6 +37,31 @@ pub struct CgroupLayout {
     pub mode: CgroupMode,
     /// Mount point of the cgroup2 filesystem.
     pub unified_root: PathBuf,
+    /// Mount point of each v1 controller (`memory` → `/sys/fs/cgroup/memory`); empty on pure v2.
+    pub v1_mounts: HashMap<String, PathBuf>,
+}
+
+/// The v1 controllers whose files the readers use.
+pub const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "blkio", "pids"];
+
+/// A container's cgroup directories, one per controller the readers use. On pure v2
+/// hosts every controller's files are in the one unified directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerCgroups {
+    pub mode: CgroupMode,
+    pub unified: UnifiedCgroup,
+    /// v1 controller → the container's directory in that hierarchy (hybrid hosts only).
+    pub v1: HashMap<&'static str, PathBuf>,
+}
+
+impl ContainerCgroups {
+    /// The directory holding `controller`'s files, if the host has that controller.
+    pub fn dir(&self, controller: &str) -> Option<&Path> {
+        match self.mode {
+            CgroupMode::Unified => Some(&self.unified.path),
+            CgroupMode::Hybrid => self.v1.get(controller).map(PathBuf::as_path),
+        }
+    }
 }
 
 /// A container's cgroup in the unified hierarchy.
@@ -55,7 +82,7 @@ impl CgroupLayout {
     /// Picks the cgroup2 mount; a host with any v1 controller mounted too is hybrid.
     pub fn from_mountinfo(mountinfo: &str) -> Option<Self> {
         let mut unified_root = None;
-        let mut has_v1 = false;
+        let mut v1_mounts = HashMap::new();
         for line in mountinfo.lines() {
             // Fields: id parent major:minor root mountpoint options [optional...] - fstype source superopts
             let Some((left, right)) = line.split_once(" - ") else {
@@ -64,15 +91,24 @@ impl CgroupLayout {
             let Some(mount_point) = left.split_whitespace().nth(4) else {
                 continue;
             };
-            match right.split_whitespace().next() {
+            let mut fields = right.split_whitespace();
+            match fields.next() {
                 Some("cgroup2") if unified_root.is_none() => unified_root = Some(unescape_mount_path(mount_point)),
-                Some("cgroup") => has_v1 = true,
+                Some("cgroup") => {
+                    // Super options name the controllers: "rw,cpu,cpuacct".
+                    let options = fields.nth(1).unwrap_or_default();
+                    for controller in options.split(',').filter(|o| V1_CONTROLLERS.contains(o)) {
+                        v1_mounts.entry(controller.to_owned()).or_insert_with(|| unescape_mount_path(mount_point));
+                    }
+                    v1_mounts.entry(String::new()).or_insert_with(PathBuf::new);
+                }
                 _ => {}
             }
         }
         let unified_root = unified_root?;
-        let mode = if has_v1 { CgroupMode::Hybrid } else { CgroupMode::Unified };
-        Some(Self { mode, unified_root })
+        // The empty key only marks that some v1 hierarchy is mounted.
+        let mode = if v1_mounts.remove("").is_some() { CgroupMode::Hybrid } else { CgroupMode::Unified };
+        Some(Self { mode, unified_root, v1_mounts })
     }
 
     /// The unified-hierarchy cgroup of a running process, e.g. a container's init.
@@ -82,6 +118,24 @@ impl CgroupLayout {
             .map_err(|source| CgroupError::Read { path: proc_path.clone(), source })?;
         let relative = unified_entry(&text).ok_or(CgroupError::NoUnifiedEntry { pid })?;
         self.cgroup_at(relative)
+    }
+
+    /// Every cgroup directory of a running process that the readers use.
+    pub fn container_cgroups(&self, pid: u32) -> Result<ContainerCgroups, CgroupError> {
+        let proc_path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+        let text = std::fs::read_to_string(&proc_path)
+            .map_err(|source| CgroupError::Read { path: proc_path.clone(), source })?;
+        let relative = unified_entry(&text).ok_or(CgroupError::NoUnifiedEntry { pid })?;
+        let unified = self.cgroup_at(relative)?;
+        let mut v1 = HashMap::new();
+        if self.mode == CgroupMode::Hybrid {
+            for controller in V1_CONTROLLERS {
+                if let (Some(mount), Some(path)) = (self.v1_mounts.get(controller), v1_entry(&text, controller)) {
+                    v1.insert(controller, mount.join(path.trim_start_matches('/')));
+                }
+            }
+        }
+        Ok(ContainerCgroups { mode: self.mode, unified, v1 })
     }
 
     /// The cgroup at a path relative to the unified root (`/docker/<id>`).
@@ -148,6 +202,9 @@ mod tests {
         let layout = CgroupLayout::from_mountinfo(HYBRID).expect("cgroup2 present");
         assert_eq!(layout.mode, CgroupMode::Hybrid);
         assert_eq!(layout.unified_root, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(layout.v1_mounts.get("cpuacct"), Some(&PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(layout.v1_mounts.get("cpu"), Some(&PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(layout.v1_mounts.get("memory"), None);
     }
 
     #[test]
@@ -155,6 +212,7 @@ mod tests {
         let layout = CgroupLayout::from_mountinfo(PURE_V2).expect("cgroup2 present");
         assert_eq!(layout.mode, CgroupMode::Unified);
         assert_eq!(layout.unified_root, PathBuf::from("/sys/fs/cgroup"));
+        assert!(layout.v1_mounts.is_empty());
     }
 
     #[test]
@@ -182,5 +240,11 @@ mod tests {
         let cgroup = layout.cgroup_of_pid(std::process::id()).expect("own cgroup resolves");
         assert!(cgroup.id > 0);
         assert!(cgroup.path.starts_with(&layout.unified_root));
+        let all = layout.container_cgroups(std::process::id()).expect("own cgroups resolve");
+        assert_eq!(all.unified, cgroup);
+        for controller in V1_CONTROLLERS {
+            let dir = all.dir(controller).unwrap_or_else(|| panic!("this host has the {controller} controller"));
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The eBPF object in user space: loaded once, `sched_switch` attached globally,
-//! `cgroup_skb` programs attached per container cgroup, counters read from the map.
+//! The eBPF object in user space: loaded once, the tracepoint programs (`sched_switch`,
+//! `block_bio_queue`, `mark_victim`) attached globally, `cgroup_skb` programs attached per
+//! container cgroup, counters read from the maps, and which resource each program covers.
 
 use std::{
     collections::HashMap,
@@ -8,9 +9,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CgroupCounters, CgroupId, PREV_SUM_EXEC_RUNTIME_OFFSET, SUM_EXEC_RUNTIME_OFFSET, programs};
+use agent_common::{
+    CgroupCounters, CgroupId, LOST_EVENTS_MAP, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_MAP, SLOTS, offsets, programs,
+};
 use aya::{
     Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
     },
@@ -18,7 +22,11 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_info;
 
-use super::{btf::KernelBtf, counters::CounterStore};
+use super::{
+    btf::{BtfError, KernelBtf},
+    counters::CounterStore,
+    sources::{Resource, Source, Sources},
+};
 
 /// The object built by `agent/build.rs` from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -45,50 +53,147 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
-    #[error("finding the scheduler's runtime fields in kernel BTF: {0}")]
-    KernelLayout(#[from] super::btf::BtfError),
+    #[error("finding the fields the program reads in kernel BTF: {0}")]
+    KernelLayout(#[from] BtfError),
 }
 
 /// Links of the per-cgroup programs for one attached cgroup.
+#[derive(Default)]
 struct CgroupLinks {
-    ingress: CgroupSkbLinkId,
-    egress: CgroupSkbLinkId,
+    /// `None` while network is counted from files.
+    skb: Option<(CgroupSkbLinkId, CgroupSkbLinkId)>,
 }
+
+/// The kernel struct fields each program reads: (global, struct, member path).
+type FieldOffset = (&'static str, &'static str, &'static [&'static str]);
+
+const CPU_FIELDS: &[FieldOffset] = &[
+    (offsets::SUM_EXEC_RUNTIME, "task_struct", &["se", "sum_exec_runtime"]),
+    (offsets::PREV_SUM_EXEC_RUNTIME, "task_struct", &["se", "prev_sum_exec_runtime"]),
+];
+const BLOCK_IO_FIELDS: &[FieldOffset] =
+    &[(offsets::BIO_OPF, "bio", &["bi_opf"]), (offsets::BIO_SIZE, "bio", &["bi_iter", "bi_size"])];
+const OOM_FIELDS: &[FieldOffset] = &[
+    (offsets::TASK_TGID, "task_struct", &["tgid"]),
+    (offsets::TASK_COMM, "task_struct", &["comm"]),
+    (offsets::TASK_CGROUPS, "task_struct", &["cgroups"]),
+    (offsets::CSS_SET_DFL_CGRP, "css_set", &["dfl_cgrp"]),
+    (offsets::CGROUP_KN, "cgroup", &["kn"]),
+    (offsets::KERNFS_NODE_ID, "kernfs_node", &["id"]),
+];
+
+/// The global program of each tracepoint-counted resource: (resource, program, tracepoint, fields).
+const TRACEPOINT_PROGRAMS: [(Resource, &str, &str, &[FieldOffset]); 3] = [
+    (Resource::Cpu, programs::SCHED_SWITCH, "sched_switch", CPU_FIELDS),
+    (Resource::BlockIo, programs::BLOCK_BIO_QUEUE, "block_bio_queue", BLOCK_IO_FIELDS),
+    (Resource::Oom, programs::MARK_VICTIM, "mark_victim", OOM_FIELDS),
+];
 
 /// The loaded programs and the counters map. Dropping it detaches everything.
 pub struct EbpfMonitor {
     ebpf: Ebpf,
     counters: CounterStore,
     attached: HashMap<CgroupId, CgroupLinks>,
+    sources: Sources,
+    lost_events: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl EbpfMonitor {
-    /// Loads the object and attaches the global programs.
-    pub fn load() -> Result<Self, EbpfError> {
+    /// Loads the object and attaches the global programs of every resource not in
+    /// `cgroup_files`. A program that cannot load or attach here (a missing hook or kernel
+    /// field) leaves its resource to the cgroup-file readers, logged once; only an object
+    /// that cannot load at all, or a broken counters map, is an error.
+    pub fn load(cgroup_files: &[Resource]) -> Result<Self, EbpfError> {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs()?;
         let kernel_types = KernelBtf::from_sys_fs()?;
-        let runtime_offset = kernel_types.member_offset("task_struct", &["se", "sum_exec_runtime"])?;
-        let picked_offset = kernel_types.member_offset("task_struct", &["se", "prev_sum_exec_runtime"])?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global(SUM_EXEC_RUNTIME_OFFSET, &runtime_offset, true)
-            .override_global(PREV_SUM_EXEC_RUNTIME_OFFSET, &picked_offset, true)
-            .load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.btf(Some(&btf));
+        // Offsets of the fields each program reads; a resource whose fields this kernel
+        // lacks is counted from files. Unresolved globals stay 0 (their program is not loaded).
+        let resolved: Vec<Result<Vec<u64>, BtfError>> = TRACEPOINT_PROGRAMS
+            .iter()
+            .map(|(_, _, _, fields)| {
+                fields.iter().map(|&(_, strukt, path)| kernel_types.member_offset(strukt, path)).collect()
+            })
+            .collect();
+        for ((_, _, _, fields), offsets) in TRACEPOINT_PROGRAMS.iter().zip(&resolved) {
+            for ((global, _, _), at) in fields.iter().zip(offsets.iter().flatten()) {
+                loader.override_global(global, at, true);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-        let sched_switch: &mut BtfTracePoint = program(&mut ebpf, programs::SCHED_SWITCH)?;
-        let at = |source| EbpfError::Program { name: programs::SCHED_SWITCH, source };
-        sched_switch.load("sched_switch", &btf).map_err(at)?;
-        sched_switch.attach().map_err(at)?;
-
-        for name in [programs::SKB_INGRESS, programs::SKB_EGRESS] {
-            let skb: &mut CgroupSkb = program(&mut ebpf, name)?;
-            skb.load().map_err(|source| EbpfError::Program { name, source })?;
+        let mut sources = Sources::default();
+        for ((resource, name, tracepoint, _), offsets) in TRACEPOINT_PROGRAMS.into_iter().zip(resolved) {
+            if cgroup_files.contains(&resource) {
+                tracing::info!(%resource, from = resource.fallback(), "counting from cgroup files, as [monitor] cgroup-file-resources asks");
+                continue;
+            }
+            let attached = offsets.map_err(EbpfError::KernelLayout).and_then(|_| {
+                let at = |source| EbpfError::Program { name, source };
+                let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
+                program.load(tracepoint, &btf).map_err(at)?;
+                program.attach().map_err(at)?;
+                Ok(())
+            });
+            match attached {
+                Ok(()) => sources.set(resource, Source::Ebpf),
+                Err(err) => tracing::warn!(
+                    %resource,
+                    error = %err,
+                    from = resource.fallback(),
+                    "the eBPF program cannot run on this kernel; counting from cgroup files instead"
+                ),
+            }
+        }
+        if cgroup_files.contains(&Resource::Network) {
+            tracing::info!(resource = %Resource::Network, from = Resource::Network.fallback(), "counting from cgroup files, as [monitor] cgroup-file-resources asks");
+        } else {
+            let loaded = [programs::SKB_INGRESS, programs::SKB_EGRESS].into_iter().try_for_each(|name| {
+                let skb: &mut CgroupSkb = program(&mut ebpf, name)?;
+                skb.load().map_err(|source| EbpfError::Program { name, source })
+            });
+            match loaded {
+                Ok(()) => sources.set(Resource::Network, Source::Ebpf),
+                Err(err) => tracing::warn!(
+                    resource = %Resource::Network,
+                    error = %err,
+                    from = Resource::Network.fallback(),
+                    "the eBPF program cannot run on this kernel; counting from cgroup files instead"
+                ),
+            }
         }
 
         let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
         let counters = CounterStore::take_from(&mut ebpf, cpus)?;
-        Ok(Self { ebpf, counters, attached: HashMap::new() })
+        let lost_events = match ebpf.take_map(LOST_EVENTS_MAP) {
+            Some(map) => {
+                Some(PerCpuArray::try_from(map).map_err(|source| EbpfError::Map { name: LOST_EVENTS_MAP, source })?)
+            }
+            None => None,
+        };
+        Ok(Self { ebpf, counters, attached: HashMap::new(), sources, lost_events })
+    }
+
+    /// Which resources the programs count; the rest is for the cgroup-file readers.
+    pub fn sources(&self) -> Sources {
+        self.sources
+    }
+
+    /// The ring buffer of OOM kills, for one consumer (`None` once taken, or when the
+    /// OOM program is not running).
+    pub fn take_oom_events(&mut self) -> Option<RingBuf<MapData>> {
+        if !self.sources.ebpf(Resource::Oom) {
+            return None;
+        }
+        self.ebpf.take_map(OOM_EVENTS_MAP).and_then(|map| RingBuf::try_from(map).ok())
+    }
+
+    /// Events the programs could not hand to user space because the ring buffer was full.
+    pub fn lost_events(&self) -> u64 {
+        let Some(map) = &self.lost_events else { return 0 };
+        map.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// Starts counting a cgroup: registers its id (so `sched_switch` counts it) and
@@ -99,12 +204,16 @@ impl EbpfMonitor {
         }
         let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup { path: path.to_path_buf(), source })?;
         self.counters.register(id)?;
+        if !self.sources.ebpf(Resource::Network) {
+            self.attached.insert(id, CgroupLinks::default());
+            return Ok(());
+        }
 
         let ingress = self.attach_skb(programs::SKB_INGRESS, &dir, CgroupSkbAttachType::Ingress);
         let egress = self.attach_skb(programs::SKB_EGRESS, &dir, CgroupSkbAttachType::Egress);
         match (ingress, egress) {
             (Ok(ingress), Ok(egress)) => {
-                self.attached.insert(id, CgroupLinks { ingress, egress });
+                self.attached.insert(id, CgroupLinks { skb: Some((ingress, egress)) });
                 Ok(())
             }
             (ingress, egress) => {
@@ -132,8 +241,10 @@ impl EbpfMonitor {
     pub fn detach(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         let links = self.attached.remove(&id).ok_or(EbpfError::NotAttached(id))?;
         // Detaching fails harmlessly when the cgroup is already gone with its links.
-        let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, links.ingress));
-        let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, links.egress));
+        if let Some((ingress, egress)) = links.skb {
+            let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, ingress));
+            let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, egress));
+        }
         self.counters.unregister(id)
     }
 
@@ -144,12 +255,26 @@ impl EbpfMonitor {
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        loaded_program_stats(&self.ebpf, &[programs::SCHED_SWITCH, programs::SKB_INGRESS, programs::SKB_EGRESS])
+        loaded_program_stats(
+            &self.ebpf,
+            &[
+                programs::SCHED_SWITCH,
+                programs::SKB_INGRESS,
+                programs::SKB_EGRESS,
+                programs::BLOCK_BIO_QUEUE,
+                programs::MARK_VICTIM,
+            ],
+        )
     }
 
     /// (cgroups in direct slots, cgroups in the overflow map)
     pub fn occupancy(&self) -> (usize, usize) {
         self.counters.occupancy()
+    }
+
+    /// (direct slots, overflow entries): how many cgroups each can hold.
+    pub fn capacity(&self) -> (usize, usize) {
+        (SLOTS as usize, MAX_OVERFLOW_CGROUPS as usize)
     }
 
     pub fn is_attached(&self, id: CgroupId) -> bool {
@@ -178,8 +303,8 @@ impl EbpfMonitor {
     }
 }
 
-/// Empty programs on the counters' hooks (`sched_switch`, and ingress and egress of one
-/// cgroup), loaded beside the agent by the benchmark to measure the floor any program pays.
+/// Empty programs on the counters' hooks (`sched_switch`, `block_bio_queue`, and ingress
+/// and egress of one cgroup), loaded beside the agent by the benchmark to measure the floor any program pays.
 pub struct BaselinePrograms {
     ebpf: Ebpf,
 }
@@ -200,11 +325,19 @@ impl BaselinePrograms {
         skb.load().map_err(at)?;
         skb.attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(at)?;
         skb.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
+        let name = programs::BASELINE_BLOCK_BIO_QUEUE;
+        let at = |source| EbpfError::Program { name, source };
+        let tracepoint: &mut BtfTracePoint = program(&mut ebpf, name)?;
+        tracepoint.load("block_bio_queue", &btf).map_err(at)?;
+        tracepoint.attach().map_err(at)?;
         Ok(Self { ebpf })
     }
 
     pub fn stats(&self) -> Vec<ProgramStats> {
-        loaded_program_stats(&self.ebpf, &[programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB])
+        loaded_program_stats(
+            &self.ebpf,
+            &[programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB, programs::BASELINE_BLOCK_BIO_QUEUE],
+        )
     }
 }
 

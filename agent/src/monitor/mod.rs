@@ -1,10 +1,15 @@
-//! The eBPF side in user space: which containers are counted, attaching and detaching
-//! their cgroups as Docker reports them, and sampling the counters every interval.
+//! Measuring kernel containers: which containers are counted, attaching and detaching
+//! their cgroups as Docker reports them, and sampling eBPF counters and cgroup files
+//! every interval (with the node's own totals).
 
 pub mod btf;
 pub mod cgroup;
 pub mod counters;
 pub mod ebpf;
+pub mod files;
+pub mod node;
+pub mod oom;
+pub mod sources;
 
 use std::{
     collections::HashMap,
@@ -12,49 +17,118 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::CgroupCounters;
+use agent_common::{CgroupCounters, CgroupId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     docker::{ContainerEvent, KernelContainer},
-    metrics::{ContainerSample, MetricsState, MonitorSnapshot},
+    metrics::{ContainerSample, MapUsage, MetricsState, MonitorSnapshot},
+    resources::compute::ComputePlugin,
 };
-pub use cgroup::{CgroupLayout, UnifiedCgroup};
+pub use cgroup::{CgroupLayout, ContainerCgroups, UnifiedCgroup};
 pub use ebpf::{EbpfError, EbpfMonitor, ProgramStats};
+pub use files::{ContainerReadings, CpuThrottling, MemoryStats};
+pub use sources::{Resource, Source, Sources};
 
 /// One kernel container as the monitor knows it.
 struct Tracked {
-    kernel: KernelContainer,
+    kernel: Arc<KernelContainer>,
     /// The cgroup being counted while the container runs.
     cgroup: Option<UnifiedCgroup>,
+    /// Its cgroup files, while it runs.
+    readers: Option<files::CgroupReaders>,
     /// What earlier runs of this container counted (a restart gets a new cgroup).
     retired: CgroupCounters,
-    /// The last reading of the current cgroup.
-    current: CgroupCounters,
+    /// The last reading of the current cgroup (counters of this run only).
+    current: ContainerReadings,
     /// When it stopped; its series are dropped a grace period later.
     stopped_at: Option<Instant>,
 }
 
 impl Tracked {
-    fn total(&self) -> CgroupCounters {
-        let mut total = self.retired;
-        total.accumulate(&self.current);
+    /// The current readings with the counters of every run.
+    fn total(&self) -> ContainerReadings {
+        let mut total = self.current;
+        total.counters = self.retired;
+        total.counters.accumulate(&self.current.counters);
         total
+    }
+}
+
+/// Copies the fields of the resources eBPF counts from `ebpf` into `counters`.
+fn take_ebpf_fields(sources: &Sources, counters: &mut CgroupCounters, ebpf: &CgroupCounters) {
+    if sources.ebpf(Resource::Cpu) {
+        counters.cpu_ns = ebpf.cpu_ns;
+    }
+    if sources.ebpf(Resource::Network) {
+        (counters.rx_bytes, counters.rx_packets) = (ebpf.rx_bytes, ebpf.rx_packets);
+        (counters.tx_bytes, counters.tx_packets) = (ebpf.tx_bytes, ebpf.tx_packets);
+    }
+    if sources.ebpf(Resource::BlockIo) {
+        (counters.io_read_bytes, counters.io_read_ops) = (ebpf.io_read_bytes, ebpf.io_read_ops);
+        (counters.io_write_bytes, counters.io_write_ops) = (ebpf.io_write_bytes, ebpf.io_write_ops);
+    }
+    if sources.ebpf(Resource::Oom) {
+        counters.oom_kills = ebpf.oom_kills;
     }
 }
 
 /// Attaches, samples and lets go of kernel containers.
 pub struct ContainerMonitor {
     ebpf: EbpfMonitor,
+    sources: Sources,
     layout: CgroupLayout,
     tracked: HashMap<String, Tracked>,
     grace: Duration,
+    node: node::NodeReader,
+    accelerators: Vec<Box<dyn ComputePlugin>>,
+    /// One buffer for every file read.
+    buf: Vec<u8>,
 }
 
 impl ContainerMonitor {
-    pub fn new(ebpf: EbpfMonitor, layout: CgroupLayout, grace: Duration) -> Self {
-        Self { ebpf, layout, tracked: HashMap::new(), grace }
+    pub fn new(
+        ebpf: EbpfMonitor,
+        layout: CgroupLayout,
+        grace: Duration,
+        node: node::NodeReader,
+        accelerators: Vec<Box<dyn ComputePlugin>>,
+    ) -> Self {
+        let sources = ebpf.sources();
+        Self {
+            ebpf,
+            sources,
+            layout,
+            tracked: HashMap::new(),
+            grace,
+            node,
+            accelerators,
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// Every accelerator plugin's devices; a plugin that fails is left out of this sample.
+    fn measure_accelerators(&mut self) -> Vec<crate::resources::compute::DeviceReadings> {
+        self.accelerators
+            .iter_mut()
+            .filter_map(|plugin| match plugin.measure() {
+                Ok(readings) => Some(readings),
+                Err(err) => {
+                    tracing::warn!(plugin = plugin.key(), error = %err, "measuring accelerators failed");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    pub fn sources(&self) -> Sources {
+        self.sources
+    }
+
+    /// The kernel container whose cgroup has this id, if it is counted now.
+    pub fn container_of_cgroup(&self, id: CgroupId) -> Option<&KernelContainer> {
+        self.tracked.values().find(|t| t.cgroup.as_ref().is_some_and(|c| c.id == id)).map(|t| t.kernel.as_ref())
     }
 
     pub fn handle(&mut self, event: ContainerEvent) {
@@ -82,29 +156,38 @@ impl ContainerMonitor {
     }
 
     fn started(&mut self, kernel: KernelContainer) {
-        let cgroup = match self.layout.cgroup_of_pid(kernel.pid) {
-            Ok(cgroup) => cgroup,
+        let cgroups = match self.layout.container_cgroups(kernel.pid) {
+            Ok(cgroups) => cgroups,
             Err(err) => {
                 tracing::warn!(container_id = %kernel.container_id, error = %err, "cannot resolve the container's cgroup; not counting it");
                 return;
             }
         };
+        let cgroup = cgroups.unified.clone();
         let tracked = self.tracked.entry(kernel.container_id.clone()).or_insert_with(|| Tracked {
-            kernel: kernel.clone(),
+            kernel: Arc::new(kernel.clone()),
             cgroup: None,
+            readers: None,
             retired: CgroupCounters::default(),
-            current: CgroupCounters::default(),
+            current: ContainerReadings::default(),
             stopped_at: None,
         });
         if tracked.cgroup.as_ref() == Some(&cgroup) {
             return; // a replayed start of what is already counted
         }
         if let Some(old) = tracked.cgroup.take() {
-            let last = self.ebpf.detach(old.id).unwrap_or(tracked.current);
-            tracked.retired.accumulate(&last);
+            if let Ok(last) = self.ebpf.detach(old.id) {
+                take_ebpf_fields(&self.sources, &mut tracked.current.counters, &last);
+            }
+            tracked.retired.accumulate(&tracked.current.counters);
         }
-        tracked.kernel = kernel;
-        tracked.current = CgroupCounters::default();
+        let (readers, missing) = files::CgroupReaders::open(&cgroups, kernel.pid, &self.sources);
+        if !missing.is_empty() {
+            tracing::warn!(container_id = %kernel.container_id, missing = %missing.join("; "), "some cgroup files cannot be read; those numbers stay at zero");
+        }
+        tracked.readers = Some(readers);
+        tracked.kernel = Arc::new(kernel);
+        tracked.current = ContainerReadings::default();
         tracked.stopped_at = None;
         match self.ebpf.attach(cgroup.id, &cgroup.path) {
             Ok(()) => {
@@ -129,13 +212,15 @@ impl ContainerMonitor {
             return;
         };
         if let Some(cgroup) = tracked.cgroup.take() {
+            // The files of a gone cgroup cannot be read; eBPF's map still has its last counts.
+            tracked.readers = None;
             match self.ebpf.detach(cgroup.id) {
-                Ok(last) => tracked.current = last,
+                Ok(last) => take_ebpf_fields(&self.sources, &mut tracked.current.counters, &last),
                 Err(err) => {
                     tracing::warn!(container_id, error = %err, "reading final counters failed")
                 }
             }
-            let current = std::mem::take(&mut tracked.current);
+            let current = std::mem::take(&mut tracked.current.counters);
             tracked.retired.accumulate(&current);
             tracing::info!(container_id, "kernel container stopped; let go of its cgroup");
         }
@@ -150,23 +235,39 @@ impl ContainerMonitor {
         for tracked in self.tracked.values_mut() {
             if let Some(cgroup) = &tracked.cgroup {
                 match self.ebpf.read(cgroup.id) {
-                    Ok(counters) => tracked.current = counters,
+                    Ok(counters) => take_ebpf_fields(&self.sources, &mut tracked.current.counters, &counters),
                     Err(err) => {
                         tracing::warn!(container_id = %tracked.kernel.container_id, error = %err, "reading counters failed")
                     }
                 }
             }
-            samples.push(ContainerSample { kernel: tracked.kernel.clone(), counters: tracked.total() });
+            if let Some(readers) = &mut tracked.readers
+                && let Err(err) = readers.read(&mut self.buf, &mut tracked.current)
+            {
+                // Usually the container exiting between its last event and this sample.
+                tracing::debug!(container_id = %tracked.kernel.container_id, error = %err, "reading cgroup files failed");
+            }
+            samples.push(ContainerSample { kernel: tracked.kernel.clone(), readings: tracked.total() });
         }
         samples
     }
 
-    /// Samples every container and the programs' own cost, for `/metrics`.
+    /// Samples every container, the node, and the programs' own cost.
     pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
+        let (direct, overflow) = self.ebpf.occupancy();
+        let (direct_capacity, overflow_capacity) = self.ebpf.capacity();
         MonitorSnapshot {
             containers: self.sample(now),
+            node: self.node.read(&mut self.buf),
+            devices: self.measure_accelerators(),
             attached_cgroups: self.ebpf.attached_count(),
             programs: self.ebpf.program_stats(),
+            sources: self.sources,
+            lost_events: self.ebpf.lost_events(),
+            maps: vec![
+                MapUsage { map: agent_common::SLOTS_MAP, entries: direct, capacity: direct_capacity },
+                MapUsage { map: agent_common::COUNTERS_MAP, entries: overflow, capacity: overflow_capacity },
+            ],
         }
     }
 
@@ -191,9 +292,30 @@ pub async fn run_monitor(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ooms = monitor.ebpf.take_oom_events().and_then(|ring| match oom::OomEvents::new(ring) {
+        Ok(events) => Some(events),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot follow OOM kill events; they are still counted");
+            None
+        }
+    });
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            kills = oom::next_kills(&mut ooms) => {
+                for kill in kills {
+                    match monitor.container_of_cgroup(kill.cgroup_id) {
+                        Some(kernel) => tracing::warn!(
+                            kernel_id = %kernel.kernel_id,
+                            container_id = %kernel.container_id,
+                            pid = kill.pid,
+                            comm = %kill.comm,
+                            "the OOM killer killed a process of a kernel"
+                        ),
+                        None => tracing::debug!(cgroup_id = kill.cgroup_id, pid = kill.pid, comm = %kill.comm, "OOM kill outside kernel containers"),
+                    }
+                }
+            }
             event = events.recv() => match event {
                 Some(event) => {
                     let snapshot = matches!(event, ContainerEvent::Snapshot(_));

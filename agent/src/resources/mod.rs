@@ -6,9 +6,11 @@
 //! - [`capacity`]: what the host has (online cores, `MemTotal`) and what kernels may get.
 //! - [`alloc`]: [`ResourceAllocator`], pinning whole cores (FILL / EVENLY) and counting bytes.
 //! - [`spec`]: [`KernelResourceSpec`] and Backend.AI's `resource.txt` format.
+//! - [`compute`]: accelerator plugins (CUDA through NVML) behind one trait.
 
 pub mod alloc;
 pub mod capacity;
+pub mod compute;
 pub mod slots;
 pub mod spec;
 

@@ -209,6 +209,35 @@ impl Args {
 }
 
 /// What the methods need from the running agent.
+/// Every method [`Methods::dispatch`] serves (a test checks the two agree).
+pub const METHOD_NAMES: &[&str] = &[
+    "ping",
+    "health",
+    "gather_hwinfo",
+    "get_local_config",
+    "debug_sleep",
+    "create_kernels",
+    "destroy_kernel",
+    "restart_kernel",
+    "check_running",
+    "ping_kernel",
+    "sync_kernel_registry",
+    "get_logs",
+    "list_kernels",
+    "assign_port",
+    "upload_file",
+    "download_file",
+    "download_single",
+    "list_files",
+    "release_port",
+    "execute",
+    "interrupt_kernel",
+    "get_completions",
+    "start_service",
+    "shutdown_service",
+    "trigger_batch_execution",
+];
+
 pub struct Methods {
     pub(super) config: Config,
     pub(super) kernels: Option<std::sync::Arc<crate::kernel::KernelManager>>,
@@ -240,6 +269,11 @@ impl Methods {
     }
 
     /// Runs `method`. Every method of the manager-facing API is an arm here.
+    /// Whether `method` is one of the agent's (`debug_*` included), for bounded metric labels.
+    pub fn knows(method: &str) -> bool {
+        METHOD_NAMES.contains(&method)
+    }
+
     pub async fn dispatch(&self, method: &str, args: Args) -> Result<Value, MethodError> {
         match method {
             "ping" => self.ping(args),
@@ -523,6 +557,21 @@ mod tests {
         let bad_key = Value::Map(vec![(Value::from("kwargs"), Value::Map(vec![(Value::from(1), Value::Nil)]))]);
         let err = Args::from_payload("ping", Some(bad_key)).expect_err("kwarg key not a string");
         assert!(err.to_string().contains("names must be strings"), "{err}");
+    }
+
+    #[test]
+    fn every_listed_method_is_dispatched() {
+        let mut config = Config::default();
+        config.debug.enabled = true;
+        let methods = Methods::new(config);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        for name in METHOD_NAMES {
+            // Wrong arguments on purpose: every method must get past the name lookup.
+            let result = runtime.block_on(methods.dispatch(name, Args::new(name, vec![Value::from(true); 9], vec![])));
+            assert_ne!(result, Err(MethodError::UnknownMethod((*name).to_owned())), "{name}");
+            assert!(Methods::knows(name));
+        }
+        assert!(!Methods::knows("no_such_method"));
     }
 
     #[test]

@@ -16,13 +16,15 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 use zeromq::{RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::metrics::rpc::{Outcome, RpcMetrics, method_label};
 
 use super::{
     codec::{self, Header, Message, MessageType, Payload, RpcError},
@@ -70,10 +72,15 @@ impl RpcServer {
 
     /// Serves until `shutdown` is cancelled, then cancels running requests, lets them answer
     /// CANCELLED for a moment, and closes the socket.
-    pub async fn serve(self, methods: Arc<Methods>, shutdown: CancellationToken) -> Result<(), RpcError> {
+    pub async fn serve(
+        self,
+        methods: Arc<Methods>,
+        metrics: RpcMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<(), RpcError> {
         let (sender, mut receiver) = self.socket.split();
         tracing::info!(addr = %self.local_addr, "RPC server listening (callosum over ZeroMQ)");
-        let mut scheduler = Scheduler::new(sender, methods, shutdown.child_token());
+        let mut scheduler = Scheduler::new(sender, methods, metrics, shutdown.child_token());
         loop {
             tokio::select! {
                 biased;
@@ -116,11 +123,13 @@ struct Job {
     args: Result<Args, MethodError>,
     cancel: CancellationToken,
     id: RequestId,
+    arrived: Instant,
 }
 
 struct Scheduler {
     sender: RouterSendHalf,
     methods: Arc<Methods>,
+    metrics: RpcMetrics,
     /// Cancelled on shutdown; every request's token is a child.
     cancel_all: CancellationToken,
     tasks: JoinSet<()>,
@@ -133,10 +142,11 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(sender: RouterSendHalf, methods: Arc<Methods>, cancel_all: CancellationToken) -> Self {
+    fn new(sender: RouterSendHalf, methods: Arc<Methods>, metrics: RpcMetrics, cancel_all: CancellationToken) -> Self {
         Scheduler {
             sender,
             methods,
+            metrics,
             cancel_all,
             tasks: JoinSet::new(),
             running: HashMap::new(),
@@ -199,7 +209,7 @@ impl Scheduler {
                 tracing::debug!(peer = %peer_label(&peer), method = %header.method, seq = header.seq, "RPC request");
                 let cancel = self.cancel_all.child_token();
                 self.cancels.insert(id.clone(), cancel.clone());
-                let job = Job { peer, header, args, cancel, id };
+                let job = Job { peer, header, args, cancel, id, arrived: Instant::now() };
                 match self.queues.get_mut(&job.id.queue) {
                     Some(waiting) => waiting.push_back(job),
                     None => {
@@ -227,7 +237,7 @@ impl Scheduler {
         let id = job.id.clone();
         let methods = self.methods.clone();
         let sender = self.sender.clone();
-        let handle = self.tasks.spawn(run_job(job, methods, sender));
+        let handle = self.tasks.spawn(run_job(job, methods, sender, self.metrics.clone()));
         self.running.insert(handle.id(), id);
     }
 
@@ -285,9 +295,11 @@ impl Scheduler {
 
 /// Runs one request and sends its reply: RESULT, FAILURE, or CANCELLED when the client
 /// cancelled it or the agent is shutting down.
-async fn run_job(job: Job, methods: Arc<Methods>, mut sender: RouterSendHalf) {
-    let Job { peer, header, args, cancel, .. } = job;
+async fn run_job(job: Job, methods: Arc<Methods>, mut sender: RouterSendHalf, metrics: RpcMetrics) {
+    let Job { peer, header, args, cancel, arrived, .. } = job;
+    let method = method_label(&header.method, Methods::knows(&header.method));
     let reply = if cancel.is_cancelled() {
+        metrics.observe(method, Outcome::cancelled, arrived.elapsed());
         Message::cancelled(&header)
     } else {
         let outcome = tokio::select! {
@@ -300,6 +312,12 @@ async fn run_job(job: Job, methods: Arc<Methods>, mut sender: RouterSendHalf) {
                 }
             } => Some(outcome),
         };
+        let counted = match &outcome {
+            None => Outcome::cancelled,
+            Some(Ok(_)) => Outcome::result,
+            Some(Err(_)) => Outcome::failure,
+        };
+        metrics.observe(method, counted, arrived.elapsed());
         match outcome {
             None => Message::cancelled(&header),
             Some(Ok(value)) => Message::result(&header, value),
@@ -357,7 +375,7 @@ mod tests {
         assert_ne!(addr.port(), 0);
         let shutdown = CancellationToken::new();
         let methods = Arc::new(Methods::new(Config::default()));
-        let handle = tokio::spawn(server.serve(methods, shutdown.clone()));
+        let handle = tokio::spawn(server.serve(methods, RpcMetrics::default(), shutdown.clone()));
         (addr, shutdown, handle)
     }
 

@@ -1,0 +1,79 @@
+//! The measurements for the manager, in Redis as the Python agent writes them
+//! (`redis.stats-db`, Backend.AI's 0): every `monitor.stats-interval`, key `{kernel_id}` →
+//! msgpack `{metric_key: measurement}` for each kernel, and key `{agent_id}` → msgpack
+//! `{"node": {...}, "devices": {...}}`, all `SET … EX` in one pipeline.
+//!
+//! Kernel keys live a day (the Python agent's default, so the manager finds a finished
+//! kernel's last stats); the node key four intervals. Only the latest values matter, so
+//! nothing is queued during an outage: it is logged once, and the next write after Redis
+//! answers again brings everything up to date.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{MetricsState, measurements::MeasuredSnapshot};
+use crate::{
+    events::{RedisLink, RedisTarget},
+    rpc::codec,
+};
+
+/// TTL of a kernel's stats key, seconds.
+pub const KERNEL_STATS_TTL_SECS: u64 = 86_400;
+/// The node's key lives this many stats intervals.
+pub const NODE_STATS_TTL_INTERVALS: u32 = 4;
+
+/// The pipeline that writes one snapshot's measurements.
+pub fn stats_pipeline(agent_id: &str, measured: &MeasuredSnapshot, interval: Duration) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for (kernel, measurements) in &measured.kernels {
+        if let Ok(bytes) = codec::pack(&measurements.to_value()) {
+            pipe.cmd("SET").arg(kernel.kernel_id.as_str()).arg(bytes).arg("EX").arg(KERNEL_STATS_TTL_SECS).ignore();
+        }
+    }
+    if let Ok(bytes) = codec::pack(&measured.node.to_value()) {
+        let ttl = (interval * NODE_STATS_TTL_INTERVALS).as_secs().max(1);
+        pipe.cmd("SET").arg(agent_id).arg(bytes).arg("EX").arg(ttl).ignore();
+    }
+    pipe
+}
+
+/// Writes the latest measurements every `interval` until `shutdown`.
+pub async fn run_stats_writer(
+    target: RedisTarget,
+    agent_id: String,
+    state: Arc<MetricsState>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let client = match target.client() {
+        Ok(client) => client,
+        Err(err) => {
+            tracing::error!(redis = %target.addr, %err, "cannot set up the Redis client; no stats for the manager");
+            return;
+        }
+    };
+    let mut link = RedisLink::new(client);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let pipe = stats_pipeline(&agent_id, &state.latest_measurements(), interval);
+        match link.run(&pipe).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(redis = %target.addr, "writing stats to Redis again");
+            }
+            Ok(()) => {}
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!(redis = %target.addr, db = target.db, %err, "cannot write stats to Redis; retrying every interval");
+            }
+            Err(_) => {}
+        }
+    }
+}
