@@ -1,5 +1,6 @@
 //! The foundation, end to end on a real Docker engine and real eBPF: CPU time and
-//! network bytes per kernel container agree with the kernel's own accounting, kernels
+//! network bytes per kernel container agree with the kernel's own accounting (from eBPF,
+//! and from the cgroup-file fallback), kernels
 //! are picked up whenever they started, removed ones leave `/metrics`, bad config is refused.
 
 use std::{process::Command, time::Duration};
@@ -14,10 +15,24 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(600));
 }
 
+/// The same, with every resource counted from cgroup files instead of eBPF.
+const FAST_FROM_FILES: &str = "[monitor]\ninterval = \"200ms\"\ngone-series-grace = \"1s\"\n\
+     cgroup-file-resources = [\"cpu\", \"network\", \"block-io\", \"oom\"]\n";
+
 #[test]
 fn cpu_time_agrees_with_the_cgroups_own_accounting() {
+    cpu_time_agrees(FAST, "ebpf");
+}
+
+#[test]
+fn cpu_time_from_cgroup_files_agrees_too() {
+    cpu_time_agrees(FAST_FROM_FILES, "cgroup-files");
+}
+
+fn cpu_time_agrees(config: &str, source: &str) {
     require_environment();
-    let agent = Agent::start(FAST).expect("agent starts");
+    let agent = Agent::start(config).expect("agent starts");
+    assert_eq!(agent.source_of("cpu").expect("scrape").as_deref(), Some(source));
     // Idle until the agent counts it, busy for 5 s at half a CPU, then idle again, so
     // both readings can be taken while nothing changes.
     let container = Container::run(
@@ -55,13 +70,23 @@ fn cpu_time_agrees_with_the_cgroups_own_accounting() {
     let error = relative_error(agent_delta, kernel_delta);
     println!("cpu: agent {agent_delta:.6} s, kernel {kernel_delta:.6} s, error {:.3}%", error * 100.0);
     assert!(kernel_delta > 2.0, "the container should have used about 2.5 s of CPU, used {kernel_delta}");
-    assert!(error < 0.02, "agent {agent_delta} s vs kernel {kernel_delta} s: {:.3}% apart", error * 100.0);
+    assert!(error < 0.01, "agent {agent_delta} s vs kernel {kernel_delta} s: {:.3}% apart", error * 100.0);
 }
 
 #[test]
 fn network_bytes_agree_with_the_containers_interface_counters() {
+    network_bytes_agree(FAST, "ebpf");
+}
+
+#[test]
+fn network_bytes_from_proc_net_dev_agree_too() {
+    network_bytes_agree(FAST_FROM_FILES, "cgroup-files");
+}
+
+fn network_bytes_agree(config: &str, source: &str) {
     require_environment();
-    let agent = Agent::start(FAST).expect("agent starts");
+    let agent = Agent::start(config).expect("agent starts");
+    assert_eq!(agent.source_of("network").expect("scrape").as_deref(), Some(source));
     const SIZE: u64 = 10 * 1024 * 1024;
     // A web server and a client inside one container, over its own loopback: every
     // byte on `lo` in its network namespace is the container's own.

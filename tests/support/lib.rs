@@ -193,6 +193,19 @@ impl Agent {
             .map(|s| s.value))
     }
 
+    /// Where the agent says `resource`'s numbers come from (`ebpf` or `cgroup-files`).
+    pub fn source_of(&self, resource: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .metrics()?
+            .into_iter()
+            .find(|s| {
+                s.name == "backendai_agent_resource_source"
+                    && s.labels.get("resource").map(String::as_str) == Some(resource)
+                    && s.value == 1.0
+            })
+            .and_then(|s| s.labels.get("source").cloned()))
+    }
+
     /// Waits until `kernel_id` has series in `/metrics` (or, with `present = false`, has none).
     pub fn wait_for_kernel(&self, kernel_id: &str, present: bool, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -401,6 +414,31 @@ impl Container {
             });
         }
         bail!("no interface {interface} in /proc/{pid}/net/dev")
+    }
+
+    /// The container's directory of a cgroup controller (`memory`, `blkio`, …): its v1
+    /// hierarchy on hybrid hosts, the unified one on pure v2 hosts.
+    pub fn cgroup_dir(&self, controller: &str) -> anyhow::Result<PathBuf> {
+        let layout = bai_agent::monitor::CgroupLayout::detect()?;
+        let cgroups = layout.container_cgroups(self.pid()?)?;
+        Ok(cgroups.dir(controller).with_context(|| format!("the host has no {controller} controller"))?.to_path_buf())
+    }
+
+    /// A cgroup file of the container, read now.
+    pub fn cgroup_file(&self, controller: &str, name: &str) -> anyhow::Result<String> {
+        let path = self.cgroup_dir(controller)?.join(name);
+        std::fs::read_to_string(&path).with_context(|| path.display().to_string())
+    }
+
+    /// One `key value` entry of a keyed cgroup file (`memory.stat`, `cpu.stat`, …).
+    pub fn cgroup_stat(&self, controller: &str, name: &str, key: &str) -> anyhow::Result<u64> {
+        let text = self.cgroup_file(controller, name)?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(key).and_then(|rest| rest.strip_prefix(' ')))
+            .with_context(|| format!("no {key} in {name}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{key} in {name}"))
     }
 
     /// Whether `path` exists inside the container (read through `/proc/<pid>/root`).
@@ -796,4 +834,88 @@ pub fn stop_child(mut child: Child) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// A `prometheus` server of a test's own on 127.0.0.1, scraping `targets` every 500 ms,
+/// stopped by PID when dropped.
+pub struct PrometheusServer {
+    pub addr: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    pub fn start(targets: &[&str]) -> anyhow::Result<PrometheusServer> {
+        let dir = tempfile::tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_loopback_port()?);
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 500ms\n  scrape_timeout: 400ms\nscrape_configs:\n  - job_name: bai-agent\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting prometheus (Debian package prometheus; `cargo xtask setup` installs it)")?;
+        let mut server = PrometheusServer { addr, child: Some(child), dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(http_get(&server.addr, "/-/ready"), Ok((200, _))) {
+            if let Some(child) = server.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                server.child = None;
+                bail!("prometheus exited with {status}; its log:\n{}", server.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus was not ready within 30 s; its log:\n{}", server.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET /api/v1/<path>`, parsed.
+    pub fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = http_get(&self.addr, &format!("/api/v1/{path}"))?;
+        if status != 200 {
+            bail!("prometheus answered {status} to {path}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The instant query `promql` (URL-encoded here), as its result vector.
+    pub fn query(&self, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let reply = self.api(&format!("query?query={encoded}"))?;
+        Ok(reply["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = stop_child(child);
+        }
+    }
 }
