@@ -62,6 +62,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     for (resource, source) in ebpf.sources().iter() {
         tracing::info!(%resource, source = source.as_str(), "counting");
     }
+    release_freed_memory();
 
     let listener = server::bind(config.agent.internal_addr)
         .await
@@ -168,6 +169,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(DaemonError::Rpc(err.to_string())),
         Err(join) => Err(DaemonError::Rpc(join.to_string())),
+    }
+}
+
+/// Hands the heap that start-up freed back to the system: parsing the kernel's BTF to load
+/// the eBPF programs takes tens of MiB for a moment, which the allocator would keep.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -1,5 +1,5 @@
-//! `bench-ebpf`: the kernel-side cost of each eBPF program per event, under a busy
-//! workload, as the kernel itself measures it (`kernel.bpf_stats_enabled=1`: run time
+//! `bench-ebpf`: the kernel-side cost of each eBPF program per event (context switches,
+//! packets, bios), under a busy workload, as the kernel itself measures it (`kernel.bpf_stats_enabled=1`: run time
 //! and run count per program, which the agent exports as
 //! `backendai_agent_ebpf_program_{run_time_seconds,runs}_total`).
 
@@ -18,6 +18,7 @@ const PROGRAMS: &[(&str, &str, &str)] = &[
     ("sched_switch", "sched_switch (tp_btf), per context switch on the node", "baseline_sched_switch"),
     ("cgroup_skb_ingress", "cgroup_skb ingress, per packet received", "baseline_cgroup_skb"),
     ("cgroup_skb_egress", "cgroup_skb egress, per packet sent", "baseline_cgroup_skb"),
+    ("block_bio_queue", "block_bio_queue (tp_btf), per bio submitted on the node", "baseline_block_bio_queue"),
 ];
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,7 +51,15 @@ fn main() -> anyhow::Result<()> {
          httpd -p 127.0.0.1:8080 -h /www && sleep 1 && \
          while :; do wget -q -O /dev/null http://127.0.0.1:8080/blob; done",
     )?;
-    for container in [&switcher, &network] {
+    // Direct I/O in a loop, on a directory of the workspace's disk.
+    let io_dir = tempfile::tempdir_in(std::env::current_dir()?)?;
+    let io = Container::run(
+        &agent.id,
+        &["--network", "none", "-v", &format!("{}:/io", io_dir.path().display())],
+        "while :; do dd if=/dev/zero of=/io/blob bs=64k count=64 oflag=direct 2>/dev/null; \
+         dd if=/io/blob of=/dev/null bs=64k iflag=direct 2>/dev/null; done",
+    )?;
+    for container in [&switcher, &network, &io] {
         agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(15))?;
     }
     wait_until("traffic to start", Duration::from_secs(15), || {
@@ -93,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     }
     drop(switcher);
     drop(network);
+    drop(io);
     agent.stop()?;
     Ok(())
 }

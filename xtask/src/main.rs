@@ -86,14 +86,15 @@ enum Task {
     },
 
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
-    /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, then `bench-exec`.
+    /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
+    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too).
     ///
-    /// After `--`, `ebpf`, `lifecycle` or `exec` runs that one alone with the arguments that
-    /// follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`,
-    /// `cargo xtask bench -- exec 1000 256`); without a name all run, and any arguments go to
-    /// bench-ebpf (`cargo xtask bench -- 20`).
+    /// After `--`, `ebpf`, `lifecycle`, `exec` or `accounting` runs that one alone with the
+    /// arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle
+    /// 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench -- accounting 100 30 2`);
+    /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -254,7 +255,10 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 3] = ["ebpf", "lifecycle", "exec"];
+const BENCHES: [&str; 4] = ["ebpf", "lifecycle", "exec", "accounting"];
+/// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
+/// program two clock reads per run, so the others run without them).
+const BENCHES_WITH_BPF_STATS: [&str; 2] = ["ebpf", "accounting"];
 
 /// Which benchmarks run, each with its arguments: a leading name picks one, otherwise all
 /// run and the arguments go to the first (bench-ebpf).
@@ -285,9 +289,7 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
         if !bench.is_file() {
             bail!("{} is missing after its build", bench.display());
         }
-        // Only bench-ebpf reads the kernel's per-program statistics; they cost every eBPF
-        // program two clock reads per run, so the other benchmarks run without them.
-        let stats = if *name == "ebpf" {
+        let stats = if BENCHES_WITH_BPF_STATS.contains(name) {
             step("bench", &format!("{} with {BPF_STATS_SYSCTL}=1", bench.display()));
             Some(BpfStats::enable()?)
         } else {
@@ -333,11 +335,15 @@ mod tests {
     #[test]
     fn bench_runs_all_or_the_one_named() {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(bench_plan(&[]), [("ebpf", args(&[])), ("lifecycle", args(&[])), ("exec", args(&[]))]);
+        assert_eq!(
+            bench_plan(&[]),
+            [("ebpf", args(&[])), ("lifecycle", args(&[])), ("exec", args(&[])), ("accounting", args(&[]))]
+        );
         assert_eq!(
             bench_plan(&args(&["20"])),
-            [("ebpf", args(&["20"])), ("lifecycle", args(&[])), ("exec", args(&[]))]
+            [("ebpf", args(&["20"])), ("lifecycle", args(&[])), ("exec", args(&[])), ("accounting", args(&[]))]
         );
+        assert_eq!(bench_plan(&args(&["accounting", "100", "30"])), [("accounting", args(&["100", "30"]))]);
         assert_eq!(bench_plan(&args(&["exec", "100"])), [("exec", args(&["100"]))]);
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);

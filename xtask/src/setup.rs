@@ -45,10 +45,12 @@ const BPF_LINKER_FEATURE: &str = "llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Python packages of the RPC compatibility test (`tests/python/callosum_client.py`): the
-/// real callosum with its ZeroMQ and snappy extras, pinned.
-pub const PYTHON_PACKAGES: &[&str] = &["callosum==1.0.3", "pyzmq==27.2.0", "python-snappy==0.7.3", "msgpack==1.2.4"];
-/// What the test imports; setup installs [`PYTHON_PACKAGES`] when this fails.
-const PYTHON_IMPORT_CHECK: &str = "import callosum, zmq, snappy, msgpack";
+/// real callosum with its ZeroMQ and snappy extras, pinned; and aiodocker, with which the
+/// accounting benchmark's Python baselines poll Docker as the Python agent does.
+pub const PYTHON_PACKAGES: &[&str] =
+    &["callosum==1.0.3", "pyzmq==27.2.0", "python-snappy==0.7.3", "msgpack==1.2.4", "aiodocker==0.24.0"];
+/// What the test and the benchmark import; setup installs [`PYTHON_PACKAGES`] when this fails.
+const PYTHON_IMPORT_CHECK: &str = "import callosum, zmq, snappy, msgpack, aiodocker";
 
 /// Prints `==> step: what`.
 pub fn step(name: &str, what: &str) {
@@ -267,7 +269,7 @@ fn tracefs() -> Result<()> {
 /// Installs the callosum test's Python packages for the `python3` on PATH, the one the
 /// test runs (it may be a pyenv or venv interpreter rather than Debian's /usr/bin/python3).
 fn python_packages() -> Result<()> {
-    step("python", &format!("Python packages for the callosum test: {}", PYTHON_PACKAGES.join(" ")));
+    step("python", &format!("Python packages for the callosum test and the baselines: {}", PYTHON_PACKAGES.join(" ")));
     let interpreter = cmd::output(Command::new("python3").args(["-c", "import sys; print(sys.executable)"]))
         .context("`python3` is not on PATH; the RPC compatibility test runs it (Debian: apt-get install python3)")?;
     println!("    python3 is {interpreter}");

@@ -717,7 +717,7 @@ impl KernelManager {
         }
         tracing::info!(kernel_id, reason, "kernel destroyed");
         // The last measurements, as the manager keeps them in `last_stat`.
-        Ok(self.metrics.kernel_measurements(kernel_id).map_or(Value::Nil, |last| last.to_value()))
+        Ok(self.metrics.kernel_measurements(kernel_id).unwrap_or(Value::Nil))
     }
 
     /// `restart_kernel`: a new container over the same scratch, allocation and ports.

@@ -126,6 +126,20 @@ impl Collector for AgentCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(snapshot.lost_events).encode(lost)?;
+        let passes = encoder.encode_descriptor(
+            "backendai_agent_monitor_passes",
+            "Sampling passes the monitor has made (one per monitor.interval).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(snapshot.passes).encode(passes)?;
+        let duration = encoder.encode_descriptor(
+            "backendai_agent_monitor_pass_duration",
+            "How long the latest sampling pass took: every container, the node and its devices.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(snapshot.pass_duration.as_secs_f64()).encode(duration)?;
         Ok(())
     }
 }
@@ -149,6 +163,8 @@ mod tests {
             sources,
             lost_events: 2,
             maps: vec![MapUsage { map: "CGROUP_SLOTS", entries: 3, capacity: 1024 }],
+            passes: 5,
+            pass_duration: std::time::Duration::from_micros(250),
             ..MonitorSnapshot::default()
         });
         let text = scrape(&registry(state, "i-test"));
@@ -162,6 +178,8 @@ mod tests {
             "backendai_agent_ebpf_map_entries{map=\"CGROUP_SLOTS\"} 3",
             "backendai_agent_ebpf_map_capacity{map=\"CGROUP_SLOTS\"} 1024",
             "backendai_agent_ebpf_lost_events_total 2",
+            "backendai_agent_monitor_passes_total 5",
+            "backendai_agent_monitor_pass_duration_seconds 0.00025",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

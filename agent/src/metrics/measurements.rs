@@ -9,6 +9,9 @@
 //! rate between its last two samples; a metric with no capacity of its own takes its first
 //! value as capacity. One deliberate difference: for metrics whose `current` is a rate
 //! (`cpu_util`, `net_*`) the statistics are of that rate, not of the cumulative input.
+//!
+//! Every sample only updates numbers (`f64`, exact for integers below 2^53); the decimal
+//! strings are made when someone reads them (the stats writer, `destroy_kernel`).
 
 use std::{
     collections::HashMap,
@@ -22,7 +25,6 @@ use prometheus_client::{
     metrics::{MetricType, gauge::ConstGauge},
 };
 use rmpv::Value;
-use rust_decimal::{Decimal, RoundingStrategy, prelude::ToPrimitive};
 
 use super::{MetricsState, MonitorSnapshot};
 use crate::docker::KernelContainer;
@@ -67,66 +69,55 @@ const CUDA_UTIL: Definition =
     Definition { key: "cuda_util", unit_hint: "percent", current: Current::Raw, stats: &["avg", "max"] };
 
 /// A kernel's `cpu_util` capacity: 1000 ms of CPU per second, one core (as Backend.AI).
-const ONE_CORE_MS: Decimal = Decimal::from_parts(1000, 0, 0, false, 0);
+const ONE_CORE_MS: f64 = 1000.0;
 
 /// The moving statistics of one metric.
 #[derive(Debug, Clone, Default)]
 struct MovingStats {
-    min: Option<Decimal>,
-    max: Option<Decimal>,
-    sum: Decimal,
+    min: Option<f64>,
+    max: Option<f64>,
+    sum: f64,
     count: u64,
-    /// The last two (input, time) points, newest last.
-    last: Vec<(Decimal, Instant)>,
 }
 
 impl MovingStats {
-    fn push_point(&mut self, input: Decimal, at: Instant) {
-        if self.last.len() == 2 {
-            self.last.remove(0);
-        }
-        self.last.push((input, at));
-    }
-
-    fn observe(&mut self, value: Decimal) {
+    fn observe(&mut self, value: f64) {
         self.min = Some(self.min.map_or(value, |m| m.min(value)));
         self.max = Some(self.max.map_or(value, |m| m.max(value)));
         self.sum += value;
         self.count += 1;
     }
 
+    fn avg(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }
+    }
+}
+
+/// The last two points of a metric's raw input, newest last.
+#[derive(Debug, Clone, Copy, Default)]
+struct Points {
+    older: Option<(f64, Instant)>,
+    newer: Option<(f64, Instant)>,
+}
+
+impl Points {
+    fn push(&mut self, value: f64, at: Instant) {
+        self.older = self.newer.replace((value, at));
+    }
+
     /// Change between the last two points; 0 for fewer points or a counter reset.
-    fn diff(&self) -> Decimal {
-        match self.last.as_slice() {
-            [(older, _), (newer, _)] if newer >= older => newer - older,
-            _ => Decimal::ZERO,
+    fn diff(&self) -> f64 {
+        match (self.older, self.newer) {
+            (Some((older, _)), Some((newer, _))) if newer >= older => newer - older,
+            _ => 0.0,
         }
     }
 
     /// The diff per second.
-    fn rate(&self) -> Decimal {
-        match self.last.as_slice() {
-            [(_, t0), (_, t1)] => {
-                let seconds = Decimal::from_f64_retain(t1.duration_since(*t0).as_secs_f64()).unwrap_or_default();
-                if seconds.is_zero() { Decimal::ZERO } else { self.diff() / seconds }
-            }
-            _ => Decimal::ZERO,
-        }
-    }
-
-    fn avg(&self) -> Decimal {
-        if self.count == 0 { Decimal::ZERO } else { self.sum / Decimal::from(self.count) }
-    }
-
-    fn get(&self, name: &str) -> Decimal {
-        match name {
-            "min" => self.min.unwrap_or_default(),
-            "max" => self.max.unwrap_or_default(),
-            "sum" => self.sum,
-            "avg" => self.avg(),
-            "diff" => self.diff(),
-            "rate" => self.rate(),
-            _ => Decimal::ZERO,
+    fn rate(&self) -> f64 {
+        match (self.older, self.newer) {
+            (Some((_, t0)), Some((_, t1))) if t1 > t0 => self.diff() / t1.duration_since(t0).as_secs_f64(),
+            _ => 0.0,
         }
     }
 }
@@ -135,240 +126,254 @@ impl MovingStats {
 #[derive(Debug, Clone)]
 struct Metric {
     definition: Definition,
-    capacity: Option<Decimal>,
+    capacity: Option<f64>,
     /// The latest raw input (what the Prometheus utilization gauges export).
-    raw: Decimal,
-    current: Decimal,
-    /// Points of the raw input, for rate and diff.
-    inputs: MovingStats,
+    raw: f64,
+    current: f64,
+    inputs: Points,
     /// Statistics of `current`.
     stats: MovingStats,
 }
 
 impl Metric {
-    fn new(definition: Definition, capacity: Option<Decimal>) -> Metric {
+    fn new(definition: Definition, capacity: Option<f64>) -> Metric {
         Metric {
             definition,
             capacity,
-            raw: Decimal::ZERO,
-            current: Decimal::ZERO,
-            inputs: MovingStats::default(),
+            raw: 0.0,
+            current: 0.0,
+            inputs: Points::default(),
             stats: MovingStats::default(),
         }
     }
 
-    fn update(&mut self, raw: Decimal, capacity: Option<Decimal>, at: Instant) {
+    fn update(&mut self, raw: f64, capacity: Option<f64>, at: Instant) {
         if capacity.is_some() {
             self.capacity = capacity;
         }
         self.raw = raw;
-        self.inputs.push_point(raw, at);
+        self.inputs.push(raw, at);
         self.current = match self.definition.current {
             Current::Raw => raw,
             Current::Rate => self.inputs.rate(),
             Current::Diff => self.inputs.diff(),
         };
-        // For rate and diff metrics the first sample has nothing to compare with yet.
         // A rate or diff needs two samples: the first one has none yet and is left out.
-        if self.definition.current == Current::Raw || self.inputs.last.len() == 2 {
+        if self.definition.current == Current::Raw || self.inputs.older.is_some() {
             self.stats.observe(self.current);
         }
     }
 
-    fn value(&self) -> MetricValue {
-        let pct = match self.capacity {
-            Some(capacity) if capacity > Decimal::ZERO => {
-                format_decimal(self.current / capacity * Decimal::ONE_HUNDRED, 2)
-            }
-            _ => "0.00".to_owned(),
-        };
-        MetricValue {
-            key: self.definition.key,
-            current: format_decimal(self.current, 3),
-            capacity: self.capacity.map(|c| format_decimal(c, 3)),
-            pct,
-            unit_hint: self.definition.unit_hint,
-            stats: self
-                .definition
-                .stats
-                .iter()
-                .map(|&name| {
-                    // A raw metric's rate is of its input; the rest are statistics of current.
-                    let value =
-                        if name == "rate" || name == "diff" { self.inputs.get(name) } else { self.stats.get(name) };
-                    (name, format_decimal(value, 3))
-                })
-                .collect(),
+    fn stat(&self, name: &str) -> f64 {
+        match name {
+            "min" => self.stats.min.unwrap_or(0.0),
+            "max" => self.stats.max.unwrap_or(0.0),
+            "sum" => self.stats.sum,
+            "avg" => self.stats.avg(),
+            // Of the raw input, as Backend.AI's io_read/io_write `stats.rate`.
+            "diff" => self.inputs.diff(),
+            "rate" => self.inputs.rate(),
+            _ => 0.0,
+        }
+    }
+
+    /// `{"current", "capacity", "pct", "unit_hint", "stats.<name>"…}` as msgpack.
+    fn write(&self, out: &mut Vec<u8>) {
+        write_map_len(out, 4 + self.definition.stats.len());
+        write_str(out, "current");
+        write_number(out, self.current, 3);
+        write_str(out, "capacity");
+        match self.capacity {
+            Some(capacity) => write_number(out, capacity, 3),
+            None => out.push(NIL),
+        }
+        write_str(out, "pct");
+        match self.capacity {
+            Some(capacity) if capacity > 0.0 => write_number(out, self.current / capacity * 100.0, 2),
+            _ => write_str(out, "0.00"),
+        }
+        write_str(out, "unit_hint");
+        write_str(out, self.definition.unit_hint);
+        for name in self.definition.stats {
+            write_str(out, &format!("stats.{name}"));
+            write_number(out, self.stat(name), 3);
         }
     }
 }
 
-/// Backend.AI's number format: rounded half-even to `places`, trailing zeros dropped.
-pub fn format_decimal(value: Decimal, places: u32) -> String {
-    value.round_dp_with_strategy(places, RoundingStrategy::MidpointNearestEven).normalize().to_string()
+/// msgpack's nil.
+const NIL: u8 = 0xc0;
+
+/// Backend.AI's number format: rounded half-even to `places` decimals, trailing zeros
+/// dropped (`"1234.5"`, `"1073741824"`, `"50"`).
+pub fn format_number(value: f64, places: u32) -> String {
+    let mut digits = [0u8; 48];
+    String::from_utf8_lossy(number_digits(value, places, &mut digits)).into_owned()
 }
 
-/// One metric's serialisable value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricValue {
-    pub key: &'static str,
-    pub current: String,
-    pub capacity: Option<String>,
-    pub pct: String,
-    pub unit_hint: &'static str,
-    pub stats: Vec<(&'static str, String)>,
-}
-
-impl MetricValue {
-    /// `{"current", "capacity", "pct", "unit_hint", "stats.<name>"…}`.
-    pub fn to_value(&self) -> Value {
-        let mut entries = vec![
-            (Value::from("current"), Value::from(self.current.as_str())),
-            (Value::from("capacity"), self.capacity.as_deref().map_or(Value::Nil, Value::from)),
-            (Value::from("pct"), Value::from(self.pct.as_str())),
-            (Value::from("unit_hint"), Value::from(self.unit_hint)),
-        ];
-        for (name, value) in &self.stats {
-            entries.push((Value::from(format!("stats.{name}")), Value::from(value.as_str())));
+/// [`format_number`] into `buf`, without allocating (there are thousands per stats write).
+fn number_digits(value: f64, places: u32, buf: &mut [u8; 48]) -> &[u8] {
+    let scale = 10u128.pow(places.min(6));
+    let scaled = if value.is_finite() { (value * scale as f64).round_ties_even() } else { 0.0 };
+    let mut units = scaled.abs() as u128;
+    // Digits from the right: the fraction (dropping trailing zeros), the point, the whole part.
+    let mut at = buf.len();
+    let mut fraction_digits = places.min(6);
+    let mut seen_nonzero = false;
+    while fraction_digits > 0 {
+        let digit = (units % 10) as u8;
+        units /= 10;
+        fraction_digits -= 1;
+        if digit != 0 || seen_nonzero {
+            seen_nonzero = true;
+            at -= 1;
+            buf[at] = b'0' + digit;
         }
-        Value::Map(entries)
     }
-}
-
-/// A kernel's metrics at one sample.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct KernelMeasurements {
-    pub values: Vec<MetricValue>,
-    /// (metric key, raw input, capacity) for the Prometheus gauges.
-    pub raw: Vec<(&'static str, f64, Option<f64>)>,
-}
-
-impl KernelMeasurements {
-    /// `{metric_key: measurement}`, what the manager reads from Redis under the kernel id.
-    pub fn to_value(&self) -> Value {
-        Value::Map(self.values.iter().map(|v| (Value::from(v.key), v.to_value())).collect())
+    if seen_nonzero {
+        at -= 1;
+        buf[at] = b'.';
     }
-
-    pub fn get(&self, key: &str) -> Option<&MetricValue> {
-        self.values.iter().find(|v| v.key == key)
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (units % 10) as u8;
+        units /= 10;
+        if units == 0 || at == 1 {
+            break;
+        }
     }
-}
-
-/// The node's metrics and, per metric key, its devices' (`"0"`, `"root"`, `"/dev/vda"`, …).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeMeasurements {
-    pub node: Vec<MetricValue>,
-    pub devices: Vec<(&'static str, Vec<(String, MetricValue)>)>,
-    /// (metric key, device id, raw, capacity) of device metrics, for Prometheus.
-    pub raw_devices: Vec<(&'static str, String, f64, Option<f64>)>,
-}
-
-impl NodeMeasurements {
-    /// `{"node": {...}, "devices": {...}}`, what the manager reads under the agent id.
-    pub fn to_value(&self) -> Value {
-        let node = Value::Map(self.node.iter().map(|v| (Value::from(v.key), v.to_value())).collect());
-        let devices = Value::Map(
-            self.devices
-                .iter()
-                .map(|(key, per_device)| {
-                    let inner = per_device.iter().map(|(id, v)| (Value::from(id.as_str()), v.to_value())).collect();
-                    (Value::from(*key), Value::Map(inner))
-                })
-                .collect(),
-        );
-        Value::Map(vec![(Value::from("node"), node), (Value::from("devices"), devices)])
+    if scaled < 0.0 && (seen_nonzero || buf[at..] != *b"0") {
+        at -= 1;
+        buf[at] = b'-';
     }
+    &buf[at..]
 }
 
-/// The measurements of one snapshot.
-#[derive(Debug, Clone, Default)]
-pub struct MeasuredSnapshot {
-    pub kernels: Vec<(Arc<KernelContainer>, KernelMeasurements)>,
-    pub node: NodeMeasurements,
+fn write_number(out: &mut Vec<u8>, value: f64, places: u32) {
+    let mut digits = [0u8; 48];
+    let digits = number_digits(value, places, &mut digits);
+    // The digits are ASCII; a msgpack str is its length and bytes.
+    let _ = rmp::encode::write_str_len(out, u32::try_from(digits.len()).unwrap_or(0));
+    out.extend_from_slice(digits);
+}
+
+fn write_str(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_str(out, text);
+}
+
+fn write_map_len(out: &mut Vec<u8>, len: usize) {
+    let _ = rmp::encode::write_map_len(out, u32::try_from(len).unwrap_or(u32::MAX));
 }
 
 /// A metric set that keeps its metrics' history across samples.
 #[derive(Debug, Clone, Default)]
 struct MetricSet {
     metrics: Vec<Metric>,
+    /// Where the next update of this sample probably goes ([`MetricSet::start_sample`] resets it).
+    cursor: usize,
 }
 
 impl MetricSet {
-    /// Feeds one input; the first time, `capacity` (or the input itself) becomes its capacity.
-    fn update(
-        &mut self,
-        definition: Definition,
-        raw: Decimal,
-        capacity: Option<Decimal>,
-        fixed_first: bool,
-        at: Instant,
-    ) {
-        let metric = match self.metrics.iter_mut().position(|m| m.definition.key == definition.key) {
+    /// Feeds one input; the first time, `capacity` (or, with `fixed_first`, the input
+    /// itself) becomes its capacity.
+    fn update(&mut self, definition: Definition, raw: f64, capacity: Option<f64>, fixed_first: bool, at: Instant) {
+        // Callers feed a set's metrics in the same order every time: try the next slot first.
+        let next = self.cursor;
+        self.cursor += 1;
+        let found = match self.metrics.get(next) {
+            Some(metric) if metric.definition.key == definition.key => Some(next),
+            _ => self.metrics.iter().position(|m| m.definition.key == definition.key),
+        };
+        let metric = match found {
             Some(index) => &mut self.metrics[index],
             None => {
                 let first_capacity = if fixed_first { capacity.or(Some(raw)) } else { capacity };
                 self.metrics.push(Metric::new(definition, first_capacity));
-                self.metrics.last_mut().expect("just pushed")
+                let last = self.metrics.len() - 1;
+                &mut self.metrics[last]
             }
         };
         metric.update(raw, capacity, at);
     }
 
-    fn values(&self) -> Vec<MetricValue> {
-        self.metrics.iter().map(Metric::value).collect()
+    fn start_sample(&mut self) {
+        self.cursor = 0;
     }
 
-    fn raw(&self) -> Vec<(&'static str, f64, Option<f64>)> {
-        self.metrics
-            .iter()
-            .map(|m| (m.definition.key, m.raw.to_f64().unwrap_or(0.0), m.capacity.and_then(|c| c.to_f64())))
-            .collect()
+    /// `{metric_key: measurement}` as msgpack.
+    fn write(&self, out: &mut Vec<u8>) {
+        write_map_len(out, self.metrics.len());
+        for metric in &self.metrics {
+            write_str(out, metric.definition.key);
+            metric.write(out);
+        }
+    }
+
+    /// (metric key, raw input, capacity) per metric.
+    fn raw(&self) -> impl Iterator<Item = (&'static str, f64, Option<f64>)> + '_ {
+        self.metrics.iter().map(|m| (m.definition.key, m.raw, m.capacity))
     }
 }
 
-fn decimal(value: u64) -> Decimal {
-    Decimal::from(value)
+/// One kernel's metrics and whose they are.
+#[derive(Debug)]
+struct KernelEntry {
+    kernel: Arc<KernelContainer>,
+    metrics: MetricSet,
+    seen: Instant,
 }
 
-/// Milliseconds, to 3 decimals, of a nanosecond count.
-fn ms_of_ns(ns: u64) -> Decimal {
-    Decimal::from(ns) / Decimal::from(1_000_000u64)
+/// Milliseconds of a nanosecond count.
+fn ms_of_ns(ns: u64) -> f64 {
+    ns as f64 / 1e6
 }
 
 /// Every kernel's and the node's metrics, kept across snapshots.
 #[derive(Debug, Default)]
 pub struct Measurements {
-    kernels: HashMap<String, (MetricSet, Instant)>,
+    kernels: HashMap<String, KernelEntry>,
     node: MetricSet,
     /// Per metric key and device id.
     devices: Vec<(&'static str, Vec<(String, MetricSet)>)>,
+    /// When the latest snapshot was fed.
+    latest: Option<Instant>,
 }
 
 impl Measurements {
-    /// Feeds a snapshot and returns what it measures.
-    pub fn update(&mut self, snapshot: &MonitorSnapshot) -> MeasuredSnapshot {
-        self.update_at(snapshot, Instant::now())
+    /// Feeds a snapshot taken now.
+    pub fn update(&mut self, snapshot: &MonitorSnapshot) {
+        self.update_at(snapshot, Instant::now());
     }
 
-    pub fn update_at(&mut self, snapshot: &MonitorSnapshot, at: Instant) -> MeasuredSnapshot {
-        let mut kernels = Vec::with_capacity(snapshot.containers.len());
+    pub fn update_at(&mut self, snapshot: &MonitorSnapshot, at: Instant) {
         for sample in &snapshot.containers {
-            let (set, seen) =
-                self.kernels.entry(sample.kernel.kernel_id.clone()).or_insert_with(|| (MetricSet::default(), at));
-            *seen = at;
-            let r = &sample.readings;
+            let entry = match self.kernels.get_mut(sample.kernel.kernel_id.as_str()) {
+                Some(entry) => entry,
+                None => self.kernels.entry(sample.kernel.kernel_id.clone()).or_insert_with(|| KernelEntry {
+                    kernel: sample.kernel.clone(),
+                    metrics: MetricSet::default(),
+                    seen: at,
+                }),
+            };
+            entry.seen = at;
+            if !Arc::ptr_eq(&entry.kernel, &sample.kernel) {
+                entry.kernel = sample.kernel.clone();
+            }
+            let (set, r) = (&mut entry.metrics, &sample.readings);
+            set.start_sample();
             let cpu_ms = ms_of_ns(r.counters.cpu_ns);
             set.update(CPU_UTIL, cpu_ms, Some(ONE_CORE_MS), true, at);
             set.update(CPU_USED, cpu_ms, None, true, at);
-            set.update(MEM, decimal(r.memory.working_set), r.memory.limit.map(decimal), true, at);
-            set.update(IO_READ, decimal(r.counters.io_read_bytes), None, true, at);
-            set.update(IO_WRITE, decimal(r.counters.io_write_bytes), None, true, at);
-            set.update(NET_RX, decimal(r.counters.rx_bytes), None, true, at);
-            set.update(NET_TX, decimal(r.counters.tx_bytes), None, true, at);
-            kernels.push((sample.kernel.clone(), KernelMeasurements { values: set.values(), raw: set.raw() }));
+            set.update(MEM, r.memory.working_set as f64, r.memory.limit.map(|l| l as f64), true, at);
+            set.update(IO_READ, r.counters.io_read_bytes as f64, None, true, at);
+            set.update(IO_WRITE, r.counters.io_write_bytes as f64, None, true, at);
+            set.update(NET_RX, r.counters.rx_bytes as f64, None, true, at);
+            set.update(NET_TX, r.counters.tx_bytes as f64, None, true, at);
         }
-        self.kernels.retain(|_, (_, seen)| at.duration_since(*seen) < KERNEL_RETENTION);
-        MeasuredSnapshot { kernels, node: self.update_node(snapshot, at) }
+        self.kernels.retain(|_, entry| at.duration_since(entry.seen) < KERNEL_RETENTION);
+        self.update_node(snapshot, at);
+        self.latest = Some(at);
     }
 
     fn device(&mut self, key: &'static str, device: &str) -> &mut MetricSet {
@@ -390,7 +395,7 @@ impl Measurements {
         &mut per_device[index].1
     }
 
-    fn update_node(&mut self, snapshot: &MonitorSnapshot, at: Instant) -> NodeMeasurements {
+    fn update_node(&mut self, snapshot: &MonitorSnapshot, at: Instant) {
         let node = &snapshot.node;
         // The node's (and each core's) CPU capacity is the wall time since the last sample,
         // as in the Python agent, so the node's pct reaches 100 per busy core.
@@ -399,9 +404,8 @@ impl Measurements {
             .metrics
             .iter()
             .find(|m| m.definition.key == "cpu_util")
-            .and_then(|m| m.inputs.last.last())
-            .map(|(_, t)| Decimal::from_f64_retain(at.duration_since(*t).as_secs_f64() * 1000.0).unwrap_or_default())
-            .unwrap_or_default();
+            .and_then(|m| m.inputs.newer)
+            .map_or(0.0, |(_, t)| at.duration_since(t).as_secs_f64() * 1000.0);
         let total_busy: u64 = node.cores.iter().map(|c| c.busy_ns).sum();
         self.node.update(NODE_CPU_UTIL, ms_of_ns(total_busy), Some(wall_ms), false, at);
         for core in &node.cores {
@@ -413,74 +417,84 @@ impl Measurements {
                 at,
             );
         }
-        let mem_used = decimal(node.mem_used_bytes());
-        let mem_total = Some(decimal(node.mem_total_bytes));
+        let mem_used = node.mem_used_bytes() as f64;
+        let mem_total = Some(node.mem_total_bytes as f64);
         self.node.update(MEM, mem_used, mem_total, false, at);
         self.device("mem", "root").update(MEM, mem_used, mem_total, false, at);
         let disk_used: u64 = node.disks.iter().map(|d| d.used_bytes).sum();
         let disk_total: u64 = node.disks.iter().map(|d| d.total_bytes).sum();
-        self.node.update(DISK, decimal(disk_used), Some(decimal(disk_total)), false, at);
+        self.node.update(DISK, disk_used as f64, Some(disk_total as f64), false, at);
         for disk in &node.disks {
             self.device("disk", &disk.device).update(
                 DISK,
-                decimal(disk.used_bytes),
-                Some(decimal(disk.total_bytes)),
+                disk.used_bytes as f64,
+                Some(disk.total_bytes as f64),
                 false,
                 at,
             );
         }
         for (definition, bytes) in [(NET_RX, node.net_rx_bytes), (NET_TX, node.net_tx_bytes)] {
-            self.node.update(definition, decimal(bytes), None, false, at);
-            self.device(definition.key, "node").update(definition, decimal(bytes), None, false, at);
+            self.node.update(definition, bytes as f64, None, false, at);
+            self.device(definition.key, "node").update(definition, bytes as f64, None, false, at);
         }
         let accelerators: Vec<_> = snapshot.devices.iter().flat_map(|plugin| plugin.devices.iter()).collect();
         if !accelerators.is_empty() {
             let mem_used: u64 = accelerators.iter().map(|d| d.mem_used_bytes).sum();
             let mem_total: u64 = accelerators.iter().map(|d| d.mem_total_bytes).sum();
             let util: u64 = accelerators.iter().map(|d| u64::from(d.utilization_pct)).sum();
-            self.node.update(CUDA_MEM, decimal(mem_used), Some(decimal(mem_total)), false, at);
-            self.node.update(CUDA_UTIL, decimal(util), Some(decimal(100 * accelerators.len() as u64)), false, at);
+            self.node.update(CUDA_MEM, mem_used as f64, Some(mem_total as f64), false, at);
+            self.node.update(CUDA_UTIL, util as f64, Some(100.0 * accelerators.len() as f64), false, at);
             for device in &accelerators {
-                self.device("cuda_mem", &device.id).update(
-                    CUDA_MEM,
-                    decimal(device.mem_used_bytes),
-                    Some(decimal(device.mem_total_bytes)),
-                    false,
-                    at,
-                );
-                self.device("cuda_util", &device.id).update(
-                    CUDA_UTIL,
-                    decimal(u64::from(device.utilization_pct)),
-                    Some(Decimal::ONE_HUNDRED),
-                    false,
-                    at,
-                );
+                let (mem_used, mem_total) = (device.mem_used_bytes as f64, device.mem_total_bytes as f64);
+                self.device("cuda_mem", &device.id).update(CUDA_MEM, mem_used, Some(mem_total), false, at);
+                let util = f64::from(device.utilization_pct);
+                self.device("cuda_util", &device.id).update(CUDA_UTIL, util, Some(100.0), false, at);
             }
-        }
-        NodeMeasurements {
-            node: self.node.values(),
-            devices: self
-                .devices
-                .iter()
-                .map(|(key, per_device)| {
-                    (*key, per_device.iter().map(|(id, set)| (id.clone(), set.values().remove(0))).collect())
-                })
-                .collect(),
-            raw_devices: self
-                .devices
-                .iter()
-                .flat_map(|(key, per_device)| {
-                    per_device.iter().flat_map(move |(id, set)| {
-                        set.raw().into_iter().map(move |(_, raw, capacity)| (*key, id.clone(), raw, capacity))
-                    })
-                })
-                .collect(),
         }
     }
 
-    /// The last measurements of a kernel seen in the last [`KERNEL_RETENTION`].
-    pub fn last_of_kernel(&self, kernel_id: &str) -> Option<KernelMeasurements> {
-        self.kernels.get(kernel_id).map(|(set, _)| KernelMeasurements { values: set.values(), raw: set.raw() })
+    /// Every kernel of the latest snapshot with its `{metric_key: measurement}` in msgpack,
+    /// what the manager reads from Redis under the kernel id.
+    pub fn latest_kernels(&self) -> Vec<(&str, Vec<u8>)> {
+        self.kernels
+            .iter()
+            .filter(|(_, entry)| Some(entry.seen) == self.latest)
+            .map(|(kernel_id, entry)| {
+                let mut out = Vec::with_capacity(512);
+                entry.metrics.write(&mut out);
+                (kernel_id.as_str(), out)
+            })
+            .collect()
+    }
+
+    /// The node's `{"node": {...}, "devices": {metric_key: {device_id: measurement}}}` in
+    /// msgpack, what the manager reads under the agent id.
+    pub fn node(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        write_map_len(&mut out, 2);
+        write_str(&mut out, "node");
+        self.node.write(&mut out);
+        write_str(&mut out, "devices");
+        write_map_len(&mut out, self.devices.len());
+        for (key, per_device) in &self.devices {
+            write_str(&mut out, key);
+            let measured: Vec<_> = per_device.iter().filter_map(|(id, set)| Some((id, set.metrics.first()?))).collect();
+            write_map_len(&mut out, measured.len());
+            for (id, metric) in measured {
+                write_str(&mut out, id);
+                metric.write(&mut out);
+            }
+        }
+        out
+    }
+
+    /// The last measurements of a kernel seen in the last [`KERNEL_RETENTION`], as a value
+    /// (what `destroy_kernel` returns).
+    pub fn kernel(&self, kernel_id: &str) -> Option<Value> {
+        let entry = self.kernels.get(kernel_id)?;
+        let mut out = Vec::with_capacity(512);
+        entry.metrics.write(&mut out);
+        rmpv::decode::read_value(&mut out.as_slice()).ok()
     }
 }
 
@@ -514,49 +528,55 @@ pub struct UtilizationCollector {
 
 impl Collector for UtilizationCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let measured = self.state.latest_measurements();
-        let mut family = encoder.encode_descriptor(
-            "backendai_container_utilization",
-            "Backend.AI's per-kernel measurements: the raw input (current) and its capacity.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (kernel, measurements) in &measured.kernels {
-            for &(key, raw, capacity) in &measurements.raw {
-                for (value_type, value) in [("current", Some(raw)), ("capacity", capacity)] {
-                    let Some(value) = value else { continue };
-                    let labels = ContainerUtilizationLabels {
-                        container_metric_name: key,
-                        agent_id: self.agent_id.clone(),
-                        kernel_id: kernel.kernel_id.clone(),
-                        session_id: kernel.session_id.clone(),
-                        user_id: kernel.owner_user_id.clone(),
-                        project_id: kernel.owner_project_id.clone(),
-                        value_type,
-                    };
-                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        self.state.with_measurements(|measurements| {
+            let mut family = encoder.encode_descriptor(
+                "backendai_container_utilization",
+                "Backend.AI's per-kernel measurements: the raw input (current) and its capacity.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for entry in measurements.kernels.values().filter(|entry| Some(entry.seen) == measurements.latest) {
+                let kernel = &entry.kernel;
+                for (key, raw, capacity) in entry.metrics.raw() {
+                    for (value_type, value) in [("current", Some(raw)), ("capacity", capacity)] {
+                        let Some(value) = value else { continue };
+                        let labels = ContainerUtilizationLabels {
+                            container_metric_name: key,
+                            agent_id: self.agent_id.clone(),
+                            kernel_id: kernel.kernel_id.clone(),
+                            session_id: kernel.session_id.clone(),
+                            user_id: kernel.owner_user_id.clone(),
+                            project_id: kernel.owner_project_id.clone(),
+                            value_type,
+                        };
+                        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                    }
                 }
             }
-        }
-        let mut family = encoder.encode_descriptor(
-            "backendai_device_utilization",
-            "Backend.AI's per-device measurements of the node: the raw input (current) and its capacity.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (key, device, raw, capacity) in &measured.node.raw_devices {
-            for (value_type, value) in [("current", Some(*raw)), ("capacity", *capacity)] {
-                let Some(value) = value else { continue };
-                let labels = DeviceUtilizationLabels {
-                    device_metric_name: key,
-                    agent_id: self.agent_id.clone(),
-                    device_id: device.clone(),
-                    value_type,
-                };
-                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            let mut family = encoder.encode_descriptor(
+                "backendai_device_utilization",
+                "Backend.AI's per-device measurements of the node: the raw input (current) and its capacity.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (key, per_device) in &measurements.devices {
+                for (device, set) in per_device {
+                    for (_, raw, capacity) in set.raw() {
+                        for (value_type, value) in [("current", Some(raw)), ("capacity", capacity)] {
+                            let Some(value) = value else { continue };
+                            let labels = DeviceUtilizationLabels {
+                                device_metric_name: key,
+                                agent_id: self.agent_id.clone(),
+                                device_id: device.clone(),
+                                value_type,
+                            };
+                            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                        }
+                    }
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -572,12 +592,19 @@ mod tests {
 
     #[test]
     fn numbers_are_formatted_as_backend_ai_does() {
-        assert_eq!(format_decimal(Decimal::new(12345, 1), 3), "1234.5");
-        assert_eq!(format_decimal(Decimal::from(1073741824u64), 3), "1073741824");
-        assert_eq!(format_decimal(Decimal::new(50_000, 3), 2), "50");
-        assert_eq!(format_decimal(Decimal::new(2_5, 3), 2), "0.02");
-        assert_eq!(format_decimal(Decimal::new(3_5, 3), 2), "0.04");
-        assert_eq!(format_decimal(Decimal::ZERO, 3), "0");
+        assert_eq!(format_number(1234.5, 3), "1234.5");
+        assert_eq!(format_number(1073741824.0, 3), "1073741824");
+        assert_eq!(format_number(50.0, 2), "50");
+        assert_eq!(format_number(0.0351, 2), "0.04");
+        assert_eq!(format_number(12.3456, 3), "12.346");
+        assert_eq!(format_number(0.0, 3), "0");
+        assert_eq!(format_number(-0.0001, 3), "0");
+        assert_eq!(format_number(f64::NAN, 3), "0");
+        assert_eq!(format_number(9_007_199_254.740_991, 3), "9007199254.741");
+        assert_eq!(format_number(-2.5, 3), "-2.5");
+        assert_eq!(format_number(100.0, 2), "100");
+        assert_eq!(format_number(0.5, 0), "0");
+        assert_eq!(format_number(1e30, 3), format_number(1e30, 3), "huge values do not panic");
     }
 
     fn sample(cpu_ns: u64, rx: u64, working_set: u64) -> MonitorSnapshot {
@@ -592,52 +619,56 @@ mod tests {
         }
     }
 
+    fn get<'a>(value: &'a Value, key: &str) -> &'a Value {
+        value
+            .as_map()
+            .and_then(|entries| entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v))
+            .unwrap_or_else(|| panic!("no {key} in {value}"))
+    }
+
+    fn text<'a>(value: &'a Value, key: &str) -> &'a str {
+        get(value, key).as_str().unwrap_or_else(|| panic!("{key} is not a string in {value}"))
+    }
+
+    fn keys(value: &Value) -> Vec<&str> {
+        value.as_map().expect("a map").iter().filter_map(|(k, _)| k.as_str()).collect()
+    }
+
     #[test]
     fn kernel_metrics_have_backend_ai_keys_and_rates() {
         let mut measurements = Measurements::default();
         let t0 = Instant::now();
         measurements.update_at(&sample(0, 0, 1 << 29), t0);
         // Half a core for two seconds, 2000 bytes/s in.
-        let measured = measurements.update_at(&sample(1_000_000_000, 4000, 1 << 28), t0 + Duration::from_secs(2));
-        let (_, kernel) = &measured.kernels[0];
-        let keys: Vec<&str> = kernel.values.iter().map(|v| v.key).collect();
-        assert_eq!(keys, ["cpu_util", "cpu_used", "mem", "io_read", "io_write", "net_rx", "net_tx"]);
-        let cpu = kernel.get("cpu_util").expect("cpu_util");
-        assert_eq!((cpu.current.as_str(), cpu.capacity.as_deref(), cpu.pct.as_str()), ("500", Some("1000"), "50"));
-        assert_eq!(cpu.stats, vec![("avg", "500".to_owned()), ("max", "500".to_owned())]);
-        assert_eq!(kernel.get("cpu_used").expect("cpu_used").current, "1000");
-        let mem = kernel.get("mem").expect("mem");
-        assert_eq!(
-            (mem.current.as_str(), mem.capacity.as_deref(), mem.pct.as_str()),
-            ("268435456", Some("1073741824"), "25")
-        );
-        assert_eq!(mem.stats, vec![("max", "536870912".to_owned())]);
-        assert_eq!(kernel.get("net_rx").expect("net_rx").current, "2000");
-        assert_eq!(kernel.get("io_read").expect("io_read").stats, vec![("rate", "0".to_owned())]);
+        measurements.update_at(&sample(1_000_000_000, 4000, 1 << 28), t0 + Duration::from_secs(2));
+        let latest = measurements.latest_kernels();
+        assert_eq!(latest.len(), 1);
+        let (kernel_id, bytes) = &latest[0];
+        assert_eq!(*kernel_id, "k-a");
+        let value = rmpv::decode::read_value(&mut bytes.as_slice()).expect("msgpack");
+        assert_eq!(keys(&value), ["cpu_util", "cpu_used", "mem", "io_read", "io_write", "net_rx", "net_tx"]);
+        let cpu = get(&value, "cpu_util");
+        assert_eq!(keys(cpu), ["current", "capacity", "pct", "unit_hint", "stats.avg", "stats.max"]);
+        assert_eq!((text(cpu, "current"), text(cpu, "capacity"), text(cpu, "pct")), ("500", "1000", "50"));
+        assert_eq!((text(cpu, "stats.avg"), text(cpu, "stats.max"), text(cpu, "unit_hint")), ("500", "500", "percent"));
+        assert_eq!(text(get(&value, "cpu_used"), "current"), "1000");
+        let mem = get(&value, "mem");
+        assert_eq!((text(mem, "current"), text(mem, "capacity"), text(mem, "pct")), ("268435456", "1073741824", "25"));
+        assert_eq!(text(mem, "stats.max"), "536870912");
+        assert_eq!(text(get(&value, "net_rx"), "current"), "2000");
+        assert_eq!(text(get(&value, "io_read"), "stats.rate"), "0");
         // No capacity of its own: the first value (0) is the capacity, so pct is "0.00".
-        let io_write = kernel.get("io_write").expect("io_write");
-        assert_eq!((io_write.capacity.as_deref(), io_write.pct.as_str()), (Some("0"), "0.00"));
+        let io_write = get(&value, "io_write");
+        assert_eq!((text(io_write, "capacity"), text(io_write, "pct")), ("0", "0.00"));
         // The Prometheus gauge gets the raw cumulative input.
-        assert!(kernel.raw.contains(&("cpu_util", 1000.0, Some(1000.0))), "{:?}", kernel.raw);
-        assert!(measurements.last_of_kernel("k-a").is_some());
-        assert!(measurements.last_of_kernel("k-b").is_none());
-    }
-
-    #[test]
-    fn values_serialise_to_the_redis_shape() {
-        let value = MetricValue {
-            key: "mem",
-            current: "10".into(),
-            capacity: None,
-            pct: "0.00".into(),
-            unit_hint: "bytes",
-            stats: vec![("max", "12".into())],
-        };
-        let map = value.to_value();
-        let entries = map.as_map().expect("a map");
-        let keys: Vec<&str> = entries.iter().filter_map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["current", "capacity", "pct", "unit_hint", "stats.max"]);
-        assert_eq!(entries[1].1, Value::Nil);
+        let raw: Vec<_> = measurements.kernels["k-a"].metrics.raw().collect();
+        assert!(raw.contains(&("cpu_util", 1000.0, Some(1000.0))), "{raw:?}");
+        assert_eq!(measurements.kernel("k-a"), Some(value));
+        assert!(measurements.kernel("k-b").is_none());
+        // A kernel missing from the next snapshot is no longer written, but still known.
+        measurements.update_at(&MonitorSnapshot::default(), t0 + Duration::from_secs(3));
+        assert!(measurements.latest_kernels().is_empty());
+        assert!(measurements.kernel("k-a").is_some());
     }
 
     #[test]
@@ -660,20 +691,20 @@ mod tests {
         let mut measurements = Measurements::default();
         let t0 = Instant::now();
         measurements.update_at(&MonitorSnapshot { node: node(0, 0), ..MonitorSnapshot::default() }, t0);
-        let measured = measurements.update_at(
+        measurements.update_at(
             &MonitorSnapshot { node: node(500, 1000), ..MonitorSnapshot::default() },
             t0 + Duration::from_secs(1),
         );
-        let get = |key| measured.node.node.iter().find(|v| v.key == key).cloned().expect("present");
-        assert_eq!(get("cpu_util").current, "500");
-        assert_eq!(get("cpu_util").pct, "50");
-        assert_eq!((get("mem").current.as_str(), get("mem").pct.as_str()), ("750", "75"));
-        assert_eq!(get("disk").current, "40");
-        assert_eq!(get("net_rx").current, "1000");
-        assert_eq!(get("net_rx").capacity, None);
-        let devices: Vec<&str> = measured.node.devices.iter().map(|(k, _)| *k).collect();
-        assert_eq!(devices, ["cpu_util", "mem", "disk", "net_rx", "net_tx"]);
-        let value = measured.node.to_value();
-        assert_eq!(value.as_map().map(|m| m.len()), Some(2));
+        let value = rmpv::decode::read_value(&mut measurements.node().as_slice()).expect("msgpack");
+        let node = get(&value, "node");
+        assert_eq!((text(get(node, "cpu_util"), "current"), text(get(node, "cpu_util"), "pct")), ("500", "50"));
+        assert_eq!((text(get(node, "mem"), "current"), text(get(node, "mem"), "pct")), ("750", "75"));
+        assert_eq!(text(get(node, "disk"), "current"), "40");
+        assert_eq!(text(get(node, "net_rx"), "current"), "1000");
+        assert_eq!(get(get(node, "net_rx"), "capacity"), &Value::Nil);
+        let devices = get(&value, "devices");
+        assert_eq!(keys(devices), ["cpu_util", "mem", "disk", "net_rx", "net_tx"]);
+        assert_eq!(text(get(get(devices, "cpu_util"), "0"), "unit_hint"), "msec");
+        assert_eq!(text(get(get(devices, "mem"), "root"), "capacity"), "1000");
     }
 }

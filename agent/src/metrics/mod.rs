@@ -26,7 +26,7 @@ use crate::{
     monitor::{ContainerReadings, ProgramStats, Sources, node::NodeReadings},
     resources::compute::DeviceReadings,
 };
-pub use measurements::{KernelMeasurements, Measurements};
+pub use measurements::Measurements;
 
 /// One kernel container's readings at the latest sample.
 #[derive(Debug, Clone)]
@@ -56,6 +56,10 @@ pub struct MonitorSnapshot {
     /// Events the eBPF programs could not hand over (ring buffer full).
     pub lost_events: u64,
     pub maps: Vec<MapUsage>,
+    /// Sampling passes the monitor has made, this one included.
+    pub passes: u64,
+    /// How long this pass took (every container, the node, the devices).
+    pub pass_duration: std::time::Duration,
 }
 
 /// Labels on every container series (DESIGN.md "Metrics").
@@ -88,15 +92,18 @@ impl From<&KernelContainer> for ContainerLabels {
 pub struct MetricsState {
     latest: RwLock<Arc<MonitorSnapshot>>,
     measurements: Mutex<Measurements>,
-    latest_measurements: RwLock<Arc<measurements::MeasuredSnapshot>>,
 }
 
 impl MetricsState {
     pub fn publish(&self, snapshot: MonitorSnapshot) {
-        let measured = self.measurements.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).update(&snapshot);
-        // A poisoned lock only means a panicking writer; each value is replaced whole anyway.
-        *self.latest_measurements.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(measured);
+        self.with_measurements(|measurements| measurements.update(&snapshot));
+        // A poisoned lock only means a panicking writer; the snapshot is replaced whole anyway.
         *self.latest.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(snapshot);
+    }
+
+    /// Runs `f` on the measurements (briefly: the monitor waits meanwhile).
+    pub fn with_measurements<T>(&self, f: impl FnOnce(&mut Measurements) -> T) -> T {
+        f(&mut self.measurements.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     /// The latest snapshot; cheap, so a scrape never holds the lock while encoding.
@@ -104,14 +111,9 @@ impl MetricsState {
         self.latest.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    /// Backend.AI's measurements of the latest snapshot.
-    pub fn latest_measurements(&self) -> Arc<measurements::MeasuredSnapshot> {
-        self.latest_measurements.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
-    }
-
     /// The last measurements of one kernel (what `destroy_kernel` returns).
-    pub fn kernel_measurements(&self, kernel_id: &str) -> Option<KernelMeasurements> {
-        self.measurements.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).last_of_kernel(kernel_id)
+    pub fn kernel_measurements(&self, kernel_id: &str) -> Option<rmpv::Value> {
+        self.with_measurements(|measurements| measurements.kernel(kernel_id))
     }
 
     pub fn tracked_containers(&self) -> usize {

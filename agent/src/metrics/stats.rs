@@ -12,29 +12,22 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{MetricsState, measurements::MeasuredSnapshot};
-use crate::{
-    events::{RedisLink, RedisTarget},
-    rpc::codec,
-};
+use super::{MetricsState, measurements::Measurements};
+use crate::events::{RedisLink, RedisTarget};
 
 /// TTL of a kernel's stats key, seconds.
 pub const KERNEL_STATS_TTL_SECS: u64 = 86_400;
 /// The node's key lives this many stats intervals.
 pub const NODE_STATS_TTL_INTERVALS: u32 = 4;
 
-/// The pipeline that writes one snapshot's measurements.
-pub fn stats_pipeline(agent_id: &str, measured: &MeasuredSnapshot, interval: Duration) -> redis::Pipeline {
+/// The pipeline that writes the latest measurements: the kernels of the latest snapshot and the node.
+pub fn stats_pipeline(agent_id: &str, measurements: &Measurements, interval: Duration) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    for (kernel, measurements) in &measured.kernels {
-        if let Ok(bytes) = codec::pack(&measurements.to_value()) {
-            pipe.cmd("SET").arg(kernel.kernel_id.as_str()).arg(bytes).arg("EX").arg(KERNEL_STATS_TTL_SECS).ignore();
-        }
+    for (kernel_id, stats) in measurements.latest_kernels() {
+        pipe.cmd("SET").arg(kernel_id).arg(stats).arg("EX").arg(KERNEL_STATS_TTL_SECS).ignore();
     }
-    if let Ok(bytes) = codec::pack(&measured.node.to_value()) {
-        let ttl = (interval * NODE_STATS_TTL_INTERVALS).as_secs().max(1);
-        pipe.cmd("SET").arg(agent_id).arg(bytes).arg("EX").arg(ttl).ignore();
-    }
+    let ttl = (interval * NODE_STATS_TTL_INTERVALS).as_secs().max(1);
+    pipe.cmd("SET").arg(agent_id).arg(measurements.node()).arg("EX").arg(ttl).ignore();
     pipe
 }
 
@@ -62,7 +55,7 @@ pub async fn run_stats_writer(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let pipe = stats_pipeline(&agent_id, &state.latest_measurements(), interval);
+        let pipe = state.with_measurements(|measurements| stats_pipeline(&agent_id, measurements, interval));
         match link.run(&pipe).await {
             Ok(()) if failing => {
                 failing = false;

@@ -85,6 +85,8 @@ pub struct ContainerMonitor {
     accelerators: Vec<Box<dyn ComputePlugin>>,
     /// One buffer for every file read.
     buf: Vec<u8>,
+    /// Sampling passes so far.
+    passes: u64,
 }
 
 impl ContainerMonitor {
@@ -105,6 +107,7 @@ impl ContainerMonitor {
             node,
             accelerators,
             buf: Vec::with_capacity(8192),
+            passes: 0,
         }
     }
 
@@ -252,6 +255,16 @@ impl ContainerMonitor {
         samples
     }
 
+    /// A snapshot that also says how many passes the monitor made and how long this one took.
+    pub fn timed_snapshot(&mut self) -> MonitorSnapshot {
+        let started = Instant::now();
+        let mut snapshot = self.snapshot(started);
+        self.passes += 1;
+        snapshot.passes = self.passes;
+        snapshot.pass_duration = started.elapsed();
+        snapshot
+    }
+
     /// Samples every container, the node, and the programs' own cost.
     pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
         let (direct, overflow) = self.ebpf.occupancy();
@@ -268,6 +281,7 @@ impl ContainerMonitor {
                 MapUsage { map: agent_common::SLOTS_MAP, entries: direct, capacity: direct_capacity },
                 MapUsage { map: agent_common::COUNTERS_MAP, entries: overflow, capacity: overflow_capacity },
             ],
+            ..MonitorSnapshot::default()
         }
     }
 
@@ -321,16 +335,16 @@ pub async fn run_monitor(
                     let snapshot = matches!(event, ContainerEvent::Snapshot(_));
                     monitor.handle(event);
                     if snapshot {
-                        metrics.publish(monitor.snapshot(Instant::now()));
+                        metrics.publish(monitor.timed_snapshot());
                         synced.send_replace(true);
                     }
                 }
                 None => break,
             },
-            _ = ticker.tick() => metrics.publish(monitor.snapshot(Instant::now())),
+            _ = ticker.tick() => metrics.publish(monitor.timed_snapshot()),
         }
     }
-    metrics.publish(monitor.snapshot(Instant::now()));
+    metrics.publish(monitor.timed_snapshot());
     monitor.detach_all();
     tracing::info!("detached from every kernel container");
 }

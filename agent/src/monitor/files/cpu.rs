@@ -31,6 +31,25 @@ impl CpuReader {
         Ok(CpuReader { mode: cgroups.mode, stat: StatFile::open(dir.join("cpu.stat"))?, usage_v1, with_usage })
     }
 
+    /// CPU time, when it comes from files (v1 `cpuacct.usage`; on v2 from `cpu.stat`, which
+    /// brings the throttling counters along).
+    pub fn read_usage(
+        &self,
+        buf: &mut Vec<u8>,
+        throttling: &mut CpuThrottling,
+        counters: &mut CgroupCounters,
+    ) -> io::Result<()> {
+        if !self.with_usage {
+            return Ok(());
+        }
+        match &self.usage_v1 {
+            Some(file) => counters.cpu_ns = file.read_u64(buf)?.unwrap_or(0),
+            None => self.read(buf, throttling, counters)?,
+        }
+        Ok(())
+    }
+
+    /// The throttling counters (and on v2 the CPU time, when it comes from files).
     pub fn read(
         &self,
         buf: &mut Vec<u8>,
@@ -47,11 +66,8 @@ impl CpuReader {
             (false, b"usage_usec") => usage_usec = Some(value),
             _ => {}
         });
-        if self.with_usage {
-            counters.cpu_ns = match &self.usage_v1 {
-                Some(file) => file.read_u64(buf)?.unwrap_or(0),
-                None => usage_usec.unwrap_or(0).saturating_mul(1000),
-            };
+        if self.with_usage && self.usage_v1.is_none() {
+            counters.cpu_ns = usage_usec.unwrap_or(0).saturating_mul(1000);
         }
         Ok(())
     }

@@ -45,31 +45,45 @@ impl MemoryReader {
         })
     }
 
-    pub fn read(&self, buf: &mut Vec<u8>) -> io::Result<MemoryStats> {
-        let mut stats = MemoryStats { usage: self.usage.read_u64(buf)?.unwrap_or(0), ..MemoryStats::default() };
+    /// Everything charged to the cgroup (one small file).
+    pub fn read_usage(&self, buf: &mut Vec<u8>) -> io::Result<u64> {
+        Ok(self.usage.read_u64(buf)?.unwrap_or(0))
+    }
+
+    /// The breakdown of `usage` (`memory.stat`, the expensive file): working set, cache,
+    /// RSS, shared memory, mapped files, and swap.
+    pub fn read_breakdown(&self, buf: &mut Vec<u8>, usage: u64, stats: &mut MemoryStats) -> io::Result<()> {
+        let mut breakdown =
+            MemoryStats { usage, limit: stats.limit, max_usage: stats.max_usage, ..MemoryStats::default() };
         let mut inactive_file = 0;
         let v1 = self.mode == CgroupMode::Hybrid;
         for_each_keyed(self.stat.read(buf)?, |key, value| {
             // v1's total_* include descendant cgroups, as v2's counters always do.
             let field = match (v1, key) {
-                (true, b"total_cache") | (false, b"file") => &mut stats.cache,
-                (true, b"total_rss") | (false, b"anon") => &mut stats.rss,
-                (true, b"total_shmem") | (false, b"shmem") => &mut stats.shmem,
-                (true, b"total_mapped_file") | (false, b"file_mapped") => &mut stats.mapped_file,
-                (true, b"total_swap") => &mut stats.swap,
+                (true, b"total_cache") | (false, b"file") => &mut breakdown.cache,
+                (true, b"total_rss") | (false, b"anon") => &mut breakdown.rss,
+                (true, b"total_shmem") | (false, b"shmem") => &mut breakdown.shmem,
+                (true, b"total_mapped_file") | (false, b"file_mapped") => &mut breakdown.mapped_file,
+                (true, b"total_swap") => &mut breakdown.swap,
                 (true, b"total_inactive_file") | (false, b"inactive_file") => &mut inactive_file,
                 _ => return,
             };
             *field = value;
         });
-        stats.working_set = stats.usage.saturating_sub(inactive_file);
+        breakdown.working_set = usage.saturating_sub(inactive_file);
+        if let Some(swap) = &self.swap {
+            breakdown.swap = swap.read_u64(buf)?.unwrap_or(0);
+        }
+        *stats = breakdown;
+        Ok(())
+    }
+
+    /// The limit and the peak, which change rarely.
+    pub fn read_limits(&self, buf: &mut Vec<u8>, stats: &mut MemoryStats) -> io::Result<()> {
         stats.limit = self.limit.read_u64(buf)?.filter(|&limit| limit < UNLIMITED_FROM);
         if let Some(peak) = &self.peak {
             stats.max_usage = peak.read_u64(buf)?;
         }
-        if let Some(swap) = &self.swap {
-            stats.swap = swap.read_u64(buf)?.unwrap_or(0);
-        }
-        Ok(stats)
+        Ok(())
     }
 }

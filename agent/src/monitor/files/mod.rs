@@ -149,8 +149,19 @@ pub fn for_each_keyed(text: &[u8], mut each: impl FnMut(&[u8], u64)) {
     }
 }
 
+/// Every this many passes a container's files are all read, whatever moved.
+pub const FULL_READ_EVERY: u32 = 10;
+
 /// A container's readers: the subsystems eBPF never counts, and the fallbacks for the
 /// resources whose eBPF program is not running.
+///
+/// Most kernels on a node sit idle most of the time, so a pass reads only what can have
+/// changed. A kernel's tasks must run to allocate, fork, exit, write to `/dev/shm` or be
+/// throttled, so when its CPU time did not move, its files are not read; when it did, memory
+/// usage, throttling, tasks and `/dev/shm` are, and the memory breakdown (the expensive
+/// `memory.stat`) when usage moved. Every [`FULL_READ_EVERY`]th pass reads everything, the
+/// limit and peak included, so what others do to an idle kernel (reclaiming its page cache)
+/// shows within that many passes.
 #[derive(Debug)]
 pub struct CgroupReaders {
     memory: Option<MemoryReader>,
@@ -160,6 +171,10 @@ pub struct CgroupReaders {
     block_io: Option<BlockIoReader>,
     oom: Option<OomReader>,
     network: Option<NetDevReader>,
+    /// Passes since everything was read; `None` before the first read.
+    since_full: Option<u32>,
+    last_usage: u64,
+    last_cpu_ns: u64,
 }
 
 impl CgroupReaders {
@@ -182,13 +197,17 @@ impl CgroupReaders {
             network: from_files(Resource::Network)
                 .then(|| opened(NetDevReader::open(pid), "network", &mut missing))
                 .flatten(),
+            since_full: None,
+            last_usage: 0,
+            last_cpu_ns: 0,
         };
         (readers, missing)
     }
 
-    /// Reads every subsystem into `readings`. The counters of file-read resources replace
-    /// those fields of `readings.counters`; the rest keeps what eBPF put there. A file that
-    /// fails to read (the container is exiting) leaves its fields as they were.
+    /// Reads what can have changed into `readings` (see [`CgroupReaders`]). The counters of
+    /// file-read resources replace those fields of `readings.counters`; the rest keeps what
+    /// eBPF put there. A file that fails to read (the container is exiting) leaves its fields
+    /// as they were.
     pub fn read(&mut self, buf: &mut Vec<u8>, readings: &mut ContainerReadings) -> io::Result<()> {
         let mut first_error = None;
         let mut keep = |result: io::Result<()>| {
@@ -196,17 +215,9 @@ impl CgroupReaders {
                 first_error.get_or_insert(err);
             }
         };
-        if let Some(reader) = &self.memory {
-            keep(reader.read(buf).map(|memory| readings.memory = memory));
-        }
+        // The counting fallbacks, every pass.
         if let Some(reader) = &self.cpu {
-            keep(reader.read(buf, &mut readings.cpu, &mut readings.counters));
-        }
-        if let Some(reader) = &self.pids {
-            keep(reader.read(buf).map(|processes| readings.processes = processes));
-        }
-        if let Some(reader) = &self.shm {
-            keep(reader.read().map(|bytes| readings.shm_bytes = Some(bytes)));
+            keep(reader.read_usage(buf, &mut readings.cpu, &mut readings.counters));
         }
         if let Some(reader) = &self.block_io {
             keep(reader.read(buf, &mut readings.counters));
@@ -217,6 +228,37 @@ impl CgroupReaders {
         if let Some(reader) = &self.network {
             keep(reader.read(buf, &mut readings.counters));
         }
+
+        let full = self.since_full.is_none_or(|passes| passes + 1 >= FULL_READ_EVERY);
+        let cpu_moved = readings.counters.cpu_ns != self.last_cpu_ns;
+        if full || cpu_moved {
+            if let Some(reader) = &self.memory {
+                match reader.read_usage(buf) {
+                    Ok(usage) => {
+                        if full || usage != self.last_usage {
+                            keep(reader.read_breakdown(buf, usage, &mut readings.memory));
+                        }
+                        readings.memory.usage = usage;
+                        self.last_usage = usage;
+                    }
+                    Err(err) => keep(Err(err)),
+                }
+                if full {
+                    keep(reader.read_limits(buf, &mut readings.memory));
+                }
+            }
+            if let Some(reader) = &self.cpu {
+                keep(reader.read(buf, &mut readings.cpu, &mut readings.counters));
+            }
+            if let Some(reader) = &self.pids {
+                keep(reader.read(buf).map(|processes| readings.processes = processes));
+            }
+            if let Some(reader) = &self.shm {
+                keep(reader.read().map(|bytes| readings.shm_bytes = Some(bytes)));
+            }
+        }
+        self.last_cpu_ns = readings.counters.cpu_ns;
+        self.since_full = Some(if full { 0 } else { self.since_full.map_or(0, |passes| passes + 1) });
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -259,6 +301,61 @@ mod tests {
         std::fs::write(dir.path().join("one"), "42\n").expect("write");
         let one = StatFile::open(dir.path().join("one")).expect("opens");
         assert_eq!(one.read_u64(&mut buf).expect("reads"), Some(42));
+    }
+
+    /// A pure-v2-shaped cgroup directory of plain files.
+    fn fake_cgroup(dir: &Path) -> ContainerCgroups {
+        for (name, text) in [
+            ("memory.current", "1000\n"),
+            ("memory.stat", "anon 100\nfile 800\ninactive_file 300\nshmem 10\nfile_mapped 5\n"),
+            ("memory.max", "max\n"),
+            ("cpu.stat", "usage_usec 10\nnr_periods 4\nnr_throttled 1\nthrottled_usec 7\n"),
+            ("pids.current", "3\n"),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        ContainerCgroups {
+            mode: crate::monitor::cgroup::CgroupMode::Unified,
+            unified: crate::monitor::UnifiedCgroup { id: 1, path: dir.to_path_buf() },
+            v1: std::collections::HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn only_what_can_have_changed_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cgroups = fake_cgroup(dir.path());
+        let mut sources = Sources::default();
+        for resource in Resource::ALL {
+            sources.set(resource, crate::monitor::Source::Ebpf);
+        }
+        let (mut readers, _missing) = CgroupReaders::open(&cgroups, std::process::id(), &sources);
+        let (mut buf, mut readings) = (Vec::new(), ContainerReadings::default());
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.memory.limit), (1000, 700, None));
+        assert_eq!((readings.cpu.throttled_periods, readings.processes), (1, Some(3)));
+
+        // Idle (CPU time unchanged): nothing is read.
+        std::fs::write(dir.path().join("memory.current"), "1100\n").expect("write");
+        std::fs::write(dir.path().join("memory.stat"), "anon 100\nfile 800\ninactive_file 500\n").expect("write");
+        std::fs::write(dir.path().join("pids.current"), "4\n").expect("write");
+        std::fs::write(dir.path().join("memory.max"), "4096\n").expect("write");
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.processes), (1000, 700, Some(3)));
+        // CPU time moved: usage, its breakdown (usage moved) and tasks are read again.
+        readings.counters.cpu_ns += 1;
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.processes), (1100, 600, Some(4)));
+        // CPU time moved but usage did not: the breakdown is not read.
+        std::fs::write(dir.path().join("memory.stat"), "anon 100\nfile 800\ninactive_file 900\n").expect("write");
+        readings.counters.cpu_ns += 1;
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!(readings.memory.working_set, 600);
+        assert_eq!(readings.memory.limit, None, "limits wait for the full read");
+        for _ in 0..FULL_READ_EVERY {
+            readers.read(&mut buf, &mut readings).expect("reads");
+        }
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(4096), 200));
     }
 
     #[test]
