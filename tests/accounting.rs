@@ -367,9 +367,10 @@ fn stats_in_redis_have_backend_ais_shape_and_destroy_returns_the_last() {
     let cpu = get(&stats, "cpu_util");
     assert_eq!(get(cpu, "capacity").as_str(), Some("1000"));
     // A busy loop on its own core for about two seconds: well over half a second of CPU, and
-    // a share of the core (the per-interval rate is lumpy: a slice counts when it ends).
-    let busy: f64 = get(cpu, "pct").as_str().expect("pct").parse().expect("decimal");
-    assert!(busy > 0.0, "a busy loop uses its core, pct {busy}");
+    // a share of the core in some interval. (Which interval: a slice counts when it ends, and a
+    // lone loop on an otherwise idle core may run a while without a context switch.)
+    let busiest: f64 = get(cpu, "stats.max").as_str().expect("stats.max").parse().expect("decimal");
+    assert!(busiest > 100.0, "a busy loop uses its core: the highest rate was {busiest} ms/s");
     let used: f64 = get(get(&stats, "cpu_used"), "current").as_str().expect("current").parse().expect("decimal");
     assert!(used > 500.0, "cpu_used is cumulative milliseconds: {used}");
     for stat in ["stats.avg", "stats.max"] {

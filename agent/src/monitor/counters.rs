@@ -1,13 +1,16 @@
 //! Where each tracked cgroup's counters live in the eBPF maps: a direct slot when its
 //! slot is free, else the overflow hash map (and the slot's overflow flag tells the
-//! programs to look there). Registering, reading and unregistering cgroups.
+//! programs to look there). Registering, reading and unregistering cgroups; a sampling
+//! pass reads every direct slot in one batch syscall instead of one lookup per cgroup.
 
 use std::collections::HashMap;
 
-use agent_common::{COUNTERS_MAP, CgroupCounters, CgroupId, CgroupSlot, SLOT_OVERFLOW_MAP, SLOTS_MAP, slot_index};
+use agent_common::{COUNTERS_MAP, CgroupCounters, CgroupId, CgroupSlot, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP, slot_index};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
 use aya::{
     Ebpf,
-    maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
 
 use super::ebpf::EbpfError;
@@ -31,6 +34,10 @@ pub struct CounterStore {
     /// How many overflow cgroups each slot index has.
     overflow_counts: HashMap<u32, u32>,
     cpus: usize,
+    /// Every direct slot's per-CPU copies as of the last [`CounterStore::refresh`].
+    batch: Vec<u8>,
+    /// Whether `batch` is current (a refresh worked and nothing was registered since).
+    batch_fresh: bool,
 }
 
 impl CounterStore {
@@ -39,7 +46,16 @@ impl CounterStore {
         let slots = PerCpuArray::try_from(take(SLOTS_MAP)?).map_err(map_error(SLOTS_MAP))?;
         let overflow_flags = Array::try_from(take(SLOT_OVERFLOW_MAP)?).map_err(map_error(SLOT_OVERFLOW_MAP))?;
         let overflow = PerCpuHashMap::try_from(take(COUNTERS_MAP)?).map_err(map_error(COUNTERS_MAP))?;
-        Ok(Self { slots, overflow_flags, overflow, placements: HashMap::new(), overflow_counts: HashMap::new(), cpus })
+        Ok(Self {
+            slots,
+            overflow_flags,
+            overflow,
+            placements: HashMap::new(),
+            overflow_counts: HashMap::new(),
+            cpus,
+            batch: Vec::new(),
+            batch_fresh: false,
+        })
     }
 
     fn per_cpu<T: aya::Pod + Clone>(&self, value: T, name: &'static str) -> Result<PerCpuValues<T>, EbpfError> {
@@ -52,6 +68,8 @@ impl CounterStore {
         if self.placements.contains_key(&id) {
             return Ok(());
         }
+        // The batch holds whoever had this slot before.
+        self.batch_fresh = false;
         let index = slot_index(id);
         let slot_taken = self.placements.values().any(|p| *p == Placement::Slot(index));
         if !slot_taken {
@@ -71,7 +89,44 @@ impl CounterStore {
         Ok(())
     }
 
-    /// `id`'s counters summed over CPUs.
+    /// Reads every direct slot at once (`BPF_MAP_LOOKUP_BATCH`), for [`CounterStore::read_sampled`];
+    /// false when the kernel cannot, and the pass reads slot by slot instead.
+    pub fn refresh(&mut self) -> bool {
+        let stride = std::mem::size_of::<CgroupSlot>().next_multiple_of(8);
+        self.batch.resize(SLOTS as usize * self.cpus * stride, 0);
+        let fd = self.slots.map().fd().as_fd().as_raw_fd();
+        self.batch_fresh = match lookup_batch(fd, SLOTS, &mut self.batch) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::debug!(error = %err, "batch lookup of the counter slots failed; reading them one by one");
+                false
+            }
+        };
+        self.batch_fresh
+    }
+
+    /// `id`'s counters summed over CPUs as of the last refresh (direct slots), or read now.
+    pub fn read_sampled(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        let Some(Placement::Slot(index)) = self.placements.get(&id) else { return self.read(id) };
+        if !self.batch_fresh {
+            return self.read(id);
+        }
+        let stride = std::mem::size_of::<CgroupSlot>().next_multiple_of(8);
+        let mut total = CgroupCounters::default();
+        for cpu in 0..self.cpus {
+            let at = (*index as usize * self.cpus + cpu) * stride;
+            let Some(bytes) = self.batch.get(at..at + std::mem::size_of::<CgroupSlot>()) else { break };
+            // SAFETY: CgroupSlot is plain #[repr(C)] integers and `bytes` holds one whole slot
+            // as the kernel copied it; read_unaligned copes with any alignment.
+            let slot: CgroupSlot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if slot.cgroup_id == id {
+                total.accumulate(&slot.counters);
+            }
+        }
+        Ok(total)
+    }
+
+    /// `id`'s counters summed over CPUs, read now.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         let mut total = CgroupCounters::default();
         match self.placements.get(&id) {
@@ -120,4 +175,47 @@ impl CounterStore {
         let direct = self.placements.values().filter(|p| matches!(p, Placement::Slot(_))).count();
         (direct, self.placements.len() - direct)
     }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` of the first `count` entries of an array map into `values`
+/// (aya 0.14 has no batch operations): one syscall for what would be `count` lookups.
+fn lookup_batch(map_fd: RawFd, count: u32, values: &mut [u8]) -> std::io::Result<()> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut keys = vec![0u32; count as usize];
+    let mut next_batch: u32 = 0;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: std::ptr::addr_of_mut!(next_batch) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: u32::try_from(map_fd).map_err(std::io::Error::other)?,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: attr is fully initialised and its size passed; keys, values and next_batch
+    // outlive the call and are as large as `count` entries need (the caller sized values for
+    // every possible CPU); the kernel writes no more than that.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, std::ptr::addr_of_mut!(attr), std::mem::size_of::<BatchAttr>())
+    };
+    // ENOENT: the batch reached the end of the map, with every entry copied.
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count != count {
+        return Err(std::io::Error::other(format!("batch lookup copied {} of {count} slots", attr.count)));
+    }
+    Ok(())
 }

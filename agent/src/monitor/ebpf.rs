@@ -248,9 +248,20 @@ impl EbpfMonitor {
         self.counters.unregister(id)
     }
 
-    /// The cgroup's counters, summed over CPUs.
+    /// The cgroup's counters, summed over CPUs, read now.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         self.counters.read(id)
+    }
+
+    /// Reads every counter slot at once, for the [`EbpfMonitor::read_sampled`]s of one pass;
+    /// false when the kernel cannot batch, and they read one by one.
+    pub fn refresh(&mut self) -> bool {
+        self.counters.refresh()
+    }
+
+    /// The cgroup's counters as of the last [`EbpfMonitor::refresh`].
+    pub fn read_sampled(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        self.counters.read_sampled(id)
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).

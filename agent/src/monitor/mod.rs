@@ -235,9 +235,12 @@ impl ContainerMonitor {
         let grace = self.grace;
         self.tracked.retain(|_, tracked| tracked.stopped_at.is_none_or(|at| now.duration_since(at) < grace));
         let mut samples = Vec::with_capacity(self.tracked.len());
+        if self.sources.any_ebpf() && self.tracked.values().any(|t| t.cgroup.is_some()) {
+            self.ebpf.refresh();
+        }
         for tracked in self.tracked.values_mut() {
             if let Some(cgroup) = &tracked.cgroup {
-                match self.ebpf.read(cgroup.id) {
+                match self.ebpf.read_sampled(cgroup.id) {
                     Ok(counters) => take_ebpf_fields(&self.sources, &mut tracked.current.counters, &counters),
                     Err(err) => {
                         tracing::warn!(container_id = %tracked.kernel.container_id, error = %err, "reading counters failed")
