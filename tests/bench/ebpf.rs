@@ -51,13 +51,14 @@ fn main() -> anyhow::Result<()> {
          httpd -p 127.0.0.1:8080 -h /www && sleep 1 && \
          while :; do wget -q -O /dev/null http://127.0.0.1:8080/blob; done",
     )?;
-    // Direct I/O in a loop, on a directory of the workspace's disk.
+    // Direct I/O in a loop, on a directory of the workspace's disk, paced so that the disk's
+    // interrupts do not load the machine for the other programs' numbers.
     let io_dir = tempfile::tempdir_in(std::env::current_dir()?)?;
     let io = Container::run(
         &agent.id,
         &["--network", "none", "-v", &format!("{}:/io", io_dir.path().display())],
         "while :; do dd if=/dev/zero of=/io/blob bs=64k count=64 oflag=direct 2>/dev/null; \
-         dd if=/io/blob of=/dev/null bs=64k iflag=direct 2>/dev/null; done",
+         dd if=/io/blob of=/dev/null bs=64k iflag=direct 2>/dev/null; sleep 0.2; done",
     )?;
     for container in [&switcher, &network, &io] {
         agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(15))?;

@@ -15,6 +15,10 @@ use aya::{
 
 use super::ebpf::EbpfError;
 
+/// From this many tracked cgroups on, one batch copy of all [`SLOTS`] slots costs less than a
+/// lookup per cgroup (measured: the batch costs about as much as 200 lookups).
+const BATCH_FROM_CGROUPS: usize = 256;
+
 fn map_error(name: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
@@ -89,9 +93,20 @@ impl CounterStore {
         Ok(())
     }
 
+    /// Prepares a sampling pass: with many cgroups tracked, reads every direct slot at once
+    /// ([`CounterStore::refresh_batch`]); with few, one lookup each is cheaper than copying
+    /// every slot, and [`CounterStore::read_sampled`] looks each one up.
+    pub fn refresh(&mut self) {
+        if self.placements.len() >= BATCH_FROM_CGROUPS {
+            self.refresh_batch();
+        } else {
+            self.batch_fresh = false;
+        }
+    }
+
     /// Reads every direct slot at once (`BPF_MAP_LOOKUP_BATCH`), for [`CounterStore::read_sampled`];
     /// false when the kernel cannot, and the pass reads slot by slot instead.
-    pub fn refresh(&mut self) -> bool {
+    pub fn refresh_batch(&mut self) -> bool {
         let stride = std::mem::size_of::<CgroupSlot>().next_multiple_of(8);
         self.batch.resize(SLOTS as usize * self.cpus * stride, 0);
         let fd = self.slots.map().fd().as_fd().as_raw_fd();

@@ -253,10 +253,15 @@ impl EbpfMonitor {
         self.counters.read(id)
     }
 
-    /// Reads every counter slot at once, for the [`EbpfMonitor::read_sampled`]s of one pass;
-    /// false when the kernel cannot batch, and they read one by one.
-    pub fn refresh(&mut self) -> bool {
-        self.counters.refresh()
+    /// Prepares the [`EbpfMonitor::read_sampled`]s of one pass (one batch read when many
+    /// cgroups are tracked).
+    pub fn refresh(&mut self) {
+        self.counters.refresh();
+    }
+
+    /// Reads every counter slot at once; false when the kernel cannot batch.
+    pub fn refresh_batch(&mut self) -> bool {
+        self.counters.refresh_batch()
     }
 
     /// The cgroup's counters as of the last [`EbpfMonitor::refresh`].
