@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use agent_common::{COUNTERS_MAP, CgroupCounters, CgroupId, CgroupSlot, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP, slot_index};
+use agent_common::{
+    COUNTERS_MAP, CgroupCounters, CgroupId, CgroupSlot, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP, slot_index,
+};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use aya::{
@@ -223,7 +225,12 @@ fn lookup_batch(map_fd: RawFd, count: u32, values: &mut [u8]) -> std::io::Result
     // outlive the call and are as large as `count` entries need (the caller sized values for
     // every possible CPU); the kernel writes no more than that.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, std::ptr::addr_of_mut!(attr), std::mem::size_of::<BatchAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
     };
     // ENOENT: the batch reached the end of the map, with every entry copied.
     if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
