@@ -91,6 +91,18 @@ fn counters_of(cgroup_id: CgroupId) -> Option<*mut CgroupCounters> {
     }
 }
 
+/// This CPU's counters of the current task's cgroup, when it is a tracked one.
+#[inline(always)]
+fn current_counters() -> Option<*mut CgroupCounters> {
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // The idle task and host daemons sit in the root cgroup, never a kernel's.
+    if cgroup_id == ROOT_CGROUP_ID {
+        return None;
+    }
+    counters_of(cgroup_id)
+}
+
 /// A `u64` field of a task, at an offset the loader found in kernel BTF.
 ///
 /// `task` is a BTF-typed pointer (`struct task_struct *`) and the offset a known
@@ -118,13 +130,7 @@ fn field_u32(object: *const u8, offset: u64) -> u32 {
 /// current task is still `prev`, so `bpf_get_current_cgroup_id()` names its cgroup.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: no arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // The idle task and host daemons sit in the root cgroup, never a kernel's.
-    if cgroup_id == ROOT_CGROUP_ID {
-        return 0;
-    }
-    let Some(counters) = counters_of(cgroup_id) else {
+    let Some(counters) = current_counters() else {
         return 0;
     };
     // sched_switch's arguments are (preempt, prev, next, prev_state).
@@ -205,12 +211,7 @@ fn count_packet(ctx: &SkBuffContext, direction: Direction) {
 /// cgroup, as cgroup v1's blkio charges them too.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: no arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup_id == ROOT_CGROUP_ID {
-        return 0;
-    }
-    let Some(counters) = counters_of(cgroup_id) else {
+    let Some(counters) = current_counters() else {
         return 0;
     };
     // block_bio_queue's one argument is the bio.
