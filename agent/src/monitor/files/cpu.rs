@@ -31,6 +31,12 @@ impl CpuReader {
         Ok(CpuReader { mode: cgroups.mode, stat: StatFile::open(dir.join("cpu.stat"))?, usage_v1, with_usage })
     }
 
+    /// Whether [`CpuReader::read_usage`] reads `cpu.stat` too (v2, CPU time from files), so
+    /// the throttling counters need no read of their own.
+    pub fn usage_brings_throttling(&self) -> bool {
+        self.with_usage && self.usage_v1.is_none()
+    }
+
     /// CPU time, when it comes from files (v1 `cpuacct.usage`; on v2 from `cpu.stat`, which
     /// brings the throttling counters along).
     pub fn read_usage(

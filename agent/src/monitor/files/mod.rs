@@ -247,7 +247,7 @@ impl CgroupReaders {
                     keep(reader.read_limits(buf, &mut readings.memory));
                 }
             }
-            if let Some(reader) = &self.cpu {
+            if let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) {
                 keep(reader.read(buf, &mut readings.cpu, &mut readings.counters));
             }
             if let Some(reader) = &self.pids {
