@@ -74,7 +74,7 @@ fn usage_ns(cgroup: &Path) -> f64 {
 fn direct_and_overflow_slots_both_count_exactly() {
     require_environment();
     let layout = CgroupLayout::detect().expect("cgroup2 is mounted");
-    let mut monitor = EbpfMonitor::load(&[]).expect("eBPF loads");
+    let mut monitor = EbpfMonitor::load(&[], None).expect("eBPF loads");
     let mut tree = CgroupTree::create(&layout);
 
     // Cgroup ids are inode numbers handed out in order, so a collision on a slot index

@@ -176,14 +176,24 @@ fn a_kernel_running_before_the_agent_is_picked_up_and_a_removed_one_leaves() {
 }
 
 #[test]
-fn sigterm_detaches_and_exits_zero_leaving_containers_running() {
+fn sigterm_exits_zero_leaving_containers_running_and_counted() {
     require_environment();
     let mut agent = Agent::start(FAST).expect("agent starts");
     let container = Container::run(&agent.id, &["--network", "none"], "sleep 3600").expect("container runs");
     agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("picked up");
     let status = agent.stop().expect("agent stops");
     assert!(status.success(), "exit status {status}; log:\n{}", agent.log_text());
-    assert!(agent.log_text().contains("detached from every kernel container"));
+    assert!(agent.log_text().contains("leaving the eBPF programs counting (pinned) for the next agent"));
+    // The programs and the container's packet counters stay pinned for the next agent.
+    let links = bai_agent::config::Config::default().monitor.bpffs_dir.join(&agent.id).join("links");
+    let pinned: Vec<String> = std::fs::read_dir(&links)
+        .expect("the agent's pinned links")
+        .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    for name in ["sched_switch", "block_bio_queue", "mark_victim"] {
+        assert!(pinned.iter().any(|p| p == name), "{name} is pinned: {pinned:?}");
+    }
+    assert_eq!(pinned.iter().filter(|p| p.starts_with("skb-")).count(), 2, "{pinned:?}");
     let running =
         Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", &container.id]).output().expect("docker");
     assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "true");
@@ -206,4 +216,42 @@ fn a_malformed_config_is_refused_naming_the_key() {
         assert_eq!(out.status.code(), Some(2), "config {text:?} must be refused; stderr: {stderr}");
         assert!(stderr.contains(&format!("`{key}`")), "the error must name `{key}`: {stderr}");
     }
+}
+
+#[test]
+fn counters_survive_a_kill_9_of_the_agent_and_count_while_it_is_down() {
+    require_environment();
+    let id = bai_agent_tests::unique("i-test");
+    let mut agent = Agent::start_with_id(&id, FAST).expect("agent starts");
+    let busy = Container::run(&agent.id, &["--cpus", "0.5", "--network", "none"], "while :; do :; done")
+        .expect("container runs");
+    let ended = Container::run(&agent.id, &["--network", "none"], "sleep 3600").expect("container runs");
+    for container in [&busy, &ended] {
+        agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(10)).expect("picked up");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let kernel_before = busy.kernel_cpu_ns().expect("cpuacct") as f64 / 1e9;
+    let agent_before =
+        agent.kernel_value("container_cpu_usage_seconds_total", &busy.kernel_id).expect("scrape").expect("series");
+
+    agent.kill_hard().expect("kill -9");
+    // The busy kernel goes on burning CPU, and the other one ends, while no agent runs.
+    ended.remove().expect("docker rm");
+    std::thread::sleep(Duration::from_secs(3));
+    let agent = Agent::start_with_id(&id, FAST).expect("agent restarts");
+    agent.wait_for_kernel(&busy.kernel_id, true, Duration::from_secs(10)).expect("picked up again");
+    settle();
+    let kernel_delta = busy.kernel_cpu_ns().expect("cpuacct") as f64 / 1e9 - kernel_before;
+    let agent_delta =
+        agent.kernel_value("container_cpu_usage_seconds_total", &busy.kernel_id).expect("scrape").expect("series")
+            - agent_before;
+    println!("across the restart: agent {agent_delta:.6} s, kernel {kernel_delta:.6} s");
+    assert!(kernel_delta > 1.0, "the kernel used about half a CPU for over 3 s: {kernel_delta}");
+    // No reset, no gap: what the kernel used while no agent ran is in the counter.
+    let error = relative_error(agent_delta, kernel_delta);
+    assert!(error < 0.05, "agent {agent_delta} s vs kernel {kernel_delta} s across the restart: {:.2}%", error * 100.0);
+    let log = agent.log_text();
+    assert!(log.contains("a pinned program of this build is still counting; adopted"), "{log}");
+    assert!(log.contains("counters of a container that ended while no agent ran"), "{log}");
+    assert_eq!(agent.kernel_value("container_cpu_usage_seconds_total", &ended.kernel_id).expect("scrape"), None);
 }

@@ -376,7 +376,9 @@ fn a_taken_rpc_port_stops_the_agent_naming_the_key() {
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        format!("[agent]\nid = \"i-rpc-port-taken\"\ninternal-addr = \"{http}\"\nrpc-listen-addr = \"{taken}\"\n"),
+        format!(
+            "[agent]\nid = \"i-rpc-port-taken\"\ninternal-addr = \"{http}\"\nrpc-listen-addr = \"{taken}\"\n[monitor]\nbpffs-dir = \"\"\n"
+        ),
     )
     .expect("write config");
     let out = Command::new(bai_agent_tests::agent_binary()).arg("--config").arg(&config).output().expect("agent runs");

@@ -42,6 +42,10 @@ pub mod offsets {
     pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID_OFFSET";
 }
 
+/// Bumped whenever a map's key or value changes meaning (not only size), so that pinned maps
+/// of an older layout are not reused.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Slots in [`SLOTS_MAP`] (a power of two): direct, hash-free lookups for the hot paths.
 pub const SLOTS: u32 = 1024;
 /// Most cgroups whose slot was taken, counted in [`COUNTERS_MAP`] instead.

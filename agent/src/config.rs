@@ -124,6 +124,9 @@ pub struct MonitorSection {
     pub stats_interval: Duration,
     /// Resources counted from cgroup files even where their eBPF program loads.
     pub cgroup_file_resources: Vec<crate::monitor::Resource>,
+    /// Where the counters and the programs' links are pinned (bpffs), so they outlive the
+    /// agent; `{bpffs-dir}/{agent id}`. Empty: nothing is pinned.
+    pub bpffs_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -259,6 +262,7 @@ impl Default for MonitorSection {
             gone_series_grace: Duration::from_secs(120),
             stats_interval: Duration::from_secs(5),
             cgroup_file_resources: Vec::new(),
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/bai-agent"),
         }
     }
 }

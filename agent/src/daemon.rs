@@ -58,7 +58,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     }
     let layout = CgroupLayout::detect()?;
     tracing::info!(mode = ?layout.mode, unified_root = %layout.unified_root.display(), "cgroup layout");
-    let ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources)?;
+    let pins = if config.monitor.bpffs_dir.as_os_str().is_empty() {
+        None
+    } else {
+        match monitor::pins::PinDir::prepare(&config.monitor.bpffs_dir, &config.agent.id) {
+            Ok(pins) => Some(pins),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot pin the counters (monitor.bpffs-dir); they start afresh whenever the agent restarts");
+                None
+            }
+        }
+    };
+    let ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources, pins)?;
     for (resource, source) in ebpf.sources().iter() {
         tracing::info!(%resource, source = source.as_str(), "counting");
     }

@@ -258,6 +258,9 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        // The agent leaves its eBPF programs counting for the next agent of its id; no test
+        // wants them after it.
+        let _ = std::fs::remove_dir_all(bai_agent::config::Config::default().monitor.bpffs_dir.join(&self.id));
         // Whatever happened in the test, leave none of this agent's kernels behind.
         let listed = Command::new("docker")
             .args(["ps", "-aq", "--filter", &format!("label=ai.backend.agent-id={}", self.id)])

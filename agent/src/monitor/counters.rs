@@ -69,6 +69,33 @@ impl CounterStore {
             .map_err(|source| EbpfError::Map { name, source: MapError::IoError(source) })
     }
 
+    /// Rebuilds which cgroups are registered, and where, from maps an earlier agent filled
+    /// (pinned maps outlive it); returns how many cgroups were found.
+    pub fn recover(&mut self) -> Result<usize, EbpfError> {
+        self.placements.clear();
+        self.overflow_counts.clear();
+        for index in 0..SLOTS {
+            let slot = self.slots.get(&index, 0).map_err(map_error(SLOTS_MAP))?;
+            // Registration writes the id into every CPU's copy.
+            if let Some(id) = slot.iter().map(|cpu| cpu.cgroup_id).find(|&id| id != 0) {
+                self.placements.insert(id, Placement::Slot(index));
+            }
+        }
+        let overflowed: Vec<CgroupId> = self.overflow.keys().filter_map(Result::ok).collect();
+        for id in overflowed {
+            let index = slot_index(id);
+            self.placements.insert(id, Placement::Overflow(index));
+            *self.overflow_counts.entry(index).or_insert(0) += 1;
+        }
+        self.batch_fresh = false;
+        Ok(self.placements.len())
+    }
+
+    /// Every registered cgroup.
+    pub fn registered(&self) -> Vec<CgroupId> {
+        self.placements.keys().copied().collect()
+    }
+
     /// Starts counting `id` from zero.
     pub fn register(&mut self, id: CgroupId) -> Result<(), EbpfError> {
         if self.placements.contains_key(&id) {

@@ -5,18 +5,20 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    CgroupCounters, CgroupId, LOST_EVENTS_MAP, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_MAP, SLOTS, offsets, programs,
+    COUNTERS_MAP, CgroupCounters, CgroupId, LOST_EVENTS_MAP, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_MAP, SLOT_OVERFLOW_MAP,
+    SLOTS, SLOTS_MAP, offsets, programs,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId,
+        links::FdLink,
     },
     util::nr_cpus,
 };
@@ -25,6 +27,7 @@ use aya_obj::generated::bpf_prog_info;
 use super::{
     btf::{BtfError, KernelBtf},
     counters::CounterStore,
+    pins::{PinDir, adopt_link, object_info},
     sources::{Resource, Source, Sources},
 };
 
@@ -53,15 +56,33 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
+    #[error("pinning the link of eBPF program `{name}`: {reason}")]
+    Pin { name: &'static str, reason: String },
     #[error("finding the fields the program reads in kernel BTF: {0}")]
     KernelLayout(#[from] BtfError),
 }
 
 /// Links of the per-cgroup programs for one attached cgroup.
-#[derive(Default)]
-struct CgroupLinks {
-    /// `None` while network is counted from files.
-    skb: Option<(CgroupSkbLinkId, CgroupSkbLinkId)>,
+enum CgroupLinks {
+    /// Network is counted from files: only the counters are registered.
+    None,
+    /// Owned by this process: detached when it ends.
+    Owned(CgroupSkbLinkId, CgroupSkbLinkId),
+    /// Pinned (see [`PinDir::skb_link`]): detached when the pins are removed
+    /// ([`EbpfMonitor::forget`]).
+    Pinned,
+}
+
+/// The two packet-counter programs of a cgroup, by the name of their pins.
+const SKB_DIRECTIONS: [&str; 2] = ["ingress", "egress"];
+
+/// The maps pinned with [`PinDir::maps`]: all that the programs write.
+const PINNED_MAPS: [&str; 5] = [SLOTS_MAP, SLOT_OVERFLOW_MAP, COUNTERS_MAP, LOST_EVENTS_MAP, OOM_EVENTS_MAP];
+
+/// Pins a link of this process at `path` (replacing a stale pin), so that it outlives the agent.
+fn pin_link(link: FdLink, path: &Path, name: &'static str) -> Result<(), EbpfError> {
+    let _ = std::fs::remove_file(path);
+    link.pin(path).map(drop).map_err(|err| EbpfError::Pin { name, reason: err.to_string() })
 }
 
 /// The kernel struct fields each program reads: (global, struct, member path).
@@ -96,6 +117,10 @@ pub struct EbpfMonitor {
     attached: HashMap<CgroupId, CgroupLinks>,
     sources: Sources,
     lost_events: Option<PerCpuArray<MapData, u64>>,
+    /// Where maps and links are pinned, when they outlive the agent.
+    pins: Option<PinDir>,
+    /// Programs of an earlier agent still running from their pinned links (for their stats).
+    adopted: Vec<(&'static str, OwnedFd)>,
 }
 
 impl EbpfMonitor {
@@ -103,12 +128,29 @@ impl EbpfMonitor {
     /// `cgroup_files`. A program that cannot load or attach here (a missing hook or kernel
     /// field) leaves its resource to the cgroup-file readers, logged once; only an object
     /// that cannot load at all, or a broken counters map, is an error.
-    pub fn load(cgroup_files: &[Resource]) -> Result<Self, EbpfError> {
+    ///
+    /// With `pins`, the counter maps and the links are pinned there and outlive the agent:
+    /// a link pinned by an earlier agent that runs the same code is adopted (its counts go
+    /// on), and registered cgroups are recovered from the maps.
+    pub fn load(cgroup_files: &[Resource], pins: Option<PinDir>) -> Result<Self, EbpfError> {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs()?;
         let kernel_types = KernelBtf::from_sys_fs()?;
         let mut loader = EbpfLoader::new();
         loader.btf(Some(&btf));
+        let pins = pins.and_then(|pins| match pins.maps() {
+            Ok(maps) => Some((pins, maps)),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot pin the counters; they start afresh whenever the agent restarts");
+                None
+            }
+        });
+        if let Some((_, maps)) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, maps.join(name));
+            }
+        }
+        let pins = pins.map(|(pins, _)| pins);
         // Offsets of the fields each program reads; a resource whose fields this kernel
         // lacks is counted from files. Unresolved globals stay 0 (their program is not loaded).
         let resolved: Vec<Result<Vec<u64>, BtfError>> = TRACEPOINT_PROGRAMS
@@ -125,7 +167,12 @@ impl EbpfMonitor {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let mut sources = Sources::default();
+        let mut adopted = Vec::new();
         for ((resource, name, tracepoint, _), offsets) in TRACEPOINT_PROGRAMS.into_iter().zip(resolved) {
+            if let Some(pins) = pins.as_ref().filter(|_| cgroup_files.contains(&resource)) {
+                // An earlier agent's program for a resource now read from files stops.
+                let _ = std::fs::remove_file(pins.link(name));
+            }
             if cgroup_files.contains(&resource) {
                 tracing::info!(%resource, from = resource.fallback(), "counting from cgroup files, as [monitor] cgroup-file-resources asks");
                 continue;
@@ -134,8 +181,19 @@ impl EbpfMonitor {
                 let at = |source| EbpfError::Program { name, source };
                 let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
                 program.load(tracepoint, &btf).map_err(at)?;
-                program.attach().map_err(at)?;
-                Ok(())
+                let own = program.fd().map_err(at)?.as_fd();
+                let Some(pins) = &pins else {
+                    program.attach().map_err(at)?;
+                    return Ok(());
+                };
+                if let Some(running) = adopt_link(&pins.link(name), own) {
+                    tracing::info!(program = name, "a pinned program of this build is still counting; adopted");
+                    adopted.push((name, running));
+                    return Ok(());
+                }
+                let link_id = program.attach().map_err(at)?;
+                let link: FdLink = program.take_link(link_id).map_err(at)?.into();
+                pin_link(link, &pins.link(name), name)
             });
             match attached {
                 Ok(()) => sources.set(resource, Source::Ebpf),
@@ -166,14 +224,56 @@ impl EbpfMonitor {
         }
 
         let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
-        let counters = CounterStore::take_from(&mut ebpf, cpus)?;
+        let mut counters = CounterStore::take_from(&mut ebpf, cpus)?;
+        if pins.is_some() {
+            let recovered = counters.recover()?;
+            if recovered > 0 {
+                tracing::info!(cgroups = recovered, "cgroups still counted in the pinned maps");
+            }
+        }
         let lost_events = match ebpf.take_map(LOST_EVENTS_MAP) {
             Some(map) => {
                 Some(PerCpuArray::try_from(map).map_err(|source| EbpfError::Map { name: LOST_EVENTS_MAP, source })?)
             }
             None => None,
         };
-        Ok(Self { ebpf, counters, attached: HashMap::new(), sources, lost_events })
+        Ok(Self { ebpf, counters, attached: HashMap::new(), sources, lost_events, pins, adopted })
+    }
+
+    /// Whether the counters and links are pinned (they outlive this process).
+    pub fn is_pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// Cgroups whose counters are registered but whose container this agent has not
+    /// attached (yet): after recovery and the first sync with Docker, those of containers
+    /// that ended while no agent ran.
+    pub fn unattached_registrations(&self) -> Vec<CgroupId> {
+        let mut ids = self.counters.registered();
+        ids.extend(self.pins.iter().flat_map(PinDir::skb_cgroups));
+        ids.sort_unstable();
+        ids.dedup();
+        ids.retain(|id| !self.attached.contains_key(id));
+        ids
+    }
+
+    /// Drops a registration no container claims: its last counters, and its links go.
+    pub fn forget(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        self.unpin_skb(id);
+        match self.counters.unregister(id) {
+            // Only its pinned links were left.
+            Err(EbpfError::NotAttached(_)) => Ok(CgroupCounters::default()),
+            other => other,
+        }
+    }
+
+    /// Removes a cgroup's pinned packet-counter links, which detaches them.
+    fn unpin_skb(&self, id: CgroupId) {
+        if let Some(pins) = &self.pins {
+            for direction in SKB_DIRECTIONS {
+                let _ = std::fs::remove_file(pins.skb_link(id, direction));
+            }
+        }
     }
 
     /// Which resources the programs count; the rest is for the cgroup-file readers.
@@ -203,37 +303,86 @@ impl EbpfMonitor {
             return Ok(());
         }
         let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup { path: path.to_path_buf(), source })?;
+        // A cgroup recovered from pinned maps keeps its counts.
         self.counters.register(id)?;
         if !self.sources.ebpf(Resource::Network) {
-            self.attached.insert(id, CgroupLinks::default());
+            // An earlier agent's packet counters for this cgroup stop: files count it now.
+            self.unpin_skb(id);
+            self.attached.insert(id, CgroupLinks::None);
             return Ok(());
         }
-
-        let ingress = self.attach_skb(programs::SKB_INGRESS, &dir, CgroupSkbAttachType::Ingress);
-        let egress = self.attach_skb(programs::SKB_EGRESS, &dir, CgroupSkbAttachType::Egress);
-        match (ingress, egress) {
-            (Ok(ingress), Ok(egress)) => {
-                self.attached.insert(id, CgroupLinks { skb: Some((ingress, egress)) });
+        let links = match self.pins.clone() {
+            Some(pins) => self.attach_pinned(id, &dir, &pins),
+            None => self.attach_owned(&dir),
+        };
+        match links {
+            Ok(links) => {
+                self.attached.insert(id, links);
                 Ok(())
             }
-            (ingress, egress) => {
-                // Leave nothing half-attached.
-                let mut failure = None;
-                match ingress {
-                    Ok(link) => {
-                        let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, link));
-                    }
-                    Err(err) => failure = Some(err),
-                }
-                match egress {
-                    Ok(link) => {
-                        let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, link));
-                    }
-                    Err(err) => failure = failure.or(Some(err)),
-                }
+            Err(err) => {
                 let _ = self.counters.unregister(id);
-                Err(failure.unwrap_or(EbpfError::NotAttached(id)))
+                Err(err)
             }
+        }
+    }
+
+    /// Packet counters whose links this process owns; nothing half-attached on failure.
+    fn attach_owned(&mut self, dir: &File) -> Result<CgroupLinks, EbpfError> {
+        let ingress = self.attach_skb(programs::SKB_INGRESS, dir, CgroupSkbAttachType::Ingress)?;
+        match self.attach_skb(programs::SKB_EGRESS, dir, CgroupSkbAttachType::Egress) {
+            Ok(egress) => Ok(CgroupLinks::Owned(ingress, egress)),
+            Err(err) => {
+                let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, ingress));
+                Err(err)
+            }
+        }
+    }
+
+    /// Packet counters pinned under `pins`: adopted when an earlier agent's are still there.
+    fn attach_pinned(&mut self, id: CgroupId, dir: &File, pins: &PinDir) -> Result<CgroupLinks, EbpfError> {
+        let directions = [
+            (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress, SKB_DIRECTIONS[0]),
+            (programs::SKB_EGRESS, CgroupSkbAttachType::Egress, SKB_DIRECTIONS[1]),
+        ];
+        for (name, attach_type, direction) in directions {
+            let pin = pins.skb_link(id, direction);
+            if let Err(err) = self.attach_pinned_skb(name, attach_type, dir, &pin) {
+                self.unpin_skb(id);
+                return Err(err);
+            }
+        }
+        Ok(CgroupLinks::Pinned)
+    }
+
+    fn attach_pinned_skb(
+        &mut self,
+        name: &'static str,
+        attach_type: CgroupSkbAttachType,
+        dir: &File,
+        pin: &Path,
+    ) -> Result<(), EbpfError> {
+        let at = |source| EbpfError::Program { name, source };
+        let running = {
+            let own = self.skb_program(name)?.fd().map_err(at)?.as_fd();
+            adopt_link(pin, own)
+        };
+        if let Some(running) = running {
+            self.note_adopted(name, running);
+            return Ok(());
+        }
+        let link_id = self.attach_skb(name, dir, attach_type)?;
+        let link = self.skb_program(name)?.take_link(link_id).map_err(at)?;
+        let link = FdLink::try_from(link).map_err(|err| EbpfError::Pin { name, reason: err.to_string() })?;
+        pin_link(link, pin, name)
+    }
+
+    /// Keeps one descriptor per distinct running program adopted from pins, for its stats.
+    fn note_adopted(&mut self, name: &'static str, running: OwnedFd) {
+        let id = |fd: &OwnedFd| object_info::<bpf_prog_info>(fd.as_fd()).map(|info| info.id).ok();
+        let new_id = id(&running);
+        if !self.adopted.iter().any(|(other, fd)| *other == name && id(fd) == new_id) {
+            self.adopted.push((name, running));
         }
     }
 
@@ -241,11 +390,11 @@ impl EbpfMonitor {
     pub fn detach(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         let links = self.attached.remove(&id).ok_or(EbpfError::NotAttached(id))?;
         // Detaching fails harmlessly when the cgroup is already gone with its links.
-        if let Some((ingress, egress)) = links.skb {
+        if let CgroupLinks::Owned(ingress, egress) = links {
             let _ = self.skb_program(programs::SKB_INGRESS).and_then(|p| detach_link(p, ingress));
             let _ = self.skb_program(programs::SKB_EGRESS).and_then(|p| detach_link(p, egress));
         }
-        self.counters.unregister(id)
+        self.forget(id)
     }
 
     /// The cgroup's counters, summed over CPUs, read now.
@@ -270,8 +419,9 @@ impl EbpfMonitor {
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
+    /// The programs an earlier agent left running count as the same program.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        loaded_program_stats(
+        let mut stats = loaded_program_stats(
             &self.ebpf,
             &[
                 programs::SCHED_SWITCH,
@@ -280,7 +430,18 @@ impl EbpfMonitor {
                 programs::BLOCK_BIO_QUEUE,
                 programs::MARK_VICTIM,
             ],
-        )
+        );
+        for (name, fd) in &self.adopted {
+            let Ok(adopted) = kernel_program_stats(name, fd.as_fd()) else { continue };
+            match stats.iter_mut().find(|s| s.name == *name) {
+                Some(own) => {
+                    own.run_time_ns += adopted.run_time_ns;
+                    own.run_count += adopted.run_count;
+                }
+                None => stats.push(adopted),
+            }
+        }
+        stats
     }
 
     /// (cgroups in direct slots, cgroups in the overflow map)
@@ -382,35 +543,9 @@ pub struct ProgramStats {
     pub run_count: u64,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` for a program: aya 0.14 does not expose run time and count.
+/// A program's run time and count (aya 0.14 does not expose them).
 fn kernel_program_stats(name: &'static str, fd: BorrowedFd<'_>) -> std::io::Result<ProgramStats> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    #[repr(C)]
-    struct InfoByFdAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    // SAFETY: bpf_prog_info is plain integers; all-zero is its documented initial state.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr = InfoByFdAttr {
-        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
-        info_len: u32::try_from(std::mem::size_of::<bpf_prog_info>()).map_err(std::io::Error::other)?,
-        info: std::ptr::addr_of_mut!(info) as u64,
-    };
-    // SAFETY: attr points to a valid, fully initialised struct whose size is passed, and
-    // info outlives the call; the kernel writes at most info_len bytes into it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            std::ptr::addr_of_mut!(attr),
-            std::mem::size_of::<InfoByFdAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let info: bpf_prog_info = object_info(fd)?;
     Ok(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt })
 }
 

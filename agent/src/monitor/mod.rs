@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod files;
 pub mod node;
 pub mod oom;
+pub mod pins;
 pub mod sources;
 
 use std::{
@@ -150,10 +151,26 @@ impl ContainerMonitor {
                 for kernel in running {
                     self.started(kernel);
                 }
+                self.forget_unclaimed();
             }
             ContainerEvent::Started(kernel) => self.started(kernel),
             ContainerEvent::Stopped { container_id } | ContainerEvent::Removed { container_id } => {
                 self.stopped(&container_id)
+            }
+        }
+    }
+
+    /// Lets go of counters an earlier agent registered for containers that are gone now
+    /// (they ended while no agent ran): every running kernel is attached after a snapshot.
+    fn forget_unclaimed(&mut self) {
+        for id in self.ebpf.unattached_registrations() {
+            match self.ebpf.forget(id) {
+                Ok(last) => tracing::info!(
+                    cgroup_id = id,
+                    cpu_ns = last.cpu_ns,
+                    "counters of a container that ended while no agent ran; let go"
+                ),
+                Err(err) => tracing::warn!(cgroup_id = id, error = %err, "letting go of stale counters failed"),
             }
         }
     }
@@ -348,6 +365,11 @@ pub async fn run_monitor(
         }
     }
     metrics.publish(monitor.timed_snapshot());
-    monitor.detach_all();
-    tracing::info!("detached from every kernel container");
+    if monitor.ebpf.is_pinned() {
+        // The pinned programs keep counting; the next agent takes over their counts.
+        tracing::info!("leaving the eBPF programs counting (pinned) for the next agent");
+    } else {
+        monitor.detach_all();
+        tracing::info!("detached from every kernel container");
+    }
 }
