@@ -39,6 +39,7 @@ pub struct Config {
     pub redis: RedisSection,
     pub etcd: EtcdSection,
     pub watcher: WatcherSection,
+    pub usage: UsageSection,
     /// The `section.key` paths the TOML file set itself (e.g. `redis.addr`); the etcd overlay
     /// never replaces these.
     #[serde(skip)]
@@ -169,6 +170,58 @@ pub struct RedisSection {
     pub events_db: u32,
     /// Database of the per-kernel and per-node stats (Backend.AI: 0).
     pub stats_db: u32,
+}
+
+/// Usage records for billing (docs/USAGE.md): one per kernel per `interval` and a final one,
+/// journaled in `agent.journal-dir` and delivered to the Redis stream `stream` in
+/// `redis.events-db` (when `redis.addr` is set) and to `http-endpoint` (when set).
+#[derive(Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct UsageSection {
+    /// The window of one record; windows end at multiples of it since the epoch.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// The Redis stream the records go to.
+    pub stream: String,
+    /// Entries older than this are trimmed from the stream as records are added (`MINID ~`);
+    /// "0s" never trims.
+    #[serde(deserialize_with = "duration")]
+    pub stream_retention: Duration,
+    /// `http://host:port/path` that takes CloudEvents batches
+    /// (`application/cloudevents-batch+json`); unset: no HTTP delivery.
+    pub http_endpoint: Option<String>,
+    /// Sent as `Authorization: Bearer …` to `http-endpoint`.
+    pub http_bearer_token: Option<String>,
+    /// How long one HTTP delivery may take.
+    #[serde(deserialize_with = "duration")]
+    pub http_timeout: Duration,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            stream: "usage".into(),
+            stream_retention: Duration::from_secs(7 * 86400),
+            http_endpoint: None,
+            http_bearer_token: None,
+            http_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The token stays out of `--check-config` output and logs.
+impl std::fmt::Debug for UsageSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageSection")
+            .field("interval", &self.interval)
+            .field("stream", &self.stream)
+            .field("stream_retention", &self.stream_retention)
+            .field("http_endpoint", &self.http_endpoint)
+            .field("http_bearer_token", &self.http_bearer_token.as_ref().map(|_| "<redacted>"))
+            .field("http_timeout", &self.http_timeout)
+            .finish()
+    }
 }
 
 /// A Redis server address, `host:port`.
@@ -517,6 +570,19 @@ impl Config {
         if self.agent.public_host.as_deref().is_some_and(|host| host.trim().is_empty()) {
             return Err(invalid("agent.public-host", "must not be empty (leave it out to use the RPC address)"));
         }
+        if self.usage.interval < Duration::from_secs(1) {
+            return Err(invalid("usage.interval", "must be at least 1s"));
+        }
+        if self.usage.stream.trim().is_empty() {
+            return Err(invalid("usage.stream", "must not be empty"));
+        }
+        if let Some(endpoint) = &self.usage.http_endpoint {
+            crate::usage::sinks::check_endpoint(endpoint)
+                .map_err(|message| invalid("usage.http-endpoint", &message))?;
+        }
+        if self.usage.http_timeout < Duration::from_millis(100) {
+            return Err(invalid("usage.http-timeout", "must be at least 100ms"));
+        }
         if self.debug.heartbeat_interval < Duration::from_millis(100) {
             return Err(invalid("debug.heartbeat-interval", "must be at least 100ms"));
         }
@@ -599,6 +665,32 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn usage_keys_default_and_bad_values_are_named() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.usage.interval, Duration::from_secs(60));
+        assert_eq!(config.usage.stream, "usage");
+        assert_eq!(config.usage.stream_retention, Duration::from_secs(7 * 86400));
+        assert_eq!(config.usage.http_endpoint, None);
+        let config = parse(
+            "[usage]\ninterval = \"5s\"\nhttp-endpoint = \"http://127.0.0.1:9/u\"\nhttp-bearer-token = \"secret\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.usage.interval, Duration::from_secs(5));
+        assert!(!format!("{config:?}").contains("secret"), "the token is redacted");
+        for (text, key) in [
+            ("[usage]\ninterval = \"100ms\"\n", "usage.interval"),
+            ("[usage]\ninterval = \"often\"\n", "usage.interval"),
+            ("[usage]\nstream = \"\"\n", "usage.stream"),
+            ("[usage]\nhttp-endpoint = \"https://billing/usage\"\n", "usage.http-endpoint"),
+            ("[usage]\nhttp-endpoint = \"billing:80\"\n", "usage.http-endpoint"),
+            ("[usage]\nintervall = \"1m\"\n", "usage.intervall"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(&format!("`{key}`")), "{text}: {err}");
+        }
     }
 
     #[test]

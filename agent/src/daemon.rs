@@ -17,6 +17,7 @@ use crate::{
     resources::{CapacityPolicy, HostResources, NodeCapacity, ResourceAllocator, compute},
     rpc::{self, RpcServer},
     scratch::ScratchRoot,
+    usage::{self, UsageService, UsageSettings},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Rpc(String),
     #[error("cannot start the event outbox (agent.journal-dir, redis): {0}")]
     Events(#[from] events::EventsError),
+    #[error("cannot start the usage meter (agent.journal-dir, [usage]): {0}")]
+    Usage(#[from] usage::UsageError),
     #[error("cannot set up kernel resources: {0}")]
     Resources(String),
     #[error(transparent)]
@@ -94,7 +97,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let mut event_service = EventService::start(EventSettings::from_config(&config), slots, &shutdown)?;
 
     let metrics_state = Arc::new(MetricsState::default());
-    let kernels = Arc::new(kernel_manager(&config, event_service.bus(), metrics_state.clone())?);
+    let mut usage_service = UsageService::start(UsageSettings::from_config(&config), metrics_state.subscribe())?;
+    let mut kernel_manager = kernel_manager(&config, event_service.bus(), metrics_state.clone())?;
+    kernel_manager.set_usage(usage_service.handle());
+    let kernels = Arc::new(kernel_manager);
     let _ = capacity_source.set(kernels.clone());
     let ip = events::heartbeat::AgentIdentity::from_config(&config).ip;
     let registration = etcd.map(|etcd| etcd.register(&config.agent.id, &ip, shutdown.clone()));
@@ -139,6 +145,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let mut registry = metrics::registry(metrics_state.clone(), &config.agent.id);
     rpc_metrics.register(&mut registry);
     registry.register_collector(Box::new(metrics::kernels::KernelCollector(kernels.clone())));
+    registry.register_collector(Box::new(metrics::usage::UsageCollector(usage_service.view())));
     let server_state = Arc::new(server::ServerState {
         registry,
         metrics: metrics_state,
@@ -170,6 +177,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     if let Some(registration) = registration {
         let _ = registration.await;
     }
+    // After the monitor's last snapshot: kernels that just ended get their final record.
+    usage_service.shutdown().await;
     event_service.shutdown().await;
     match http_served {
         Ok(Ok(())) => {}

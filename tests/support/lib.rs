@@ -922,3 +922,131 @@ impl Drop for PrometheusServer {
         }
     }
 }
+
+/// One usage record as it arrived in a Redis stream: the entry id and the CloudEvent.
+#[derive(Debug, Clone)]
+pub struct UsageEntry {
+    pub entry_id: String,
+    /// The entry's field names, sorted.
+    pub fields: Vec<String>,
+    pub event: serde_json::Value,
+}
+
+impl UsageEntry {
+    pub fn id(&self) -> &str {
+        self.event["id"].as_str().unwrap_or_default()
+    }
+
+    pub fn kernel_id(&self) -> &str {
+        self.event["data"]["kernel_id"].as_str().unwrap_or_default()
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.event["data"]["seq"].as_u64().unwrap_or(u64::MAX)
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.event["data"]["final"].as_bool().unwrap_or(false)
+    }
+}
+
+/// Reads a usage stream in the background (XREAD from the start, reconnecting across
+/// outages) and keeps the records of one agent (`source` = `bai-agent/{agent_id}`), in
+/// stream order, so a restart of a Redis without persistence loses none of them.
+pub struct UsageCollector {
+    entries: std::sync::Arc<std::sync::Mutex<Vec<UsageEntry>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UsageCollector {
+    pub fn start(redis_addr: &str, db: u32, stream: &str, agent_id: &str) -> anyhow::Result<UsageCollector> {
+        let client = redis::Client::open(format!("redis://{redis_addr}/{db}"))?;
+        let entries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, stopping, stream) = (entries.clone(), stop.clone(), stream.to_owned());
+        let source = format!("bai-agent/{agent_id}");
+        let thread = std::thread::spawn(move || {
+            let mut last_id = "0-0".to_owned();
+            let mut connection = None;
+            while !stopping.load(Ordering::Relaxed) {
+                if connection.is_none() {
+                    connection = client.get_connection_with_timeout(Duration::from_secs(1)).ok();
+                    if connection.is_none() {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
+                let Some(conn) = connection.as_mut() else { continue };
+                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(200)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(&last_id)
+                    .query(conn);
+                let Ok(reply) = reply else {
+                    // A restarted Redis (no persistence) starts its stream afresh, with later ids.
+                    connection = None;
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                for key in reply.map(|r| r.keys).unwrap_or_default() {
+                    for entry in key.ids {
+                        last_id = entry.id.clone();
+                        let event = match entry.map.get("event") {
+                            Some(redis::Value::BulkString(bytes)) => serde_json::from_slice(bytes).unwrap_or_default(),
+                            _ => serde_json::Value::Null,
+                        };
+                        let mut fields: Vec<String> = entry.map.keys().cloned().collect();
+                        fields.sort();
+                        if event["source"] == source.as_str() {
+                            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(UsageEntry {
+                                entry_id: entry.id.clone(),
+                                fields,
+                                event,
+                            });
+                        }
+                    }
+                }
+            }
+        });
+        Ok(UsageCollector { entries, stop, thread: Some(thread) })
+    }
+
+    pub fn entries(&self) -> Vec<UsageEntry> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Polls until `done` holds for what has arrived.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[UsageEntry]) -> bool,
+    ) -> anyhow::Result<Vec<UsageEntry>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = self.entries();
+            if done(&entries) {
+                return Ok(entries);
+            }
+            if Instant::now() > deadline {
+                let ids: Vec<&str> = entries.iter().map(UsageEntry::id).collect();
+                bail!("timed out after {timeout:?} waiting for {what}; arrived: {ids:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for UsageCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

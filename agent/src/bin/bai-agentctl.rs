@@ -119,6 +119,21 @@ enum Command {
     Interrupt { kernel: String },
     /// `get_completions(kernel_id, text, {})`: completion candidates for TEXT.
     Complete { kernel: String, text: String },
+    /// The usage records in the agent's local journal (no RPC: reads `agent.journal-dir` on
+    /// this host): each record's window and deltas, and whether each sink confirmed it. The
+    /// journal keeps what a sink still needs, every running kernel's last checkpoint and the
+    /// newest 4096 records. With --json: one CloudEvent per line, as delivered.
+    Usage {
+        /// Only this kernel's records.
+        #[arg(long, value_name = "ID")]
+        kernel: Option<String>,
+        /// The journal directory (default: `agent.journal-dir` of the agent's configuration).
+        #[arg(long, value_name = "DIR")]
+        journal_dir: Option<PathBuf>,
+        /// The agent's configuration file (default: the agent's own search path).
+        #[arg(long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// `start_service(kernel_id, service, {})` / `shutdown_service(kernel_id, service)`.
     Service {
         #[arg(value_parser = ["start", "stop"])]
@@ -234,6 +249,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Create(args) => Some(create_request(args)?),
         _ => None,
     };
+    if let Command::Usage { kernel, journal_dir, config } = &cli.command {
+        return usage(kernel.as_deref(), journal_dir.as_deref(), config.as_deref(), cli.json);
+    }
     probe(&cli.agent, timeout).await?;
     let client = match tokio::time::timeout(timeout, RpcClient::connect(&cli.agent)).await {
         Ok(client) => client?,
@@ -377,6 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Exec(args) => return exec(&agent, &args, json).await,
+        Command::Usage { .. } => unreachable!("answered before connecting"),
         Command::Interrupt { kernel } => {
             let reply = agent.call("interrupt_kernel", vec![s(&kernel)]).await?;
             if json {
@@ -472,6 +491,72 @@ async fn exec(agent: &Agent, args: &ExecArgs, json: bool) -> anyhow::Result<Exit
 }
 
 /// Lines of standard input, read on a thread so a waiting prompt never blocks the runtime.
+/// `usage`: the local journal's records, as a table or as CloudEvent JSON lines.
+fn usage(
+    kernel: Option<&str>,
+    journal_dir: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use bai_agent::usage::{journal, record::nanos_text};
+    let dir = match journal_dir {
+        Some(dir) => dir.to_path_buf(),
+        None => bai_agent::config::Config::load(config)?.0.agent.journal_dir,
+    };
+    let sinks = ["redis", "http"];
+    let (records, markers) =
+        journal::read(&dir, &sinks).with_context(|| format!("cannot read the usage journal in {}", dir.display()))?;
+    let present: Vec<(String, u64)> =
+        markers.into_iter().filter(|(sink, _)| journal::NAME.marker(&dir, sink).exists()).collect();
+    let records: Vec<_> = records
+        .into_iter()
+        .filter(|r| r.item.event.is_some() && kernel.is_none_or(|k| r.item.kernel_id == k))
+        .collect();
+    if json {
+        let mut out = std::io::stdout().lock();
+        for record in &records {
+            if let Some(event) = &record.item.event {
+                writeln!(out, "{}", serde_json::to_string(event)?)?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        println!("no usage records in {}", journal::NAME.file(&dir).display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut headers = vec!["ID", "WINDOW START", "SECONDS", "CPU S", "MEM PEAK", "IO R/W", "NET RX/TX", "FINAL"];
+    headers.extend(present.iter().map(|(sink, _)| sink.as_str()));
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .filter_map(|record| {
+            let event = record.item.event.as_ref()?;
+            let data = &event.data;
+            let seconds = humantime::parse_rfc3339(&data.window_end)
+                .ok()
+                .zip(humantime::parse_rfc3339(&data.window_start).ok())
+                .and_then(|(end, start)| end.duration_since(start).ok())
+                .map_or_else(|| "?".to_owned(), |d| nanos_text(d.as_nanos()));
+            let mut row = vec![
+                event.id.clone(),
+                data.window_start.clone(),
+                seconds,
+                data.cpu_seconds.clone(),
+                human_size(data.mem_peak_bytes),
+                format!("{}/{}", human_size(data.io_read_bytes), human_size(data.io_write_bytes)),
+                format!("{}/{}", human_size(data.net_rx_bytes), human_size(data.net_tx_bytes)),
+                data.exit_reason.clone().unwrap_or_else(|| "-".to_owned()),
+            ];
+            row.extend(
+                present.iter().map(|(_, marker)| if record.seq <= *marker { "sent" } else { "pending" }.to_owned()),
+            );
+            Some(row)
+        })
+        .collect();
+    print_table(&headers, &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn stdin_reader() -> tokio::sync::mpsc::Receiver<String> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     std::thread::spawn(move || {

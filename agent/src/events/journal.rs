@@ -1,5 +1,6 @@
-//! The durable outbox on disk: a JSON-lines journal of every emitted event, written (and
-//! fsynced) before delivery is tried, and a marker of how far delivery got.
+//! The manager events' outbox on disk ([`crate::journal`] named `events`): a JSON-lines
+//! journal of every emitted event, written (and fsynced) before delivery is tried, and a
+//! marker of how far delivery got.
 //!
 //! Files in `agent.journal-dir`:
 //!
@@ -21,30 +22,21 @@
 //! bytes instead ([`Journal::trim`]).
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{self, Write},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    io,
+    path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::journal::JournalError;
+use crate::journal::{self, JournalName, Sequenced};
+
+pub const NAME: JournalName = JournalName { stem: "events", what: "event journal" };
 pub const JOURNAL_FILE: &str = "events.jsonl";
 pub const DELIVERED_FILE: &str = "events.delivered";
 pub const LOCK_FILE: &str = "events.lock";
-
-/// Why the journal cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    #[error(
-        "the event journal in {dir} is in use by another bai-agent (set agent.journal-dir to a directory of its own)"
-    )]
-    InUse { dir: PathBuf },
-    #[error("event journal {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-}
 
 /// One journaled event.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,37 +63,42 @@ pub struct Unsequenced {
     pub args: Vec<u8>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Line {
-    seq: u64,
+/// A line's fields besides `seq`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventLine {
     ts_us: u64,
     name: String,
-    args: String,
+    #[serde(serialize_with = "to_base64", deserialize_with = "from_base64")]
+    args: Vec<u8>,
 }
 
-impl Line {
-    fn from_record(record: &Record) -> Line {
-        let ts_us = u64::try_from(record.timestamp.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros())
+fn to_base64<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&BASE64.encode(bytes))
+}
+
+fn from_base64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    BASE64.decode(text.as_bytes()).map_err(|err| serde::de::Error::custom(format!("`args` is not base64: {err}")))
+}
+
+impl From<Unsequenced> for EventLine {
+    fn from(event: Unsequenced) -> Self {
+        let ts_us = u64::try_from(event.timestamp.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros())
             .unwrap_or(u64::MAX);
-        Line { seq: record.seq, ts_us, name: record.name.clone(), args: BASE64.encode(&record.args) }
-    }
-
-    fn into_record(self) -> Result<Record, String> {
-        let args = BASE64.decode(self.args.as_bytes()).map_err(|err| format!("`args` is not base64: {err}"))?;
-        let timestamp = UNIX_EPOCH + Duration::from_micros(self.ts_us);
-        Ok(Record { seq: self.seq, name: self.name, timestamp, args })
+        EventLine { ts_us, name: event.name, args: event.args }
     }
 }
 
-/// The journal files of one directory, locked for this process.
+impl From<Sequenced<EventLine>> for Record {
+    fn from(line: Sequenced<EventLine>) -> Self {
+        let Sequenced { seq, item } = line;
+        Record { seq, name: item.name, timestamp: UNIX_EPOCH + Duration::from_micros(item.ts_us), args: item.args }
+    }
+}
+
+/// The event journal of one directory, locked for this process.
 pub struct Journal {
-    dir: PathBuf,
-    path: PathBuf,
-    file: File,
-    _lock: File,
-    len: u64,
-    last_seq: u64,
-    delivered: u64,
+    inner: journal::Journal<EventLine>,
 }
 
 /// What [`Journal::open`] found.
@@ -115,234 +112,61 @@ impl Journal {
     /// Opens (creating `dir` and the files if needed) and locks the journal of `dir`, repairs
     /// a torn tail, and returns the records not yet delivered.
     pub fn open(dir: &Path) -> Result<Opened, JournalError> {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| JournalError::Io { path, source }
-        };
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock(2) on a descriptor we own; released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(JournalError::InUse { dir: dir.to_path_buf() });
-            }
-            return Err(JournalError::Io { path: lock_path, source: err });
-        }
-
-        let delivered_path = dir.join(DELIVERED_FILE);
-        let delivered = match fs::read_to_string(&delivered_path) {
-            Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
-                tracing::warn!(path = %delivered_path.display(), content = %text.trim(), "the delivered marker is corrupt; resending the whole journal");
-                0
-            }),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => 0,
-            Err(source) => return Err(JournalError::Io { path: delivered_path, source }),
-        };
-
-        let path = dir.join(JOURNAL_FILE);
-        let file = OpenOptions::new().create(true).append(true).read(true).open(&path).map_err(io_err(&path))?;
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let scan = scan(&bytes);
-        for (offset, reason) in &scan.skipped {
-            tracing::warn!(path = %path.display(), offset, %reason, "skipping a corrupt event journal line");
-        }
-        if scan.good_len < bytes.len() as u64 {
-            tracing::warn!(
-                path = %path.display(),
-                kept = scan.good_len,
-                dropped = bytes.len() as u64 - scan.good_len,
-                reason = scan.tail_reason.as_deref().unwrap_or("torn write"),
-                "the event journal ends in a torn or corrupt record (a crash mid-write?); truncating it"
-            );
-            file.set_len(scan.good_len).map_err(io_err(&path))?;
-            file.sync_all().map_err(io_err(&path))?;
-        }
-        let last_in_file = scan.records.last().map_or(0, |r| r.seq);
-        let undelivered: Vec<Record> = scan.records.into_iter().filter(|r| r.seq > delivered).collect();
-        let journal = Journal {
-            dir: dir.to_path_buf(),
-            path,
-            file,
-            _lock: lock,
-            len: scan.good_len,
-            last_seq: last_in_file.max(delivered),
-            delivered,
-        };
-        Ok(Opened { journal, undelivered })
+        let journal::Opened { journal, records } = journal::Journal::open(dir, NAME, &[""])?;
+        let delivered = journal.delivered(0);
+        let undelivered = records.into_iter().filter(|r| r.seq > delivered).map(Record::from).collect();
+        Ok(Opened { journal: Journal { inner: journal }, undelivered })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.inner.path()
     }
 
     /// Bytes in `events.jsonl`.
     pub fn len_bytes(&self) -> u64 {
-        self.len
+        self.inner.len_bytes()
     }
 
     /// The highest sequence number handed out.
     pub fn last_seq(&self) -> u64 {
-        self.last_seq
+        self.inner.last_seq()
     }
 
     /// The delivered marker.
     pub fn delivered(&self) -> u64 {
-        self.delivered
+        self.inner.delivered(0)
     }
 
     /// Numbers `events` and appends them with one write and one fsync. The records come back
     /// even when the write failed (then the file is cut back to where it was and the error
     /// says why), so delivery can still go on from memory.
     pub fn append(&mut self, events: Vec<Unsequenced>) -> (Vec<Record>, io::Result<()>) {
-        let records: Vec<Record> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| Record {
-                seq: self.last_seq + 1 + i as u64,
-                name: event.name,
-                timestamp: event.timestamp,
-                args: event.args,
-            })
-            .collect();
-        let Some(last) = records.last() else {
-            return (records, Ok(()));
-        };
-        self.last_seq = last.seq;
-        let mut buffer = Vec::new();
-        for record in &records {
-            // A struct of strings and numbers always serializes.
-            if serde_json::to_writer(&mut buffer, &Line::from_record(record)).is_ok() {
-                buffer.push(b'\n');
-            }
-        }
-        let written = self.file.write_all(&buffer).and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.len += buffer.len() as u64;
-                (records, Ok(()))
-            }
-            Err(err) => {
-                // Never leave half a batch behind: the next append would follow a torn line.
-                let _ = self.file.set_len(self.len);
-                (records, Err(err))
-            }
-        }
+        let (lines, written) = self.inner.append(events.into_iter().map(EventLine::from).collect());
+        (lines.into_iter().map(Record::from).collect(), written)
     }
 
-    /// Persists that everything up to `seq` is delivered (atomically: temporary file, fsync,
-    /// rename, fsync of the directory).
+    /// Persists that everything up to `seq` is delivered.
     pub fn mark_delivered(&mut self, seq: u64) -> io::Result<()> {
-        if seq <= self.delivered {
-            return Ok(());
-        }
-        let tmp = self.dir.join(format!("{DELIVERED_FILE}.tmp"));
-        {
-            let mut file = File::create(&tmp)?;
-            writeln!(file, "{seq}")?;
-            file.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join(DELIVERED_FILE))?;
-        File::open(&self.dir)?.sync_all()?;
-        self.delivered = seq;
-        Ok(())
+        self.inner.mark_delivered(0, seq)
     }
 
     /// Empties `events.jsonl` when everything in it is delivered; true when it did.
     pub fn compact(&mut self) -> io::Result<bool> {
-        if self.len == 0 || self.delivered < self.last_seq {
-            return Ok(false);
-        }
-        self.file.set_len(0)?;
-        self.file.sync_all()?;
-        self.len = 0;
-        Ok(true)
+        self.inner.compact()
     }
 
     /// When `events.jsonl` is larger than `max_bytes`, rewrites it (atomically) keeping only
     /// whole records from its last `keep_bytes`; true when it did. For the journal without
     /// Redis, which is the local record of events and must not grow without bound.
     pub fn trim(&mut self, max_bytes: u64, keep_bytes: u64) -> io::Result<bool> {
-        if self.len <= max_bytes {
-            return Ok(false);
-        }
-        let bytes = fs::read(&self.path)?;
-        let from = bytes.len().saturating_sub(usize::try_from(keep_bytes).unwrap_or(usize::MAX));
-        // Start at a record boundary: just after a newline at or after `from`.
-        let start = if from == 0 {
-            0
-        } else {
-            bytes[from - 1..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| from + i)
-        };
-        let tail = &bytes[start..];
-        let tmp = self.dir.join(format!("{JOURNAL_FILE}.tmp"));
-        {
-            let mut file = File::create(&tmp)?;
-            file.write_all(tail)?;
-            file.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        File::open(&self.dir)?.sync_all()?;
-        self.file = OpenOptions::new().append(true).read(true).open(&self.path)?;
-        self.len = tail.len() as u64;
-        Ok(true)
+        self.inner.trim(max_bytes, keep_bytes)
     }
-}
-
-struct Scan {
-    records: Vec<Record>,
-    /// Bytes up to the end of the last good record.
-    good_len: u64,
-    /// Corrupt lines before the last good record: (byte offset, reason).
-    skipped: Vec<(u64, String)>,
-    tail_reason: Option<String>,
-}
-
-/// Parses the journal's bytes: every good record, and where the good part ends.
-fn scan(bytes: &[u8]) -> Scan {
-    let mut records: Vec<Record> = Vec::new();
-    let mut good_len = 0u64;
-    let mut bad_since_good: Vec<(u64, String)> = Vec::new();
-    let mut skipped = Vec::new();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        let Some(newline) = bytes[offset..].iter().position(|&b| b == b'\n') else {
-            bad_since_good.push((offset as u64, "no newline at the end (torn write)".to_owned()));
-            break;
-        };
-        let line = &bytes[offset..offset + newline];
-        let end = offset + newline + 1;
-        let parsed = serde_json::from_slice::<Line>(line).map_err(|err| err.to_string()).and_then(Line::into_record);
-        match parsed {
-            Ok(record) if records.last().is_some_and(|last| record.seq <= last.seq) => {
-                let reason = format!("sequence {} does not follow {}", record.seq, records.last().map_or(0, |l| l.seq));
-                bad_since_good.push((offset as u64, reason));
-            }
-            Ok(record) => {
-                skipped.append(&mut bad_since_good);
-                records.push(record);
-                good_len = end as u64;
-            }
-            Err(reason) if line.iter().all(|&b| b == b' ' || b == b'\r') => {
-                // An empty line is harmless; count it as part of the good region.
-                if bad_since_good.is_empty() {
-                    good_len = end as u64;
-                } else {
-                    bad_since_good.push((offset as u64, reason));
-                }
-            }
-            Err(reason) => bad_since_good.push((offset as u64, reason)),
-        }
-        offset = end;
-    }
-    let tail_reason = bad_since_good.first().map(|(_, reason)| reason.clone());
-    Scan { records, good_len, skipped, tail_reason }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn event(name: &str, n: u8) -> Unsequenced {

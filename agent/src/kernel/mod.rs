@@ -28,6 +28,7 @@ use crate::{
     ports::PortPool,
     resources::{Allocation, KernelResourceSpec, ResourceAllocator, ResourceSlots, SlotAmount, SlotRegistry},
     scratch::{self, IntrinsicPorts, ScratchContents, ScratchRoot},
+    usage::{KernelMeta, UsageHandle},
 };
 pub use spec::{KernelSpec, SpecError};
 pub use store::{KernelStore, StoreError};
@@ -107,6 +108,18 @@ pub struct KernelRecord {
 }
 
 impl KernelRecord {
+    /// Who the kernel's usage bills to and what it holds.
+    pub fn usage_meta(&self) -> KernelMeta {
+        KernelMeta {
+            kernel_id: self.kernel_id.clone(),
+            session_id: self.session_id.clone(),
+            owner_user_id: self.owner_user_id.clone(),
+            owner_project_id: self.owner_project_id.clone(),
+            image: self.image.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
     fn allocation(&self) -> Allocation {
         let slots = self
             .slots
@@ -172,6 +185,8 @@ pub struct KernelManager {
     state_counts: std::sync::Mutex<[usize; KernelState::ALL.len()]>,
     /// Set once the saved registry has been reconciled with the engine.
     ready: std::sync::atomic::AtomicBool,
+    /// Tells the usage meter when kernels start and end.
+    usage: UsageHandle,
 }
 
 /// The image label that declares a kernel's services: `name:protocol:port,…`.
@@ -291,7 +306,13 @@ impl KernelManager {
             metrics,
             state_counts: std::sync::Mutex::new([0; KernelState::ALL.len()]),
             ready: std::sync::atomic::AtomicBool::new(false),
+            usage: UsageHandle::disconnected(),
         }
+    }
+
+    /// Meters kernels' usage through `usage` from now on.
+    pub fn set_usage(&mut self, usage: UsageHandle) {
+        self.usage = usage;
     }
 
     /// How many kernels are in each state, every state listed.
@@ -532,6 +553,7 @@ impl KernelManager {
         let record = self.record(kernel_id).await?;
         let info = self.creation_info(&record);
         self.emit("kernel_started", vec![kernel_id.into(), session_id.into(), "".into(), info.clone()]);
+        self.usage.kernel_started(record.usage_meta());
         tracing::info!(kernel_id, session_id, container_id, image = %record.image, "kernel running");
         Ok(info)
     }
@@ -709,6 +731,7 @@ impl KernelManager {
         }
         self.release(kernel_id).await;
         self.stopping.lock().await.remove(kernel_id);
+        self.usage.kernel_terminated(kernel_id, reason);
         if !suppress_events {
             self.emit(
                 "kernel_terminated",
@@ -765,6 +788,7 @@ impl KernelManager {
         })
         .await;
         let record = self.record(kernel_id).await?;
+        self.usage.kernel_started(record.usage_meta());
         self.emit(
             "kernel_started",
             vec![kernel_id.into(), record.session_id.as_str().into(), "restarting".into(), self.creation_info(&record)],
@@ -829,6 +853,7 @@ impl KernelManager {
             vec![record.kernel_id.as_str().into(), record.session_id.as_str().into(), reason.into()],
         );
         self.release(&record.kernel_id).await;
+        self.usage.kernel_terminated(&record.kernel_id, reason);
         self.emit(
             "kernel_terminated",
             vec![record.kernel_id.as_str().into(), record.session_id.as_str().into(), reason.into(), exit_code],
@@ -855,6 +880,7 @@ impl KernelManager {
             }
         }
         let mut recovered = 0;
+        let mut live = HashSet::new();
         for mut record in saved {
             let found = by_kernel.remove(&record.kernel_id);
             let alive = matches!(found, Some((_, true))) && record.state == KernelState::Running;
@@ -873,6 +899,8 @@ impl KernelManager {
                 let kernel_id = record.kernel_id.clone();
                 let session_id = record.session_id.clone();
                 let info = self.creation_info(&record);
+                self.usage.kernel_started(record.usage_meta());
+                live.insert(kernel_id.clone());
                 self.kernels.lock().await.insert(kernel_id.clone(), record);
                 self.emit(
                     "kernel_started",
@@ -891,6 +919,7 @@ impl KernelManager {
                 // Held nothing in this process yet: release only removes container and scratch.
                 self.kernels.lock().await.insert(kernel_id.clone(), record);
                 self.release(&kernel_id).await;
+                self.usage.kernel_terminated(&kernel_id, "self-terminated");
                 self.emit(
                     "kernel_terminated",
                     vec![kernel_id.as_str().into(), session_id.into(), "self-terminated".into(), exit_code],
@@ -905,6 +934,7 @@ impl KernelManager {
                 "a labelled container this agent has no record of; leaving it alone"
             );
         }
+        self.usage.kernels_recovered(live);
         let kernels = self.kernels.lock().await;
         self.persist(&kernels).await;
         tracing::info!(recovered, "kernel registry recovered");

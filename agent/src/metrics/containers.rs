@@ -196,7 +196,12 @@ mod tests {
     fn exposes_cadvisor_names_with_labels() {
         let state = Arc::new(MetricsState::default());
         state.publish(MonitorSnapshot {
-            containers: vec![ContainerSample { kernel: kernel("a"), readings: readings() }],
+            containers: vec![ContainerSample {
+                kernel: kernel("a"),
+                readings: readings(),
+                cgroup_id: Some(1),
+                run: Default::default(),
+            }],
             ..MonitorSnapshot::default()
         });
         let text = scrape(&registry(state, "i-test"));
@@ -227,7 +232,12 @@ mod tests {
     #[test]
     fn a_dropped_container_has_no_series() {
         let state = Arc::new(MetricsState::default());
-        let sample = ContainerSample { kernel: kernel("a"), readings: ContainerReadings::default() };
+        let sample = ContainerSample {
+            kernel: kernel("a"),
+            readings: ContainerReadings::default(),
+            cgroup_id: Some(1),
+            run: Default::default(),
+        };
         state.publish(MonitorSnapshot { containers: vec![sample], ..MonitorSnapshot::default() });
         let registry = registry(state.clone(), "i-test");
         assert!(scrape(&registry).contains("kernel_id=\"k-a\""));

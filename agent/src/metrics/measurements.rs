@@ -614,7 +614,12 @@ mod tests {
             ..ContainerReadings::default()
         };
         MonitorSnapshot {
-            containers: vec![ContainerSample { kernel: kernel("a"), readings }],
+            containers: vec![ContainerSample {
+                kernel: kernel("a"),
+                readings,
+                cgroup_id: Some(1),
+                run: Default::default(),
+            }],
             ..MonitorSnapshot::default()
         }
     }

@@ -4,6 +4,7 @@
 //!
 //! - [`containers`]: the per-container series; [`node`]: the node's and devices' series.
 //! - [`agent`], [`kernels`], [`rpc`]: the agent's self-metrics.
+//! - [`usage`]: the usage meter's backlog and deliveries.
 //! - [`measurements`]: Backend.AI's `current/capacity/pct` shape with moving statistics;
 //!   [`stats`] writes it to Redis for the manager.
 //! - [`server`]: `/metrics`, `/health`, `/livez`, `/readyz`.
@@ -16,8 +17,11 @@ pub mod node;
 pub mod rpc;
 pub mod server;
 pub mod stats;
+pub mod usage;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use prometheus_client::{encoding::EncodeLabelSet, registry::Registry};
 
@@ -33,6 +37,10 @@ pub use measurements::Measurements;
 pub struct ContainerSample {
     pub kernel: Arc<KernelContainer>,
     pub readings: ContainerReadings,
+    /// The cgroup counted now; None once the container stopped (its counters are final).
+    pub cgroup_id: Option<agent_common::CgroupId>,
+    /// What the current cgroup counted (its pinned counters from earlier agents included).
+    pub run: agent_common::CgroupCounters,
 }
 
 /// How full one of the eBPF maps is.
@@ -44,8 +52,16 @@ pub struct MapUsage {
 }
 
 /// What the monitor saw at one sampling instant.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MonitorSnapshot {
+    /// When it was taken (wall clock).
+    pub taken_at: std::time::SystemTime,
+    /// Whether the monitor has applied Docker's list of running containers (before that, a
+    /// kernel missing from `containers` proves nothing).
+    pub synced: bool,
+    /// Containers that ended while no agent ran: (cgroup id, their last counters), found in
+    /// the pinned maps and let go of in this pass.
+    pub ended_runs: Vec<(agent_common::CgroupId, agent_common::CgroupCounters)>,
     pub containers: Vec<ContainerSample>,
     pub node: NodeReadings,
     /// Accelerators, per compute plugin.
@@ -60,6 +76,26 @@ pub struct MonitorSnapshot {
     pub passes: u64,
     /// How long this pass took (every container, the node, the devices).
     pub pass_duration: std::time::Duration,
+}
+
+impl Default for MonitorSnapshot {
+    fn default() -> Self {
+        MonitorSnapshot {
+            taken_at: std::time::UNIX_EPOCH,
+            synced: false,
+            ended_runs: Vec::new(),
+            containers: Vec::new(),
+            node: NodeReadings::default(),
+            devices: Vec::new(),
+            attached_cgroups: 0,
+            programs: Vec::new(),
+            sources: Sources::default(),
+            lost_events: 0,
+            maps: Vec::new(),
+            passes: 0,
+            pass_duration: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// Labels on every container series (DESIGN.md "Metrics").
@@ -88,17 +124,27 @@ impl From<&KernelContainer> for ContainerLabels {
 
 /// The latest snapshot and the measurements derived from every snapshot so far, shared
 /// between the monitor (writer) and scrapes, the stats writer and RPCs (readers).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MetricsState {
-    latest: RwLock<Arc<MonitorSnapshot>>,
+    latest: watch::Sender<Arc<MonitorSnapshot>>,
     measurements: Mutex<Measurements>,
+}
+
+impl Default for MetricsState {
+    fn default() -> Self {
+        MetricsState { latest: watch::Sender::new(Arc::default()), measurements: Mutex::default() }
+    }
 }
 
 impl MetricsState {
     pub fn publish(&self, snapshot: MonitorSnapshot) {
         self.with_measurements(|measurements| measurements.update(&snapshot));
-        // A poisoned lock only means a panicking writer; the snapshot is replaced whole anyway.
-        *self.latest.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(snapshot);
+        self.latest.send_replace(Arc::new(snapshot));
+    }
+
+    /// Every snapshot from now on (the usage meter follows them).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MonitorSnapshot>> {
+        self.latest.subscribe()
     }
 
     /// Runs `f` on the measurements (briefly: the monitor waits meanwhile).
@@ -108,7 +154,7 @@ impl MetricsState {
 
     /// The latest snapshot; cheap, so a scrape never holds the lock while encoding.
     pub fn latest(&self) -> Arc<MonitorSnapshot> {
-        self.latest.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.latest.borrow().clone()
     }
 
     /// The last measurements of one kernel (what `destroy_kernel` returns).

@@ -88,6 +88,10 @@ pub struct ContainerMonitor {
     buf: Vec<u8>,
     /// Sampling passes so far.
     passes: u64,
+    /// Whether a Docker snapshot has been applied.
+    synced: bool,
+    /// Counters of containers that ended while no agent ran, for the next snapshot.
+    ended_runs: Vec<(CgroupId, CgroupCounters)>,
 }
 
 impl ContainerMonitor {
@@ -109,6 +113,8 @@ impl ContainerMonitor {
             accelerators,
             buf: Vec::with_capacity(8192),
             passes: 0,
+            synced: false,
+            ended_runs: Vec::new(),
         }
     }
 
@@ -152,6 +158,7 @@ impl ContainerMonitor {
                     self.started(kernel);
                 }
                 self.forget_unclaimed();
+                self.synced = true;
             }
             ContainerEvent::Started(kernel) => self.started(kernel),
             ContainerEvent::Stopped { container_id } | ContainerEvent::Removed { container_id } => {
@@ -165,11 +172,14 @@ impl ContainerMonitor {
     fn forget_unclaimed(&mut self) {
         for id in self.ebpf.unattached_registrations() {
             match self.ebpf.forget(id) {
-                Ok(last) => tracing::info!(
-                    cgroup_id = id,
-                    cpu_ns = last.cpu_ns,
-                    "counters of a container that ended while no agent ran; let go"
-                ),
+                Ok(last) => {
+                    tracing::info!(
+                        cgroup_id = id,
+                        cpu_ns = last.cpu_ns,
+                        "counters of a container that ended while no agent ran; let go"
+                    );
+                    self.ended_runs.push((id, last));
+                }
                 Err(err) => tracing::warn!(cgroup_id = id, error = %err, "letting go of stale counters failed"),
             }
         }
@@ -270,7 +280,12 @@ impl ContainerMonitor {
                 // Usually the container exiting between its last event and this sample.
                 tracing::debug!(container_id = %tracked.kernel.container_id, error = %err, "reading cgroup files failed");
             }
-            samples.push(ContainerSample { kernel: tracked.kernel.clone(), readings: tracked.total() });
+            samples.push(ContainerSample {
+                kernel: tracked.kernel.clone(),
+                readings: tracked.total(),
+                cgroup_id: tracked.cgroup.as_ref().map(|c| c.id),
+                run: tracked.current.counters,
+            });
         }
         samples
     }
@@ -290,6 +305,9 @@ impl ContainerMonitor {
         let (direct, overflow) = self.ebpf.occupancy();
         let (direct_capacity, overflow_capacity) = self.ebpf.capacity();
         MonitorSnapshot {
+            taken_at: std::time::SystemTime::now(),
+            synced: self.synced,
+            ended_runs: std::mem::take(&mut self.ended_runs),
             containers: self.sample(now),
             node: self.node.read(&mut self.buf),
             devices: self.measure_accelerators(),
