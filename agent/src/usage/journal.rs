@@ -33,6 +33,9 @@ pub struct UsageJournal {
     inner: journal::Journal<UsageLine>,
     /// Per kernel, the seq of its latest line, and whether that closed it.
     latest: HashMap<String, (u64, bool)>,
+    /// The size that triggers the next rewrite (more than [`REWRITE_BYTES`] when a rewrite
+    /// could not shrink the file: a sink is down and its backlog is kept).
+    rewrite_at: u64,
 }
 
 /// What [`UsageJournal::open`] found.
@@ -63,7 +66,11 @@ impl UsageJournal {
         let mut open_windows: Vec<(KernelMeta, Checkpoint)> =
             checkpoints.into_values().filter(|(_, checkpoint)| !checkpoint.closed).collect();
         open_windows.sort_by(|a, b| a.0.kernel_id.cmp(&b.0.kernel_id));
-        Ok(OpenedUsage { journal: UsageJournal { inner: journal, latest }, open_windows, backlogs })
+        Ok(OpenedUsage {
+            journal: UsageJournal { inner: journal, latest, rewrite_at: REWRITE_BYTES },
+            open_windows,
+            backlogs,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -93,7 +100,7 @@ impl UsageJournal {
 
     /// Rewrites the journal when it is over [`REWRITE_BYTES`]: true when it did.
     pub fn maybe_rewrite(&mut self) -> io::Result<bool> {
-        if self.inner.len_bytes() <= REWRITE_BYTES {
+        if self.inner.len_bytes() <= self.rewrite_at {
             return Ok(false);
         }
         let needed_from =
@@ -107,6 +114,7 @@ impl UsageJournal {
         // Kernels whose final record went are forgotten with their lines.
         let kept_from = needed_from.min(recent_from);
         self.latest.retain(|_, (seq, closed)| !*closed || *seq > kept_from);
+        self.rewrite_at = REWRITE_BYTES.max(self.inner.len_bytes().saturating_mul(2));
         Ok(true)
     }
 }

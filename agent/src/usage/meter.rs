@@ -276,7 +276,10 @@ impl Meter {
                 let reason = reason.clone();
                 lines.push(close_window(&self.agent_id, kernel_id, metered, at_ns, Some(&reason)));
                 finished.push(kernel_id.clone());
-            } else if at_ns >= next_boundary(metered.window_start_ns, self.interval_ns) {
+            } else if (synced || !mine.is_empty()) && at_ns >= next_boundary(metered.window_start_ns, self.interval_ns)
+            {
+                // (Before the monitor has synced, a resumed kernel's window stays open, so
+                // what it used while no agent ran lands in the window that spans that time.)
                 lines.push(close_window(&self.agent_id, kernel_id, metered, at_ns, None));
             }
         }
