@@ -597,22 +597,23 @@ impl StreamEvent {
     }
 }
 
-/// Reads the stream `events` of a Redis database in the background (XREAD from the start,
-/// reconnecting across outages) and keeps the entries whose `source` is one agent id, in
-/// stream order. Entries are collected as they come, so the stream's MAXLEN trimming and a
-/// restart of a Redis without persistence lose none of them.
-pub struct EventCollector {
-    events: std::sync::Arc<std::sync::Mutex<Vec<StreamEvent>>>,
+/// A background reader of one Redis stream: XREAD from the start, reconnecting across
+/// outages, handing each entry to a callback in stream order. Stopped when dropped.
+pub struct StreamFollower {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl EventCollector {
-    pub fn start(redis_addr: &str, db: u32, source: &str) -> anyhow::Result<EventCollector> {
+impl StreamFollower {
+    pub fn start(
+        redis_addr: &str,
+        db: u32,
+        stream: &str,
+        mut on_entry: impl FnMut(redis::streams::StreamId) + Send + 'static,
+    ) -> anyhow::Result<StreamFollower> {
         let client = redis::Client::open(format!("redis://{redis_addr}/{db}"))?;
-        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sink, stopping, source) = (events.clone(), stop.clone(), source.to_owned());
+        let (stopping, stream) = (stop.clone(), stream.to_owned());
         let thread = std::thread::spawn(move || {
             let mut last_id = "0-0".to_owned();
             let mut connection = None;
@@ -631,10 +632,11 @@ impl EventCollector {
                     .arg("BLOCK")
                     .arg(200)
                     .arg("STREAMS")
-                    .arg("events")
+                    .arg(&stream)
                     .arg(&last_id)
                     .query(conn);
                 let Ok(reply) = reply else {
+                    // A restarted Redis (no persistence) starts its stream afresh, with later ids.
                     connection = None;
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
@@ -642,32 +644,86 @@ impl EventCollector {
                 for key in reply.map(|r| r.keys).unwrap_or_default() {
                     for entry in key.ids {
                         last_id = entry.id.clone();
-                        let text = |field: &str| -> Vec<u8> {
-                            match entry.map.get(field) {
-                                Some(redis::Value::BulkString(bytes)) => bytes.clone(),
-                                Some(redis::Value::SimpleString(text)) => text.clone().into_bytes(),
-                                _ => Vec::new(),
-                            }
-                        };
-                        let event = StreamEvent {
-                            id: entry.id.clone(),
-                            fields: {
-                                let mut fields: Vec<String> = entry.map.keys().cloned().collect();
-                                fields.sort();
-                                fields
-                            },
-                            name: String::from_utf8_lossy(&text("name")).into_owned(),
-                            source: String::from_utf8_lossy(&text("source")).into_owned(),
-                            args: text("args"),
-                        };
-                        if event.source == source {
-                            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
-                        }
+                        on_entry(entry);
                     }
                 }
             }
         });
-        Ok(EventCollector { events, stop, thread: Some(thread) })
+        Ok(StreamFollower { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for StreamFollower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An entry's field names, sorted.
+fn field_names(entry: &redis::streams::StreamId) -> Vec<String> {
+    let mut fields: Vec<String> = entry.map.keys().cloned().collect();
+    fields.sort();
+    fields
+}
+
+/// A field's bytes (empty when missing).
+fn field_bytes(entry: &redis::streams::StreamId, field: &str) -> Vec<u8> {
+    match entry.map.get(field) {
+        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+        Some(redis::Value::SimpleString(text)) => text.clone().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// Polls `collected` until `done` holds for it; the error lists what did arrive.
+fn wait_for_collected<T: Clone>(
+    collected: &std::sync::Mutex<Vec<T>>,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[T]) -> bool,
+    describe: impl Fn(&[T]) -> String,
+) -> anyhow::Result<Vec<T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let items = collected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if done(&items) {
+            return Ok(items);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; arrived: {}", describe(&items));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads the stream `events` of a Redis database in the background and keeps the entries
+/// whose `source` is one agent id, in stream order. Entries are collected as they come, so the
+/// stream's MAXLEN trimming and a restart of a Redis without persistence lose none of them.
+pub struct EventCollector {
+    events: std::sync::Arc<std::sync::Mutex<Vec<StreamEvent>>>,
+    _follower: StreamFollower,
+}
+
+impl EventCollector {
+    pub fn start(redis_addr: &str, db: u32, source: &str) -> anyhow::Result<EventCollector> {
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sink, source) = (events.clone(), source.to_owned());
+        let follower = StreamFollower::start(redis_addr, db, "events", move |entry| {
+            let event = StreamEvent {
+                id: entry.id.clone(),
+                fields: field_names(&entry),
+                name: String::from_utf8_lossy(&field_bytes(&entry, "name")).into_owned(),
+                source: String::from_utf8_lossy(&field_bytes(&entry, "source")).into_owned(),
+                args: field_bytes(&entry, "args"),
+            };
+            if event.source == source {
+                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+            }
+        })?;
+        Ok(EventCollector { events, _follower: follower })
     }
 
     /// What has arrived so far, in stream order.
@@ -680,29 +736,11 @@ impl EventCollector {
         &self,
         what: &str,
         timeout: Duration,
-        mut done: impl FnMut(&[StreamEvent]) -> bool,
+        done: impl FnMut(&[StreamEvent]) -> bool,
     ) -> anyhow::Result<Vec<StreamEvent>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let events = self.events();
-            if done(&events) {
-                return Ok(events);
-            }
-            if Instant::now() > deadline {
-                let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
-                bail!("timed out after {timeout:?} waiting for {what}; arrived: {names:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for EventCollector {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        wait_for_collected(&self.events, what, timeout, done, |events| {
+            format!("{:?}", events.iter().map(|e| e.name.as_str()).collect::<Vec<_>>())
+        })
     }
 }
 
@@ -950,70 +988,30 @@ impl UsageEntry {
     }
 }
 
-/// Reads a usage stream in the background (XREAD from the start, reconnecting across
-/// outages) and keeps the records of one agent (`source` = `bai-agent/{agent_id}`), in
-/// stream order, so a restart of a Redis without persistence loses none of them.
+/// Reads a usage stream in the background and keeps the records of one agent (`source` =
+/// `bai-agent/{agent_id}`), in stream order, so a restart of a Redis without persistence loses
+/// none of them.
 pub struct UsageCollector {
     entries: std::sync::Arc<std::sync::Mutex<Vec<UsageEntry>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _follower: StreamFollower,
 }
 
 impl UsageCollector {
     pub fn start(redis_addr: &str, db: u32, stream: &str, agent_id: &str) -> anyhow::Result<UsageCollector> {
-        let client = redis::Client::open(format!("redis://{redis_addr}/{db}"))?;
         let entries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sink, stopping, stream) = (entries.clone(), stop.clone(), stream.to_owned());
-        let source = format!("bai-agent/{agent_id}");
-        let thread = std::thread::spawn(move || {
-            let mut last_id = "0-0".to_owned();
-            let mut connection = None;
-            while !stopping.load(Ordering::Relaxed) {
-                if connection.is_none() {
-                    connection = client.get_connection_with_timeout(Duration::from_secs(1)).ok();
-                    if connection.is_none() {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                }
-                let Some(conn) = connection.as_mut() else { continue };
-                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(1000)
-                    .arg("BLOCK")
-                    .arg(200)
-                    .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(&last_id)
-                    .query(conn);
-                let Ok(reply) = reply else {
-                    // A restarted Redis (no persistence) starts its stream afresh, with later ids.
-                    connection = None;
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                };
-                for key in reply.map(|r| r.keys).unwrap_or_default() {
-                    for entry in key.ids {
-                        last_id = entry.id.clone();
-                        let event = match entry.map.get("event") {
-                            Some(redis::Value::BulkString(bytes)) => serde_json::from_slice(bytes).unwrap_or_default(),
-                            _ => serde_json::Value::Null,
-                        };
-                        let mut fields: Vec<String> = entry.map.keys().cloned().collect();
-                        fields.sort();
-                        if event["source"] == source.as_str() {
-                            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(UsageEntry {
-                                entry_id: entry.id.clone(),
-                                fields,
-                                event,
-                            });
-                        }
-                    }
-                }
+        let (sink, source) = (entries.clone(), format!("bai-agent/{agent_id}"));
+        let follower = StreamFollower::start(redis_addr, db, stream, move |entry| {
+            let event: serde_json::Value = serde_json::from_slice(&field_bytes(&entry, "event")).unwrap_or_default();
+            if event["source"] == source.as_str() {
+                let fields = field_names(&entry);
+                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(UsageEntry {
+                    entry_id: entry.id,
+                    fields,
+                    event,
+                });
             }
-        });
-        Ok(UsageCollector { entries, stop, thread: Some(thread) })
+        })?;
+        Ok(UsageCollector { entries, _follower: follower })
     }
 
     pub fn entries(&self) -> Vec<UsageEntry> {
@@ -1025,28 +1023,10 @@ impl UsageCollector {
         &self,
         what: &str,
         timeout: Duration,
-        mut done: impl FnMut(&[UsageEntry]) -> bool,
+        done: impl FnMut(&[UsageEntry]) -> bool,
     ) -> anyhow::Result<Vec<UsageEntry>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.entries();
-            if done(&entries) {
-                return Ok(entries);
-            }
-            if Instant::now() > deadline {
-                let ids: Vec<&str> = entries.iter().map(UsageEntry::id).collect();
-                bail!("timed out after {timeout:?} waiting for {what}; arrived: {ids:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for UsageCollector {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        wait_for_collected(&self.entries, what, timeout, done, |entries| {
+            format!("{:?}", entries.iter().map(UsageEntry::id).collect::<Vec<_>>())
+        })
     }
 }

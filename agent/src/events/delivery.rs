@@ -119,6 +119,75 @@ impl RedisLink {
     }
 }
 
+/// Retry pacing and outage bookkeeping for a delivery task: waits double from
+/// [`INITIAL_BACKOFF`] to [`MAX_BACKOFF`] while sends fail, and an outage is reported once.
+#[derive(Debug)]
+pub struct Retry {
+    wait: Duration,
+    /// Since when sends fail, and how many did.
+    outage: Option<(Instant, u32)>,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { wait: INITIAL_BACKOFF, outage: None }
+    }
+}
+
+impl Retry {
+    pub fn in_outage(&self) -> bool {
+        self.outage.is_some()
+    }
+
+    /// A send worked: the outage it ends, if any (how long it lasted, failed attempts).
+    pub fn succeeded(&mut self) -> Option<(Duration, u32)> {
+        self.wait = INITIAL_BACKOFF;
+        self.outage.take().map(|(since, failures)| (since.elapsed(), failures))
+    }
+
+    /// A send failed: whether this begins an outage (worth one warning), and how long to wait
+    /// before the next try.
+    pub fn failed(&mut self) -> (bool, Duration) {
+        let wait = self.wait;
+        self.wait = (self.wait * 2).min(MAX_BACKOFF);
+        match &mut self.outage {
+            None => {
+                self.outage = Some((Instant::now(), 1));
+                (true, wait)
+            }
+            Some((_, failures)) => {
+                *failures += 1;
+                (false, wait)
+            }
+        }
+    }
+
+    /// How long shutdown keeps trying: a few seconds, or one quick try during an outage.
+    pub fn final_flush(&self) -> Duration {
+        if self.in_outage() { FINAL_FLUSH_IN_OUTAGE } else { FINAL_FLUSH }
+    }
+}
+
+/// Shutdown's last tries: sends the batches `next_batch` hands out until none is left or
+/// `limit` has passed (a send still running then is cut off). What is left stays journaled.
+pub async fn flush_before<B>(
+    limit: Duration,
+    mut next_batch: impl FnMut() -> Option<B>,
+    mut send: impl AsyncFnMut(B) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while let Some(batch) = next_batch() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if !tokio::time::timeout(left, send(batch)).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())))
+                .await;
+        }
+    }
+}
+
 /// Sends batches of journal records as stream entries.
 struct Sender {
     link: RedisLink,
@@ -154,8 +223,7 @@ pub(super) async fn run(
         }
     };
     let mut sender = Sender { link: RedisLink::new(client), agent_id };
-    let mut backoff = INITIAL_BACKOFF;
-    let mut outage: Option<(Instant, u32)> = None;
+    let mut retry = Retry::default();
     loop {
         let batch = shared.peek(BATCH);
         if batch.is_empty() {
@@ -170,11 +238,10 @@ pub(super) async fn run(
         match sender.send(&batch).await {
             Ok(()) => {
                 shared.delivered(&batch);
-                backoff = INITIAL_BACKOFF;
-                if let Some((since, failures)) = outage.take() {
+                if let Some((down_for, failures)) = retry.succeeded() {
                     tracing::info!(
                         redis = %target.addr,
-                        down_for = ?since.elapsed(),
+                        ?down_for,
                         failed_attempts = failures,
                         backlog = shared.stats.backlog(),
                         "Redis is reachable again; sending the event backlog in order"
@@ -182,47 +249,43 @@ pub(super) async fn run(
                 }
             }
             Err(err) => {
-                match &mut outage {
-                    None => {
-                        tracing::warn!(
-                            redis = %target.addr,
-                            %err,
-                            backlog = shared.stats.backlog(),
-                            "cannot deliver events to Redis; they stay in the journal and are retried (logged once per outage)"
-                        );
-                        outage = Some((Instant::now(), 1));
-                    }
-                    Some((_, failures)) => {
-                        *failures += 1;
-                        tracing::debug!(redis = %target.addr, %err, retry_in = ?backoff, "event delivery still failing");
-                    }
+                let (begins, wait) = retry.failed();
+                if begins {
+                    tracing::warn!(
+                        redis = %target.addr,
+                        %err,
+                        backlog = shared.stats.backlog(),
+                        "cannot deliver events to Redis; they stay in the journal and are retried (logged once per outage)"
+                    );
+                } else {
+                    tracing::debug!(redis = %target.addr, %err, retry_in = ?wait, "event delivery still failing");
                 }
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
 
     // Shutdown: whatever is left (agent_terminated at least) gets a last chance.
-    let deadline = Instant::now() + if outage.is_some() { FINAL_FLUSH_IN_OUTAGE } else { FINAL_FLUSH };
-    loop {
-        let batch = shared.peek(BATCH);
-        let left = deadline.saturating_duration_since(Instant::now());
-        if batch.is_empty() || left.is_zero() {
-            break;
+    let next = {
+        let shared = shared.clone();
+        move || Some(shared.peek(BATCH)).filter(|batch| !batch.is_empty())
+    };
+    let delivered = shared.clone();
+    flush_before(retry.final_flush(), next, async move |batch: Vec<Record>| match sender.send(&batch).await {
+        Ok(()) => {
+            delivered.delivered(&batch);
+            true
         }
-        match tokio::time::timeout(left, sender.send(&batch)).await {
-            Ok(Ok(())) => shared.delivered(&batch),
-            Ok(Err(_)) | Err(_) => {
-                sender.link.reset();
-                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
-            }
+        Err(_) => {
+            sender.link.reset();
+            false
         }
-    }
+    })
+    .await;
     let left = shared.stats.backlog();
     if left > 0 {
         tracing::warn!(

@@ -214,12 +214,15 @@ mod tests {
         meter = Meter::new("i-a", SEC);
         let mut at = T0 + 2 * SEC;
         while journal.len_bytes() <= REWRITE_BYTES {
-            let kernel = format!("k-{at}");
-            let mut lines: Vec<UsageLine> = meter.start(meta(&kernel), at).into_iter().collect();
-            meter.terminate(&kernel, "user-requested", at);
-            lines.extend(observe(&mut meter, at + SEC, &kernel, 5));
+            let mut lines = Vec::new();
+            for _ in 0..256 {
+                let kernel = format!("k-{at}");
+                lines.extend(meter.start(meta(&kernel), at));
+                meter.terminate(&kernel, "user-requested", at);
+                lines.extend(observe(&mut meter, at + SEC, &kernel, 5));
+                at += SEC;
+            }
             journal.append(lines).1.expect("written");
-            at += SEC;
         }
         let last = journal.last_seq();
         journal.mark_delivered(0, last - 10).expect("marked");

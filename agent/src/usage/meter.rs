@@ -392,6 +392,18 @@ mod tests {
         Observation { kernel_id, container_id, cgroup_id: Some(cgroup), totals: c, run: c, mem_bytes: mem }
     }
 
+    /// An open window at T0 whose running container `(id, cgroup, counters)` was marked.
+    fn checkpoint(next_seq: u64, totals: Counts, mem_bytes: u64, run: (&str, u64, Counts)) -> Checkpoint {
+        Checkpoint {
+            next_seq,
+            window_start_ns: T0,
+            totals: Totals { counts: totals, mem_byte_ns: 0 },
+            mem_bytes,
+            run: Some(RunMark { container_id: run.0.into(), cgroup_id: run.1, counters: run.2 }),
+            closed: false,
+        }
+    }
+
     fn data(lines: &[UsageLine]) -> Vec<UsageData> {
         lines.iter().filter_map(|l| l.event.as_ref().map(|e| e.data.clone())).collect()
     }
@@ -500,15 +512,7 @@ mod tests {
     #[test]
     fn a_container_that_ended_while_no_agent_ran_is_finished_with_its_last_counters() {
         let mut meter = Meter::new("i-a", 10 * SEC);
-        let checkpoint = Checkpoint {
-            next_seq: 4,
-            window_start_ns: T0,
-            totals: Totals { counts: counts(100, 10), mem_byte_ns: 0 },
-            mem_bytes: 50,
-            run: Some(RunMark { container_id: "c1".into(), cgroup_id: 77, counters: counts(60, 6) }),
-            closed: false,
-        };
-        meter.resume([(meta("k"), checkpoint)]);
+        meter.resume([(meta("k"), checkpoint(4, counts(100, 10), 50, ("c1", 77, counts(60, 6))))]);
         // Not synced yet: a missing container proves nothing.
         assert!(meter.observe(T0 + SEC, &[], &[], false).is_empty());
         meter.terminate("k", "self-terminated", T0 + SEC);
@@ -527,15 +531,7 @@ mod tests {
     #[test]
     fn counters_that_restarted_are_taken_whole_and_restarts_of_the_container_add_up() {
         let mut meter = Meter::new("i-a", 3600 * SEC);
-        let checkpoint = Checkpoint {
-            next_seq: 1,
-            window_start_ns: T0,
-            totals: Totals { counts: counts(1000, 100), mem_byte_ns: 0 },
-            mem_bytes: 0,
-            run: Some(RunMark { container_id: "c1".into(), cgroup_id: 5, counters: counts(1000, 100) }),
-            closed: false,
-        };
-        meter.resume([(meta("k"), checkpoint)]);
+        meter.resume([(meta("k"), checkpoint(1, counts(1000, 100), 0, ("c1", 5, counts(1000, 100))))]);
         // The pins were lost: the same cgroup counts from zero again.
         meter.observe(T0 + SEC, &[running("k", "c1", 5, counts(10, 1), 0)], &[], true);
         // restart_kernel: the old container stops with its final counts, a new one starts.

@@ -13,7 +13,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::Notify;
@@ -22,14 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::events::{
     RedisLink, RedisTarget,
-    delivery::{INITIAL_BACKOFF, MAX_BACKOFF},
+    delivery::{Retry, flush_before},
 };
 
 /// Records per delivery.
 pub const BATCH: usize = 64;
-/// How long shutdown keeps trying to deliver what is left.
-const FINAL_FLUSH: Duration = Duration::from_secs(3);
-const FINAL_FLUSH_IN_OUTAGE: Duration = Duration::from_millis(500);
 
 /// A record waiting for a sink.
 #[derive(Debug, Clone)]
@@ -162,8 +159,7 @@ pub(super) async fn deliver(
     notify: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut backoff = INITIAL_BACKOFF;
-    let mut outage: Option<(Instant, u32)> = None;
+    let mut retry = Retry::default();
     loop {
         let batch = shared.peek(index, BATCH);
         if batch.is_empty() {
@@ -178,12 +174,11 @@ pub(super) async fn deliver(
         match sink.send(&batch).await {
             Ok(()) => {
                 shared.delivered(index, &batch);
-                backoff = INITIAL_BACKOFF;
-                if let Some((since, failures)) = outage.take() {
+                if let Some((down_for, failures)) = retry.succeeded() {
                     tracing::info!(
                         sink = sink.name(),
                         target = %sink.target(),
-                        down_for = ?since.elapsed(),
+                        ?down_for,
                         failed_attempts = failures,
                         backlog = shared.backlog(index).0,
                         "the usage sink is reachable again; sending the backlog in order"
@@ -192,48 +187,45 @@ pub(super) async fn deliver(
             }
             Err(err) => {
                 shared.stats.failures[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match &mut outage {
-                    None => {
-                        tracing::warn!(
-                            sink = sink.name(),
-                            target = %sink.target(),
-                            error = %err,
-                            backlog = shared.backlog(index).0,
-                            "cannot deliver usage records; they stay in the journal and are retried (logged once per outage)"
-                        );
-                        outage = Some((Instant::now(), 1));
-                    }
-                    Some((_, failures)) => {
-                        *failures += 1;
-                        tracing::debug!(sink = sink.name(), error = %err, retry_in = ?backoff, "usage delivery still failing");
-                    }
+                let (begins, wait) = retry.failed();
+                if begins {
+                    tracing::warn!(
+                        sink = sink.name(),
+                        target = %sink.target(),
+                        error = %err,
+                        backlog = shared.backlog(index).0,
+                        "cannot deliver usage records; they stay in the journal and are retried (logged once per outage)"
+                    );
+                } else {
+                    tracing::debug!(sink = sink.name(), error = %err, retry_in = ?wait, "usage delivery still failing");
                 }
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
 
-    let deadline = Instant::now() + if outage.is_some() { FINAL_FLUSH_IN_OUTAGE } else { FINAL_FLUSH };
-    loop {
-        let batch = shared.peek(index, BATCH);
-        let left = deadline.saturating_duration_since(Instant::now());
-        if batch.is_empty() || left.is_zero() {
-            break;
+    let target = sink.name();
+    let next = {
+        let shared = shared.clone();
+        move || Some(shared.peek(index, BATCH)).filter(|batch| !batch.is_empty())
+    };
+    let delivered = shared.clone();
+    flush_before(retry.final_flush(), next, async move |batch: Vec<Pending>| {
+        let sent = sink.send(&batch).await.is_ok();
+        if sent {
+            delivered.delivered(index, &batch);
         }
-        match tokio::time::timeout(left, sink.send(&batch)).await {
-            Ok(Ok(())) => shared.delivered(index, &batch),
-            Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(100).min(left)).await,
-        }
-    }
+        sent
+    })
+    .await;
     let (left, _) = shared.backlog(index);
     if left > 0 {
         tracing::warn!(
-            sink = sink.name(),
+            sink = target,
             backlog = left,
             "usage records not delivered at shutdown stay in the journal and go first at the next start"
         );
