@@ -87,14 +87,14 @@ enum Task {
 
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
-    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too).
+    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`.
     ///
-    /// After `--`, `ebpf`, `lifecycle`, `exec` or `accounting` runs that one alone with the
+    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting` or `usage` runs that one alone with the
     /// arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle
     /// 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench -- accounting 100 30 2`);
     /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec|accounting] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting|usage] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -255,7 +255,7 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 4] = ["ebpf", "lifecycle", "exec", "accounting"];
+const BENCHES: [&str; 5] = ["ebpf", "lifecycle", "exec", "accounting", "usage"];
 /// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
 /// program two clock reads per run, so the others run without them).
 const BENCHES_WITH_BPF_STATS: [&str; 2] = ["ebpf", "accounting"];
@@ -337,12 +337,25 @@ mod tests {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(
             bench_plan(&[]),
-            [("ebpf", args(&[])), ("lifecycle", args(&[])), ("exec", args(&[])), ("accounting", args(&[]))]
+            [
+                ("ebpf", args(&[])),
+                ("lifecycle", args(&[])),
+                ("exec", args(&[])),
+                ("accounting", args(&[])),
+                ("usage", args(&[]))
+            ]
         );
         assert_eq!(
             bench_plan(&args(&["20"])),
-            [("ebpf", args(&["20"])), ("lifecycle", args(&[])), ("exec", args(&[])), ("accounting", args(&[]))]
+            [
+                ("ebpf", args(&["20"])),
+                ("lifecycle", args(&[])),
+                ("exec", args(&[])),
+                ("accounting", args(&[])),
+                ("usage", args(&[]))
+            ]
         );
+        assert_eq!(bench_plan(&args(&["usage", "1000"])), [("usage", args(&["1000"]))]);
         assert_eq!(bench_plan(&args(&["accounting", "100", "30"])), [("accounting", args(&["100", "30"]))]);
         assert_eq!(bench_plan(&args(&["exec", "100"])), [("exec", args(&["100"]))]);
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
