@@ -82,6 +82,8 @@ pub struct Journal<T> {
     len: u64,
     last_seq: u64,
     markers: Vec<Marker>,
+    /// Whether the last append failed (logged once per streak).
+    append_failing: bool,
     _records: PhantomData<fn() -> T>,
 }
 
@@ -157,6 +159,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             len: scan.good_len,
             last_seq: last_in_file.max(last_marked),
             markers,
+            append_failing: false,
             _records: PhantomData,
         };
         Ok(Opened { journal, records: scan.records })
@@ -187,7 +190,8 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
 
     /// Numbers `items` and appends them with one write and one fsync. The records come back
     /// even when the write failed (then the file is cut back to where it was and the error
-    /// says why), so delivery can still go on from memory.
+    /// says why), so delivery can still go on from memory. A streak of failures is logged once,
+    /// and so is the recovery.
     pub fn append(&mut self, items: Vec<T>) -> (Vec<Sequenced<T>>, io::Result<()>) {
         let records: Vec<Sequenced<T>> = items
             .into_iter()
@@ -208,17 +212,27 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             }
         }
         let written = self.file.write_all(&buffer).and_then(|()| self.file.sync_data());
-        match written {
+        match &written {
             Ok(()) => {
                 self.len += buffer.len() as u64;
-                (records, Ok(()))
+                if std::mem::take(&mut self.append_failing) {
+                    tracing::info!(path = %self.path.display(), "the {} is writable again", self.name.what);
+                }
             }
             Err(err) => {
                 // Never leave half a batch behind: the next append would follow a torn line.
                 let _ = self.file.set_len(self.len);
-                (records, Err(err))
+                if !std::mem::replace(&mut self.append_failing, true) {
+                    tracing::error!(
+                        path = %self.path.display(),
+                        %err,
+                        "cannot write the {}; what it should hold is kept in memory only (lost if the agent stops) until it works again",
+                        self.name.what
+                    );
+                }
             }
         }
+        (records, written)
     }
 
     /// Persists that the `sink`-th sink has everything up to `seq` (atomically: temporary

@@ -164,8 +164,6 @@ struct Outbox {
     /// Journaled and not yet delivered, in order (always empty without Redis).
     backlog: VecDeque<Record>,
     with_redis: bool,
-    /// Whether the last append failed (logged once per streak).
-    append_failing: bool,
 }
 
 impl Shared {
@@ -186,23 +184,8 @@ impl Shared {
             .map(|e| journal::Unsequenced { args: pack_args(&e.args), name: e.name, timestamp: e.timestamp })
             .collect();
         let mut outbox = self.lock();
-        let (records, written) = outbox.journal.append(unsequenced);
-        match written {
-            Ok(()) if outbox.append_failing => {
-                outbox.append_failing = false;
-                tracing::info!(path = %outbox.journal.path().display(), "the event journal is writable again");
-            }
-            Ok(()) => {}
-            Err(err) if !outbox.append_failing => {
-                outbox.append_failing = true;
-                tracing::error!(
-                    path = %outbox.journal.path().display(),
-                    %err,
-                    "cannot write the event journal; events are kept in memory only until it works again"
-                );
-            }
-            Err(_) => {}
-        }
+        // A failed write is logged by the journal; the records are delivered from memory.
+        let (records, _) = outbox.journal.append(unsequenced);
         let Some(last) = records.last().map(|r| r.seq) else {
             return;
         };
@@ -340,10 +323,8 @@ impl EventService {
             heartbeat_interval = ?settings.heartbeat_interval,
             "event outbox ready"
         );
-        let shared = Arc::new(Shared {
-            outbox: Mutex::new(Outbox { journal, backlog, with_redis, append_failing: false }),
-            stats: stats.clone(),
-        });
+        let shared =
+            Arc::new(Shared { outbox: Mutex::new(Outbox { journal, backlog, with_redis }), stats: stats.clone() });
         shared.update_oldest(&shared.lock());
         if let Some(target) = &settings.redis {
             // Fails only for settings the config already refused; better said at start.

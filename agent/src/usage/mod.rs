@@ -111,7 +111,6 @@ pub struct UsageStats {
 struct Outbox {
     journal: UsageJournal,
     backlogs: Vec<VecDeque<Pending>>,
-    append_failing: bool,
 }
 
 /// The journal and the sinks' backlogs, shared by the meter and the delivery tasks.
@@ -147,20 +146,8 @@ impl Shared {
             return;
         }
         let mut outbox = self.lock();
-        let (records, written) = outbox.journal.append(lines);
-        match written {
-            Ok(()) if outbox.append_failing => {
-                outbox.append_failing = false;
-                tracing::info!(path = %outbox.journal.path().display(), "the usage journal is writable again");
-            }
-            Ok(()) => {}
-            Err(err) => {
-                if !outbox.append_failing {
-                    tracing::error!(path = %outbox.journal.path().display(), %err, "cannot write the usage journal; records are delivered from memory and would be lost if the agent stopped now");
-                }
-                outbox.append_failing = true;
-            }
-        }
+        // A failed write is logged by the journal; the records are delivered from memory.
+        let (records, _) = outbox.journal.append(lines);
         let queued: Vec<Pending> = records.iter().filter_map(pending).collect();
         self.stats.records.fetch_add(queued.len() as u64, Ordering::Relaxed);
         for backlog in &mut outbox.backlogs {
@@ -305,13 +292,6 @@ impl UsageSettings {
     }
 }
 
-fn sink_name(settings: &SinkSettings) -> &'static str {
-    match settings {
-        SinkSettings::Redis { .. } => "redis",
-        SinkSettings::Http { .. } => "http",
-    }
-}
-
 /// The meter and the delivery tasks.
 pub struct UsageService {
     handle: UsageHandle,
@@ -329,17 +309,17 @@ impl UsageService {
         settings: UsageSettings,
         snapshots: watch::Receiver<Arc<MonitorSnapshot>>,
     ) -> Result<UsageService, UsageError> {
-        let names: Vec<&'static str> = settings.sinks.iter().map(sink_name).collect();
         let mut sinks = Vec::new();
-        for sink in &settings.sinks {
-            let made = match sink.clone() {
+        for sink in settings.sinks {
+            let (name, made) = match sink {
                 SinkSettings::Redis { target, stream, retention } => {
-                    Sink::redis(target, stream, retention).map_err(|err| err.to_string())
+                    ("redis", Sink::redis(target, stream, retention).map_err(|err| err.to_string()))
                 }
-                SinkSettings::Http { endpoint, token, timeout } => Sink::http(endpoint, token, timeout),
+                SinkSettings::Http { endpoint, token, timeout } => ("http", Sink::http(endpoint, token, timeout)),
             };
-            sinks.push(made.map_err(|reason| UsageError::Sink { sink: sink_name(sink).to_owned(), reason })?);
+            sinks.push(made.map_err(|reason| UsageError::Sink { sink: name.to_owned(), reason })?);
         }
+        let names: Vec<&'static str> = sinks.iter().map(Sink::name).collect();
         let journal::OpenedUsage { journal, open_windows, backlogs } =
             UsageJournal::open(&settings.journal_dir, &names)?;
         let backlogs: Vec<VecDeque<Pending>> =
@@ -371,7 +351,7 @@ impl UsageService {
             "usage meter ready"
         );
         let shared = Arc::new(Shared {
-            outbox: Mutex::new(Outbox { journal, backlogs, append_failing: false }),
+            outbox: Mutex::new(Outbox { journal, backlogs }),
             stats: UsageStats {
                 delivered: names.iter().map(|_| AtomicU64::new(0)).collect(),
                 failures: names.iter().map(|_| AtomicU64::new(0)).collect(),
