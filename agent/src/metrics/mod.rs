@@ -60,7 +60,7 @@ pub struct MonitorSnapshot {
     /// kernel missing from `containers` proves nothing).
     pub synced: bool,
     /// Containers that ended while no agent ran: (cgroup id, their last counters), found in
-    /// the pinned maps and let go of in this pass.
+    /// the pinned maps and let go of in one of the last 60 passes.
     pub ended_runs: Vec<(agent_common::CgroupId, agent_common::CgroupCounters)>,
     pub containers: Vec<ContainerSample>,
     pub node: NodeReadings,

@@ -32,6 +32,9 @@ pub use ebpf::{EbpfError, EbpfMonitor, ProgramStats};
 pub use files::{ContainerReadings, CpuThrottling, MemoryStats};
 pub use sources::{Resource, Source, Sources};
 
+/// How many passes a snapshot keeps reporting a container that ended while no agent ran.
+const ENDED_RUNS_PASSES: u64 = 60;
+
 /// One kernel container as the monitor knows it.
 struct Tracked {
     kernel: Arc<KernelContainer>,
@@ -90,8 +93,8 @@ pub struct ContainerMonitor {
     passes: u64,
     /// Whether a Docker snapshot has been applied.
     synced: bool,
-    /// Counters of containers that ended while no agent ran, for the next snapshot.
-    ended_runs: Vec<(CgroupId, CgroupCounters)>,
+    /// Counters of containers that ended while no agent ran, and the pass that found them.
+    ended_runs: Vec<(CgroupId, CgroupCounters, u64)>,
 }
 
 impl ContainerMonitor {
@@ -178,7 +181,7 @@ impl ContainerMonitor {
                         cpu_ns = last.cpu_ns,
                         "counters of a container that ended while no agent ran; let go"
                     );
-                    self.ended_runs.push((id, last));
+                    self.ended_runs.push((id, last, self.passes));
                 }
                 Err(err) => tracing::warn!(cgroup_id = id, error = %err, "letting go of stale counters failed"),
             }
@@ -300,6 +303,14 @@ impl ContainerMonitor {
         snapshot
     }
 
+    /// The ended runs found in the last [`ENDED_RUNS_PASSES`] passes: a reader of snapshots
+    /// (which sees only the latest when several come at once) cannot miss them.
+    fn recent_ended_runs(&mut self) -> Vec<(CgroupId, CgroupCounters)> {
+        let passes = self.passes;
+        self.ended_runs.retain(|(_, _, found)| passes < found + ENDED_RUNS_PASSES);
+        self.ended_runs.iter().map(|(id, counters, _)| (*id, *counters)).collect()
+    }
+
     /// Samples every container, the node, and the programs' own cost.
     pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
         let (direct, overflow) = self.ebpf.occupancy();
@@ -307,7 +318,7 @@ impl ContainerMonitor {
         MonitorSnapshot {
             taken_at: std::time::SystemTime::now(),
             synced: self.synced,
-            ended_runs: std::mem::take(&mut self.ended_runs),
+            ended_runs: self.recent_ended_runs(),
             containers: self.sample(now),
             node: self.node.read(&mut self.buf),
             devices: self.measure_accelerators(),

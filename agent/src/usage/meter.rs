@@ -529,6 +529,20 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_run_reported_in_several_snapshots_counts_once() {
+        let mut meter = Meter::new("i-a", 10 * SEC);
+        meter.resume([(meta("k"), checkpoint(0, counts(100, 10), 0, ("c1", 77, counts(60, 6))))]);
+        for step in 1..=3 {
+            assert!(meter.observe(T0 + step * SEC, &[], &[(77, counts(90, 9))], true).is_empty());
+        }
+        meter.terminate("k", "self-terminated", T0 + 3 * SEC);
+        let records = data(&meter.observe(T0 + 4 * SEC, &[], &[(77, counts(90, 9))], true));
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].cpu_seconds, "0.00000003", "90 - 60, once");
+        assert_eq!(records[0].io_read_bytes, 3);
+    }
+
+    #[test]
     fn counters_that_restarted_are_taken_whole_and_restarts_of_the_container_add_up() {
         let mut meter = Meter::new("i-a", 3600 * SEC);
         meter.resume([(meta("k"), checkpoint(1, counts(1000, 100), 0, ("c1", 5, counts(1000, 100))))]);
