@@ -212,7 +212,11 @@ fn an_etcd_outage_does_not_stop_the_agent_and_the_registration_returns() {
         "the registration did not return; log:\n{}",
         agent.log_text()
     );
-    assert!(agent.log_text().contains("etcd is reachable again"), "{}", agent.log_text());
+    // The key is in etcd a moment before the agent logs that it is.
+    wait_until("the recovery log line", Duration::from_secs(5), || {
+        agent.log_text().contains("etcd is reachable again")
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
     let exit = agent.stop().expect("agent stops");
     assert!(exit.success(), "exit status {exit}; log:\n{}", agent.log_text());
     assert_eq!(rt.block_on(etcd_get(&mut client, &node)).expect("get"), None);
