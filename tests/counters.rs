@@ -110,13 +110,6 @@ fn direct_and_overflow_slots_both_count_exactly() {
     std::thread::sleep(Duration::from_millis(300));
     let truths = [usage_ns(&first) - before[0], usage_ns(&second.path) - before[1]];
     let counted = [monitor.read(first_id).expect("read first"), monitor.read(second.id).expect("read second")];
-    // A sampling pass with many cgroups reads the direct slots in one batch: the same numbers
-    // (the spinners are stopped); with few, one lookup each.
-    assert!(monitor.refresh_batch(), "this kernel batch-reads array maps");
-    assert_eq!(monitor.read_sampled(first_id).expect("batch read"), counted[0], "direct slot through the batch");
-    assert_eq!(monitor.read_sampled(second.id).expect("read"), counted[1], "overflow cgroup");
-    monitor.refresh();
-    assert_eq!(monitor.read_sampled(first_id).expect("lookup"), counted[0], "direct slot, looked up");
     for spinner in &mut spinners {
         spinner.kill().expect("kill spinner");
         spinner.wait().expect("reap spinner");

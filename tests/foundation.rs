@@ -190,7 +190,7 @@ fn sigterm_exits_zero_leaving_containers_running_and_counted() {
         .expect("the agent's pinned links")
         .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
-    for name in ["sched_switch", "block_bio_queue", "mark_victim"] {
+    for name in ["sched_stat_runtime", "block_bio_queue", "mark_victim"] {
         assert!(pinned.iter().any(|p| p == name), "{name} is pinned: {pinned:?}");
     }
     assert_eq!(pinned.iter().filter(|p| p.starts_with("skb-")).count(), 2, "{pinned:?}");

@@ -243,6 +243,51 @@ fn a_kernels_deltas_add_up_to_its_final_counters_across_a_kill_9_and_a_torn_jour
     assert_eq!(shown, records);
 }
 
+/// A kernel that forks thousands of short processes from its first instruction on: the
+/// `cpu_seconds` of its records add up to the kernel's own accounting of its cgroup
+/// (`cpuacct.usage` / `cpu.stat`) within 0.5 %, start-up included.
+#[test]
+fn a_fork_heavy_kernels_cpu_seconds_add_up_to_the_kernels_own_cpu_time() {
+    require_environment();
+    let redis = RedisServer::start(free_loopback_port().expect("port")).expect("redis");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = usage_toml(dir.path(), 22120, &redis.addr(), "");
+    let id = unique("i-test");
+    let collector = UsageCollector::start(&redis.addr(), EVENTS_DB, "usage", &id).expect("collector");
+    let agent = Agent::start_with_id(&id, &toml).expect("agent starts");
+    let rt = runtime();
+    let client = rt.block_on(RpcClient::connect(&agent.rpc_addr)).expect("connect");
+    let kernel = unique("kernel");
+    let script = "i=0; while [ $i -lt 4000 ]; do /bin/true; i=$((i+1)); done; touch /home/work/done; exec sleep 3600";
+    let config = with_field(kernel_config(BUSYBOX_IMAGE, "1", "256m"), "startup_command", script.into());
+    let created = rt.block_on(create(&client, "s", &kernel, config)).expect("create");
+    let container = bai_agent_tests::Container { id: created_id(&created, "container_id"), kernel_id: kernel.clone() };
+    let truth = bai_agent_tests::cpu::KernelCpu::of(&container).expect("the kernel's cgroup");
+    wait_until("the workload to finish", Duration::from_secs(60), || {
+        dir.path().join("scratch").join(&kernel).join("work/done").exists()
+    })
+    .expect("workload");
+    // The kernel idles from here on (in `sleep`): its cgroup's CPU time is final but for the stop.
+    std::thread::sleep(Duration::from_millis(500));
+    let kernel_s = truth.total_ns().expect("the kernel's CPU time") as f64 / 1e9;
+    rt.block_on(client.call("destroy_kernel", vec![kernel.as_str().into(), "s".into()], vec![])).expect("destroy");
+    let entries = collector
+        .wait_for("the final record", Duration::from_secs(30), |e| {
+            e.iter().any(|e| e.kernel_id() == kernel && e.is_final())
+        })
+        .expect("final");
+    let records = records_of(&entries, &kernel);
+    let cpu_sum = sum_seconds(&records, "/cpu_seconds") as f64 / 1e9;
+    let error = bai_agent_tests::relative_error(cpu_sum, kernel_s);
+    println!("{} records: cpu_seconds add up to {cpu_sum:.6} s, the kernel counted {kernel_s:.6} s", records.len());
+    assert!(kernel_s > 0.5, "4000 fork+execs should take a while: {kernel_s} s");
+    assert!(
+        error < 0.005,
+        "cpu_seconds add up to {cpu_sum} s, the kernel counted {kernel_s} s ({:.3} % off)",
+        error * 100.0
+    );
+}
+
 #[test]
 fn records_made_while_redis_is_down_for_a_minute_arrive_once_each_in_order_after_a_kill_9() {
     require_environment();

@@ -4,9 +4,16 @@
 //! on both sides of the map. The `user` feature adds `aya::Pod` impls for user space.
 #![no_std]
 
-/// Per-CPU array of [`CgroupSlot`]s: a tracked cgroup lives at [`slot_index`] of its id
-/// unless another tracked cgroup already holds that slot.
-pub const SLOTS_MAP: &str = "CGROUP_SLOTS";
+/// Array of [`CounterLine`]s, [`SLOTS`] × the number of possible CPUs (set at load time), that
+/// user space memory-maps (`BPF_F_MMAPABLE`): a tracked cgroup's counters on CPU `c` live at
+/// `slot_index(id) * cpus + c`, unless another tracked cgroup already holds that slot.
+pub const SLOTS_MAP: &str = "COUNTER_LINES";
+/// Hash map of [`CgroupCounters`] by cgroup id that only user space reads and writes: what a
+/// cgroup had counted before its counters were registered (read from its cgroup files), kept
+/// beside the pinned counters so that a restarted agent has it too.
+pub const BASELINES_MAP: &str = "BASELINES";
+/// `map_flags` of an array user space may `mmap`.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Array of `u32`, one per slot: non-zero when tracked cgroups whose index is that slot
 /// live in [`COUNTERS_MAP`] because the slot was taken.
 pub const SLOT_OVERFLOW_MAP: &str = "SLOT_OVERFLOW";
@@ -23,10 +30,6 @@ pub const OOM_EVENTS_BYTES: u32 = 64 * 1024;
 /// Globals the loader sets from kernel BTF: byte offsets of the kernel struct fields
 /// the programs read (aya's Rust programs carry no CO-RE relocations).
 pub mod offsets {
-    /// `task_struct.se.sum_exec_runtime`.
-    pub const SUM_EXEC_RUNTIME: &str = "SUM_EXEC_RUNTIME_OFFSET";
-    /// `task_struct.se.prev_sum_exec_runtime` (its value when the task was last picked).
-    pub const PREV_SUM_EXEC_RUNTIME: &str = "PREV_SUM_EXEC_RUNTIME_OFFSET";
     /// `bio.bi_opf` (operation and flags).
     pub const BIO_OPF: &str = "BIO_OPF_OFFSET";
     /// `bio.bi_iter.bi_size` (bytes).
@@ -40,11 +43,23 @@ pub mod offsets {
     /// `cgroup.kn` and `kernfs_node.id` (a cgroup's id is its kernfs node's).
     pub const CGROUP_KN: &str = "CGROUP_KN_OFFSET";
     pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID_OFFSET";
+    /// `cgroup.level` (0 for the root) and `cgroup.self.parent` (the parent's own css).
+    pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL_OFFSET";
+    pub const CGROUP_PARENT_CSS: &str = "CGROUP_PARENT_CSS_OFFSET";
+    /// `cgroup_subsys_state.cgroup` (the cgroup a css belongs to).
+    pub const CSS_CGROUP: &str = "CSS_CGROUP_OFFSET";
 }
+
+/// Global the loader sets: the number of possible CPUs, the stride of [`SLOTS_MAP`].
+pub const NR_CPUS_GLOBAL: &str = "NR_CPUS";
+
+/// How many cgroup levels below a tracked cgroup the CPU program looks through: a task in a
+/// cgroup nested that deep inside a kernel's cgroup is charged to the kernel.
+pub const MAX_NESTING: u32 = 4;
 
 /// Bumped whenever a map's key or value changes meaning (not only size), so that pinned maps
 /// of an older layout are not reused.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Slots in [`SLOTS_MAP`] (a power of two): direct, hash-free lookups for the hot paths.
 pub const SLOTS: u32 = 1024;
@@ -57,23 +72,32 @@ pub const fn slot_index(id: CgroupId) -> u32 {
     (id as u32) & (SLOTS - 1)
 }
 
-/// A direct slot: whose counters these are (0: free) and the counters.
-#[repr(C)]
+/// One CPU's copy of a direct slot: whose counters these are (0: free) and the counters,
+/// padded to two cache lines so that CPUs never write the same line.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CgroupSlot {
+pub struct CounterLine {
     pub cgroup_id: CgroupId,
     pub counters: CgroupCounters,
+    pub _pad: [u64; 5],
+}
+
+/// Index of one CPU's [`CounterLine`] of a slot in [`SLOTS_MAP`].
+#[inline(always)]
+pub const fn line_index(slot: u32, cpus: u32, cpu: u32) -> u32 {
+    slot * cpus + cpu
 }
 
 /// Program names as the eBPF object exports them.
 pub mod programs {
-    pub const SCHED_SWITCH: &str = "sched_switch";
+    /// `sched_stat_runtime`: every nanosecond the scheduler charges a task (and its cgroups).
+    pub const SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
     pub const SKB_INGRESS: &str = "cgroup_skb_ingress";
     pub const SKB_EGRESS: &str = "cgroup_skb_egress";
     pub const BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     pub const MARK_VICTIM: &str = "mark_victim";
     /// Empty programs on the same hooks, for the benchmark's baseline.
-    pub const BASELINE_SCHED_SWITCH: &str = "baseline_sched_switch";
+    pub const BASELINE_SCHED_STAT_RUNTIME: &str = "baseline_sched_stat_runtime";
     pub const BASELINE_SKB: &str = "baseline_cgroup_skb";
     pub const BASELINE_BLOCK_BIO_QUEUE: &str = "baseline_block_bio_queue";
 }
@@ -118,8 +142,8 @@ pub type CgroupId = u64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupCounters {
-    /// Nanoseconds the cgroup's tasks ran, as the scheduler accounts them
-    /// (`sum_exec_runtime`, the same clock as `cpuacct.usage` and `cpu.stat`).
+    /// Nanoseconds the cgroup's tasks ran: every charge the scheduler makes to them
+    /// (`sched_stat_runtime`, the same deltas `cpuacct.usage` and `cpu.stat` add up).
     pub cpu_ns: u64,
     pub rx_bytes: u64,
     pub rx_packets: u64,
@@ -155,8 +179,8 @@ impl CgroupCounters {
 // SAFETY: plain `#[repr(C)]` integers, no padding, every bit pattern valid.
 unsafe impl aya::Pod for CgroupCounters {}
 #[cfg(feature = "user")]
-// SAFETY: as above.
-unsafe impl aya::Pod for CgroupSlot {}
+// SAFETY: as above (the padding is an explicit field and the alignment adds none).
+unsafe impl aya::Pod for CounterLine {}
 #[cfg(feature = "user")]
 // SAFETY: as above (the padding is an explicit field).
 unsafe impl aya::Pod for OomEvent {}
@@ -171,6 +195,13 @@ mod tests {
             assert!(slot_index(id) < SLOTS);
         }
         assert_eq!(slot_index(1025), 1);
+    }
+
+    #[test]
+    fn a_counter_line_fills_two_cache_lines() {
+        assert_eq!(core::mem::size_of::<CounterLine>(), 128);
+        assert_eq!(core::mem::align_of::<CounterLine>(), 64);
+        assert_eq!(line_index(3, 2, 1), 7);
     }
 
     #[test]

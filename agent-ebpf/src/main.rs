@@ -1,29 +1,36 @@
-//! The eBPF programs: per-cgroup CPU time from `sched_switch`, network bytes and packets
-//! from `cgroup_skb`, block I/O from `block_bio_queue` and OOM kills from `mark_victim`,
-//! counted into per-CPU maps that user space sums (OOM kills are also reported one by one).
+//! The eBPF programs: per-cgroup CPU time from the scheduler's own charges
+//! (`sched_stat_runtime`), network bytes and packets from `cgroup_skb`, block I/O from `block_bio_queue` and OOM kills from
+//! `mark_victim`, counted per CPU into maps that user space sums (OOM kills are also reported
+//! one by one).
 //!
 //! Only cgroups that user space registered are counted, and the hot paths never insert:
-//! a tracked cgroup's counters sit in a direct slot (an inlined array access), or, when
-//! another tracked cgroup took that slot, in a hash map consulted only for that slot.
+//! a tracked cgroup's counters sit in a direct slot (an inlined array access into a
+//! memory-mapped array, one cache-line pair per CPU), or, when another tracked cgroup took
+//! that slot, in a hash map consulted only for that slot.
 #![no_std]
 #![no_main]
 
 use agent_common::{
-    CgroupCounters, CgroupId, CgroupSlot, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_BYTES, OomEvent, SLOTS, TASK_COMM_LEN,
-    bio_op, slot_index,
+    BPF_F_MMAPABLE, CgroupCounters, CgroupId, CounterLine, MAX_NESTING, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_BYTES,
+    OomEvent, SLOTS, TASK_COMM_LEN, bio_op, line_index, slot_index,
 };
 use aya_ebpf::{
     helpers::{
         bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_skb_cgroup_id},
+        generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_skb_cgroup_id},
     },
     macros::{btf_tracepoint, cgroup_skb, map},
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, SkBuffContext},
 };
 
+/// `SLOTS` lines per CPU; the loader sets the real size (`SLOTS` × possible CPUs).
 #[map]
-static CGROUP_SLOTS: PerCpuArray<CgroupSlot> = PerCpuArray::with_max_entries(SLOTS, 0);
+static COUNTER_LINES: Array<CounterLine> = Array::with_max_entries(SLOTS, BPF_F_MMAPABLE);
+
+/// Written and read by user space only (see `agent_common::BASELINES_MAP`).
+#[map]
+static BASELINES: HashMap<CgroupId, CgroupCounters> = HashMap::with_max_entries(SLOTS + MAX_OVERFLOW_CGROUPS, 0);
 
 #[map]
 static SLOT_OVERFLOW: Array<u32> = Array::with_max_entries(SLOTS, 0);
@@ -41,9 +48,15 @@ static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 // Byte offsets of the kernel struct fields the programs read (agent_common::offsets);
 // the loader sets them from kernel BTF.
 #[unsafe(no_mangle)]
-static SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
+static CGROUP_LEVEL_OFFSET: u64 = 0;
 #[unsafe(no_mangle)]
-static PREV_SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
+static CGROUP_PARENT_CSS_OFFSET: u64 = 0;
+#[unsafe(no_mangle)]
+static CSS_CGROUP_OFFSET: u64 = 0;
+
+/// Possible CPUs: the stride of `COUNTER_LINES` (agent_common::NR_CPUS_GLOBAL).
+#[unsafe(no_mangle)]
+static NR_CPUS: u64 = 1;
 #[unsafe(no_mangle)]
 static BIO_OPF_OFFSET: u64 = 0;
 #[unsafe(no_mangle)]
@@ -78,11 +91,13 @@ fn counters_of(cgroup_id: CgroupId) -> Option<*mut CgroupCounters> {
         return None;
     }
     let index = slot_index(cgroup_id);
-    let slot = CGROUP_SLOTS.get_ptr_mut(index)?;
-    // SAFETY: this CPU's copy of a slot; the map lives as long as the program.
+    // SAFETY: no arguments; programs run with migration disabled, so the CPU stays this one.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let line = COUNTER_LINES.get_ptr_mut(line_index(index, offset(&NR_CPUS) as u32, cpu))?;
+    // SAFETY: this CPU's line of a slot; the map lives as long as the program.
     unsafe {
-        if (*slot).cgroup_id == cgroup_id {
-            return Some(core::ptr::addr_of_mut!((*slot).counters));
+        if (*line).cgroup_id == cgroup_id {
+            return Some(core::ptr::addr_of_mut!((*line).counters));
         }
     }
     match SLOT_OVERFLOW.get(index) {
@@ -103,45 +118,74 @@ fn current_counters() -> Option<*mut CgroupCounters> {
     counters_of(cgroup_id)
 }
 
-/// A `u64` field of a task, at an offset the loader found in kernel BTF.
+/// A field of a BTF-typed kernel object, at an offset the loader found in kernel BTF.
 ///
-/// `task` is a BTF-typed pointer (`struct task_struct *`) and the offset a known
-/// constant (a frozen read-only global), so the verifier checks this load against
-/// the kernel's type and the JIT makes it a plain, fault-guarded load.
+/// `object` is a BTF-typed pointer (a program argument such as `struct cgroup *`, or a pointer
+/// loaded from one) and the offset a known constant (a frozen read-only global), so the
+/// verifier checks this load against the kernel's type and the JIT makes it a plain,
+/// fault-guarded load; loading a pointer member yields another BTF-typed pointer.
 #[inline(always)]
-fn field_u64(task: *const u8, offset: u64) -> Option<u64> {
-    // SAFETY: see above; the verifier refuses the program if the field is not a u64.
-    Some(unsafe { core::ptr::read_volatile(task.add(offset as usize).cast::<u64>()) })
+fn field<T: Copy>(object: *const u8, offset: u64) -> T {
+    // SAFETY: see above; the verifier refuses the program if the member's type differs.
+    unsafe { core::ptr::read_volatile(object.add(offset as usize).cast::<T>()) }
 }
 
-/// A `u32` field of a BTF-typed kernel object, as [`field_u64`].
+/// This CPU's counters of the tracked cgroup that `cgroup` is, or is nested in (up to
+/// [`MAX_NESTING`] levels below it): a runtime or a user may make cgroups inside a kernel's,
+/// and the kernel's own accounting of a cgroup includes its descendants.
 #[inline(always)]
-fn field_u32(object: *const u8, offset: u64) -> u32 {
-    // SAFETY: see field_u64.
-    unsafe { core::ptr::read_volatile(object.add(offset as usize).cast::<u32>()) }
+fn cgroup_counters(cgroup: *const u8) -> Option<*mut CgroupCounters> {
+    let mut cgroup = cgroup;
+    for _ in 0..=MAX_NESTING {
+        if cgroup.is_null() {
+            return None;
+        }
+        // The root (level 0), where host daemons run, is never a kernel's cgroup.
+        let level: i32 = field(cgroup, offset(&CGROUP_LEVEL_OFFSET));
+        if level <= 0 {
+            return None;
+        }
+        let kernfs_node: *const u8 = field(cgroup, offset(&CGROUP_KN_OFFSET));
+        if kernfs_node.is_null() {
+            return None;
+        }
+        if let Some(counters) = counters_of(field(kernfs_node, offset(&KERNFS_NODE_ID_OFFSET))) {
+            return Some(counters);
+        }
+        // Level 1 is the root's children: no kernel's cgroup is above them.
+        if level == 1 {
+            return None;
+        }
+        let parent_css: *const u8 = field(cgroup, offset(&CGROUP_PARENT_CSS_OFFSET));
+        if parent_css.is_null() {
+            return None;
+        }
+        cgroup = field(parent_css, offset(&CSS_CGROUP_OFFSET));
+    }
+    None
 }
 
-/// Charges the slice the outgoing task just ran to its cgroup.
-///
-/// The scheduler has already updated `prev->se.sum_exec_runtime` when this tracepoint
-/// fires, and `prev->se.prev_sum_exec_runtime` holds its value from when the task was
-/// picked to run, so their difference is exactly the slice `cpuacct`/`cpu.stat` were
-/// charged, with no clock read and no state of our own. In `tp_btf/sched_switch` the
-/// current task is still `prev`, so `bpf_get_current_cgroup_id()` names its cgroup.
-#[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-    let Some(counters) = current_counters() else {
+/// Every charge of CPU time to a task, as the scheduler makes it: `update_curr()` (every
+/// tick, switch, wakeup, migration and exit) adds `runtime` to the task's `sum_exec_runtime`,
+/// fires this tracepoint, and charges the same `runtime` to the task's cgroups
+/// (`cgroup_account_cputime()`: `cpuacct.usage` on v1, `cpu.stat usage_usec` on v2). Counting
+/// here is exact: nothing the scheduler charges is missed or counted twice, whatever the
+/// task's life (forks, short threads, exits) and whichever CPU does the charging. No clock
+/// read. (A program that charges the slice between two `sched_switch`es instead trusts that
+/// nothing else moves `prev_sum_exec_runtime`; exiting tasks do, and it misses their last
+/// slice.)
+#[btf_tracepoint(function = "sched_stat_runtime")]
+pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
+    // sched_stat_runtime(struct task_struct *curr, u64 runtime[, u64 vruntime before 6.8])
+    let task: *const u8 = ctx.arg(0);
+    let css_set: *const u8 = field(task, offset(&TASK_CGROUPS_OFFSET));
+    if css_set.is_null() {
         return 0;
-    };
-    // sched_switch's arguments are (preempt, prev, next, prev_state).
-    let prev: *const u8 = ctx.arg(1);
-    let (runtime_at, picked_at) = (offset(&SUM_EXEC_RUNTIME_OFFSET), offset(&PREV_SUM_EXEC_RUNTIME_OFFSET));
-    let (Some(runtime), Some(picked)) = (field_u64(prev, runtime_at), field_u64(prev, picked_at)) else {
-        return 0;
-    };
-    if runtime > picked {
+    }
+    if let Some(counters) = cgroup_counters(field(css_set, offset(&CSS_SET_DFL_CGRP_OFFSET))) {
+        let runtime: u64 = ctx.arg(1);
         // SAFETY: this CPU's copy of a value that lives as long as the map entry.
-        unsafe { (*counters).cpu_ns += runtime - picked };
+        unsafe { (*counters).cpu_ns += runtime };
     }
     0
 }
@@ -216,8 +260,8 @@ pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
     };
     // block_bio_queue's one argument is the bio.
     let bio: *const u8 = ctx.arg(0);
-    let opf = field_u32(bio, offset(&BIO_OPF_OFFSET));
-    let bytes = u64::from(field_u32(bio, offset(&BIO_SIZE_OFFSET)));
+    let opf: u32 = field(bio, offset(&BIO_OPF_OFFSET));
+    let bytes = u64::from(field::<u32>(bio, offset(&BIO_SIZE_OFFSET)));
     let op = opf & bio_op::MASK;
     // SAFETY: this CPU's copy of a value that lives as long as the map entry.
     unsafe {
@@ -281,8 +325,8 @@ pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
 
 /// Empty programs on the same hooks, loaded only by the benchmark: what any program
 /// costs on this machine, so the counters' own cost can be told apart.
-#[btf_tracepoint(function = "sched_switch")]
-pub fn baseline_sched_switch(_ctx: BtfTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_stat_runtime")]
+pub fn baseline_sched_stat_runtime(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

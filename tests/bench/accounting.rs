@@ -29,7 +29,7 @@ const ENGINE: &[&str] = &["dockerd", "containerd", "containerd-shim", "container
 const PYTHON_COLLECTORS: &str = "tests/bench/python_collectors.py";
 /// The agent's programs and what one event of each is.
 const PROGRAMS: &[(&str, &str)] = &[
-    ("sched_switch", "context switch on the node"),
+    ("sched_stat_runtime", "CPU charge by the scheduler (update_curr) on the node"),
     ("cgroup_skb_ingress", "packet received by a kernel"),
     ("cgroup_skb_egress", "packet sent by a kernel"),
     ("block_bio_queue", "bio submitted on the node"),

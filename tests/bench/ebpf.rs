@@ -1,4 +1,4 @@
-//! `bench-ebpf`: the kernel-side cost of each eBPF program per event (context switches,
+//! `bench-ebpf`: the kernel-side cost of each eBPF program per event (CPU-time charges,
 //! packets, bios), under a busy workload, as the kernel itself measures it (`kernel.bpf_stats_enabled=1`: run time
 //! and run count per program, which the agent exports as
 //! `backendai_agent_ebpf_program_{run_time_seconds,runs}_total`).
@@ -15,7 +15,11 @@ use bai_agent_tests::{Agent, Container, require_environment, wait_until};
 
 /// The agent's programs, what one event is, and the empty program on the same hook.
 const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("sched_switch", "sched_switch (tp_btf), per context switch on the node", "baseline_sched_switch"),
+    (
+        "sched_stat_runtime",
+        "sched_stat_runtime (tp_btf), per CPU-time charge (update_curr) on the node",
+        "baseline_sched_stat_runtime",
+    ),
     ("cgroup_skb_ingress", "cgroup_skb ingress, per packet received", "baseline_cgroup_skb"),
     ("cgroup_skb_egress", "cgroup_skb egress, per packet sent", "baseline_cgroup_skb"),
     ("block_bio_queue", "block_bio_queue (tp_btf), per bio submitted on the node", "baseline_block_bio_queue"),
@@ -73,10 +77,12 @@ fn main() -> anyhow::Result<()> {
     let baseline = BaselinePrograms::load(&network_cgroup.path)?;
 
     let before = read_stats(&agent, &baseline)?;
+    let switches_before = context_switches()?;
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
     let after = read_stats(&agent, &baseline)?;
     let elapsed = started.elapsed().as_secs_f64();
+    let switches = (context_switches()? - switches_before) as f64;
 
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_owned();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")?
@@ -86,26 +92,36 @@ fn main() -> anyhow::Result<()> {
     println!("eBPF per-event cost over {elapsed:.1} s, kernel {kernel}, {cpu}, {} CPUs", num_cpus());
     println!();
     println!(
-        "| program | events | events/s | ns/event | empty program on the same hook, ns/event | counting's own ns/event |"
+        "| program | events | events/s | ns/event | empty program on the same hook, ns/event | counting's own ns/event | CPU µs per second |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, description, baseline_name) in PROGRAMS {
         let cost = per_event(&before, &after, name)?;
         let floor = per_event(&before, &after, baseline_name)?;
         println!(
-            "| {description} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {description} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
             cost.events,
             cost.events / elapsed,
             cost.ns_per_event,
             floor.ns_per_event,
-            cost.ns_per_event - floor.ns_per_event
+            cost.ns_per_event - floor.ns_per_event,
+            cost.events / elapsed * cost.ns_per_event / 1000.0
         );
     }
+    println!();
+    println!("context switches on the node: {switches:.0} ({:.0}/s)", switches / elapsed);
     drop(switcher);
     drop(network);
     drop(io);
     agent.stop()?;
     Ok(())
+}
+
+/// Context switches on the node since boot (`ctxt` in /proc/stat).
+fn context_switches() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ctxt = stat.lines().find_map(|l| l.strip_prefix("ctxt ")).context("no ctxt in /proc/stat")?;
+    Ok(ctxt.trim().parse()?)
 }
 
 struct Cost {

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context, bail};
 
 pub mod bench;
+pub mod cpu;
 pub mod kernels;
 
 /// The image `cargo xtask setup` builds: busybox in a `FROM scratch` image.
@@ -107,18 +108,23 @@ impl Agent {
     }
 
     pub fn start_with_id(id: &str, extra_toml: &str) -> anyhow::Result<Agent> {
-        Self::launch(id, None, extra_toml)
+        Self::launch(&agent_binary(), id, None, extra_toml)
+    }
+
+    /// Like [`Agent::start`] with another build of the agent (a benchmark's baseline).
+    pub fn start_binary(binary: &Path, extra_toml: &str) -> anyhow::Result<Agent> {
+        Self::launch(binary, &unique("i-test"), None, extra_toml)
     }
 
     /// Like [`Agent::start_with_id`] with `agent.journal-dir` set to `journal_dir` (which may
     /// outlive the agent, e.g. to start another agent on the same event journal).
     pub fn start_with_journal(id: &str, journal_dir: &Path, extra_toml: &str) -> anyhow::Result<Agent> {
-        Self::launch(id, Some(journal_dir), extra_toml)
+        Self::launch(&agent_binary(), id, Some(journal_dir), extra_toml)
     }
 
     /// Without a `journal_dir`, the agent's event journal is `state/` in its own temporary
     /// directory ([`Agent::journal_dir`]), so that agents never share one.
-    fn launch(id: &str, journal_dir: Option<&Path>, extra_toml: &str) -> anyhow::Result<Agent> {
+    fn launch(binary: &Path, id: &str, journal_dir: Option<&Path>, extra_toml: &str) -> anyhow::Result<Agent> {
         let dir = tempfile::tempdir()?;
         let [http_port, rpc_port] = free_ports()?;
         let (addr, rpc_addr) = (format!("127.0.0.1:{http_port}"), format!("127.0.0.1:{rpc_port}"));
@@ -134,14 +140,14 @@ impl Agent {
         )?;
         let log = dir.path().join("agent.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(agent_binary())
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {}", agent_binary().display()))?;
+            .with_context(|| format!("starting {}", binary.display()))?;
         let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, rpc_addr, _dir: dir, log, journal_dir };
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
@@ -335,6 +341,11 @@ impl Container {
     /// `docker run -d` with the kernel labels of `agent_id`, the `docker run` options in
     /// `options`, the busybox image, and `sh -c script`.
     pub fn run(agent_id: &str, options: &[&str], script: &str) -> anyhow::Result<Container> {
+        Self::run_image(agent_id, BUSYBOX_IMAGE, options, script)
+    }
+
+    /// [`Container::run`] with another image (one that has `sh`).
+    pub fn run_image(agent_id: &str, image: &str, options: &[&str], script: &str) -> anyhow::Result<Container> {
         let kernel_id = unique("kernel");
         let labels = [
             format!("ai.backend.agent-id={agent_id}"),
@@ -348,7 +359,7 @@ impl Container {
         for label in &labels {
             cmd.args(["--label", label]);
         }
-        cmd.args(options).args([BUSYBOX_IMAGE, "sh", "-c", script]);
+        cmd.args(options).args([image, "sh", "-c", script]);
         let out = cmd.output().context("running docker")?;
         if !out.status.success() {
             bail!("docker run failed: {}", String::from_utf8_lossy(&out.stderr));

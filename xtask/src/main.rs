@@ -87,14 +87,16 @@ enum Task {
 
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
-    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`.
+    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`, then
+    /// `bench-cpu` (CPU time per shape of work against the kernel's accounting).
     ///
-    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting` or `usage` runs that one alone with the
-    /// arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench -- lifecycle
-    /// 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench -- accounting 100 30 2`);
-    /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
+    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `usage` or `cpu` runs that one alone
+    /// with the arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench --
+    /// lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench -- accounting
+    /// 100 30 2`, `cargo xtask bench -- cpu /path/to/an/earlier/bai-agent`); without a name all
+    /// run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec|accounting|usage] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting|usage|cpu] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -255,7 +257,7 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 5] = ["ebpf", "lifecycle", "exec", "accounting", "usage"];
+const BENCHES: [&str; 6] = ["ebpf", "lifecycle", "exec", "accounting", "usage", "cpu"];
 /// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
 /// program two clock reads per run, so the others run without them).
 const BENCHES_WITH_BPF_STATS: [&str; 2] = ["ebpf", "accounting"];
@@ -342,7 +344,8 @@ mod tests {
                 ("lifecycle", args(&[])),
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
-                ("usage", args(&[]))
+                ("usage", args(&[])),
+                ("cpu", args(&[]))
             ]
         );
         assert_eq!(
@@ -352,7 +355,8 @@ mod tests {
                 ("lifecycle", args(&[])),
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
-                ("usage", args(&[]))
+                ("usage", args(&[])),
+                ("cpu", args(&[]))
             ]
         );
         assert_eq!(bench_plan(&args(&["usage", "1000"])), [("usage", args(&["1000"]))]);
@@ -360,6 +364,7 @@ mod tests {
         assert_eq!(bench_plan(&args(&["exec", "100"])), [("exec", args(&["100"]))]);
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
+        assert_eq!(bench_plan(&args(&["cpu", "/old/bai-agent"])), [("cpu", args(&["/old/bai-agent"]))]);
     }
 
     #[test]

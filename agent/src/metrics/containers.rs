@@ -47,6 +47,18 @@ const SERIES: &[Series] = &[
         Some(Unit::Seconds),
         |r| Some(r.counters.cpu_ns as f64 / 1e9),
     ),
+    counter(
+        "container_cpu_user",
+        "Cumulative CPU time of the container's tasks in user mode (the total split as the kernel splits it).",
+        Some(Unit::Seconds),
+        |r| Some(r.cpu_time.user_ns as f64 / 1e9),
+    ),
+    counter(
+        "container_cpu_system",
+        "Cumulative CPU time of the container's tasks in kernel mode (the total split as the kernel splits it).",
+        Some(Unit::Seconds),
+        |r| Some(r.cpu_time.system_ns as f64 / 1e9),
+    ),
     counter("container_cpu_cfs_periods", "Elapsed CPU bandwidth-control (CFS quota) periods.", None, |r| {
         Some(r.cpu.periods as f64)
     }),
@@ -158,7 +170,7 @@ mod tests {
     use super::*;
     use crate::{
         metrics::{ContainerSample, MonitorSnapshot, registry, test_support::*},
-        monitor::{CpuThrottling, MemoryStats},
+        monitor::{CpuSplit, CpuThrottling, MemoryStats, files::CpuTimes},
     };
 
     fn readings() -> ContainerReadings {
@@ -187,6 +199,8 @@ mod tests {
                 max_usage: Some(400),
             },
             cpu: CpuThrottling { periods: 10, throttled_periods: 4, throttled_ns: 250_000_000 },
+            cpu_files: CpuTimes { total_ns: 1_500_000_000, user_ns: 1_200_000_000, system_ns: 400_000_000 },
+            cpu_time: CpuSplit { user_ns: 1_125_000_000, system_ns: 375_000_000 },
             processes: Some(2),
             shm_bytes: Some(4096),
         }
@@ -208,6 +222,8 @@ mod tests {
         let labels = "container_id=\"c-a\",kernel_id=\"k-a\",session_id=\"s-a\",image=\"img:1\",owner_user_id=\"u\",owner_project_id=\"p\"";
         for line in [
             format!("container_cpu_usage_seconds_total{{{labels}}} 1.5"),
+            format!("container_cpu_user_seconds_total{{{labels}}} 1.125"),
+            format!("container_cpu_system_seconds_total{{{labels}}} 0.375"),
             format!("container_cpu_cfs_throttled_periods_total{{{labels}}} 4.0"),
             format!("container_cpu_cfs_throttled_seconds_total{{{labels}}} 0.25"),
             format!("container_memory_usage_bytes{{{labels}}} 300.0"),

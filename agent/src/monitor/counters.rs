@@ -1,25 +1,27 @@
-//! Where each tracked cgroup's counters live in the eBPF maps: a direct slot when its
-//! slot is free, else the overflow hash map (and the slot's overflow flag tells the
-//! programs to look there). Registering, reading and unregistering cgroups; a sampling
-//! pass reads every direct slot in one batch syscall instead of one lookup per cgroup.
+//! Where each tracked cgroup's counters live in the eBPF maps: a direct slot when its slot is
+//! free (one [`CounterLine`] per CPU in an array the agent memory-maps, so a read is a few
+//! loads and no syscall), else the overflow hash map (and the slot's overflow flag tells the
+//! programs to look there). Registering, reading and unregistering cgroups, and each cgroup's
+//! baseline: what it had counted before it was registered, read from its cgroup files.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering, fence},
+};
 
 use agent_common::{
-    COUNTERS_MAP, CgroupCounters, CgroupId, CgroupSlot, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP, slot_index,
+    BASELINES_MAP, COUNTERS_MAP, CgroupCounters, CgroupId, CounterLine, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP,
+    line_index, slot_index,
 };
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-
 use aya::{
     Ebpf,
-    maps::{Array, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 
 use super::ebpf::EbpfError;
-
-/// From this many tracked cgroups on, one batch copy of all [`SLOTS`] slots costs less than a
-/// lookup per cgroup (measured: the batch costs about as much as 200 lookups).
-const BATCH_FROM_CGROUPS: usize = 256;
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
@@ -31,36 +33,130 @@ enum Placement {
     Overflow(u32),
 }
 
+/// 64-bit words in a [`CounterLine`]: the cgroup id, then the counters (then padding).
+const LINE_WORDS: usize = std::mem::size_of::<CounterLine>() / 8;
+const COUNTER_WORDS: usize = std::mem::size_of::<CgroupCounters>() / 8;
+
+/// The counter lines, memory-mapped from the array map (`BPF_F_MMAPABLE`).
+struct MappedLines {
+    base: NonNull<u8>,
+    len: usize,
+    lines: usize,
+}
+
+// SAFETY: the mapping is plain shared memory that lives until Drop; every access goes through
+// atomic loads and stores of aligned 64-bit words, so moving it to another thread is sound.
+unsafe impl Send for MappedLines {}
+
+impl MappedLines {
+    fn map(map: &MapData, lines: usize) -> io::Result<MappedLines> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = (lines * std::mem::size_of::<CounterLine>()).next_multiple_of(page);
+        // SAFETY: a shared read-write mapping of the map's whole value area, which the kernel
+        // page-aligns for mmapable arrays; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(MappedLines { base, len, lines })
+    }
+
+    /// The `word`th 64-bit word of line `index`, shared with the programs.
+    fn word(&self, index: usize, word: usize) -> Option<&AtomicU64> {
+        if index >= self.lines || word >= LINE_WORDS {
+            return None;
+        }
+        let at = index * std::mem::size_of::<CounterLine>() + word * 8;
+        // SAFETY: in bounds (checked above) of a live mapping, 8-byte aligned (lines are 128
+        // bytes from a page-aligned base), and only ever accessed atomically.
+        Some(unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(at).cast::<u64>()) })
+    }
+
+    fn id(&self, index: usize) -> CgroupId {
+        self.word(index, 0).map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    fn counters(&self, index: usize) -> CgroupCounters {
+        let mut words = [0u64; COUNTER_WORDS];
+        for (i, word) in words.iter_mut().enumerate() {
+            *word = self.word(index, 1 + i).map_or(0, |w| w.load(Ordering::Relaxed));
+        }
+        // SAFETY: CgroupCounters is #[repr(C)] with exactly COUNTER_WORDS u64 fields.
+        unsafe { std::mem::transmute::<[u64; COUNTER_WORDS], CgroupCounters>(words) }
+    }
+
+    /// Zeroes a line's counters, then names its owner (the programs count only after that).
+    fn claim(&self, index: usize, id: CgroupId) {
+        for i in 0..COUNTER_WORDS {
+            if let Some(word) = self.word(index, 1 + i) {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        fence(Ordering::Release);
+        if let Some(word) = self.word(index, 0) {
+            word.store(id, Ordering::Release);
+        }
+    }
+
+    fn release(&self, index: usize) {
+        if let Some(word) = self.word(index, 0) {
+            word.store(0, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for MappedLines {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped; nothing borrows it past this point.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
 /// The counters maps of one loaded object.
 pub struct CounterStore {
-    slots: PerCpuArray<MapData, CgroupSlot>,
+    /// Owns the map the lines are mapped from.
+    _lines_map: Array<MapData, CounterLine>,
+    lines: MappedLines,
+    baselines_map: BpfHashMap<MapData, CgroupId, CgroupCounters>,
     overflow_flags: Array<MapData, u32>,
     overflow: PerCpuHashMap<MapData, CgroupId, CgroupCounters>,
     placements: HashMap<CgroupId, Placement>,
+    baselines: HashMap<CgroupId, CgroupCounters>,
     /// How many overflow cgroups each slot index has.
     overflow_counts: HashMap<u32, u32>,
     cpus: usize,
-    /// Every direct slot's per-CPU copies as of the last [`CounterStore::refresh`].
-    batch: Vec<u8>,
-    /// Whether `batch` is current (a refresh worked and nothing was registered since).
-    batch_fresh: bool,
 }
 
 impl CounterStore {
     pub fn take_from(ebpf: &mut Ebpf, cpus: usize) -> Result<Self, EbpfError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(EbpfError::MissingMap(name));
-        let slots = PerCpuArray::try_from(take(SLOTS_MAP)?).map_err(map_error(SLOTS_MAP))?;
+        let lines_map: Array<MapData, CounterLine> = Array::try_from(take(SLOTS_MAP)?).map_err(map_error(SLOTS_MAP))?;
+        let lines = MappedLines::map(lines_map.map(), SLOTS as usize * cpus)
+            .map_err(|source| EbpfError::Map { name: SLOTS_MAP, source: MapError::IoError(source) })?;
+        let baselines_map = BpfHashMap::try_from(take(BASELINES_MAP)?).map_err(map_error(BASELINES_MAP))?;
         let overflow_flags = Array::try_from(take(SLOT_OVERFLOW_MAP)?).map_err(map_error(SLOT_OVERFLOW_MAP))?;
         let overflow = PerCpuHashMap::try_from(take(COUNTERS_MAP)?).map_err(map_error(COUNTERS_MAP))?;
         Ok(Self {
-            slots,
+            _lines_map: lines_map,
+            lines,
+            baselines_map,
             overflow_flags,
             overflow,
             placements: HashMap::new(),
+            baselines: HashMap::new(),
             overflow_counts: HashMap::new(),
             cpus,
-            batch: Vec::new(),
-            batch_fresh: false,
         })
     }
 
@@ -69,16 +165,19 @@ impl CounterStore {
             .map_err(|source| EbpfError::Map { name, source: MapError::IoError(source) })
     }
 
-    /// Rebuilds which cgroups are registered, and where, from maps an earlier agent filled
-    /// (pinned maps outlive it); returns how many cgroups were found.
+    fn line(&self, slot: u32, cpu: usize) -> usize {
+        line_index(slot, self.cpus as u32, cpu as u32) as usize
+    }
+
+    /// Rebuilds which cgroups are registered, and where, and their baselines, from maps an
+    /// earlier agent filled (pinned maps outlive it); returns how many cgroups were found.
     pub fn recover(&mut self) -> Result<usize, EbpfError> {
         self.placements.clear();
         self.overflow_counts.clear();
-        for index in 0..SLOTS {
-            let slot = self.slots.get(&index, 0).map_err(map_error(SLOTS_MAP))?;
-            // Registration writes the id into every CPU's copy.
-            if let Some(id) = slot.iter().map(|cpu| cpu.cgroup_id).find(|&id| id != 0) {
-                self.placements.insert(id, Placement::Slot(index));
+        for slot in 0..SLOTS {
+            // Registration names the owner in every CPU's line.
+            if let Some(id) = (0..self.cpus).map(|cpu| self.lines.id(self.line(slot, cpu))).find(|&id| id != 0) {
+                self.placements.insert(id, Placement::Slot(slot));
             }
         }
         let overflowed: Vec<CgroupId> = self.overflow.keys().filter_map(Result::ok).collect();
@@ -87,7 +186,13 @@ impl CounterStore {
             self.placements.insert(id, Placement::Overflow(index));
             *self.overflow_counts.entry(index).or_insert(0) += 1;
         }
-        self.batch_fresh = false;
+        self.baselines = self.baselines_map.iter().filter_map(Result::ok).collect();
+        let stale: Vec<CgroupId> =
+            self.baselines.keys().filter(|id| !self.placements.contains_key(id)).copied().collect();
+        for id in stale {
+            self.baselines.remove(&id);
+            let _ = self.baselines_map.remove(&id);
+        }
         Ok(self.placements.len())
     }
 
@@ -96,20 +201,20 @@ impl CounterStore {
         self.placements.keys().copied().collect()
     }
 
-    /// Starts counting `id` from zero.
-    pub fn register(&mut self, id: CgroupId) -> Result<(), EbpfError> {
+    /// Starts counting `id` from zero; `false` when it was registered already (recovered from
+    /// pinned maps: it keeps its counts and baseline).
+    pub fn register(&mut self, id: CgroupId) -> Result<bool, EbpfError> {
         if self.placements.contains_key(&id) {
-            return Ok(());
+            return Ok(false);
         }
-        // The batch holds whoever had this slot before.
-        self.batch_fresh = false;
         let index = slot_index(id);
         let slot_taken = self.placements.values().any(|p| *p == Placement::Slot(index));
         if !slot_taken {
-            let fresh = self.per_cpu(CgroupSlot { cgroup_id: id, counters: CgroupCounters::default() }, SLOTS_MAP)?;
-            self.slots.set(index, fresh, 0).map_err(map_error(SLOTS_MAP))?;
+            for cpu in 0..self.cpus {
+                self.lines.claim(self.line(index, cpu), id);
+            }
             self.placements.insert(id, Placement::Slot(index));
-            return Ok(());
+            return Ok(true);
         }
         let zeros = self.per_cpu(CgroupCounters::default(), COUNTERS_MAP)?;
         self.overflow.insert(id, zeros, 0).map_err(map_error(COUNTERS_MAP))?;
@@ -119,65 +224,54 @@ impl CounterStore {
             self.overflow_flags.set(index, 1, 0).map_err(map_error(SLOT_OVERFLOW_MAP))?;
         }
         self.placements.insert(id, Placement::Overflow(index));
-        Ok(())
+        Ok(true)
     }
 
-    /// Prepares a sampling pass: with many cgroups tracked, reads every direct slot at once
-    /// ([`CounterStore::refresh_batch`]); with few, one lookup each is cheaper than copying
-    /// every slot, and [`CounterStore::read_sampled`] looks each one up.
-    pub fn refresh(&mut self) {
-        if self.placements.len() >= BATCH_FROM_CGROUPS {
-            self.refresh_batch();
-        } else {
-            self.batch_fresh = false;
-        }
-    }
-
-    /// Reads every direct slot at once (`BPF_MAP_LOOKUP_BATCH`), for [`CounterStore::read_sampled`];
-    /// false when the kernel cannot, and the pass reads slot by slot instead.
-    pub fn refresh_batch(&mut self) -> bool {
-        let stride = std::mem::size_of::<CgroupSlot>().next_multiple_of(8);
-        self.batch.resize(SLOTS as usize * self.cpus * stride, 0);
-        let fd = self.slots.map().fd().as_fd().as_raw_fd();
-        self.batch_fresh = match lookup_batch(fd, SLOTS, &mut self.batch) {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::debug!(error = %err, "batch lookup of the counter slots failed; reading them one by one");
-                false
+    /// Sets `id`'s baseline of CPU time from its cgroup files: what the cgroup ran before it
+    /// was registered (a kernel's start-up, or its whole life when the agent came later), so
+    /// that baseline plus counters equal the kernel's own accounting. The files are read
+    /// again while a charge lands between the counters' reads around them (at most a few
+    /// tries: charges come at most once per tick per CPU).
+    pub fn seed_cpu_baseline(
+        &mut self,
+        id: CgroupId,
+        mut read_files: impl FnMut() -> io::Result<u64>,
+    ) -> Result<CgroupCounters, EbpfError> {
+        let mut seen = None;
+        for _ in 0..8 {
+            let before = self.read_raw(id)?.cpu_ns;
+            let files = read_files().map_err(|source| EbpfError::Baseline { id, source })?;
+            let after = self.read_raw(id)?.cpu_ns;
+            seen = Some((before, files));
+            if before == after {
+                break;
             }
-        };
-        self.batch_fresh
+        }
+        let Some((counted, files_ns)) = seen else { return Ok(CgroupCounters::default()) };
+        let baseline = CgroupCounters { cpu_ns: files_ns.saturating_sub(counted), ..CgroupCounters::default() };
+        self.baselines_map.insert(id, baseline, 0).map_err(map_error(BASELINES_MAP))?;
+        self.baselines.insert(id, baseline);
+        Ok(baseline)
     }
 
-    /// `id`'s counters summed over CPUs as of the last refresh (direct slots), or read now.
-    pub fn read_sampled(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let Some(Placement::Slot(index)) = self.placements.get(&id) else { return self.read(id) };
-        if !self.batch_fresh {
-            return self.read(id);
-        }
-        let stride = std::mem::size_of::<CgroupSlot>().next_multiple_of(8);
-        let mut total = CgroupCounters::default();
-        for cpu in 0..self.cpus {
-            let at = (*index as usize * self.cpus + cpu) * stride;
-            let Some(bytes) = self.batch.get(at..at + std::mem::size_of::<CgroupSlot>()) else { break };
-            // SAFETY: CgroupSlot is plain #[repr(C)] integers and `bytes` holds one whole slot
-            // as the kernel copied it; read_unaligned copes with any alignment.
-            let slot: CgroupSlot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            if slot.cgroup_id == id {
-                total.accumulate(&slot.counters);
-            }
+    /// `id`'s counters summed over CPUs, its baseline included, read now.
+    pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        let mut total = self.read_raw(id)?;
+        if let Some(baseline) = self.baselines.get(&id) {
+            total.accumulate(baseline);
         }
         Ok(total)
     }
 
-    /// `id`'s counters summed over CPUs, read now.
-    pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+    /// What the programs counted for `id` since it was registered.
+    fn read_raw(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         let mut total = CgroupCounters::default();
         match self.placements.get(&id) {
-            Some(Placement::Slot(index)) => {
-                for cpu in self.slots.get(index, 0).map_err(map_error(SLOTS_MAP))?.iter() {
-                    if cpu.cgroup_id == id {
-                        total.accumulate(&cpu.counters);
+            Some(&Placement::Slot(index)) => {
+                for cpu in 0..self.cpus {
+                    let line = self.line(index, cpu);
+                    if self.lines.id(line) == id {
+                        total.accumulate(&self.lines.counters(line));
                     }
                 }
             }
@@ -191,15 +285,26 @@ impl CounterStore {
         Ok(total)
     }
 
-    /// Stops counting `id`; returns its last counters.
+    /// Stops counting `id`; returns its last counters (baseline included).
     pub fn unregister(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let last = self.read(id);
-        match self.placements.remove(&id) {
+        let mut last = match self.placements.remove(&id) {
             Some(Placement::Slot(index)) => {
-                let free = self.per_cpu(CgroupSlot::default(), SLOTS_MAP)?;
-                self.slots.set(index, free, 0).map_err(map_error(SLOTS_MAP))?;
+                // Read after the owner is cleared: nothing counts into the lines any more.
+                let mut last = CgroupCounters::default();
+                for cpu in 0..self.cpus {
+                    self.lines.release(self.line(index, cpu));
+                }
+                fence(Ordering::SeqCst);
+                for cpu in 0..self.cpus {
+                    last.accumulate(&self.lines.counters(self.line(index, cpu)));
+                }
+                last
             }
             Some(Placement::Overflow(index)) => {
+                let mut last = CgroupCounters::default();
+                if let Ok(values) = self.overflow.get(&id, 0) {
+                    values.iter().for_each(|cpu| last.accumulate(cpu));
+                }
                 let _ = self.overflow.remove(&id);
                 if let Some(count) = self.overflow_counts.get_mut(&index) {
                     *count = count.saturating_sub(1);
@@ -208,10 +313,15 @@ impl CounterStore {
                         self.overflow_flags.set(index, 0, 0).map_err(map_error(SLOT_OVERFLOW_MAP))?;
                     }
                 }
+                last
             }
             None => return Err(EbpfError::NotAttached(id)),
+        };
+        if let Some(baseline) = self.baselines.remove(&id) {
+            last.accumulate(&baseline);
+            let _ = self.baselines_map.remove(&id);
         }
-        last
+        Ok(last)
     }
 
     /// (cgroups in direct slots, cgroups in the overflow map)
@@ -219,52 +329,4 @@ impl CounterStore {
         let direct = self.placements.values().filter(|p| matches!(p, Placement::Slot(_))).count();
         (direct, self.placements.len() - direct)
     }
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` of the first `count` entries of an array map into `values`
-/// (aya 0.14 has no batch operations): one syscall for what would be `count` lookups.
-fn lookup_batch(map_fd: RawFd, count: u32, values: &mut [u8]) -> std::io::Result<()> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut keys = vec![0u32; count as usize];
-    let mut next_batch: u32 = 0;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: std::ptr::addr_of_mut!(next_batch) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count,
-        map_fd: u32::try_from(map_fd).map_err(std::io::Error::other)?,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: attr is fully initialised and its size passed; keys, values and next_batch
-    // outlive the call and are as large as `count` entries need (the caller sized values for
-    // every possible CPU); the kernel writes no more than that.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            std::ptr::addr_of_mut!(attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    // ENOENT: the batch reached the end of the map, with every entry copied.
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
-        return Err(std::io::Error::last_os_error());
-    }
-    if attr.count != count {
-        return Err(std::io::Error::other(format!("batch lookup copied {} of {count} slots", attr.count)));
-    }
-    Ok(())
 }

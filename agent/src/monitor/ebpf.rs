@@ -1,6 +1,6 @@
-//! The eBPF object in user space: loaded once, the tracepoint programs (`sched_switch`,
-//! `block_bio_queue`, `mark_victim`) attached globally, `cgroup_skb` programs attached per
-//! container cgroup, counters read from the maps, and which resource each program covers.
+//! The eBPF object in user space: loaded once, the global programs (the tracepoints
+//! `sched_stat_runtime`, `block_bio_queue` and `mark_victim`) attached once, `cgroup_skb` programs attached per container cgroup, counters read from the maps,
+//! and which resource each program covers.
 
 use std::{
     collections::HashMap,
@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    COUNTERS_MAP, CgroupCounters, CgroupId, LOST_EVENTS_MAP, MAX_OVERFLOW_CGROUPS, OOM_EVENTS_MAP, SLOT_OVERFLOW_MAP,
-    SLOTS, SLOTS_MAP, offsets, programs,
+    BASELINES_MAP, COUNTERS_MAP, CgroupCounters, CgroupId, LOST_EVENTS_MAP, MAX_OVERFLOW_CGROUPS, NR_CPUS_GLOBAL,
+    OOM_EVENTS_MAP, SLOT_OVERFLOW_MAP, SLOTS, SLOTS_MAP, offsets, programs,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -56,6 +56,8 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
+    #[error("reading the cgroup files of cgroup {id} for its baseline: {source}")]
+    Baseline { id: CgroupId, source: std::io::Error },
     #[error("pinning the link of eBPF program `{name}`: {reason}")]
     Pin { name: &'static str, reason: String },
     #[error("finding the fields the program reads in kernel BTF: {0}")]
@@ -77,7 +79,8 @@ enum CgroupLinks {
 const SKB_DIRECTIONS: [&str; 2] = ["ingress", "egress"];
 
 /// The maps pinned with [`PinDir::maps`]: all that the programs write.
-const PINNED_MAPS: [&str; 5] = [SLOTS_MAP, SLOT_OVERFLOW_MAP, COUNTERS_MAP, LOST_EVENTS_MAP, OOM_EVENTS_MAP];
+const PINNED_MAPS: [&str; 6] =
+    [SLOTS_MAP, BASELINES_MAP, SLOT_OVERFLOW_MAP, COUNTERS_MAP, LOST_EVENTS_MAP, OOM_EVENTS_MAP];
 
 /// Pins a link of this process at `path` (replacing a stale pin), so that it outlives the agent.
 fn pin_link(link: FdLink, path: &Path, name: &'static str) -> Result<(), EbpfError> {
@@ -89,8 +92,13 @@ fn pin_link(link: FdLink, path: &Path, name: &'static str) -> Result<(), EbpfErr
 type FieldOffset = (&'static str, &'static str, &'static [&'static str]);
 
 const CPU_FIELDS: &[FieldOffset] = &[
-    (offsets::SUM_EXEC_RUNTIME, "task_struct", &["se", "sum_exec_runtime"]),
-    (offsets::PREV_SUM_EXEC_RUNTIME, "task_struct", &["se", "prev_sum_exec_runtime"]),
+    (offsets::TASK_CGROUPS, "task_struct", &["cgroups"]),
+    (offsets::CSS_SET_DFL_CGRP, "css_set", &["dfl_cgrp"]),
+    (offsets::CGROUP_KN, "cgroup", &["kn"]),
+    (offsets::KERNFS_NODE_ID, "kernfs_node", &["id"]),
+    (offsets::CGROUP_LEVEL, "cgroup", &["level"]),
+    (offsets::CGROUP_PARENT_CSS, "cgroup", &["self", "parent"]),
+    (offsets::CSS_CGROUP, "cgroup_subsys_state", &["cgroup"]),
 ];
 const BLOCK_IO_FIELDS: &[FieldOffset] =
     &[(offsets::BIO_OPF, "bio", &["bi_opf"]), (offsets::BIO_SIZE, "bio", &["bi_iter", "bi_size"])];
@@ -103,12 +111,60 @@ const OOM_FIELDS: &[FieldOffset] = &[
     (offsets::KERNFS_NODE_ID, "kernfs_node", &["id"]),
 ];
 
-/// The global program of each tracepoint-counted resource: (resource, program, tracepoint, fields).
-const TRACEPOINT_PROGRAMS: [(Resource, &str, &str, &[FieldOffset]); 3] = [
-    (Resource::Cpu, programs::SCHED_SWITCH, "sched_switch", CPU_FIELDS),
+/// The global program of each resource it counts: (resource, program, BTF tracepoint, the
+/// kernel fields it reads).
+const GLOBAL_PROGRAMS: [(Resource, &str, &str, &[FieldOffset]); 3] = [
+    (Resource::Cpu, programs::SCHED_STAT_RUNTIME, "sched_stat_runtime", CPU_FIELDS),
     (Resource::BlockIo, programs::BLOCK_BIO_QUEUE, "block_bio_queue", BLOCK_IO_FIELDS),
     (Resource::Oom, programs::MARK_VICTIM, "mark_victim", OOM_FIELDS),
 ];
+
+/// Names of every global program (their pinned links have these names).
+fn global_program_names() -> Vec<&'static str> {
+    GLOBAL_PROGRAMS.iter().map(|(_, name, _, _)| *name).collect()
+}
+
+/// The field offsets a program reads, from BTF.
+fn resolve_offsets(kernel_types: &KernelBtf, fields: &[FieldOffset]) -> Result<Vec<(&'static str, u64)>, BtfError> {
+    fields.iter().map(|&(global, strukt, path)| Ok((global, kernel_types.member_offset(strukt, path)?))).collect()
+}
+
+/// How a global program came to run.
+enum Attached {
+    /// Attached by this process: detached when the link is dropped.
+    Owned(FdLink),
+    /// Attached by this process and pinned: runs until the pin is removed.
+    Pinned,
+    /// An earlier agent's pinned link of the same code, still running that program.
+    Adopted(OwnedFd),
+}
+
+/// Loads and attaches one global program, or adopts the pinned link of an earlier agent that
+/// runs the same code.
+fn attach_global(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    name: &'static str,
+    tracepoint: &str,
+    pins: Option<&PinDir>,
+) -> Result<Attached, EbpfError> {
+    let at = |source| EbpfError::Program { name, source };
+    let program: &mut BtfTracePoint = program(ebpf, name)?;
+    program.load(tracepoint, btf).map_err(at)?;
+    if let Some(pins) = pins {
+        let own = program.fd().map_err(at)?.as_fd();
+        if let Some(running) = adopt_link(&pins.link(name), own) {
+            tracing::info!(program = name, "a pinned program of this build is still counting; adopted");
+            return Ok(Attached::Adopted(running));
+        }
+    }
+    let id = program.attach().map_err(at)?;
+    let link: FdLink = program.take_link(id).map_err(at)?.into();
+    match pins {
+        Some(pins) => pin_link(link, &pins.link(name), name).map(|()| Attached::Pinned),
+        None => Ok(Attached::Owned(link)),
+    }
+}
 
 /// The loaded programs and the counters map. Dropping it detaches everything.
 pub struct EbpfMonitor {
@@ -119,6 +175,8 @@ pub struct EbpfMonitor {
     lost_events: Option<PerCpuArray<MapData, u64>>,
     /// Where maps and links are pinned, when they outlive the agent.
     pins: Option<PinDir>,
+    /// Links of the global programs this process owns (unpinned): dropping detaches them.
+    _global_links: Vec<FdLink>,
     /// Programs of an earlier agent still running from their pinned links (for their stats).
     adopted: Vec<(&'static str, OwnedFd)>,
 }
@@ -136,73 +194,71 @@ impl EbpfMonitor {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs()?;
         let kernel_types = KernelBtf::from_sys_fs()?;
+        let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
         let mut loader = EbpfLoader::new();
         loader.btf(Some(&btf));
-        let pins = pins.and_then(|pins| match pins.maps() {
+        let lines = u32::try_from(cpus).ok().and_then(|cpus| cpus.checked_mul(SLOTS));
+        let lines = lines.ok_or_else(|| EbpfError::Cpus(format!("{cpus} CPUs are more than the counters can hold")))?;
+        loader.map_max_entries(SLOTS_MAP, lines);
+        let cpus_global = cpus as u64;
+        loader.override_global(NR_CPUS_GLOBAL, &cpus_global, true);
+        let pins = pins.and_then(|pins| match pins.maps(cpus) {
             Ok(maps) => Some((pins, maps)),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot pin the counters; they start afresh whenever the agent restarts");
                 None
             }
         });
-        if let Some((_, maps)) = &pins {
+        if let Some((pins, maps)) = &pins {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, maps.join(name));
             }
+            pins.remove_unknown_global_links(&global_program_names());
         }
         let pins = pins.map(|(pins, _)| pins);
-        // Offsets of the fields each program reads; a resource whose fields this kernel
-        // lacks is counted from files. Unresolved globals stay 0 (their program is not loaded).
-        let resolved: Vec<Result<Vec<u64>, BtfError>> = TRACEPOINT_PROGRAMS
-            .iter()
-            .map(|(_, _, _, fields)| {
-                fields.iter().map(|&(_, strukt, path)| kernel_types.member_offset(strukt, path)).collect()
-            })
-            .collect();
-        for ((_, _, _, fields), offsets) in TRACEPOINT_PROGRAMS.iter().zip(&resolved) {
-            for ((global, _, _), at) in fields.iter().zip(offsets.iter().flatten()) {
-                loader.override_global(global, at, true);
-            }
+        // Offsets and enumerators each resource's programs read; a resource whose fields this
+        // kernel lacks is counted from files. Unresolved globals keep their defaults (their
+        // programs are not loaded).
+        let resolved: Vec<Result<Vec<(&str, u64)>, BtfError>> =
+            GLOBAL_PROGRAMS.iter().map(|(_, _, _, fields)| resolve_offsets(&kernel_types, fields)).collect();
+        let values: Vec<(&str, u64)> = resolved.iter().flatten().flatten().copied().collect();
+        for (global, value) in &values {
+            loader.override_global(global, value, true);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let mut sources = Sources::default();
+        let mut global_links = Vec::new();
         let mut adopted = Vec::new();
-        for ((resource, name, tracepoint, _), offsets) in TRACEPOINT_PROGRAMS.into_iter().zip(resolved) {
-            if let Some(pins) = pins.as_ref().filter(|_| cgroup_files.contains(&resource)) {
-                // An earlier agent's program for a resource now read from files stops.
-                let _ = std::fs::remove_file(pins.link(name));
-            }
+        for ((resource, name, tracepoint, _), globals) in GLOBAL_PROGRAMS.into_iter().zip(resolved) {
             if cgroup_files.contains(&resource) {
+                if let Some(pins) = &pins {
+                    // An earlier agent's program for a resource now read from files stops.
+                    let _ = std::fs::remove_file(pins.link(name));
+                }
                 tracing::info!(%resource, from = resource.fallback(), "counting from cgroup files, as [monitor] cgroup-file-resources asks");
                 continue;
             }
-            let attached = offsets.map_err(EbpfError::KernelLayout).and_then(|_| {
-                let at = |source| EbpfError::Program { name, source };
-                let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
-                program.load(tracepoint, &btf).map_err(at)?;
-                let own = program.fd().map_err(at)?.as_fd();
-                let Some(pins) = &pins else {
-                    program.attach().map_err(at)?;
-                    return Ok(());
-                };
-                if let Some(running) = adopt_link(&pins.link(name), own) {
-                    tracing::info!(program = name, "a pinned program of this build is still counting; adopted");
-                    adopted.push((name, running));
-                    return Ok(());
-                }
-                let link_id = program.attach().map_err(at)?;
-                let link: FdLink = program.take_link(link_id).map_err(at)?.into();
-                pin_link(link, &pins.link(name), name)
-            });
+            let attached = globals
+                .map_err(EbpfError::KernelLayout)
+                .and_then(|_| attach_global(&mut ebpf, &btf, name, tracepoint, pins.as_ref()));
             match attached {
-                Ok(()) => sources.set(resource, Source::Ebpf),
-                Err(err) => tracing::warn!(
-                    %resource,
-                    error = %err,
-                    from = resource.fallback(),
-                    "the eBPF program cannot run on this kernel; counting from cgroup files instead"
-                ),
+                Ok(attached) => {
+                    sources.set(resource, Source::Ebpf);
+                    match attached {
+                        Attached::Owned(link) => global_links.push(link),
+                        Attached::Pinned => {}
+                        Attached::Adopted(running) => adopted.push((name, running)),
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        %resource,
+                        error = %err,
+                        from = resource.fallback(),
+                        "the eBPF program cannot run on this kernel; counting from cgroup files instead"
+                    );
+                }
             }
         }
         if cgroup_files.contains(&Resource::Network) {
@@ -223,7 +279,6 @@ impl EbpfMonitor {
             }
         }
 
-        let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
         let mut counters = CounterStore::take_from(&mut ebpf, cpus)?;
         if pins.is_some() {
             let recovered = counters.recover()?;
@@ -237,7 +292,16 @@ impl EbpfMonitor {
             }
             None => None,
         };
-        Ok(Self { ebpf, counters, attached: HashMap::new(), sources, lost_events, pins, adopted })
+        Ok(Self {
+            ebpf,
+            counters,
+            attached: HashMap::new(),
+            sources,
+            lost_events,
+            pins,
+            _global_links: global_links,
+            adopted,
+        })
     }
 
     /// Whether the counters and links are pinned (they outlive this process).
@@ -296,20 +360,21 @@ impl EbpfMonitor {
         map.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
-    /// Starts counting a cgroup: registers its id (so `sched_switch` counts it) and
-    /// attaches the packet counters to its directory.
-    pub fn attach(&mut self, id: CgroupId, path: &Path) -> Result<(), EbpfError> {
+    /// Starts counting a cgroup: registers its id (so the programs count it) and attaches
+    /// the packet counters to its directory. `true` when its counters start now; `false` when
+    /// they were already counting (recovered from pinned maps).
+    pub fn attach(&mut self, id: CgroupId, path: &Path) -> Result<bool, EbpfError> {
         if self.attached.contains_key(&id) {
-            return Ok(());
+            return Ok(false);
         }
         let dir = File::open(path).map_err(|source| EbpfError::OpenCgroup { path: path.to_path_buf(), source })?;
         // A cgroup recovered from pinned maps keeps its counts.
-        self.counters.register(id)?;
+        let fresh = self.counters.register(id)?;
         if !self.sources.ebpf(Resource::Network) {
             // An earlier agent's packet counters for this cgroup stop: files count it now.
             self.unpin_skb(id);
             self.attached.insert(id, CgroupLinks::None);
-            return Ok(());
+            return Ok(fresh);
         }
         let links = match self.pins.clone() {
             Some(pins) => self.attach_pinned(id, &dir, &pins),
@@ -318,7 +383,7 @@ impl EbpfMonitor {
         match links {
             Ok(links) => {
                 self.attached.insert(id, links);
-                Ok(())
+                Ok(fresh)
             }
             Err(err) => {
                 let _ = self.counters.unregister(id);
@@ -402,20 +467,15 @@ impl EbpfMonitor {
         self.counters.read(id)
     }
 
-    /// Prepares the [`EbpfMonitor::read_sampled`]s of one pass (one batch read when many
-    /// cgroups are tracked).
-    pub fn refresh(&mut self) {
-        self.counters.refresh();
-    }
-
-    /// Reads every counter slot at once; false when the kernel cannot batch.
-    pub fn refresh_batch(&mut self) -> bool {
-        self.counters.refresh_batch()
-    }
-
-    /// The cgroup's counters as of the last [`EbpfMonitor::refresh`].
-    pub fn read_sampled(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        self.counters.read_sampled(id)
+    /// Sets a freshly attached cgroup's CPU baseline from its cgroup files (see
+    /// [`CounterStore::seed_cpu_baseline`]): its counters then equal the kernel's accounting
+    /// from the cgroup's first instruction on.
+    pub fn seed_cpu_baseline(
+        &mut self,
+        id: CgroupId,
+        read_files: impl FnMut() -> std::io::Result<u64>,
+    ) -> Result<CgroupCounters, EbpfError> {
+        self.counters.seed_cpu_baseline(id, read_files)
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
@@ -424,7 +484,7 @@ impl EbpfMonitor {
         let mut stats = loaded_program_stats(
             &self.ebpf,
             &[
-                programs::SCHED_SWITCH,
+                programs::SCHED_STAT_RUNTIME,
                 programs::SKB_INGRESS,
                 programs::SKB_EGRESS,
                 programs::BLOCK_BIO_QUEUE,
@@ -480,21 +540,27 @@ impl EbpfMonitor {
     }
 }
 
-/// Empty programs on the counters' hooks (`sched_switch`, `block_bio_queue`, and ingress
-/// and egress of one cgroup), loaded beside the agent by the benchmark to measure the floor any program pays.
+/// Empty programs on the counters' hooks (`sched_stat_runtime`, `block_bio_queue`, and
+/// ingress and egress of one cgroup), loaded beside the agent by the benchmark to measure the
+/// floor any program pays.
 pub struct BaselinePrograms {
     ebpf: Ebpf,
+    _links: Vec<FdLink>,
 }
 
 impl BaselinePrograms {
     pub fn load(cgroup: &Path) -> Result<Self, EbpfError> {
         let btf = Btf::from_sys_fs()?;
         let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
-        let name = programs::BASELINE_SCHED_SWITCH;
-        let at = |source| EbpfError::Program { name, source };
-        let tracepoint: &mut BtfTracePoint = program(&mut ebpf, name)?;
-        tracepoint.load("sched_switch", &btf).map_err(at)?;
-        tracepoint.attach().map_err(at)?;
+        let mut links = Vec::new();
+        for (name, tracepoint) in [
+            (programs::BASELINE_SCHED_STAT_RUNTIME, "sched_stat_runtime"),
+            (programs::BASELINE_BLOCK_BIO_QUEUE, "block_bio_queue"),
+        ] {
+            if let Attached::Owned(link) = attach_global(&mut ebpf, &btf, name, tracepoint, None)? {
+                links.push(link);
+            }
+        }
         let name = programs::BASELINE_SKB;
         let at = |source| EbpfError::Program { name, source };
         let dir = File::open(cgroup).map_err(|source| EbpfError::OpenCgroup { path: cgroup.to_path_buf(), source })?;
@@ -502,18 +568,13 @@ impl BaselinePrograms {
         skb.load().map_err(at)?;
         skb.attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(at)?;
         skb.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
-        let name = programs::BASELINE_BLOCK_BIO_QUEUE;
-        let at = |source| EbpfError::Program { name, source };
-        let tracepoint: &mut BtfTracePoint = program(&mut ebpf, name)?;
-        tracepoint.load("block_bio_queue", &btf).map_err(at)?;
-        tracepoint.attach().map_err(at)?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, _links: links })
     }
 
     pub fn stats(&self) -> Vec<ProgramStats> {
         loaded_program_stats(
             &self.ebpf,
-            &[programs::BASELINE_SCHED_SWITCH, programs::BASELINE_SKB, programs::BASELINE_BLOCK_BIO_QUEUE],
+            &[programs::BASELINE_SCHED_STAT_RUNTIME, programs::BASELINE_SKB, programs::BASELINE_BLOCK_BIO_QUEUE],
         )
     }
 }

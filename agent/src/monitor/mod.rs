@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod cgroup;
 pub mod counters;
+pub mod cputime;
 pub mod ebpf;
 pub mod files;
 pub mod node;
@@ -28,6 +29,7 @@ use crate::{
     resources::compute::ComputePlugin,
 };
 pub use cgroup::{CgroupLayout, ContainerCgroups, UnifiedCgroup};
+pub use cputime::CpuSplit;
 pub use ebpf::{EbpfError, EbpfMonitor, ProgramStats};
 pub use files::{ContainerReadings, CpuThrottling, MemoryStats};
 pub use sources::{Resource, Source, Sources};
@@ -48,14 +50,18 @@ struct Tracked {
     current: ContainerReadings,
     /// When it stopped; its series are dropped a grace period later.
     stopped_at: Option<Instant>,
+    /// The user/system split of the CPU time of every run.
+    split: CpuSplit,
 }
 
 impl Tracked {
-    /// The current readings with the counters of every run.
-    fn total(&self) -> ContainerReadings {
+    /// The current readings with the counters of every run, and their CPU time split.
+    fn total(&mut self) -> ContainerReadings {
         let mut total = self.current;
         total.counters = self.retired;
         total.counters.accumulate(&self.current.counters);
+        let basis = &total.cpu_files;
+        total.cpu_time = self.split.update(total.counters.cpu_ns, basis.user_ns, basis.system_ns);
         total
     }
 }
@@ -75,6 +81,26 @@ fn take_ebpf_fields(sources: &Sources, counters: &mut CgroupCounters, ebpf: &Cgr
     }
     if sources.ebpf(Resource::Oom) {
         counters.oom_kills = ebpf.oom_kills;
+    }
+}
+
+/// Counts what a freshly attached cgroup ran before its counters started (a kernel's start-up,
+/// or all of it when the agent came later) from its files; without them it counts from now.
+fn seed_cpu_baseline(ebpf: &mut EbpfMonitor, cgroups: &ContainerCgroups, buf: &mut Vec<u8>) {
+    let id = cgroups.unified.id;
+    match ebpf.seed_cpu_baseline(id, || files::read_cpu_total(cgroups, buf)) {
+        Ok(baseline) => {
+            tracing::debug!(
+                cgroup_id = id,
+                cpu_ns = baseline.cpu_ns,
+                "CPU time before counting started, from the cgroup files"
+            )
+        }
+        Err(err) => tracing::warn!(
+            cgroup_id = id,
+            error = %err,
+            "cannot read what the cgroup ran before counting started; its CPU time counts from now"
+        ),
     }
 }
 
@@ -204,6 +230,7 @@ impl ContainerMonitor {
             retired: CgroupCounters::default(),
             current: ContainerReadings::default(),
             stopped_at: None,
+            split: CpuSplit::default(),
         });
         if tracked.cgroup.as_ref() == Some(&cgroup) {
             return; // a replayed start of what is already counted
@@ -223,7 +250,10 @@ impl ContainerMonitor {
         tracked.current = ContainerReadings::default();
         tracked.stopped_at = None;
         match self.ebpf.attach(cgroup.id, &cgroup.path) {
-            Ok(()) => {
+            Ok(fresh) => {
+                if fresh && self.sources.ebpf(Resource::Cpu) {
+                    seed_cpu_baseline(&mut self.ebpf, &cgroups, &mut self.buf);
+                }
                 tracing::info!(
                     container_id = %tracked.kernel.container_id,
                     kernel_id = %tracked.kernel.kernel_id,
@@ -265,12 +295,9 @@ impl ContainerMonitor {
         let grace = self.grace;
         self.tracked.retain(|_, tracked| tracked.stopped_at.is_none_or(|at| now.duration_since(at) < grace));
         let mut samples = Vec::with_capacity(self.tracked.len());
-        if self.sources.any_ebpf() && self.tracked.values().any(|t| t.cgroup.is_some()) {
-            self.ebpf.refresh();
-        }
         for tracked in self.tracked.values_mut() {
             if let Some(cgroup) = &tracked.cgroup {
-                match self.ebpf.read_sampled(cgroup.id) {
+                match self.ebpf.read(cgroup.id) {
                     Ok(counters) => take_ebpf_fields(&self.sources, &mut tracked.current.counters, &counters),
                     Err(err) => {
                         tracing::warn!(container_id = %tracked.kernel.container_id, error = %err, "reading counters failed")

@@ -4,9 +4,10 @@
 //! resumes their counts instead of starting from zero.
 //!
 //! ```text
-//! {dir}/maps-{layout}/CGROUP_SLOTS …   the counters (layout: the maps' shape; a new shape
-//!                                      starts afresh and the old maps are removed)
-//! {dir}/links/sched_switch …           a global program's link
+//! {dir}/maps-{layout}/COUNTER_LINES …  the counters (layout: the maps' shape and the CPU
+//!                                      count; a new shape starts afresh: the old maps and
+//!                                      every pinned link are removed)
+//! {dir}/links/cgroup_cputime …         a global program's link
 //! {dir}/links/skb-{cgroup_id}-ingress  a container cgroup's packet counters
 //! ```
 //!
@@ -24,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{CgroupSlot, LAYOUT_VERSION, MAX_OVERFLOW_CGROUPS, SLOTS};
+use agent_common::{CounterLine, LAYOUT_VERSION, MAX_OVERFLOW_CGROUPS, SLOTS};
 use aya_obj::generated::{bpf_link_info, bpf_prog_info};
 
 /// `statfs.f_type` of bpffs.
@@ -64,20 +65,46 @@ impl PinDir {
 
     /// The directory of the counter maps of this agent's layout; maps of another layout
     /// (another build's shapes) are removed, with a log line.
-    pub fn maps(&self) -> Result<PathBuf, PinError> {
-        let name =
-            format!("maps-v{LAYOUT_VERSION}-{SLOTS}-{MAX_OVERFLOW_CGROUPS}-{}", std::mem::size_of::<CgroupSlot>());
+    pub fn maps(&self, cpus: usize) -> Result<PathBuf, PinError> {
+        let name = format!(
+            "maps-v{LAYOUT_VERSION}-{SLOTS}-{MAX_OVERFLOW_CGROUPS}-{}-{cpus}",
+            std::mem::size_of::<CounterLine>()
+        );
         let entries = std::fs::read_dir(&self.root).map_err(io_at(&self.root))?;
         for entry in entries.flatten() {
             let other = entry.file_name().to_string_lossy().into_owned();
             if other.starts_with("maps-") && other != name {
                 tracing::warn!(dir = %entry.path().display(), "pinned counters of another map layout; starting afresh");
                 let _ = std::fs::remove_dir_all(entry.path());
+                // Its programs count into those maps (a program's tag does not cover which
+                // maps it uses), so none of its links may be adopted: removing them detaches.
+                self.remove_links();
             }
         }
         let dir = self.root.join(name);
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         Ok(dir)
+    }
+
+    /// Removes every pinned link, which detaches them.
+    fn remove_links(&self) {
+        let links = self.root.join("links");
+        for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+
+    /// Removes the pinned links of global programs that are not in `known` (programs of an
+    /// older build, e.g. a CPU program since replaced), which detaches them.
+    pub fn remove_unknown_global_links(&self, known: &[&str]) {
+        let links = self.root.join("links");
+        for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("skb-") && !known.contains(&name.as_str()) {
+                tracing::info!(link = %entry.path().display(), "a pinned program this build no longer has; removing it");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Where a global program's link is pinned.
@@ -252,7 +279,7 @@ mod tests {
     #[test]
     fn paths_follow_the_layout() {
         let pins = PinDir { root: PathBuf::from("/sys/fs/bpf/bai-agent/i-x") };
-        assert_eq!(pins.link("sched_switch"), PathBuf::from("/sys/fs/bpf/bai-agent/i-x/links/sched_switch"));
+        assert_eq!(pins.link("cgroup_cputime"), PathBuf::from("/sys/fs/bpf/bai-agent/i-x/links/cgroup_cputime"));
         assert_eq!(pins.skb_link(42, "ingress"), PathBuf::from("/sys/fs/bpf/bai-agent/i-x/links/skb-42-ingress"));
     }
 

@@ -20,7 +20,12 @@ use std::{
 use agent_common::CgroupCounters;
 
 pub use self::{
-    blkio::BlockIoReader, cpu::CpuReader, memory::MemoryReader, netdev::NetDevReader, oom::OomReader, pids::PidsReader,
+    blkio::BlockIoReader,
+    cpu::{CpuReader, CpuTimes, read_cpu_total},
+    memory::MemoryReader,
+    netdev::NetDevReader,
+    oom::OomReader,
+    pids::PidsReader,
     shm::ShmReader,
 };
 use super::{
@@ -67,6 +72,11 @@ pub struct ContainerReadings {
     pub counters: CgroupCounters,
     pub memory: MemoryStats,
     pub cpu: CpuThrottling,
+    /// CPU time as the cgroup files last said: the kernel's user/system split (and the total,
+    /// where CPU time comes from files).
+    pub cpu_files: CpuTimes,
+    /// `counters.cpu_ns` split into user and system time in the ratio of `cpu_files`.
+    pub cpu_time: crate::monitor::CpuSplit,
     /// Tasks in the cgroup.
     pub processes: Option<u64>,
     /// Bytes used in the container's `/dev/shm`.
@@ -173,6 +183,10 @@ pub struct CgroupReaders {
     network: Option<NetDevReader>,
     /// Passes since everything was read; `None` before the first read.
     since_full: Option<u32>,
+    /// Whether `cpu` reads the CPU time itself (eBPF does not count it).
+    cpu_time_from_files: bool,
+    /// The CPU time when the kernel's user/system split was last read (v1 `cpuacct.stat`).
+    split_read_at_ns: Option<u64>,
     last_usage: u64,
     last_cpu_ns: u64,
 }
@@ -198,6 +212,8 @@ impl CgroupReaders {
                 .then(|| opened(NetDevReader::open(pid), "network", &mut missing))
                 .flatten(),
             since_full: None,
+            cpu_time_from_files: from_files(Resource::Cpu),
+            split_read_at_ns: None,
             last_usage: 0,
             last_cpu_ns: 0,
         };
@@ -217,7 +233,10 @@ impl CgroupReaders {
         };
         // The counting fallbacks, every pass.
         if let Some(reader) = &self.cpu {
-            keep(reader.read_usage(buf, &mut readings.cpu, &mut readings.counters));
+            keep(reader.read_usage(buf, &mut readings.cpu, &mut readings.cpu_files));
+            if self.cpu_time_from_files {
+                readings.counters.cpu_ns = readings.cpu_files.total_ns;
+            }
         }
         if let Some(reader) = &self.block_io {
             keep(reader.read(buf, &mut readings.counters));
@@ -248,7 +267,7 @@ impl CgroupReaders {
                 }
             }
             if let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) {
-                keep(reader.read(buf, &mut readings.cpu, &mut readings.counters));
+                keep(reader.read(buf, &mut readings.cpu, &mut readings.cpu_files));
             }
             if let Some(reader) = &self.pids {
                 keep(reader.read(buf).map(|processes| readings.processes = processes));
@@ -257,10 +276,28 @@ impl CgroupReaders {
                 keep(reader.read().map(|bytes| readings.shm_bytes = Some(bytes)));
             }
         }
+        if let Some(reader) = &self.cpu
+            && !self.cpu_time_from_files
+            && split_is_stale(self.split_read_at_ns, readings.counters.cpu_ns)
+        {
+            keep(reader.read_split(buf, &mut readings.cpu, &mut readings.cpu_files));
+            self.split_read_at_ns = Some(readings.counters.cpu_ns);
+        }
         self.last_cpu_ns = readings.counters.cpu_ns;
         self.since_full = Some(if full { 0 } else { self.since_full.map_or(0, |passes| passes + 1) });
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// CPU time that may go unsplit before the kernel's user/system split is read again: the split
+/// of the total is then off by at most this share of it (and a kernel that keeps running
+/// costs a read only every 1 % of growth).
+const SPLIT_STALE_SHARE: u64 = 100;
+const SPLIT_STALE_MIN_NS: u64 = 20_000_000;
+
+/// Whether CPU time grew enough since the split was read at `read_at_ns` to read it again.
+fn split_is_stale(read_at_ns: Option<u64>, cpu_ns: u64) -> bool {
+    read_at_ns.is_none_or(|at| cpu_ns.saturating_sub(at) > (cpu_ns / SPLIT_STALE_SHARE).max(SPLIT_STALE_MIN_NS))
 }
 
 /// The reader, or `None` with the reason noted in `missing`.
