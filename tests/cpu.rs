@@ -74,6 +74,23 @@ fn work_in_cgroups_nested_inside_the_kernels() {
     agrees(cpu::NESTED);
 }
 
+/// At start-up the agent checks its CPU program against the kernel on a workload of short
+/// threads and processes, says so in its log and in `/metrics`, and counts from eBPF only when
+/// the check passed.
+#[test]
+fn the_start_up_check_finds_the_cpu_program_exact() {
+    require_environment();
+    let agent = Agent::start(CONFIG).expect("agent starts");
+    let log = agent.log_text();
+    assert!(log.contains("the eBPF CPU program counts exactly what the kernel charges (start-up check)"), "{log}");
+    let metrics = agent.metrics().expect("scrape");
+    let value = |name: &str| metrics.iter().find(|s| s.name == name).map(|s| s.value);
+    assert_eq!(value("backendai_agent_cpu_check_exact"), Some(1.0));
+    let error = value("backendai_agent_cpu_check_error_ratio").expect("the check's error");
+    assert!((0.0..TOLERANCE).contains(&error), "error ratio {error}");
+    assert_eq!(agent.source_of("cpu").expect("scrape").as_deref(), Some("ebpf"));
+}
+
 /// A lone busy loop on an otherwise idle core: every sample of the agent trails the kernel's
 /// counter by at most one interval and one tick of CPU time (plus the scrape itself), and never
 /// leads it.

@@ -44,6 +44,39 @@ pub enum DaemonError {
     Etcd(#[from] etcd::EtcdError),
 }
 
+/// Checks that the eBPF CPU program counts what this kernel charges (see
+/// [`monitor::selfcheck`]); where it does not, CPU time is counted from the cgroup files.
+fn check_cpu_counting(ebpf: &mut EbpfMonitor, layout: &CgroupLayout) -> Option<monitor::selfcheck::CpuCheck> {
+    if !ebpf.sources().ebpf(monitor::Resource::Cpu) {
+        return None;
+    }
+    match monitor::selfcheck::check_cpu(ebpf, layout) {
+        Ok(check) if check.exact() => {
+            tracing::info!(
+                counted_ns = check.counted_ns,
+                kernel_ns = check.kernel_ns,
+                "the eBPF CPU program counts exactly what the kernel charges (start-up check)"
+            );
+            Some(check)
+        }
+        Ok(check) => {
+            tracing::error!(
+                counted_ns = check.counted_ns,
+                kernel_ns = check.kernel_ns,
+                error_pct = check.error() * 100.0,
+                from = monitor::Resource::Cpu.fallback(),
+                "the eBPF CPU program does not count what this kernel charges (start-up check); counting CPU time from cgroup files instead"
+            );
+            ebpf.use_files_for(monitor::Resource::Cpu);
+            Some(check)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "the start-up check of the eBPF CPU program could not run; counting with it unchecked");
+            None
+        }
+    }
+}
+
 /// The socket's own reason, without repeating the address the message already names.
 fn rpc_bind_reason(error: &rpc::RpcError) -> String {
     match error {
@@ -72,7 +105,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             }
         }
     };
-    let ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources, pins)?;
+    let mut ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources, pins)?;
+    let cpu_check = check_cpu_counting(&mut ebpf, &layout);
     for (resource, source) in ebpf.sources().iter() {
         tracing::info!(%resource, source = source.as_str(), "counting");
     }
@@ -120,7 +154,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let node = NodeReader::new(&[config.container.scratch_root.as_path()]);
     let accelerators = compute::detect(config.debug.fake_cuda_devices);
     let monitor = tokio::spawn(monitor::run_monitor(
-        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators),
+        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators)
+            .with_cpu_check(cpu_check),
         events_rx,
         config.monitor.interval,
         metrics_state.clone(),

@@ -39,6 +39,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // The agent's start-up check of its CPU program runs this executable as its workload.
+    if bai_agent::monitor::selfcheck::run_workload_if_asked() {
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     let (mut config, source) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,

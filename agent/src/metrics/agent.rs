@@ -85,6 +85,23 @@ impl Collector for AgentCollector {
             }
         }
 
+        if let Some(check) = snapshot.cpu_check {
+            let exact = encoder.encode_descriptor(
+                "backendai_agent_cpu_check_exact",
+                "1 when the start-up check found the eBPF CPU program exact on this kernel; 0 when it did not, and CPU time is counted from cgroup files.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(check.exact())).encode(exact)?;
+            let error = encoder.encode_descriptor(
+                "backendai_agent_cpu_check_error_ratio",
+                "How far the eBPF CPU program's count was from the kernel's accounting in the start-up check (|counted - kernel| / kernel).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(check.error()).encode(error)?;
+        }
+
         let mut run_time = encoder.encode_descriptor(
             "backendai_agent_ebpf_program_run_time",
             "Time the kernel spent running each eBPF program (advances while kernel.bpf_stats_enabled=1).",

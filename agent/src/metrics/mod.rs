@@ -71,6 +71,8 @@ pub struct MonitorSnapshot {
     pub sources: Sources,
     /// Events the eBPF programs could not hand over (ring buffer full).
     pub lost_events: u64,
+    /// The start-up check that the CPU program counts what the kernel charges, when it ran.
+    pub cpu_check: Option<crate::monitor::selfcheck::CpuCheck>,
     pub maps: Vec<MapUsage>,
     /// Sampling passes the monitor has made, this one included.
     pub passes: u64,
@@ -91,6 +93,7 @@ impl Default for MonitorSnapshot {
             programs: Vec::new(),
             sources: Sources::default(),
             lost_events: 0,
+            cpu_check: None,
             maps: Vec::new(),
             passes: 0,
             pass_duration: std::time::Duration::ZERO,

@@ -176,7 +176,7 @@ pub struct EbpfMonitor {
     /// Where maps and links are pinned, when they outlive the agent.
     pins: Option<PinDir>,
     /// Links of the global programs this process owns (unpinned): dropping detaches them.
-    _global_links: Vec<FdLink>,
+    global_links: Vec<(&'static str, FdLink)>,
     /// Programs of an earlier agent still running from their pinned links (for their stats).
     adopted: Vec<(&'static str, OwnedFd)>,
 }
@@ -246,7 +246,7 @@ impl EbpfMonitor {
                 Ok(attached) => {
                     sources.set(resource, Source::Ebpf);
                     match attached {
-                        Attached::Owned(link) => global_links.push(link),
+                        Attached::Owned(link) => global_links.push((name, link)),
                         Attached::Pinned => {}
                         Attached::Adopted(running) => adopted.push((name, running)),
                     }
@@ -292,16 +292,7 @@ impl EbpfMonitor {
             }
             None => None,
         };
-        Ok(Self {
-            ebpf,
-            counters,
-            attached: HashMap::new(),
-            sources,
-            lost_events,
-            pins,
-            _global_links: global_links,
-            adopted,
-        })
+        Ok(Self { ebpf, counters, attached: HashMap::new(), sources, lost_events, pins, global_links, adopted })
     }
 
     /// Whether the counters and links are pinned (they outlive this process).
@@ -343,6 +334,18 @@ impl EbpfMonitor {
     /// Which resources the programs count; the rest is for the cgroup-file readers.
     pub fn sources(&self) -> Sources {
         self.sources
+    }
+
+    /// Stops the global program of `resource` (detached, its pin removed): the cgroup files
+    /// count it from now on.
+    pub fn use_files_for(&mut self, resource: Resource) {
+        let Some((_, name, _, _)) = GLOBAL_PROGRAMS.iter().find(|(r, ..)| *r == resource) else { return };
+        self.global_links.retain(|(owner, _)| owner != name);
+        self.adopted.retain(|(owner, _)| owner != name);
+        if let Some(pins) = &self.pins {
+            let _ = std::fs::remove_file(pins.link(name));
+        }
+        self.sources.set(resource, Source::CgroupFiles);
     }
 
     /// The ring buffer of OOM kills, for one consumer (`None` once taken, or when the

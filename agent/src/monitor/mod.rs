@@ -11,6 +11,7 @@ pub mod files;
 pub mod node;
 pub mod oom;
 pub mod pins;
+pub mod selfcheck;
 pub mod sources;
 
 use std::{
@@ -121,6 +122,8 @@ pub struct ContainerMonitor {
     synced: bool,
     /// Counters of containers that ended while no agent ran, and the pass that found them.
     ended_runs: Vec<(CgroupId, CgroupCounters, u64)>,
+    /// The start-up check of the CPU program, when it ran.
+    cpu_check: Option<selfcheck::CpuCheck>,
 }
 
 impl ContainerMonitor {
@@ -144,7 +147,14 @@ impl ContainerMonitor {
             passes: 0,
             synced: false,
             ended_runs: Vec::new(),
+            cpu_check: None,
         }
+    }
+
+    /// Reports the start-up check of the CPU program (see [`selfcheck`]) in every snapshot.
+    pub fn with_cpu_check(mut self, check: Option<selfcheck::CpuCheck>) -> Self {
+        self.cpu_check = check;
+        self
     }
 
     /// Every accelerator plugin's devices; a plugin that fails is left out of this sample.
@@ -353,6 +363,7 @@ impl ContainerMonitor {
             programs: self.ebpf.program_stats(),
             sources: self.sources,
             lost_events: self.ebpf.lost_events(),
+            cpu_check: self.cpu_check,
             maps: vec![
                 MapUsage { map: agent_common::SLOTS_MAP, entries: direct, capacity: direct_capacity },
                 MapUsage { map: agent_common::COUNTERS_MAP, entries: overflow, capacity: overflow_capacity },
