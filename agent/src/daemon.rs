@@ -44,6 +44,12 @@ pub enum DaemonError {
     Etcd(#[from] etcd::EtcdError),
 }
 
+/// How many monitor passes the node is read every: one stats interval's worth.
+fn node_every(config: &Config) -> u64 {
+    let interval = config.monitor.interval.as_nanos().max(1);
+    u64::try_from(config.monitor.stats_interval.as_nanos() / interval).unwrap_or(1).max(1)
+}
+
 /// Checks that the eBPF CPU program counts what this kernel charges (see
 /// [`monitor::selfcheck`]); where it does not, CPU time is counted from the cgroup files.
 fn check_cpu_counting(ebpf: &mut EbpfMonitor, layout: &CgroupLayout) -> Option<monitor::selfcheck::CpuCheck> {
@@ -155,7 +161,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let accelerators = compute::detect(config.debug.fake_cuda_devices);
     let monitor = tokio::spawn(monitor::run_monitor(
         ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators)
-            .with_cpu_check(cpu_check),
+            .with_cpu_check(cpu_check)
+            .with_node_every(node_every(&config)),
         events_rx,
         config.monitor.interval,
         metrics_state.clone(),

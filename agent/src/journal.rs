@@ -7,8 +7,9 @@
 //! - `{stem}.jsonl`: one record per line, `{"seq":12, …the record's own fields…}`; `seq`
 //!   increases by one per record and never restarts (across compactions and restarts).
 //! - `{stem}.delivered` (or `{stem}.{sink}.delivered` for a named sink): the highest `seq`
-//!   that sink confirmed, as decimal text, replaced atomically (temporary file, fsync, rename,
-//!   fsync of the directory).
+//!   that sink confirmed, as decimal text, replaced atomically (temporary file, rename). Markers
+//!   and compaction are not fsynced: what a power loss takes back is sent again (delivery is
+//!   at least once); records themselves are fsynced before any sink sees them.
 //! - `{stem}.lock`: held with `flock` while an agent uses the journal, so two agents never
 //!   share one.
 //!
@@ -235,8 +236,10 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         (records, written)
     }
 
-    /// Persists that the `sink`-th sink has everything up to `seq` (atomically: temporary
-    /// file, fsync, rename, fsync of the directory).
+    /// Records that the `sink`-th sink has everything up to `seq` (atomically: temporary file,
+    /// rename). Not fsynced: a marker only saves sending records again, so one that a power
+    /// loss takes back costs at most a resend of what it covered (delivery is at least once);
+    /// an agent that crashes or is killed loses nothing, the page cache has it.
     pub fn mark_delivered(&mut self, sink: usize, seq: u64) -> io::Result<()> {
         let Some(marker) = self.markers.get_mut(sink) else {
             return Ok(());
@@ -244,7 +247,7 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         if seq <= marker.seq {
             return Ok(());
         }
-        write_atomically(&self.dir, &marker.path, format!("{seq}\n").as_bytes())?;
+        replace_file(&marker.path, format!("{seq}\n").as_bytes())?;
         marker.seq = seq;
         Ok(())
     }
@@ -259,13 +262,14 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         self.markers.iter().all(|m| m.seq >= self.last_seq)
     }
 
-    /// Empties the journal file when every sink has everything in it; true when it did.
+    /// Empties the journal file when every sink has everything in it; true when it did. Not
+    /// fsynced either: a power loss can bring back records every marker covers, and those are
+    /// skipped when the journal is read again.
     pub fn compact(&mut self) -> io::Result<bool> {
         if self.len == 0 || !self.all_delivered() {
             return Ok(false);
         }
         self.file.set_len(0)?;
-        self.file.sync_all()?;
         self.len = 0;
         Ok(true)
     }
@@ -311,18 +315,31 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
     }
 }
 
-/// Replaces `path` (in `dir`) with `content`: temporary file, fsync, rename, fsync of `dir`.
+/// Replaces `path` (in `dir`) with `content` durably: temporary file, fsync, rename, fsync of
+/// `dir`.
 fn write_atomically(dir: &Path, path: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = write_temporary(path, content, true)?;
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `path` with `content` atomically for every reader, without waiting for the disk.
+fn replace_file(path: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = write_temporary(path, content, false)?;
+    fs::rename(&tmp, path)
+}
+
+/// `{path}.tmp` holding `content` (fsynced when `durable`).
+fn write_temporary(path: &Path, content: &[u8], durable: bool) -> io::Result<PathBuf> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    {
-        let mut file = File::create(&tmp)?;
-        file.write_all(content)?;
+    let mut file = File::create(&tmp)?;
+    file.write_all(content)?;
+    if durable {
         file.sync_all()?;
     }
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    Ok(tmp)
 }
 
 /// Reads a journal file without locking or repairing it (for a CLI looking at a running

@@ -5,9 +5,16 @@
 //! For the agent it measures, over the same windows: CPU time per container-sample (every
 //! resource of every kernel, the node, and the stats it writes to Redis), total CPU use,
 //! resident memory, the kernel-side cost per event of each eBPF program (with
-//! `kernel.bpf_stats_enabled=1`, which `cargo xtask bench` sets), and `/metrics` latency.
+//! `kernel.bpf_stats_enabled=1`, which `cargo xtask bench` sets, in a window of its own: the
+//! agent's cost is measured with the setting off, as deployed), and `/metrics` latency.
 //!
-//! Usage: bench-accounting [KERNELS=100] [WINDOW_SECONDS=30] [ROUNDS=2]
+//! Usage: bench-accounting [KERNELS=100] [WINDOW_SECONDS=30] [ROUNDS=2] [waking|mixed|idle]
+//!
+//! The kernels: `waking` (the default), every kernel wakes every 0.3 s (`sleep 0.3` in a loop:
+//! a fork, an exec and a little CPU each time, so its CPU time moves between every two
+//! samples); `mixed`, four busy kernels that keep the eBPF hooks and the OOM killer busy (a
+//! context-switching pipe, HTTP over loopback, direct I/O, a kernel OOM-killed every second)
+//! and the rest waking; `idle`, the four busy ones and the rest asleep throughout.
 
 use std::{
     collections::BTreeMap,
@@ -66,10 +73,16 @@ impl Window {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
-    let usage = "usage: bench-accounting [KERNELS] [WINDOW_SECONDS] [ROUNDS]";
+    let usage = "usage: bench-accounting [KERNELS] [WINDOW_SECONDS] [ROUNDS] [waking|mixed|idle]";
     let kernels = args.next().transpose().context(usage)?.unwrap_or(100).max(5) as usize;
     let window = Duration::from_secs(args.next().transpose().context(usage)?.unwrap_or(30));
     let rounds = args.next().transpose().context(usage)?.unwrap_or(2).max(1);
+    let mix = match std::env::args().nth(4).as_deref() {
+        None | Some("waking") => Mix::Waking,
+        Some("mixed") => Mix::BusyAndWaking,
+        Some("idle") => Mix::BusyAndIdle,
+        Some(other) => bail!("{usage}: `{other}` is not waking, mixed or idle"),
+    };
     require_environment();
     if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default().trim() != "1" {
         bail!("kernel.bpf_stats_enabled is not 1; run through `cargo xtask bench`, which sets it");
@@ -95,33 +108,34 @@ fn main() -> anyhow::Result<()> {
     account.adopt(agent_pid)?;
 
     let io_dir = tempfile::tempdir_in(std::env::current_dir()?)?;
-    let containers = start_kernels(&agent_id, kernels, io_dir.path())?;
+    let containers = start_kernels(&agent_id, kernels, io_dir.path(), mix)?;
     wait_until("the agent to count every kernel", Duration::from_secs(120), || {
         gauge(&agent, "backendai_agent_tracked_containers").is_ok_and(|n| n as usize == containers.len())
     })?;
-    println!("{} kernels running and counted; load average {}", containers.len(), load_average());
+    println!("{} kernels running and counted ({}); load average {}", containers.len(), mix.describe(), load_average());
     std::thread::sleep(Duration::from_secs(5));
 
     let mut agent_total = Window::default();
     let mut docker_total = Window::default();
     let mut files_total = Window::default();
-    let mut programs_before = BTreeMap::new();
-    let mut programs_after = BTreeMap::new();
     let mut python_rss = BTreeMap::new();
     let load_start = load_average();
-    for round in 0..rounds {
-        let (measured, before, after) = measure_agent(&agent, &account, window)?;
-        if round == 0 {
-            programs_before = before;
-        }
-        programs_after = after;
-        agent_total.add(measured);
+    // The agent as deployed: without the kernel's per-program statistics (each costs every
+    // program run two clock reads, and the agent reads them every pass while they are on).
+    set_bpf_stats(false)?;
+    for _ in 0..rounds {
+        agent_total.add(measure_agent(&agent, &account, window)?);
         for (mode, total) in [("docker", &mut docker_total), ("cgroup", &mut files_total)] {
             let (measured, rss) = measure_python(mode, &agent_id, window)?;
             total.add(measured);
             python_rss.insert(mode, rss);
         }
     }
+    // Then the programs' own cost, in a window of its own with the statistics on (the agent
+    // looks at the setting every tenth pass).
+    set_bpf_stats(true)?;
+    std::thread::sleep(Duration::from_secs(11));
+    let (programs_before, programs_seconds, programs_after) = measure_programs(&agent, window)?;
     let (rss_kib, peak_kib) = resident_kib(agent_pid);
     let scrapes = scrape_latency(&agent, 300)?;
     let load_end = load_average();
@@ -133,8 +147,9 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("{}", machine_description()?);
     println!(
-        "{} kernels, 1 s interval, {rounds} rounds of {} s per collector; load average {load_start} at the start, {load_end} at the end",
+        "{} kernels ({}), 1 s interval, {rounds} rounds of {} s per collector; load average {load_start} at the start, {load_end} at the end",
         containers.len(),
+        mix.describe(),
         window.as_secs()
     );
     println!();
@@ -178,7 +193,7 @@ fn main() -> anyhow::Result<()> {
         };
         let runs = after.1 - before.1;
         let ns = (after.0 - before.0) * 1e9 / runs.max(1.0);
-        println!("| {program} | {event} | {runs:.0} | {:.1} | {ns:.1} |", runs / agent_total.seconds.max(1e-9));
+        println!("| {program} | {event} | {runs:.0} | {:.1} | {ns:.1} |", runs / programs_seconds.max(1e-9));
     }
     println!();
     println!(
@@ -197,7 +212,25 @@ fn main() -> anyhow::Result<()> {
 /// `kernels` labelled busybox containers: four that keep the hooks busy (a context-switching
 /// pipe, loopback HTTP, direct I/O, an OOM kill a second), each held to a quarter of a CPU,
 /// and idle ones for the rest.
-fn start_kernels(agent_id: &str, kernels: usize, io_dir: &std::path::Path) -> anyhow::Result<Vec<Container>> {
+/// What the benchmark's kernels do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    Waking,
+    BusyAndWaking,
+    BusyAndIdle,
+}
+
+impl Mix {
+    fn describe(self) -> &'static str {
+        match self {
+            Mix::Waking => "every one waking every 0.3 s",
+            Mix::BusyAndWaking => "four busy, the rest waking every 0.3 s",
+            Mix::BusyAndIdle => "four busy, the rest idle",
+        }
+    }
+}
+
+fn start_kernels(agent_id: &str, kernels: usize, io_dir: &std::path::Path, mix: Mix) -> anyhow::Result<Vec<Container>> {
     let io_mount = format!("{}:/io", io_dir.display());
     let busy: [(Vec<&str>, &str); 4] = [
         (
@@ -222,10 +255,12 @@ fn start_kernels(agent_id: &str, kernels: usize, io_dir: &std::path::Path) -> an
     ];
     let mut plan: Vec<(Vec<String>, String)> = busy
         .iter()
+        .filter(|_| mix != Mix::Waking)
         .map(|(options, script)| (options.iter().map(|o| (*o).to_owned()).collect(), (*script).to_owned()))
         .collect();
     while plan.len() < kernels {
-        plan.push((vec!["--network".into(), "none".into()], "sleep 86400".into()));
+        let script = if mix == Mix::BusyAndIdle { "sleep 86400" } else { "while :; do sleep 0.3; done" };
+        plan.push((vec!["--network".into(), "none".into()], script.into()));
     }
     // Four `docker run`s at a time.
     let mut containers = Vec::with_capacity(kernels);
@@ -279,25 +314,36 @@ fn program_stats(agent: &Agent) -> anyhow::Result<(ProgramTable, f64)> {
 
 /// The agent alone for one window: its CPU (cgroup) and the sampling passes it made. The
 /// scrapes that read the passes lie outside the CPU readings.
-fn measure_agent(
-    agent: &Agent,
-    account: &CpuAccount,
-    window: Duration,
-) -> anyhow::Result<(Window, ProgramTable, ProgramTable)> {
+fn measure_agent(agent: &Agent, account: &CpuAccount, window: Duration) -> anyhow::Result<Window> {
     let tracked = gauge(agent, "backendai_agent_tracked_containers")?;
-    let (programs_before, passes_before) = program_stats(agent)?;
+    let (_, passes_before) = program_stats(agent)?;
     let (cpu_before, engine_before, started) = (account.usage()?, cpu_of_processes(ENGINE), Instant::now());
     std::thread::sleep(window);
     let (cpu_after, engine_after, seconds) =
         (account.usage()?, cpu_of_processes(ENGINE), started.elapsed().as_secs_f64());
-    let (programs_after, passes_after) = program_stats(agent)?;
-    let measured = Window {
+    let (_, passes_after) = program_stats(agent)?;
+    Ok(Window {
         seconds,
         container_samples: (passes_after - passes_before) * tracked,
         cpu: cpu_after - cpu_before,
         engine_cpu: engine_after.saturating_sub(engine_before),
-    };
-    Ok((measured, programs_before, programs_after))
+    })
+}
+
+/// The programs' run time and count at the start and the end of a window, and its seconds.
+fn measure_programs(agent: &Agent, window: Duration) -> anyhow::Result<(ProgramTable, f64, ProgramTable)> {
+    let (before, _) = program_stats(agent)?;
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let (after, _) = program_stats(agent)?;
+    Ok((before, started.elapsed().as_secs_f64(), after))
+}
+
+/// Turns the kernel's per-program statistics on or off (`cargo xtask bench` puts the setting
+/// back afterwards).
+fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" })
+        .context("setting kernel.bpf_stats_enabled")
 }
 
 /// One Python collector for one window: its own CPU (reported by itself over its loop) and

@@ -193,8 +193,7 @@ pub(super) async fn run(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = crate::clock::Clock::new(interval);
     let mut seq = 0u64;
     loop {
         tokio::select! {

@@ -14,7 +14,6 @@
 //! strings are made when someone reads them (the stats writer, `destroy_kernel`).
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -332,7 +331,8 @@ fn ms_of_ns(ns: u64) -> f64 {
 /// Every kernel's and the node's metrics, kept across snapshots.
 #[derive(Debug, Default)]
 pub struct Measurements {
-    kernels: HashMap<String, KernelEntry>,
+    /// By kernel id (a fast hash: looked up for every kernel on every pass).
+    kernels: rustc_hash::FxHashMap<String, KernelEntry>,
     node: MetricSet,
     /// Per metric key and device id.
     devices: Vec<(&'static str, Vec<(String, MetricSet)>)>,
@@ -372,7 +372,10 @@ impl Measurements {
             set.update(NET_TX, r.counters.tx_bytes as f64, None, true, at);
         }
         self.kernels.retain(|_, entry| at.duration_since(entry.seen) < KERNEL_RETENTION);
-        self.update_node(snapshot, at);
+        // Rates and diffs of the node are between its fresh readings only.
+        if snapshot.node_fresh {
+            self.update_node(snapshot, at);
+        }
         self.latest = Some(at);
     }
 

@@ -66,6 +66,8 @@ pub struct MonitorSnapshot {
     pub node: NodeReadings,
     /// Accelerators, per compute plugin.
     pub devices: Vec<DeviceReadings>,
+    /// Whether `node` and `devices` were read in this pass (else they are the last readings).
+    pub node_fresh: bool,
     pub attached_cgroups: usize,
     pub programs: Vec<ProgramStats>,
     pub sources: Sources,
@@ -89,6 +91,7 @@ impl Default for MonitorSnapshot {
             containers: Vec::new(),
             node: NodeReadings::default(),
             devices: Vec::new(),
+            node_fresh: true,
             attached_cgroups: 0,
             programs: Vec::new(),
             sources: Sources::default(),

@@ -47,8 +47,7 @@ pub async fn run_stats_writer(
         }
     };
     let mut link = RedisLink::new(client);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::clock::Clock::new(interval);
     let mut failing = false;
     loop {
         tokio::select! {

@@ -5,7 +5,6 @@
 //! baseline: what it had counted before it was registered, read from its cgroup files.
 
 use std::{
-    collections::HashMap,
     io,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
@@ -21,6 +20,8 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 
+use rustc_hash::FxHashMap as HashMap;
+
 use super::ebpf::EbpfError;
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> EbpfError {
@@ -31,6 +32,15 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> EbpfError {
 enum Placement {
     Slot(u32),
     Overflow(u32),
+}
+
+/// Where one registered cgroup's counters are, and its baseline: what a sampling pass needs to
+/// read them without looking anything up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterHandle {
+    id: CgroupId,
+    placement: Placement,
+    baseline: CgroupCounters,
 }
 
 /// 64-bit words in a [`CounterLine`]: the cgroup id, then the counters (then padding).
@@ -153,9 +163,9 @@ impl CounterStore {
             baselines_map,
             overflow_flags,
             overflow,
-            placements: HashMap::new(),
-            baselines: HashMap::new(),
-            overflow_counts: HashMap::new(),
+            placements: HashMap::default(),
+            baselines: HashMap::default(),
+            overflow_counts: HashMap::default(),
             cpus,
         })
     }
@@ -256,18 +266,32 @@ impl CounterStore {
 
     /// `id`'s counters summed over CPUs, its baseline included, read now.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let mut total = self.read_raw(id)?;
-        if let Some(baseline) = self.baselines.get(&id) {
-            total.accumulate(baseline);
-        }
+        self.read_handle(&self.handle(id)?)
+    }
+
+    /// Where `id`'s counters are (valid until it is unregistered or its baseline set).
+    pub fn handle(&self, id: CgroupId) -> Result<CounterHandle, EbpfError> {
+        let placement = *self.placements.get(&id).ok_or(EbpfError::NotAttached(id))?;
+        Ok(CounterHandle { id, placement, baseline: self.baselines.get(&id).copied().unwrap_or_default() })
+    }
+
+    /// The counters a handle points at, its baseline included, read now.
+    pub fn read_handle(&self, handle: &CounterHandle) -> Result<CgroupCounters, EbpfError> {
+        let mut total = self.read_placement(handle.id, handle.placement)?;
+        total.accumulate(&handle.baseline);
         Ok(total)
     }
 
     /// What the programs counted for `id` since it was registered.
     fn read_raw(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+        let placement = *self.placements.get(&id).ok_or(EbpfError::NotAttached(id))?;
+        self.read_placement(id, placement)
+    }
+
+    fn read_placement(&self, id: CgroupId, placement: Placement) -> Result<CgroupCounters, EbpfError> {
         let mut total = CgroupCounters::default();
-        match self.placements.get(&id) {
-            Some(&Placement::Slot(index)) => {
+        match placement {
+            Placement::Slot(index) => {
                 for cpu in 0..self.cpus {
                     let line = self.line(index, cpu);
                     if self.lines.id(line) == id {
@@ -275,12 +299,11 @@ impl CounterStore {
                     }
                 }
             }
-            Some(Placement::Overflow(_)) => {
+            Placement::Overflow(_) => {
                 for cpu in self.overflow.get(&id, 0).map_err(map_error(COUNTERS_MAP))?.iter() {
                     total.accumulate(cpu);
                 }
             }
-            None => return Err(EbpfError::NotAttached(id)),
         }
         Ok(total)
     }

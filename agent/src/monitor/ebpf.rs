@@ -26,7 +26,7 @@ use aya_obj::generated::bpf_prog_info;
 
 use super::{
     btf::{BtfError, KernelBtf},
-    counters::CounterStore,
+    counters::{CounterHandle, CounterStore},
     pins::{PinDir, adopt_link, object_info},
     sources::{Resource, Source, Sources},
 };
@@ -192,8 +192,14 @@ impl EbpfMonitor {
     /// on), and registered cgroups are recovered from the maps.
     pub fn load(cgroup_files: &[Resource], pins: Option<PinDir>) -> Result<Self, EbpfError> {
         raise_memlock_limit();
+        // Offsets each resource's programs read; a resource whose fields this kernel lacks is
+        // counted from files. Unresolved globals keep their defaults (their programs are not
+        // loaded). The parsed types are let go before aya parses BTF again, to keep the peak low.
+        let resolved: Vec<Result<Vec<(&str, u64)>, BtfError>> = {
+            let kernel_types = KernelBtf::from_sys_fs()?;
+            GLOBAL_PROGRAMS.iter().map(|(_, _, _, fields)| resolve_offsets(&kernel_types, fields)).collect()
+        };
         let btf = Btf::from_sys_fs()?;
-        let kernel_types = KernelBtf::from_sys_fs()?;
         let cpus = nr_cpus().map_err(|(path, err)| EbpfError::Cpus(format!("{path}: {err}")))?;
         let mut loader = EbpfLoader::new();
         loader.btf(Some(&btf));
@@ -216,11 +222,6 @@ impl EbpfMonitor {
             pins.remove_unknown_global_links(&global_program_names());
         }
         let pins = pins.map(|(pins, _)| pins);
-        // Offsets and enumerators each resource's programs read; a resource whose fields this
-        // kernel lacks is counted from files. Unresolved globals keep their defaults (their
-        // programs are not loaded).
-        let resolved: Vec<Result<Vec<(&str, u64)>, BtfError>> =
-            GLOBAL_PROGRAMS.iter().map(|(_, _, _, fields)| resolve_offsets(&kernel_types, fields)).collect();
         let values: Vec<(&str, u64)> = resolved.iter().flatten().flatten().copied().collect();
         for (global, value) in &values {
             loader.override_global(global, value, true);
@@ -468,6 +469,17 @@ impl EbpfMonitor {
     /// The cgroup's counters, summed over CPUs, read now.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
         self.counters.read(id)
+    }
+
+    /// Where an attached cgroup's counters are, for [`EbpfMonitor::read_handle`] (valid until
+    /// it is detached or its baseline seeded).
+    pub fn handle(&self, id: CgroupId) -> Result<CounterHandle, EbpfError> {
+        self.counters.handle(id)
+    }
+
+    /// The counters a handle points at, read now without looking anything up.
+    pub fn read_handle(&self, handle: &CounterHandle) -> Result<CgroupCounters, EbpfError> {
+        self.counters.read_handle(handle)
     }
 
     /// Sets a freshly attached cgroup's CPU baseline from its cgroup files (see

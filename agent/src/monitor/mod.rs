@@ -43,6 +43,8 @@ struct Tracked {
     kernel: Arc<KernelContainer>,
     /// The cgroup being counted while the container runs.
     cgroup: Option<UnifiedCgroup>,
+    /// Where its counters are (looked up once, at attach).
+    counters: Option<counters::CounterHandle>,
     /// Its cgroup files, while it runs.
     readers: Option<files::CgroupReaders>,
     /// What earlier runs of this container counted (a restart gets a new cgroup).
@@ -124,7 +126,21 @@ pub struct ContainerMonitor {
     ended_runs: Vec<(CgroupId, CgroupCounters, u64)>,
     /// The start-up check of the CPU program, when it ran.
     cpu_check: Option<selfcheck::CpuCheck>,
+    /// The programs' run time and count as last read (see [`ContainerMonitor::program_stats`]).
+    program_stats: Vec<ProgramStats>,
+    /// `kernel.bpf_stats_enabled`, read every [`PROGRAM_STATS_EVERY`]th pass.
+    bpf_stats: Option<files::StatFile>,
+    bpf_stats_enabled: bool,
+    /// The node and its devices are read every this many passes (the stats interval), and
+    /// their last readings published in between.
+    node_every: u64,
+    last_node: node::NodeReadings,
+    last_devices: Vec<crate::resources::compute::DeviceReadings>,
 }
+
+/// Without `kernel.bpf_stats_enabled` the kernel does not advance the programs' run time and
+/// count, so they are read (and the setting checked) only this often.
+const PROGRAM_STATS_EVERY: u64 = 10;
 
 impl ContainerMonitor {
     pub fn new(
@@ -148,7 +164,47 @@ impl ContainerMonitor {
             synced: false,
             ended_runs: Vec::new(),
             cpu_check: None,
+            program_stats: Vec::new(),
+            bpf_stats: files::StatFile::open("/proc/sys/kernel/bpf_stats_enabled".into()).ok(),
+            bpf_stats_enabled: true,
+            node_every: 1,
+            last_node: node::NodeReadings::default(),
+            last_devices: Vec::new(),
         }
+    }
+
+    /// Reads the node and its devices every `passes` passes (at least every pass): their
+    /// consumers (the manager's stats, Prometheus) look at them every stats interval, and
+    /// reading them costs about as much as a few kernels.
+    pub fn with_node_every(mut self, passes: u64) -> Self {
+        self.node_every = passes.max(1);
+        self
+    }
+
+    /// The node's and devices' readings, read afresh when this pass is one of their turn;
+    /// `true` when they are fresh.
+    fn node_and_devices(&mut self) -> (node::NodeReadings, Vec<crate::resources::compute::DeviceReadings>, bool) {
+        let fresh = self.passes.is_multiple_of(self.node_every);
+        if fresh {
+            self.last_node = self.node.read(&mut self.buf);
+            self.last_devices = self.measure_accelerators();
+        }
+        (self.last_node.clone(), self.last_devices.clone(), fresh)
+    }
+
+    /// The programs' cost: read every pass while `kernel.bpf_stats_enabled=1` (when it moves),
+    /// else every [`PROGRAM_STATS_EVERY`]th pass.
+    fn program_stats(&mut self) -> Vec<ProgramStats> {
+        if self.passes.is_multiple_of(PROGRAM_STATS_EVERY) {
+            self.bpf_stats_enabled = match &self.bpf_stats {
+                Some(file) => file.read_u64(&mut self.buf).ok().flatten() != Some(0),
+                None => true,
+            };
+        }
+        if self.bpf_stats_enabled || self.passes.is_multiple_of(PROGRAM_STATS_EVERY) {
+            self.program_stats = self.ebpf.program_stats();
+        }
+        self.program_stats.clone()
     }
 
     /// Reports the start-up check of the CPU program (see [`selfcheck`]) in every snapshot.
@@ -236,6 +292,7 @@ impl ContainerMonitor {
         let tracked = self.tracked.entry(kernel.container_id.clone()).or_insert_with(|| Tracked {
             kernel: Arc::new(kernel.clone()),
             cgroup: None,
+            counters: None,
             readers: None,
             retired: CgroupCounters::default(),
             current: ContainerReadings::default(),
@@ -246,6 +303,7 @@ impl ContainerMonitor {
             return; // a replayed start of what is already counted
         }
         if let Some(old) = tracked.cgroup.take() {
+            tracked.counters = None;
             if let Ok(last) = self.ebpf.detach(old.id) {
                 take_ebpf_fields(&self.sources, &mut tracked.current.counters, &last);
             }
@@ -264,6 +322,7 @@ impl ContainerMonitor {
                 if fresh && self.sources.ebpf(Resource::Cpu) {
                     seed_cpu_baseline(&mut self.ebpf, &cgroups, &mut self.buf);
                 }
+                tracked.counters = self.ebpf.handle(cgroup.id).ok();
                 tracing::info!(
                     container_id = %tracked.kernel.container_id,
                     kernel_id = %tracked.kernel.kernel_id,
@@ -285,6 +344,7 @@ impl ContainerMonitor {
             return;
         };
         if let Some(cgroup) = tracked.cgroup.take() {
+            tracked.counters = None;
             // The files of a gone cgroup cannot be read; eBPF's map still has its last counts.
             tracked.readers = None;
             match self.ebpf.detach(cgroup.id) {
@@ -307,7 +367,11 @@ impl ContainerMonitor {
         let mut samples = Vec::with_capacity(self.tracked.len());
         for tracked in self.tracked.values_mut() {
             if let Some(cgroup) = &tracked.cgroup {
-                match self.ebpf.read(cgroup.id) {
+                let read = match &tracked.counters {
+                    Some(handle) => self.ebpf.read_handle(handle),
+                    None => self.ebpf.read(cgroup.id),
+                };
+                match read {
                     Ok(counters) => take_ebpf_fields(&self.sources, &mut tracked.current.counters, &counters),
                     Err(err) => {
                         tracing::warn!(container_id = %tracked.kernel.container_id, error = %err, "reading counters failed")
@@ -352,15 +416,17 @@ impl ContainerMonitor {
     pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
         let (direct, overflow) = self.ebpf.occupancy();
         let (direct_capacity, overflow_capacity) = self.ebpf.capacity();
+        let (node, devices, node_fresh) = self.node_and_devices();
         MonitorSnapshot {
             taken_at: std::time::SystemTime::now(),
             synced: self.synced,
             ended_runs: self.recent_ended_runs(),
             containers: self.sample(now),
-            node: self.node.read(&mut self.buf),
-            devices: self.measure_accelerators(),
+            node,
+            devices,
+            node_fresh,
             attached_cgroups: self.ebpf.attached_count(),
-            programs: self.ebpf.program_stats(),
+            programs: self.program_stats(),
             sources: self.sources,
             lost_events: self.ebpf.lost_events(),
             cpu_check: self.cpu_check,
@@ -391,8 +457,7 @@ pub async fn run_monitor(
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::clock::Clock::new(interval);
     let mut ooms = monitor.ebpf.take_oom_events().and_then(|ring| match oom::OomEvents::new(ring) {
         Ok(events) => Some(events),
         Err(err) => {

@@ -222,19 +222,21 @@ impl Meter {
         ended: &[(u64, Counts)],
         synced: bool,
     ) -> Vec<UsageLine> {
-        let mut by_kernel: HashMap<&str, Vec<&Observation<'_>>> = HashMap::new();
-        for observation in containers {
-            by_kernel.entry(observation.kernel_id).or_default().push(observation);
-        }
+        // Grouped by kernel without a map per pass: sorted, each kernel's run found by search.
+        let mut by_kernel: Vec<&Observation<'_>> =
+            if self.kernels.is_empty() { Vec::new() } else { containers.iter().collect() };
+        by_kernel.sort_unstable_by_key(|observation| observation.kernel_id);
         let mut lines = Vec::new();
         let mut finished = Vec::new();
         for (kernel_id, metered) in &mut self.kernels {
             let at_ns = at_ns.max(metered.window_start_ns);
-            let mine = by_kernel.remove(kernel_id.as_str()).unwrap_or_default();
+            let first = by_kernel.partition_point(|o| o.kernel_id < kernel_id.as_str());
+            let count = by_kernel[first..].iter().take_while(|o| o.kernel_id == kernel_id.as_str()).count();
+            let mine = &by_kernel[first..first + count];
             metered.hold_memory_until(at_ns);
             let mut running_mem = 0u64;
             let mut run = None;
-            for observation in &mine {
+            for observation in mine {
                 let increment = match metered.seen.get(observation.container_id) {
                     Some(last) => observation.totals.minus(last),
                     None => first_increment(kernel_id, metered.resume.take(), observation),

@@ -68,6 +68,8 @@ pub fn read_cpu_total(cgroups: &ContainerCgroups, buf: &mut Vec<u8>) -> io::Resu
 pub struct CpuReader {
     mode: CgroupMode,
     stat: StatFile,
+    /// v1 `cpu.cfs_quota_us`, v2 `cpu.max`.
+    quota: StatFile,
     /// v1 `cpuacct.usage`, when CPU time comes from files (v2 has it in `cpu.stat`).
     usage_v1: Option<StatFile>,
     /// v1 `cpuacct.stat`: the kernel's user/system split (v2 has it in `cpu.stat`).
@@ -87,13 +89,26 @@ impl CpuReader {
             }
             CgroupMode::Unified => (None, None),
         };
+        let quota = StatFile::open(dir.join(match cgroups.mode {
+            CgroupMode::Hybrid => "cpu.cfs_quota_us",
+            CgroupMode::Unified => "cpu.max",
+        }))?;
         Ok(CpuReader {
             mode: cgroups.mode,
             stat: StatFile::open(dir.join("cpu.stat"))?,
+            quota,
             usage_v1,
             split_v1,
             with_usage,
         })
+    }
+
+    /// Whether the cgroup has a CPU quota (CFS bandwidth control), so it can be throttled:
+    /// v1 `cpu.cfs_quota_us` other than -1, v2 `cpu.max` other than `max …`.
+    pub fn has_quota(&self, buf: &mut Vec<u8>) -> io::Result<bool> {
+        let text = self.quota.read(buf)?;
+        let first = text.split(|b| b.is_ascii_whitespace()).next().unwrap_or_default();
+        Ok(!matches!(first, b"-1" | b"max" | b""))
     }
 
     /// Whether [`CpuReader::read_usage`] reads `cpu.stat` too (v2, CPU time from files), so

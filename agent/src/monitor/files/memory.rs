@@ -78,9 +78,14 @@ impl MemoryReader {
         Ok(())
     }
 
-    /// The limit and the peak, which change rarely.
-    pub fn read_limits(&self, buf: &mut Vec<u8>, stats: &mut MemoryStats) -> io::Result<()> {
+    /// The limit, which changes only when someone updates the container.
+    pub fn read_limit(&self, buf: &mut Vec<u8>, stats: &mut MemoryStats) -> io::Result<()> {
         stats.limit = self.limit.read_u64(buf)?.filter(|&limit| limit < UNLIMITED_FROM);
+        Ok(())
+    }
+
+    /// The highest usage recorded, where the kernel records it.
+    pub fn read_peak(&self, buf: &mut Vec<u8>, stats: &mut MemoryStats) -> io::Result<()> {
         if let Some(peak) = &self.peak {
             stats.max_usage = peak.read_u64(buf)?;
         }

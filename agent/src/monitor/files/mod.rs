@@ -160,18 +160,41 @@ pub fn for_each_keyed(text: &[u8], mut each: impl FnMut(&[u8], u64)) {
 }
 
 /// Every this many passes a container's files are all read, whatever moved.
-pub const FULL_READ_EVERY: u32 = 10;
+pub const FULL_READ_EVERY: u32 = 30;
+
+/// CPU time a kernel must have used since its files were last read for them to be read again
+/// before the next full read: what it takes to allocate, fork or write enough to show.
+pub const ACTIVE_CPU_NS: u64 = 25_000_000;
+
+/// A change of memory usage that makes the memory breakdown (`memory.stat`) worth reading
+/// again before the next full read: 1 % of the usage at the last breakdown, at least 1 MiB.
+fn breakdown_is_stale(breakdown_usage: u64, usage: u64) -> bool {
+    usage.abs_diff(breakdown_usage) > (breakdown_usage / 100).max(1 << 20)
+}
+
+/// Every this many full reads the breakdown is read whatever usage did (the kernel ages page
+/// cache from active to inactive without changing usage), and so are the settings (memory limit,
+/// CPU quota), which change only when someone updates the container.
+const EVERYTHING_EVERY_FULL_READS: u32 = 4;
 
 /// A container's readers: the subsystems eBPF never counts, and the fallbacks for the
 /// resources whose eBPF program is not running.
 ///
-/// Most kernels on a node sit idle most of the time, so a pass reads only what can have
-/// changed. A kernel's tasks must run to allocate, fork, exit, write to `/dev/shm` or be
-/// throttled, so when its CPU time did not move, its files are not read; when it did, memory
-/// usage, throttling, tasks and `/dev/shm` are, and the memory breakdown (the expensive
-/// `memory.stat`) when usage moved. Every [`FULL_READ_EVERY`]th pass reads everything, the
-/// limit and peak included, so what others do to an idle kernel (reclaiming its page cache)
-/// shows within that many passes.
+/// Most kernels on a node sit idle most of the time, and most of the rest change little from
+/// one second to the next, so a pass reads only what can have changed:
+/// - A kernel's tasks must run to allocate, fork, exit, write to `/dev/shm` or be throttled,
+///   so until it has used [`ACTIVE_CPU_NS`] of CPU time since its files were last read,
+///   nothing is read (CPU time itself comes from eBPF every pass).
+/// - Then: memory usage and tasks (one small file each); the throttling counters only when
+///   the kernel has a CPU quota; the memory breakdown (`memory.stat`, the expensive file) and
+///   `/dev/shm` (whose pages are charged to the kernel) only when usage moved by more than 1 %
+///   (at least 1 MiB) since the last breakdown. Until then the working set follows usage:
+///   small changes are the kernel's own allocations and frees, not inactive page cache.
+/// - Every [`FULL_READ_EVERY`]th pass reads usage, tasks and the peak whatever the kernel did
+///   (and the breakdown by the rule above), so that what others do to an idle kernel
+///   (reclaiming its page cache) shows; every [`EVERYTHING_EVERY_FULL_READS`]th full read reads
+///   everything, the breakdown, the memory limit and the CPU quota included. Kernels take their
+///   full passes in turn, not all in the same one.
 #[derive(Debug)]
 pub struct CgroupReaders {
     memory: Option<MemoryReader>,
@@ -181,14 +204,23 @@ pub struct CgroupReaders {
     block_io: Option<BlockIoReader>,
     oom: Option<OomReader>,
     network: Option<NetDevReader>,
-    /// Passes since everything was read; `None` before the first read.
-    since_full: Option<u32>,
+    /// Passes until the next full read (0: this one; `None` before the first read).
+    until_full: Option<u32>,
+    /// This kernel's turn in the cycle of full reads.
+    phase: u32,
     /// Whether `cpu` reads the CPU time itself (eBPF does not count it).
     cpu_time_from_files: bool,
-    /// The CPU time when the kernel's user/system split was last read (v1 `cpuacct.stat`).
+    /// Whether the kernel has a CPU quota (so throttling counters can move), as of the last
+    /// full read.
+    has_quota: bool,
+    /// The CPU time when the kernel's user/system split was last read.
     split_read_at_ns: Option<u64>,
-    last_usage: u64,
-    last_cpu_ns: u64,
+    /// Memory usage at the last breakdown.
+    breakdown_usage: u64,
+    /// Full reads so far.
+    full_reads: u32,
+    /// CPU time when the files were last read.
+    read_at_cpu_ns: u64,
 }
 
 impl CgroupReaders {
@@ -211,11 +243,14 @@ impl CgroupReaders {
             network: from_files(Resource::Network)
                 .then(|| opened(NetDevReader::open(pid), "network", &mut missing))
                 .flatten(),
-            since_full: None,
+            until_full: None,
+            phase: (cgroups.unified.id % u64::from(FULL_READ_EVERY)) as u32,
             cpu_time_from_files: from_files(Resource::Cpu),
+            has_quota: true,
             split_read_at_ns: None,
-            last_usage: 0,
-            last_cpu_ns: 0,
+            breakdown_usage: 0,
+            full_reads: 0,
+            read_at_cpu_ns: 0,
         };
         (readers, missing)
     }
@@ -231,7 +266,39 @@ impl CgroupReaders {
                 first_error.get_or_insert(err);
             }
         };
-        // The counting fallbacks, every pass.
+        self.read_fallbacks(buf, readings, &mut keep);
+        let full = self.until_full.is_none_or(|left| left == 0);
+        // Every few full reads, everything (the first one included).
+        let everything = full && self.full_reads.is_multiple_of(EVERYTHING_EVERY_FULL_READS);
+        if full {
+            self.full_reads += 1;
+        }
+        let cpu_ns = readings.counters.cpu_ns;
+        if full || cpu_ns.saturating_sub(self.read_at_cpu_ns) >= ACTIVE_CPU_NS {
+            self.read_memory(buf, readings, full, everything, &mut keep);
+            self.read_throttling(buf, readings, everything, &mut keep);
+            if let Some(reader) = &self.pids {
+                keep(reader.read(buf).map(|processes| readings.processes = processes));
+            }
+            self.read_at_cpu_ns = cpu_ns;
+        }
+        self.read_cpu_split(buf, readings, &mut keep);
+        self.until_full = Some(match self.until_full {
+            // After the first read (at attach), each kernel's full reads fall on its own turn.
+            None => self.phase,
+            Some(0) => FULL_READ_EVERY - 1,
+            Some(left) => left - 1,
+        });
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The counting fallbacks (resources eBPF does not count here), every pass.
+    fn read_fallbacks(
+        &self,
+        buf: &mut Vec<u8>,
+        readings: &mut ContainerReadings,
+        keep: &mut impl FnMut(io::Result<()>),
+    ) {
         if let Some(reader) = &self.cpu {
             keep(reader.read_usage(buf, &mut readings.cpu, &mut readings.cpu_files));
             if self.cpu_time_from_files {
@@ -247,45 +314,76 @@ impl CgroupReaders {
         if let Some(reader) = &self.network {
             keep(reader.read(buf, &mut readings.counters));
         }
+    }
 
-        let full = self.since_full.is_none_or(|passes| passes + 1 >= FULL_READ_EVERY);
-        let cpu_moved = readings.counters.cpu_ns != self.last_cpu_ns;
-        if full || cpu_moved {
-            if let Some(reader) = &self.memory {
-                match reader.read_usage(buf) {
-                    Ok(usage) => {
-                        if full || usage != self.last_usage {
-                            keep(reader.read_breakdown(buf, usage, &mut readings.memory));
-                        }
-                        readings.memory.usage = usage;
-                        self.last_usage = usage;
-                    }
-                    Err(err) => keep(Err(err)),
-                }
-                if full {
-                    keep(reader.read_limits(buf, &mut readings.memory));
-                }
+    /// Memory usage; its breakdown and `/dev/shm` when they are stale; on full reads the peak,
+    /// and with `everything` the limit.
+    fn read_memory(
+        &mut self,
+        buf: &mut Vec<u8>,
+        readings: &mut ContainerReadings,
+        full: bool,
+        everything: bool,
+        keep: &mut impl FnMut(io::Result<()>),
+    ) {
+        let Some(reader) = &self.memory else { return };
+        let usage = match reader.read_usage(buf) {
+            Ok(usage) => usage,
+            Err(err) => return keep(Err(err)),
+        };
+        let stale = everything || breakdown_is_stale(self.breakdown_usage, usage);
+        if stale {
+            keep(reader.read_breakdown(buf, usage, &mut readings.memory));
+            self.breakdown_usage = usage;
+            if let Some(shm) = &self.shm {
+                keep(shm.read().map(|bytes| readings.shm_bytes = Some(bytes)));
             }
-            if let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) {
-                keep(reader.read(buf, &mut readings.cpu, &mut readings.cpu_files));
-            }
-            if let Some(reader) = &self.pids {
-                keep(reader.read(buf).map(|processes| readings.processes = processes));
-            }
-            if let Some(reader) = &self.shm {
-                keep(reader.read().map(|bytes| readings.shm_bytes = Some(bytes)));
+        } else {
+            let memory = &mut readings.memory;
+            memory.working_set = (memory.working_set + usage).saturating_sub(memory.usage).min(usage);
+            memory.usage = usage;
+        }
+        if full {
+            keep(reader.read_peak(buf, &mut readings.memory));
+        }
+        if everything {
+            keep(reader.read_limit(buf, &mut readings.memory));
+        }
+    }
+
+    /// The throttling counters, where a quota can throttle (and with `everything`, whether one
+    /// does).
+    fn read_throttling(
+        &mut self,
+        buf: &mut Vec<u8>,
+        readings: &mut ContainerReadings,
+        everything: bool,
+        keep: &mut impl FnMut(io::Result<()>),
+    ) {
+        let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) else { return };
+        if everything {
+            match reader.has_quota(buf) {
+                Ok(has_quota) => self.has_quota = has_quota,
+                Err(err) => keep(Err(err)),
             }
         }
-        if let Some(reader) = &self.cpu
-            && !self.cpu_time_from_files
-            && split_is_stale(self.split_read_at_ns, readings.counters.cpu_ns)
-        {
+        if everything || self.has_quota {
+            keep(reader.read(buf, &mut readings.cpu, &mut readings.cpu_files));
+        }
+    }
+
+    /// The kernel's user/system split, when CPU time grew enough since it was last read.
+    fn read_cpu_split(
+        &mut self,
+        buf: &mut Vec<u8>,
+        readings: &mut ContainerReadings,
+        keep: &mut impl FnMut(io::Result<()>),
+    ) {
+        let Some(reader) = self.cpu.as_ref().filter(|_| !self.cpu_time_from_files) else { return };
+        if split_is_stale(self.split_read_at_ns, readings.counters.cpu_ns) {
             keep(reader.read_split(buf, &mut readings.cpu, &mut readings.cpu_files));
             self.split_read_at_ns = Some(readings.counters.cpu_ns);
         }
-        self.last_cpu_ns = readings.counters.cpu_ns;
-        self.since_full = Some(if full { 0 } else { self.since_full.map_or(0, |passes| passes + 1) });
-        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -293,7 +391,7 @@ impl CgroupReaders {
 /// of the total is then off by at most this share of it (and a kernel that keeps running
 /// costs a read only every 1 % of growth).
 const SPLIT_STALE_SHARE: u64 = 100;
-const SPLIT_STALE_MIN_NS: u64 = 20_000_000;
+const SPLIT_STALE_MIN_NS: u64 = 100_000_000;
 
 /// Whether CPU time grew enough since the split was read at `read_at_ns` to read it again.
 fn split_is_stale(read_at_ns: Option<u64>, cpu_ns: u64) -> bool {
@@ -340,22 +438,34 @@ mod tests {
         assert_eq!(one.read_u64(&mut buf).expect("reads"), Some(42));
     }
 
-    /// A pure-v2-shaped cgroup directory of plain files.
+    const MIB: u64 = 1 << 20;
+
+    /// A pure-v2-shaped cgroup directory of plain files (cgroup id 15: its first full read
+    /// after the one at attach is the seventh pass).
     fn fake_cgroup(dir: &Path) -> ContainerCgroups {
         for (name, text) in [
-            ("memory.current", "1000\n"),
-            ("memory.stat", "anon 100\nfile 800\ninactive_file 300\nshmem 10\nfile_mapped 5\n"),
-            ("memory.max", "max\n"),
-            ("cpu.stat", "usage_usec 10\nnr_periods 4\nnr_throttled 1\nthrottled_usec 7\n"),
-            ("pids.current", "3\n"),
+            ("memory.current", format!("{}\n", 100 * MIB)),
+            ("memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 30 * MIB)),
+            ("memory.max", "max\n".to_owned()),
+            (
+                "cpu.stat",
+                "usage_usec 10\nuser_usec 6\nsystem_usec 4\nnr_periods 4\nnr_throttled 1\nthrottled_usec 7\n"
+                    .to_owned(),
+            ),
+            ("cpu.max", "max 100000\n".to_owned()),
+            ("pids.current", "3\n".to_owned()),
         ] {
             std::fs::write(dir.join(name), text).expect("write");
         }
         ContainerCgroups {
             mode: crate::monitor::cgroup::CgroupMode::Unified,
-            unified: crate::monitor::UnifiedCgroup { id: 1, path: dir.to_path_buf() },
+            unified: crate::monitor::UnifiedCgroup { id: 15, path: dir.to_path_buf() },
             v1: std::collections::HashMap::new(),
         }
+    }
+
+    fn write(dir: &Path, name: &str, text: String) {
+        std::fs::write(dir.join(name), text).expect("write");
     }
 
     #[test]
@@ -368,31 +478,95 @@ mod tests {
         }
         let (mut readers, _missing) = CgroupReaders::open(&cgroups, std::process::id(), &sources);
         let (mut buf, mut readings) = (Vec::new(), ContainerReadings::default());
+        let d = dir.path();
+        // At attach: everything.
         readers.read(&mut buf, &mut readings).expect("reads");
-        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.memory.limit), (1000, 700, None));
+        assert_eq!(
+            (readings.memory.usage, readings.memory.working_set, readings.memory.limit),
+            (100 * MIB, 70 * MIB, None)
+        );
         assert_eq!((readings.cpu.throttled_periods, readings.processes), (1, Some(3)));
 
         // Idle (CPU time unchanged): nothing is read.
-        std::fs::write(dir.path().join("memory.current"), "1100\n").expect("write");
-        std::fs::write(dir.path().join("memory.stat"), "anon 100\nfile 800\ninactive_file 500\n").expect("write");
-        std::fs::write(dir.path().join("pids.current"), "4\n").expect("write");
-        std::fs::write(dir.path().join("memory.max"), "4096\n").expect("write");
+        write(d, "memory.current", format!("{}\n", 100 * MIB + 4096));
+        write(d, "pids.current", "4\n".into());
+        write(d, "memory.max", format!("{}\n", 512 * MIB));
+        write(d, "cpu.stat", "usage_usec 10\nnr_periods 9\nnr_throttled 5\nthrottled_usec 70\n".into());
         readers.read(&mut buf, &mut readings).expect("reads");
-        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.processes), (1000, 700, Some(3)));
-        // CPU time moved: usage, its breakdown (usage moved) and tasks are read again.
-        readings.counters.cpu_ns += 1;
+        assert_eq!((readings.memory.usage, readings.processes), (100 * MIB, Some(3)));
+
+        // CPU time moved, usage by a page: usage and tasks are read, the working set follows
+        // usage without the breakdown, and there is no quota to throttle (no cpu.stat).
+        write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 90 * MIB));
+        readings.counters.cpu_ns += ACTIVE_CPU_NS / 2;
         readers.read(&mut buf, &mut readings).expect("reads");
-        assert_eq!((readings.memory.usage, readings.memory.working_set, readings.processes), (1100, 600, Some(4)));
-        // CPU time moved but usage did not: the breakdown is not read.
-        std::fs::write(dir.path().join("memory.stat"), "anon 100\nfile 800\ninactive_file 900\n").expect("write");
-        readings.counters.cpu_ns += 1;
+        assert_eq!((readings.memory.usage, readings.processes), (100 * MIB, Some(3)), "not yet active enough");
+        readings.counters.cpu_ns += ACTIVE_CPU_NS / 2;
         readers.read(&mut buf, &mut readings).expect("reads");
-        assert_eq!(readings.memory.working_set, 600);
+        assert_eq!((readings.memory.usage, readings.processes), (100 * MIB + 4096, Some(4)));
+        assert_eq!(readings.memory.working_set, 70 * MIB + 4096, "working set follows usage");
+        assert_eq!(readings.cpu.throttled_periods, 1, "no quota: throttling is not read");
         assert_eq!(readings.memory.limit, None, "limits wait for the full read");
-        for _ in 0..FULL_READ_EVERY {
-            readers.read(&mut buf, &mut readings).expect("reads");
+
+        // Usage moved by more than 1 MiB: the breakdown is read again.
+        write(d, "memory.current", format!("{}\n", 102 * MIB));
+        readings.counters.cpu_ns += ACTIVE_CPU_NS;
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!(readings.memory.working_set, 12 * MIB);
+
+        // A full read within the cycle: the breakdown only when usage moved by more than 1 MiB;
+        // the limit waits for the read of everything.
+        write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 2 * MIB));
+        let full_cycle = |readers: &mut CgroupReaders, readings: &mut ContainerReadings, buf: &mut Vec<u8>| {
+            for _ in 0..FULL_READ_EVERY {
+                readers.read(buf, readings).expect("reads");
+            }
+        };
+        full_cycle(&mut readers, &mut readings, &mut buf);
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (None, 12 * MIB), "usage did not move");
+        write(d, "memory.current", format!("{}\n", 102 * MIB + 512 * 1024));
+        full_cycle(&mut readers, &mut readings, &mut buf);
+        assert_eq!(readings.memory.working_set, 12 * MIB + 512 * 1024, "half a MiB: usage followed, no breakdown");
+        write(d, "memory.current", format!("{}\n", 104 * MIB + 512 * 1024));
+        full_cycle(&mut readers, &mut readings, &mut buf);
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (None, 102 * MIB + 512 * 1024));
+        // The limit, the quota and throttling wait for the read of everything, every fourth full
+        // read (the first, at attach, was one), which reads the breakdown whatever usage did.
+        assert_eq!(readings.cpu.throttled_periods, 1);
+        write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 3 * MIB));
+        full_cycle(&mut readers, &mut readings, &mut buf);
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 101 * MIB + 512 * 1024));
+        assert_eq!(readings.cpu.throttled_periods, 5, "the read of everything reads throttling too");
+
+        // With a quota, throttling is read whenever the kernel was active.
+        write(d, "cpu.max", "50000 100000\n".into());
+        for _ in 0..EVERYTHING_EVERY_FULL_READS {
+            full_cycle(&mut readers, &mut readings, &mut buf);
         }
-        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(4096), 200));
+        write(d, "cpu.stat", "usage_usec 10\nnr_periods 12\nnr_throttled 8\nthrottled_usec 90\n".into());
+        readings.counters.cpu_ns += ACTIVE_CPU_NS;
+        readers.read(&mut buf, &mut readings).expect("reads");
+        assert_eq!(readings.cpu.throttled_periods, 8);
+    }
+
+    #[test]
+    fn kernels_take_their_full_reads_in_turn() {
+        let full_passes = |id: u64| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut cgroups = fake_cgroup(dir.path());
+            cgroups.unified.id = id;
+            let (mut readers, _) = CgroupReaders::open(&cgroups, std::process::id(), &Sources::default());
+            let (mut buf, mut readings) = (Vec::new(), ContainerReadings::default());
+            (0..50)
+                .filter(|_| {
+                    let full = readers.until_full.is_none_or(|left| left == 0);
+                    readers.read(&mut buf, &mut readings).expect("reads");
+                    full
+                })
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(full_passes(10), [0, 11, 41]);
+        assert_eq!(full_passes(43), [0, 14, 44]);
     }
 
     #[test]
