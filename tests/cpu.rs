@@ -142,7 +142,7 @@ fn user_and_system_time_add_up_to_the_total() {
     let kernel = KernelCpu::of(&container).expect("its cgroup");
     agent.wait_for_kernel(&container.kernel_id, true, Duration::from_secs(30)).expect("kernel appears");
     handshake.wait_done(Duration::from_secs(120)).expect("work finishes");
-    // The split is refreshed from the files at least every tenth pass.
+    // The split is read again once the kernel rests (the pass after its work ends).
     settle(INTERVAL, 12);
     let value = |name: &str| agent.kernel_value(name, &container.kernel_id).expect("scrape").expect(name);
     let (total, user, system) = (

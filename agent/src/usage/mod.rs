@@ -465,7 +465,8 @@ async fn run_meter(
                 Some(message) => apply(&mut meter, message),
                 None => { handles_open = false; continue }
             },
-            changed = snapshots.changed(), if snapshots_open => match changed {
+            // With no kernel to meter, snapshots are not even looked at (nor the task woken).
+            changed = snapshots.changed(), if snapshots_open && !meter.is_empty() => match changed {
                 Ok(()) => {
                     let snapshot = snapshots.borrow_and_update().clone();
                     observe(&mut meter, &snapshot)

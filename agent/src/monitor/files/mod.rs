@@ -282,7 +282,7 @@ impl CgroupReaders {
             }
             self.read_at_cpu_ns = cpu_ns;
         }
-        self.read_cpu_split(buf, readings, &mut keep);
+        self.read_cpu_split(buf, readings, full, &mut keep);
         self.until_full = Some(match self.until_full {
             // After the first read (at attach), each kernel's full reads fall on its own turn.
             None => self.phase,
@@ -372,26 +372,30 @@ impl CgroupReaders {
         }
     }
 
-    /// The kernel's user/system split, when CPU time grew enough since it was last read.
+    /// The kernel's user/system split, when CPU time grew enough since it was last read, or
+    /// grew at all and this is a full read.
     fn read_cpu_split(
         &mut self,
         buf: &mut Vec<u8>,
         readings: &mut ContainerReadings,
+        full: bool,
         keep: &mut impl FnMut(io::Result<()>),
     ) {
         let Some(reader) = self.cpu.as_ref().filter(|_| !self.cpu_time_from_files) else { return };
-        if split_is_stale(self.split_read_at_ns, readings.counters.cpu_ns) {
+        let cpu_ns = readings.counters.cpu_ns;
+        let unsplit = self.split_read_at_ns.is_none_or(|at| at < cpu_ns);
+        if split_is_stale(self.split_read_at_ns, cpu_ns) || (unsplit && full) {
             keep(reader.read_split(buf, &mut readings.cpu, &mut readings.cpu_files));
-            self.split_read_at_ns = Some(readings.counters.cpu_ns);
+            self.split_read_at_ns = Some(cpu_ns);
         }
     }
 }
 
-/// CPU time that may go unsplit before the kernel's user/system split is read again: the split
-/// of the total is then off by at most this share of it (and a kernel that keeps running
-/// costs a read only every 1 % of growth).
+/// CPU time that may be split in an older ratio before the kernel's user/system split is read
+/// again: the split is then off by at most this share of the total or [`ACTIVE_CPU_NS`],
+/// whichever is more (a kernel that keeps running costs a read only every 1 % of growth).
 const SPLIT_STALE_SHARE: u64 = 100;
-const SPLIT_STALE_MIN_NS: u64 = 100_000_000;
+const SPLIT_STALE_MIN_NS: u64 = ACTIVE_CPU_NS;
 
 /// Whether CPU time grew enough since the split was read at `read_at_ns` to read it again.
 fn split_is_stale(read_at_ns: Option<u64>, cpu_ns: u64) -> bool {
@@ -491,7 +495,6 @@ mod tests {
         write(d, "memory.current", format!("{}\n", 100 * MIB + 4096));
         write(d, "pids.current", "4\n".into());
         write(d, "memory.max", format!("{}\n", 512 * MIB));
-        write(d, "cpu.stat", "usage_usec 10\nnr_periods 9\nnr_throttled 5\nthrottled_usec 70\n".into());
         readers.read(&mut buf, &mut readings).expect("reads");
         assert_eq!((readings.memory.usage, readings.processes), (100 * MIB, Some(3)));
 
@@ -533,6 +536,7 @@ mod tests {
         // The limit, the quota and throttling wait for the read of everything, every fourth full
         // read (the first, at attach, was one), which reads the breakdown whatever usage did.
         assert_eq!(readings.cpu.throttled_periods, 1);
+        write(d, "cpu.stat", "usage_usec 10\nnr_periods 9\nnr_throttled 5\nthrottled_usec 70\n".into());
         write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 3 * MIB));
         full_cycle(&mut readers, &mut readings, &mut buf);
         assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 101 * MIB + 512 * 1024));
@@ -547,6 +551,35 @@ mod tests {
         readings.counters.cpu_ns += ACTIVE_CPU_NS;
         readers.read(&mut buf, &mut readings).expect("reads");
         assert_eq!(readings.cpu.throttled_periods, 8);
+    }
+
+    #[test]
+    fn the_split_is_read_when_work_grew_enough_or_on_a_full_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cgroups = fake_cgroup(dir.path());
+        let mut sources = Sources::default();
+        sources.set(Resource::Cpu, crate::monitor::Source::Ebpf);
+        let (mut readers, _missing) = CgroupReaders::open(&cgroups, std::process::id(), &sources);
+        let (mut buf, mut readings) = (Vec::new(), ContainerReadings::default());
+        let split = |user_usec: u64, system_usec: u64| {
+            format!("usage_usec 0\nuser_usec {user_usec}\nsystem_usec {system_usec}\n")
+        };
+        let mut pass = |readings: &mut ContainerReadings, grew_ns: u64| {
+            readings.counters.cpu_ns += grew_ns;
+            readers.read(&mut buf, readings).expect("reads");
+            (readings.cpu_files.user_ns / 1000, readings.cpu_files.system_ns / 1000)
+        };
+        assert_eq!(pass(&mut readings, 0), (6, 4), "at attach");
+        write(dir.path(), "cpu.stat", split(60, 40));
+        assert_eq!(pass(&mut readings, ACTIVE_CPU_NS - 1), (6, 4), "grew too little to read again");
+        assert_eq!(pass(&mut readings, 2), (60, 40), "grew by more than the stale share");
+        write(dir.path(), "cpu.stat", split(60, 90));
+        assert_eq!(pass(&mut readings, 1000), (60, 40), "grew a little");
+        let on_full_read = (0..FULL_READ_EVERY).map(|_| pass(&mut readings, 0)).last();
+        assert_eq!(on_full_read, Some((60, 90)), "a full read splits what grew");
+        write(dir.path(), "cpu.stat", split(70, 90));
+        let on_full_read = (0..FULL_READ_EVERY).map(|_| pass(&mut readings, 0)).last();
+        assert_eq!(on_full_read, Some((60, 90)), "nothing new to split");
     }
 
     #[test]
