@@ -210,18 +210,49 @@ pub fn format_number(value: f64, places: u32) -> String {
     String::from_utf8_lossy(number_digits(value, places, &mut digits)).into_owned()
 }
 
+/// A non-negative whole number whose decimal digits are taken from the right: in `u64` when it
+/// fits (nearly always; 128-bit division is a library call, several times slower).
+enum Units {
+    Small(u64),
+    Large(u128),
+}
+
+impl Units {
+    fn of(value: f64) -> Units {
+        if value < u64::MAX as f64 { Units::Small(value as u64) } else { Units::Large(value as u128) }
+    }
+
+    fn pop_digit(&mut self) -> u8 {
+        match self {
+            Units::Small(n) => {
+                let digit = (*n % 10) as u8;
+                *n /= 10;
+                digit
+            }
+            Units::Large(n) => {
+                let digit = (*n % 10) as u8;
+                *n /= 10;
+                digit
+            }
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        matches!(self, Units::Small(0) | Units::Large(0))
+    }
+}
+
 /// [`format_number`] into `buf`, without allocating (there are thousands per stats write).
 fn number_digits(value: f64, places: u32, buf: &mut [u8; 48]) -> &[u8] {
     let scale = 10u128.pow(places.min(6));
     let scaled = if value.is_finite() { (value * scale as f64).round_ties_even() } else { 0.0 };
-    let mut units = scaled.abs() as u128;
+    let mut units = Units::of(scaled.abs());
     // Digits from the right: the fraction (dropping trailing zeros), the point, the whole part.
     let mut at = buf.len();
     let mut fraction_digits = places.min(6);
     let mut seen_nonzero = false;
     while fraction_digits > 0 {
-        let digit = (units % 10) as u8;
-        units /= 10;
+        let digit = units.pop_digit();
         fraction_digits -= 1;
         if digit != 0 || seen_nonzero {
             seen_nonzero = true;
@@ -235,9 +266,8 @@ fn number_digits(value: f64, places: u32, buf: &mut [u8; 48]) -> &[u8] {
     }
     loop {
         at -= 1;
-        buf[at] = b'0' + (units % 10) as u8;
-        units /= 10;
-        if units == 0 || at == 1 {
+        buf[at] = b'0' + units.pop_digit();
+        if units.is_zero() || at == 1 {
             break;
         }
     }
@@ -608,6 +638,11 @@ mod tests {
         assert_eq!(format_number(100.0, 2), "100");
         assert_eq!(format_number(0.5, 0), "0");
         assert_eq!(format_number(1e30, 3), format_number(1e30, 3), "huge values do not panic");
+        // Past what u64 holds once scaled: the 128-bit path gives the same digits.
+        assert_eq!(format_number(1e17, 3), "100000000000000000");
+        assert_eq!(format_number(-123_456_789_012_345_678.0, 3), "-123456789012345683.968");
+        assert_eq!(format_number(18_446_744_073_709_551.0, 3), "18446744073709551.616");
+        assert_eq!(format_number(18_446_744_073_709.5, 3), "18446744073709.5");
     }
 
     fn sample(cpu_ns: u64, rx: u64, working_set: u64) -> MonitorSnapshot {
