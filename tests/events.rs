@@ -2,7 +2,10 @@
 //! periodic `agent_heartbeat` and `agent_terminated` in Backend.AI's stream format (checked
 //! with Python's msgpack the way the manager unpacks them), delivery of the backlog after a
 //! Redis outage (every event, in order, once), the backlog of an earlier run going first, and
-//! the local journal when no Redis is configured.
+//! the local journal when no Redis is configured. The 26.9 format (a JSON `payload`) is
+//! checked with Backend.AI 26.9.6's own message and event models (`backend.ai-common` in the
+//! venv `cargo xtask setup` makes): every event the agent emits, and the stream entries of a
+//! running agent.
 //!
 //! The shared Redis is `BAI_TEST_REDIS` (started by `cargo xtask test`), database 4 (never
 //! flushed: each test reads only the entries whose `source` is its own agent id). The outage
@@ -18,8 +21,13 @@ use rmpv::Value;
 
 const EVENTS_DB: u32 = 4;
 
+/// The ≤ 25.x format (`args`), whose tuples these tests read; the 26.9 format has its own tests
+/// at the end, checked with Backend.AI's own models.
 fn redis_config(addr: &str) -> String {
-    format!("[redis]\naddr = \"{addr}\"\nevents-db = {EVENTS_DB}\n\n[debug]\nheartbeat-interval = \"500ms\"\n")
+    format!(
+        "[redis]\naddr = \"{addr}\"\nevents-db = {EVENTS_DB}\nevent-format = \"legacy\"\n\n\
+         [debug]\nheartbeat-interval = \"500ms\"\n"
+    )
 }
 
 /// `value[key]` of a msgpack map with string keys.
@@ -265,6 +273,7 @@ fn without_redis_events_land_in_the_local_journal() {
         name: "agent_heartbeat".into(),
         source: agent.id.clone(),
         args: args(beat),
+        payload: Vec::new(),
     };
     assert_eq!(heartbeat_seq(&info), 1);
     // Without Redis, writing the journal is delivery: the marker follows it.
@@ -296,4 +305,191 @@ fn base64_decode(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Reads JSON lines `{"fields": {name, source, payload}}` on stdin and decodes each as the
+/// 26.9 manager does: `AnycastMessagePayload.from_stream_fields`, then the event class of its
+/// name `from_message` (pydantic validation of every field). Prints one line per event with
+/// what the manager sees, or the error, and exits non-zero on any failure.
+const BACKENDAI_CHECK: &str = r#"
+import sys, json
+from ai.backend.common.message_queue.payload import AnycastMessagePayload
+from ai.backend.common.events.types import EventMessage
+from ai.backend.common.events.event_types.agent.anycast import (
+    AgentStartedEvent, AgentTerminatedEvent, AgentHeartbeatEvent)
+from ai.backend.common.events.event_types.kernel.anycast import (
+    KernelPreparingAnycastEvent, KernelPullingAnycastEvent, KernelCreatingAnycastEvent,
+    KernelStartedAnycastEvent, KernelCancelledAnycastEvent, KernelTerminatingAnycastEvent,
+    KernelTerminatedAnycastEvent)
+from ai.backend.common.events.event_types.session.anycast import (
+    SessionSuccessAnycastEvent, SessionFailureAnycastEvent)
+classes = {c.event_name(): c for c in (
+    AgentStartedEvent, AgentTerminatedEvent, AgentHeartbeatEvent, KernelPreparingAnycastEvent,
+    KernelPullingAnycastEvent, KernelCreatingAnycastEvent, KernelStartedAnycastEvent,
+    KernelCancelledAnycastEvent, KernelTerminatingAnycastEvent, KernelTerminatedAnycastEvent,
+    SessionSuccessAnycastEvent, SessionFailureAnycastEvent)}
+failed = 0
+for line in sys.stdin:
+    fields = {k.encode(): v.encode() for k, v in json.loads(line).items()}
+    try:
+        message = AnycastMessagePayload.from_stream_fields(fields)
+        event = classes[message.name].from_message(EventMessage(name=message.name, payload=message.payload))
+        print("ok", message.name, message.legacy_source, event.model_dump_json())
+    except Exception as e:
+        failed += 1
+        print("FAILED", fields.get(b"name"), type(e).__name__, e)
+sys.exit(1 if failed else 0)
+"#;
+
+/// Runs [`BACKENDAI_CHECK`] on stream entries (field name → text) and returns its output.
+fn check_with_backendai(entries: &[Vec<(&str, String)>]) -> String {
+    let python = bai_agent_tests::backendai_python();
+    let mut child = Command::new(&python)
+        .args(["-c", BACKENDAI_CHECK])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("running {}: {err}", python.display()));
+    let mut input = String::new();
+    for entry in entries {
+        let object: serde_json::Map<String, serde_json::Value> =
+            entry.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(v.as_str()))).collect();
+        input.push_str(&serde_json::Value::Object(object).to_string());
+        input.push('\n');
+    }
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("python ends");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "Backend.AI 26.9.6 refuses what the agent sends:\n{text}");
+    text
+}
+
+/// Every event the agent emits, with arguments shaped as the agent builds them, rendered in the
+/// 26.9 format and decoded by Backend.AI 26.9.6's own models.
+#[test]
+fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
+    use bai_agent::events::{heartbeat, wire};
+    let s = |text: &str| Value::from(text);
+    let map = |entries: Vec<(&str, Value)>| Value::Map(entries.into_iter().map(|(k, v)| (s(k), v)).collect());
+    let identity = heartbeat::AgentIdentity {
+        ip: "10.0.0.5".into(),
+        region: "local".into(),
+        scaling_group: "default".into(),
+        addr: "tcp://10.0.0.5:6001".into(),
+        public_host: "10.0.0.5".into(),
+        version: "26.9.6".into(),
+        architecture: "x86_64".into(),
+    };
+    let slots = [("cpu", "2"), ("mem", "4294967296"), ("cuda.device", "1")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let creation_info = map(vec![
+        ("id", s("k1")),
+        ("kernel_host", s("127.0.0.1")),
+        ("repl_in_port", Value::from(30000)),
+        ("repl_out_port", Value::from(30001)),
+        ("stdin_port", Value::from(0)),
+        ("stdout_port", Value::from(0)),
+        (
+            "service_ports",
+            Value::Array(vec![map(vec![
+                ("name", s("jupyter")),
+                ("protocol", s("http")),
+                ("container_ports", Value::Array(vec![Value::from(8080)])),
+                ("host_ports", Value::Array(vec![Value::from(30002)])),
+            ])]),
+        ),
+        ("container_id", s("0123456789ab")),
+        (
+            "resource_spec",
+            map(vec![
+                ("slots", map(vec![("cpu", s("1")), ("mem", s("268435456"))])),
+                ("container_id", s("0123456789ab")),
+            ]),
+        ),
+        ("attached_devices", Value::Map(Vec::new())),
+    ]);
+    let kernel = "0b8a9a1e-9d3f-4b55-8d3c-0f7e0c3a5d11";
+    let session = "5d2f0e77-2b1c-4c1e-9a57-4d3c2b1a0f99";
+    let events: Vec<(&str, Vec<Value>)> = vec![
+        ("agent_started", vec![s("self-started")]),
+        ("agent_heartbeat", vec![heartbeat::agent_info(&identity, &slots, 1)]),
+        ("agent_terminated", vec![s("shutdown")]),
+        ("kernel_preparing", vec![s(kernel), s(session)]),
+        ("kernel_pulling", vec![s(kernel), s(session), s("python:3.13")]),
+        ("kernel_creating", vec![s(kernel), s(session)]),
+        ("kernel_started", vec![s(kernel), s(session), s(""), creation_info.clone()]),
+        ("kernel_started", vec![s(kernel), s(session), s("resuming-agent-operation"), creation_info]),
+        ("kernel_terminating", vec![s(kernel), s(session), s("user-requested")]),
+        ("kernel_terminated", vec![s(kernel), s(session), s("user-requested"), Value::from(0)]),
+        ("kernel_terminated", vec![s(kernel), s(session), s("failed-to-start"), Value::Nil]),
+        ("kernel_terminated", vec![s(kernel), s(session), s("oom-killed"), Value::from(137)]),
+        ("kernel_terminated", vec![s(kernel), s(session), s("self-terminated"), Value::from(1)]),
+        ("session_success", vec![s(session), s("task-finished"), Value::from(0)]),
+        ("session_failure", vec![s(session), s("task-timeout"), Value::from(-2)]),
+    ];
+    let entries: Vec<Vec<(&str, String)>> = events
+        .iter()
+        .map(|(name, args)| {
+            let packed = bai_agent::events::pack_args(args);
+            let (field, payload) = wire::payload_field(wire::EventFormat::Current, name, &packed)
+                .unwrap_or_else(|err| panic!("{err}"))
+                .expect("sent in the 26.9 format");
+            assert_eq!(field, "payload");
+            vec![
+                ("name", (*name).to_owned()),
+                ("source", "i-agent".to_owned()),
+                ("payload", String::from_utf8(payload).expect("JSON is UTF-8")),
+            ]
+        })
+        .collect();
+    let seen = check_with_backendai(&entries);
+    println!("{seen}");
+    assert_eq!(seen.lines().filter(|l| l.starts_with("ok ")).count(), events.len(), "{seen}");
+    // What the manager reads back: the slots as entries, the OOM kill as 26.9 names it.
+    assert!(seen.contains(r#""resource_type":"mem","quantity":"4294967296""#), "{seen}");
+    assert!(seen.contains(r#""reason":"self-terminated","exit_code":137"#), "{seen}");
+    assert!(seen.contains(r#""used":{"cpu":"1"}"#), "{seen}");
+}
+
+/// A running agent in the default (26.9) format: its stream entries carry `name`, `source`
+/// and `payload`, and Backend.AI 26.9.6's manager-side decoding takes each of them.
+#[test]
+fn a_running_agents_events_reach_a_26_9_manager_decodable() {
+    require_environment();
+    let redis = test_redis();
+    let toml =
+        format!("[redis]\naddr = \"{redis}\"\nevents-db = {EVENTS_DB}\n\n[debug]\nheartbeat-interval = \"500ms\"\n");
+    let mut agent = Agent::start(&toml).expect("agent starts");
+    let collector = EventCollector::start(&redis, EVENTS_DB, &agent.id).expect("collector");
+    collector
+        .wait_for("agent_started and a heartbeat", Duration::from_secs(20), |events| {
+            events.iter().any(|e| e.name == "agent_heartbeat")
+        })
+        .expect("events arrive");
+    agent.stop().expect("agent stops");
+    let events = collector
+        .wait_for("agent_terminated", Duration::from_secs(20), |events| {
+            events.iter().any(|e| e.name == "agent_terminated")
+        })
+        .expect("agent_terminated arrives");
+    for event in &events {
+        assert_eq!(event.fields, ["name", "payload", "source"], "{event:?}");
+    }
+    let entries: Vec<Vec<(&str, String)>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                ("name", e.name.clone()),
+                ("source", e.source.clone()),
+                ("payload", String::from_utf8_lossy(&e.payload).into_owned()),
+            ]
+        })
+        .collect();
+    let seen = check_with_backendai(&entries);
+    assert!(seen.starts_with(&format!("ok agent_started {} {{\"reason\":\"self-started\"}}", agent.id)), "{seen}");
+    assert!(seen.contains("ok agent_heartbeat"), "{seen}");
+    assert!(seen.trim_end().ends_with(r#"{"reason":"shutdown"}"#), "{seen}");
 }

@@ -170,6 +170,40 @@ pub struct RedisSection {
     pub events_db: u32,
     /// Database of the per-kernel and per-node stats (Backend.AI: 0).
     pub stats_db: u32,
+    /// The manager the event stream entries are for: `"26.9"` (a JSON `payload`, the default)
+    /// or `"legacy"` (Backend.AI up to 25.x: an `args` msgpack tuple).
+    pub event_format: EventFormat,
+}
+
+/// The wire format of the events stream (`redis.event-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventFormat {
+    /// Backend.AI 26.9: a JSON `payload` per event.
+    #[default]
+    Current,
+    /// Backend.AI up to 25.x: an `args` msgpack tuple.
+    Legacy,
+}
+
+impl EventFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventFormat::Current => "26.9",
+            EventFormat::Legacy => "legacy",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EventFormat {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        match String::deserialize(de)?.as_str() {
+            "26.9" => Ok(EventFormat::Current),
+            "legacy" => Ok(EventFormat::Legacy),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not an event format; write \"26.9\" (Backend.AI 26.9) or \"legacy\" (up to 25.x)"
+            ))),
+        }
+    }
 }
 
 /// Usage records for billing (docs/USAGE.md): one per kernel per `interval` and a final one,
@@ -270,13 +304,14 @@ impl std::fmt::Debug for RedisSection {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("events_db", &self.events_db)
             .field("stats_db", &self.stats_db)
+            .field("event_format", &self.event_format)
             .finish()
     }
 }
 
 impl Default for RedisSection {
     fn default() -> Self {
-        Self { addr: None, password: None, events_db: 4, stats_db: 0 }
+        Self { addr: None, password: None, events_db: 4, stats_db: 0, event_format: EventFormat::Current }
     }
 }
 
@@ -783,6 +818,7 @@ mod tests {
         let config = parse("").expect("defaults");
         assert!(config.redis.addr.is_none());
         assert_eq!((config.redis.events_db, config.redis.stats_db), (4, 0));
+        assert_eq!(config.redis.event_format, EventFormat::Current);
         assert!(config.redis.password.is_none());
         let config =
             parse("[redis]\naddr = \"redis.example:6380\"\npassword = \"hunter2\"\nevents-db = 5\nstats-db = 1\n")
@@ -805,6 +841,7 @@ mod tests {
             ("[redis]\naddr = 6379\n", "redis.addr"),
             ("[redis]\nevents-db = -1\n", "redis.events-db"),
             ("[redis]\nstats-db = \"zero\"\n", "redis.stats-db"),
+            ("[redis]\nevent-format = \"25.1\"\n", "redis.event-format"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");

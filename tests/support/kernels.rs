@@ -14,7 +14,7 @@ pub fn kernel_toml(dir: &Path, first_port: u16) -> String {
     format!(
         "[container]\nscratch-root = \"{scratch}\"\nmount-root = \"{vfolders}\"\nport-range = [{first_port}, {last}]\n\
          port-cooldown = \"1s\"\nstop-timeout = \"3s\"\n\n[resource]\nreserved-cpu = 0\nreserved-mem = \"512m\"\n\n\
-         [redis]\naddr = \"{redis}\"\n\n[debug]\nheartbeat-interval = \"60s\"\n",
+         [redis]\naddr = \"{redis}\"\nevent-format = \"legacy\"\n\n[debug]\nheartbeat-interval = \"60s\"\n",
         scratch = dir.join("scratch").display(),
         vfolders = dir.join("vfolders").display(),
         last = first_port + 39,

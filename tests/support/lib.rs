@@ -25,6 +25,24 @@ pub const BUSYBOX_IMAGE: &str = "bai-test/busybox:latest";
 pub const PYTHON_IMAGE: &str = "bai-test/python3:latest";
 
 /// Fails the test with a list of what this machine lacks, instead of skipping it.
+/// The Python interpreter of a venv with Backend.AI's own `backend.ai-common` (26.9.6), which
+/// `cargo xtask test` sets up and names in `BAI_TEST_BACKENDAI_PYTHON`; the tests check what
+/// the agent sends with Backend.AI's own models there.
+pub fn backendai_python() -> PathBuf {
+    let python = std::env::var_os("BAI_TEST_BACKENDAI_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "BAI_TEST_BACKENDAI_PYTHON is not set: it names the Python of a venv with backend.ai-common 26.9.6; \
+             `cargo xtask test` sets it up (`cargo xtask setup` creates the venv)"
+        )
+    });
+    assert!(
+        python.exists(),
+        "{} (BAI_TEST_BACKENDAI_PYTHON) does not exist; run `cargo xtask setup`",
+        python.display()
+    );
+    python
+}
+
 pub fn require_environment() {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.
@@ -592,8 +610,10 @@ pub struct StreamEvent {
     pub fields: Vec<String>,
     pub name: String,
     pub source: String,
-    /// The raw `args` field: msgpack of the arguments array.
+    /// The raw `args` field (≤ 25.x format): msgpack of the arguments array.
     pub args: Vec<u8>,
+    /// The raw `payload` field (26.9 format): the event's fields as JSON.
+    pub payload: Vec<u8>,
 }
 
 impl StreamEvent {
@@ -729,6 +749,7 @@ impl EventCollector {
                 name: String::from_utf8_lossy(&field_bytes(&entry, "name")).into_owned(),
                 source: String::from_utf8_lossy(&field_bytes(&entry, "source")).into_owned(),
                 args: field_bytes(&entry, "args"),
+                payload: field_bytes(&entry, "payload"),
             };
             if event.source == source {
                 sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);

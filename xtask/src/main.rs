@@ -225,8 +225,13 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     if !args.is_empty() {
         test.arg("--").args(args);
     }
-    cmd::run(test.env("BAI_AGENT_BIN", &agent_bin).env("BAI_TEST_REDIS", &redis_addr).env("BAI_TEST_ETCD", &etcd_addr))
-        .context("test: step `test` failed")?;
+    cmd::run(
+        test.env("BAI_AGENT_BIN", &agent_bin)
+            .env("BAI_TEST_REDIS", &redis_addr)
+            .env("BAI_TEST_ETCD", &etcd_addr)
+            .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python()),
+    )
+    .context("test: step `test` failed")?;
     println!("tests passed");
     Ok(())
 }

@@ -80,6 +80,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     docker::ensure_dockerd(ctx)?;
     docker::ensure_images(ctx)?;
     python_packages()?;
+    backendai_venv()?;
     println!("setup complete");
     Ok(())
 }
@@ -264,6 +265,76 @@ fn tracefs() -> Result<()> {
     })?;
     ok();
     Ok(())
+}
+
+/// The Backend.AI release whose wire formats the tests check bai-agent against.
+pub const BACKENDAI_VERSION: &str = "26.9.6";
+/// A venv of Backend.AI's own Python packages (`backend.ai-common`) at
+/// [`BACKENDAI_VERSION`], kept across runs on one machine: the tests validate what the agent
+/// sends with Backend.AI's own models.
+pub const BACKENDAI_VENV: &str = "/opt/bai-agent/backendai-26.9.6";
+/// What the venv must import.
+const BACKENDAI_IMPORT_CHECK: &str = "import ai.backend.common.events.event_types.agent.anycast, \
+    ai.backend.common.events.event_types.kernel.anycast, ai.backend.common.message_queue.payload";
+
+/// The Python interpreter of [`BACKENDAI_VENV`].
+pub fn backendai_python() -> PathBuf {
+    Path::new(BACKENDAI_VENV).join("bin/python")
+}
+
+/// Creates [`BACKENDAI_VENV`] with Python 3.13 (what the 26.9 wheels require: pyenv's, or
+/// `python3.13` on PATH) and installs `backend.ai-common` into it.
+fn backendai_venv() -> Result<()> {
+    step("backend.ai", &format!("a Python 3.13 venv with backend.ai-common=={BACKENDAI_VERSION} in {BACKENDAI_VENV}"));
+    let python = backendai_python();
+    if cmd::probe(Command::new(&python).args(["-c", BACKENDAI_IMPORT_CHECK])) {
+        already_present();
+        return Ok(());
+    }
+    let interpreter = python313().context(
+        "no Python 3.13 found (Backend.AI 26.9 needs >=3.13,<3.14): looked in `pyenv root`/versions/3.13* and for \
+         python3.13 on PATH; install one (e.g. `pyenv install 3.13`) and run setup again",
+    )?;
+    println!("    Python 3.13 is {}", interpreter.display());
+    let _ = std::fs::remove_dir_all(BACKENDAI_VENV);
+    cmd::run(Command::new(&interpreter).args(["-m", "venv", BACKENDAI_VENV])).context("creating the venv failed")?;
+    cmd::run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("backend.ai-common=={BACKENDAI_VERSION}"),
+    ]))
+    .with_context(|| {
+        format!("pip could not install backend.ai-common=={BACKENDAI_VERSION}; check that PyPI is reachable")
+    })?;
+    if !cmd::probe(Command::new(&python).args(["-c", BACKENDAI_IMPORT_CHECK])) {
+        bail!("pip reported success but `{} -c \"{BACKENDAI_IMPORT_CHECK}\"` still fails", python.display());
+    }
+    ok();
+    Ok(())
+}
+
+/// A Python 3.13 interpreter: pyenv's newest 3.13, else `python3.13` on PATH.
+fn python313() -> Option<PathBuf> {
+    let pyenv_root = cmd::output(Command::new("pyenv").arg("root")).ok();
+    let from_pyenv = pyenv_root.and_then(|root| {
+        let mut versions: Vec<PathBuf> = std::fs::read_dir(Path::new(root.trim()).join("versions"))
+            .ok()?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("3.13")))
+            .map(|path| path.join("bin/python3.13"))
+            .filter(|python| python.exists())
+            .collect();
+        versions.sort();
+        versions.pop()
+    });
+    from_pyenv.or_else(|| {
+        cmd::output(Command::new("python3.13").args(["-c", "import sys; print(sys.executable)"]))
+            .ok()
+            .map(|path| PathBuf::from(path.trim()))
+    })
 }
 
 /// Installs the callosum test's Python packages for the `python3` on PATH, the one the

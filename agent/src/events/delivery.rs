@@ -1,15 +1,16 @@
 //! Delivery of journaled events to the manager's Redis, in Backend.AI's wire format.
 //!
-//! Each event becomes one stream entry, exactly as Backend.AI's `EventProducer` writes it:
+//! Each event becomes one stream entry, as Backend.AI's event producer writes it, in database
+//! `redis.events-db` (4):
 //!
 //! ```text
-//! XADD events MAXLEN ~ 128 * name <event name> source <agent id> args <msgpack of the args array>
+//! XADD events MAXLEN ~ 128 * name <event name> source <agent id> payload <JSON of the fields>   (26.9)
+//! XADD events MAXLEN ~ 128 * name <event name> source <agent id> args <msgpack of the args>     (≤ 25.x)
 //! ```
 //!
-//! in database `redis.events-db` (4). `args` is msgpack with Backend.AI's options (`str` as
-//! str, bytes as bin), the arguments packed as one array, which the manager unpacks into a
-//! tuple (`msgpack.unpackb(..., use_list=False)`). `MAXLEN ~ 128` is the approximate trim
-//! Backend.AI's own producers use for the stream.
+//! (`redis.event-format`; [`wire`] renders the last field.) `args` is msgpack with Backend.AI's
+//! options (`str` as str, bytes as bin), the arguments packed as one array, which the manager
+//! unpacks into a tuple. `MAXLEN ~ 128` is the approximate trim Backend.AI's own producers use.
 //!
 //! Entries go out in journal order, several at a time in one `MULTI`/`EXEC` so that a batch is
 //! added whole or not at all. When Redis cannot be reached the backlog waits in the journal,
@@ -27,7 +28,11 @@ use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionIn
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, journal::Record};
+use super::{
+    Shared,
+    journal::Record,
+    wire::{self, EventFormat, WireError},
+};
 use crate::config::RedisAddr;
 
 /// The stream Backend.AI's manager consumes events from.
@@ -67,8 +72,12 @@ impl RedisTarget {
     }
 }
 
-/// `XADD events MAXLEN ~ 128 * name <name> source <agent_id> args <msgpack>` for one record.
-pub fn xadd_command(agent_id: &str, record: &Record) -> Cmd {
+/// `XADD events MAXLEN ~ 128 * name <name> source <agent_id> <payload field>` for one record:
+/// `payload <JSON>` for 26.9, `args <msgpack>` for ≤ 25.x ([`wire`]). An event that has no
+/// 26.9 form is an error naming it (the manager would drop the entry); one the format does not
+/// carry is `None`.
+pub fn xadd_command(format: EventFormat, agent_id: &str, record: &Record) -> Result<Option<Cmd>, WireError> {
+    let Some((field, value)) = wire::payload_field(format, &record.name, &record.args)? else { return Ok(None) };
     let mut cmd = redis::cmd("XADD");
     cmd.arg(STREAM_KEY)
         .arg("MAXLEN")
@@ -79,9 +88,9 @@ pub fn xadd_command(agent_id: &str, record: &Record) -> Cmd {
         .arg(record.name.as_str())
         .arg("source")
         .arg(agent_id)
-        .arg("args")
-        .arg(record.args.as_slice());
-    cmd
+        .arg(field)
+        .arg(value);
+    Ok(Some(cmd))
 }
 
 /// One connection to Redis, made on demand and dropped on any error (the next use reconnects).
@@ -192,6 +201,7 @@ pub async fn flush_before<B>(
 struct Sender {
     link: RedisLink,
     agent_id: String,
+    format: EventFormat,
 }
 
 impl Sender {
@@ -200,8 +210,20 @@ impl Sender {
         if batch.len() > 1 {
             pipe.atomic();
         }
+        let mut commands = 0;
         for record in batch {
-            pipe.add_command(xadd_command(&self.agent_id, record)).ignore();
+            match xadd_command(self.format, &self.agent_id, record) {
+                Ok(Some(cmd)) => {
+                    pipe.add_command(cmd).ignore();
+                    commands += 1;
+                }
+                Ok(None) => tracing::debug!(seq = record.seq, name = %record.name, "event not sent in this format"),
+                // Counted as delivered: no manager of this format would take it.
+                Err(err) => tracing::error!(seq = record.seq, error = %err, "event dropped"),
+            }
+        }
+        if commands == 0 {
+            return Ok(());
         }
         self.link.run(&pipe).await
     }
@@ -213,6 +235,7 @@ pub(super) async fn run(
     notify: Arc<Notify>,
     target: RedisTarget,
     agent_id: String,
+    format: EventFormat,
     stop: CancellationToken,
 ) {
     let client = match target.client() {
@@ -222,7 +245,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut sender = Sender { link: RedisLink::new(client), agent_id };
+    let mut sender = Sender { link: RedisLink::new(client), agent_id, format };
     let mut retry = Retry::default();
     loop {
         let batch = shared.peek(BATCH);
@@ -314,7 +337,7 @@ mod tests {
     fn xadd_matches_backend_ais_event_producer() {
         let args = super::super::pack_args(&[rmpv::Value::from("self-started")]);
         let record = Record { seq: 1, name: "agent_started".into(), timestamp: UNIX_EPOCH, args };
-        let got = args_of(&xadd_command("i-node1", &record));
+        let got = args_of(&xadd_command(EventFormat::Legacy, "i-node1", &record).expect("renders").expect("sent"));
         let want: Vec<Vec<u8>> = [
             &b"XADD"[..],
             b"events",

@@ -29,6 +29,7 @@
 pub mod delivery;
 pub mod heartbeat;
 pub mod journal;
+pub mod wire;
 
 use std::{
     collections::VecDeque,
@@ -258,6 +259,8 @@ pub struct EventSettings {
     pub redis: Option<RedisTarget>,
     pub heartbeat_interval: Duration,
     pub identity: AgentIdentity,
+    /// The stream entries' format (`redis.event-format`).
+    pub event_format: wire::EventFormat,
 }
 
 impl EventSettings {
@@ -272,6 +275,7 @@ impl EventSettings {
             }),
             heartbeat_interval: config.debug.heartbeat_interval,
             identity: AgentIdentity::from_config(config),
+            event_format: config.redis.event_format,
         }
     }
 }
@@ -342,7 +346,14 @@ impl EventService {
         let writer = tokio::spawn(write_loop(shared.clone(), rx, notify.clone(), writer_stop.clone()));
         let delivery = settings.redis.map(|target| {
             notify.notify_one();
-            tokio::spawn(delivery::run(shared, notify, target, settings.agent_id.clone(), delivery_stop.clone()))
+            tokio::spawn(delivery::run(
+                shared,
+                notify,
+                target,
+                settings.agent_id.clone(),
+                settings.event_format,
+                delivery_stop.clone(),
+            ))
         });
         bus.emit("agent_started", vec![Value::from("self-started")]);
         let heartbeat = tokio::spawn(heartbeat::run(

@@ -1,0 +1,361 @@
+//! Backend.AI's event wire formats: how a journaled event (its name and Backend.AI's positional
+//! arguments) becomes the fields of an `events` stream entry, for the 26.9 manager or for
+//! managers up to 25.x. This is the one place that knows either format.
+//!
+//! - **26.9** ([`EventFormat::Current`]): `name`, `source` (the agent id) and `payload`, the
+//!   event's fields as a JSON object that the manager validates against the event's model
+//!   (`ai.backend.common.events.event_types.*`, `model_validate_json`). An entry without
+//!   `payload` is dropped by that manager as malformed.
+//! - **≤ 25.x** ([`EventFormat::Legacy`]): `name`, `source` and `args`, the msgpack array that
+//!   the manager's event classes `deserialize` positionally.
+//!
+//! Events are emitted and journaled in the positional form; the translation happens at
+//! delivery, so a journal written under one format is delivered in the configured one.
+
+use rmpv::Value;
+use serde_json::{Map, Value as Json, json};
+
+pub use crate::config::EventFormat;
+
+/// Why an event could not be put in the 26.9 format.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("event `{name}`: no 26.9 form is known for this event")]
+    UnknownEvent { name: String },
+    #[error("event `{name}`: argument {index} ({what}) is missing or not {expected}")]
+    Argument { name: String, index: usize, what: &'static str, expected: &'static str },
+    #[error("event `{name}`: the arguments are not valid msgpack: {reason}")]
+    Msgpack { name: String, reason: String },
+}
+
+/// The last field of the stream entry for an event named `name` with the msgpack arguments
+/// `args`, in `format` (after `name` and `source`, which every format has); `None` for an event
+/// that this format does not carry (26.9 has no `kernel_pull_progress`).
+pub fn payload_field(
+    format: EventFormat,
+    name: &str,
+    args: &[u8],
+) -> Result<Option<(&'static str, Vec<u8>)>, WireError> {
+    match format {
+        EventFormat::Legacy => Ok(Some(("args", args.to_vec()))),
+        EventFormat::Current if NOT_IN_26_9.contains(&name) => Ok(None),
+        EventFormat::Current => {
+            let values = decode_args(name, args)?;
+            let payload = payload_json(name, &values)?;
+            Ok(Some(("payload", payload.to_string().into_bytes())))
+        }
+    }
+}
+
+/// Events of the ≤ 25.x protocol that 26.9 no longer has.
+const NOT_IN_26_9: &[&str] = &["kernel_pull_progress"];
+
+fn decode_args(name: &str, args: &[u8]) -> Result<Vec<Value>, WireError> {
+    let mut cursor = std::io::Cursor::new(args);
+    match rmpv::decode::read_value_with_max_depth(&mut cursor, 64) {
+        Ok(Value::Array(values)) => Ok(values),
+        Ok(other) => Err(WireError::Msgpack { name: name.into(), reason: format!("not an array: {other}") }),
+        Err(err) => Err(WireError::Msgpack { name: name.into(), reason: err.to_string() }),
+    }
+}
+
+/// The 26.9 event model's fields for an event in Backend.AI's positional form.
+pub fn payload_json(name: &str, args: &[Value]) -> Result<Json, WireError> {
+    let arg = Args { name, args };
+    let payload = match name {
+        "agent_started" | "agent_terminated" => json!({ "reason": arg.text(0, "reason")? }),
+        "agent_heartbeat" => json!({ "agent_info": agent_info(&arg, arg.map(0, "agent_info")?)? }),
+        "kernel_preparing" | "kernel_pulling" | "kernel_creating" | "kernel_cancelled" => json!({
+            "kernel_id": arg.text(0, "kernel_id")?,
+            "session_id": arg.text(1, "session_id")?,
+            "reason": arg.optional_text(2).unwrap_or_default(),
+        }),
+        "kernel_started" => json!({
+            "kernel_id": arg.text(0, "kernel_id")?,
+            "session_id": arg.text(1, "session_id")?,
+            "reason": arg.optional_text(2).unwrap_or_default(),
+            "creation_info": creation_info(&arg, arg.map(3, "creation_info")?)?,
+        }),
+        "kernel_terminating" | "kernel_terminated" => json!({
+            "kernel_id": arg.text(0, "kernel_id")?,
+            "session_id": arg.text(1, "session_id")?,
+            "reason": lifecycle_reason(arg.optional_text(2)),
+            "exit_code": arg.optional_int(3).unwrap_or(-1),
+        }),
+        "session_success" | "session_failure" => json!({
+            "session_id": arg.text(0, "session_id")?,
+            "reason": lifecycle_reason(arg.optional_text(1)),
+            "exit_code": arg.optional_int(2).unwrap_or(-1),
+        }),
+        _ => return Err(WireError::UnknownEvent { name: name.into() }),
+    };
+    Ok(payload)
+}
+
+/// A reason as 26.9's `KernelLifecycleEventReason` has it: the model refuses a value it does not
+/// know (and the whole event with it), so anything else becomes `unknown`. An OOM kill is
+/// `self-terminated` there (exit code 137), as the Python agent 26.9 reports it; ≤ 25.x
+/// managers know `oom-killed`.
+fn lifecycle_reason(reason: Option<&str>) -> &str {
+    const KNOWN: &[&str] = &[
+        "abnormal-termination",
+        "agent-resource-group-changed",
+        "agent-termination",
+        "already-terminated",
+        "anomaly-detected",
+        "bootstrap-timeout",
+        "container-not-found",
+        "deprioritized-for-rescheduling",
+        "dry-run-complete",
+        "exceeded-max-retries",
+        "exec-timeout",
+        "failed-to-create",
+        "failed-to-start",
+        "force-terminated",
+        "hang-timeout",
+        "idle-session-lifetime",
+        "idle-timeout",
+        "idle-utilization",
+        "kernel-handler-failure",
+        "killed-by-event",
+        "new-container-started",
+        "not-found-in-manager",
+        "passed-preconditions",
+        "pending-timeout",
+        "preempted-by-reservation",
+        "preempted-by-scheduler",
+        "preemption-reservation",
+        "rescheduled",
+        "restart-timeout",
+        "restarting",
+        "resuming-agent-operation",
+        "route-termination",
+        "self-terminated",
+        "service-scaled-down",
+        "stale-kernel",
+        "task-cancelled",
+        "task-failed",
+        "task-finished",
+        "task-timeout",
+        "terminated-unknown-container",
+        "triggered-by-scheduler",
+        "unknown",
+        "user-purged",
+        "user-requested",
+    ];
+    match reason {
+        Some("oom-killed") => "self-terminated",
+        Some(reason) if KNOWN.contains(&reason) => reason,
+        _ => "unknown",
+    }
+}
+
+/// 26.9's `AgentInfo` from the heartbeat's map (the ≤ 25.x shape).
+fn agent_info(arg: &Args, info: &[(Value, Value)]) -> Result<Json, WireError> {
+    let text = |key: &str| field(info, key).and_then(Value::as_str);
+    let required = |key: &'static str| {
+        text(key).ok_or(WireError::Argument { name: arg.name.into(), index: 0, what: key, expected: "a string" })
+    };
+    let available: Vec<Json> = field(info, "available_resource_slots")
+        .and_then(Value::as_map)
+        .map(|slots| {
+            slots
+                .iter()
+                .filter_map(|(slot, amount)| {
+                    Some(json!({ "resource_type": slot.as_str()?, "quantity": amount.as_str()? }))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(json!({
+        "ip": required("ip")?,
+        "region": text("region"),
+        "scaling_group": text("scaling_group"),
+        "addr": required("addr")?,
+        "public_key": Json::Null,
+        "public_host": required("public_host")?,
+        "available_resource_slots": available,
+        "slot_key_and_units": field(info, "slot_key_and_units").map(to_json).unwrap_or_else(|| json!({})),
+        "version": required("version")?,
+        "compute_plugins": field(info, "compute_plugins").map(to_json).unwrap_or_else(|| json!({})),
+        "architecture": required("architecture")?,
+        "auto_terminate_abusing_kernel": field(info, "auto_terminate_abusing_kernel")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    }))
+}
+
+/// 26.9's `KernelCreationInfo` from the agent's creation info (the `create_kernels` reply).
+fn creation_info(arg: &Args, info: &[(Value, Value)]) -> Result<Json, WireError> {
+    let missing = |what: &'static str, expected: &'static str| WireError::Argument {
+        name: arg.name.into(),
+        index: 3,
+        what,
+        expected,
+    };
+    let int = |key: &'static str| field(info, key).and_then(Value::as_i64).ok_or_else(|| missing(key, "an integer"));
+    let service_ports: Vec<Json> = field(info, "service_ports")
+        .and_then(Value::as_array)
+        .map(|ports| {
+            ports
+                .iter()
+                .filter_map(Value::as_map)
+                .map(|port| {
+                    json!({
+                        "name": field(port, "name").and_then(Value::as_str).unwrap_or_default(),
+                        "protocol": field(port, "protocol").and_then(Value::as_str).unwrap_or("tcp"),
+                        "container_ports": field(port, "container_ports").map(to_json).unwrap_or_else(|| json!([])),
+                        "host_ports": field(port, "host_ports").map(to_json).unwrap_or_else(|| json!([])),
+                        "is_inference": false,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(json!({
+        "container_id": field(info, "container_id").and_then(Value::as_str).ok_or_else(|| missing("container_id", "a string"))?,
+        "kernel_host": field(info, "kernel_host").and_then(Value::as_str).ok_or_else(|| missing("kernel_host", "a string"))?,
+        "repl_in_port": int("repl_in_port")?,
+        "repl_out_port": int("repl_out_port")?,
+        "service_ports": service_ports,
+        "used_devices": used_devices(info),
+    }))
+}
+
+/// `UsedDevices` from the slots the kernel holds (`resource_spec.slots`): each slot under the
+/// device it names (`cuda.shares` → `cuda`), on one unit (`root`), as the Python agent reports
+/// intrinsic slots; the manager sums them into the kernel's occupied slots.
+fn used_devices(info: &[(Value, Value)]) -> Json {
+    let mut units: Map<String, Json> = Map::new();
+    let slots = field(info, "resource_spec").and_then(Value::as_map).and_then(|spec| field(spec, "slots"));
+    for (slot, amount) in slots.and_then(Value::as_map).into_iter().flatten() {
+        let (Some(slot), Some(amount)) = (slot.as_str(), amount_text(amount)) else { continue };
+        let device = slot.split('.').next().unwrap_or(slot);
+        let unit = units.entry(device.to_owned()).or_insert_with(
+            || json!({ "root": { "model_name": null, "used": {}, "processing_units": null, "memory_size": null } }),
+        );
+        if let Some(used) = unit.pointer_mut("/root/used").and_then(Json::as_object_mut) {
+            used.insert(slot.to_owned(), Json::String(amount));
+        }
+    }
+    json!({ "units": units })
+}
+
+fn amount_text(amount: &Value) -> Option<String> {
+    match amount {
+        Value::String(s) => s.as_str().map(str::to_owned),
+        Value::Integer(n) => Some(n.to_string()),
+        Value::F64(f) => Some(f.to_string()),
+        _ => None,
+    }
+}
+
+fn field<'a>(entries: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
+    entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+}
+
+/// A msgpack value as JSON: maps with string keys (others are stringified), bytes as text
+/// where they are UTF-8.
+pub fn to_json(value: &Value) -> Json {
+    match value {
+        Value::Nil => Json::Null,
+        Value::Boolean(b) => Json::Bool(*b),
+        Value::Integer(n) => n.as_i64().map(Json::from).or_else(|| n.as_u64().map(Json::from)).unwrap_or(Json::Null),
+        Value::F32(f) => json!(f),
+        Value::F64(f) => json!(f),
+        Value::String(s) => Json::String(s.as_str().map(str::to_owned).unwrap_or_else(|| s.to_string())),
+        Value::Binary(bytes) => Json::String(String::from_utf8_lossy(bytes).into_owned()),
+        Value::Array(items) => Json::Array(items.iter().map(to_json).collect()),
+        Value::Map(entries) => Json::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_str().map(str::to_owned).unwrap_or_else(|| k.to_string()), to_json(v)))
+                .collect(),
+        ),
+        Value::Ext(..) => Json::Null,
+    }
+}
+
+/// An event's positional arguments, read with errors that name the event and the argument.
+struct Args<'a> {
+    name: &'a str,
+    args: &'a [Value],
+}
+
+impl<'a> Args<'a> {
+    fn error(&self, index: usize, what: &'static str, expected: &'static str) -> WireError {
+        WireError::Argument { name: self.name.into(), index, what, expected }
+    }
+
+    fn text(&self, index: usize, what: &'static str) -> Result<&'a str, WireError> {
+        self.optional_text(index).ok_or_else(|| self.error(index, what, "a string"))
+    }
+
+    fn optional_text(&self, index: usize) -> Option<&'a str> {
+        self.args.get(index).and_then(Value::as_str)
+    }
+
+    fn optional_int(&self, index: usize) -> Option<i64> {
+        self.args.get(index).and_then(Value::as_i64)
+    }
+
+    fn map(&self, index: usize, what: &'static str) -> Result<&'a [(Value, Value)], WireError> {
+        match self.args.get(index) {
+            Some(Value::Map(entries)) => Ok(entries),
+            _ => Err(self.error(index, what, "a map")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(text: &str) -> Value {
+        Value::from(text)
+    }
+
+    #[test]
+    fn kernel_terminated_names_its_fields_and_keeps_known_reasons() {
+        let args = [s("k1"), s("s1"), s("oom-killed"), Value::from(137)];
+        assert_eq!(
+            payload_json("kernel_terminated", &args).expect("renders"),
+            json!({"kernel_id": "k1", "session_id": "s1", "reason": "self-terminated", "exit_code": 137})
+        );
+        let args = [s("k1"), s("s1"), s("no-such-reason"), Value::Nil];
+        let payload = payload_json("kernel_terminated", &args).expect("renders");
+        assert_eq!((&payload["reason"], &payload["exit_code"]), (&json!("unknown"), &json!(-1)));
+    }
+
+    #[test]
+    fn a_missing_argument_is_named() {
+        let err = payload_json("kernel_started", &[s("k1")]).expect_err("no session id");
+        assert_eq!(err.to_string(), "event `kernel_started`: argument 1 (session_id) is missing or not a string");
+        let err = payload_json("no_such_event", &[]).expect_err("unknown");
+        assert!(err.to_string().contains("no_such_event"), "{err}");
+    }
+
+    #[test]
+    fn the_legacy_format_passes_the_args_through() {
+        let args = crate::events::pack_args(&[s("self-started")]);
+        assert_eq!(payload_field(EventFormat::Legacy, "agent_started", &args), Ok(Some(("args", args.clone()))));
+        let (field, payload) =
+            payload_field(EventFormat::Current, "agent_started", &args).expect("renders").expect("sent");
+        assert_eq!((field, payload.as_slice()), ("payload", br#"{"reason":"self-started"}"#.as_slice()));
+        assert_eq!(payload_field(EventFormat::Current, "kernel_pull_progress", &args), Ok(None));
+    }
+
+    #[test]
+    fn used_devices_group_slots_by_device() {
+        let info = vec![(
+            s("resource_spec"),
+            Value::Map(vec![(
+                s("slots"),
+                Value::Map(vec![(s("cpu"), s("1")), (s("mem"), s("268435456")), (s("cuda.shares"), s("0.5"))]),
+            )]),
+        )];
+        let devices = used_devices(&info);
+        assert_eq!(devices["units"]["cpu"]["root"]["used"], json!({"cpu": "1"}));
+        assert_eq!(devices["units"]["cuda"]["root"]["used"], json!({"cuda.shares": "0.5"}));
+    }
+}
