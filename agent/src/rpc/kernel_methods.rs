@@ -139,7 +139,13 @@ impl Methods {
         const M: &str = "check_running";
         args.expect(&["kernel_id"])?;
         let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
-        Ok(self.kernels(M)?.check_running(&kernel_id).await.map_err(|err| kernel_failure(M, err))?.into())
+        // An unknown kernel is not running: the manager's terminator skips a kernel forever
+        // when this raises.
+        match self.kernels(M)?.check_running(&kernel_id).await {
+            Ok(running) => Ok(running.into()),
+            Err(KernelError::UnknownKernel(_)) => Ok(false.into()),
+            Err(err) => Err(kernel_failure(M, err)),
+        }
     }
 
     pub(super) async fn ping_kernel(&self, args: Args) -> Result<Value, MethodError> {

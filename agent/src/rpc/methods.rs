@@ -27,6 +27,9 @@ pub enum MethodError {
     /// The method ran and failed.
     #[error("{method}: {message}")]
     Failed { method: String, message: String },
+    /// The call names another agent (`agent_id=`): a manager's routing mistake.
+    #[error("{method}: this call is for agent `{requested}`, but this is agent `{own}`")]
+    WrongAgent { method: String, requested: String, own: String },
 }
 
 impl MethodError {
@@ -37,6 +40,7 @@ impl MethodError {
             MethodError::Arguments(_) => "TypeError",
             MethodError::Request(_) => "ValueError",
             MethodError::Failed { .. } => "RuntimeError",
+            MethodError::WrongAgent { .. } => "ValueError",
         }
     }
 
@@ -110,6 +114,22 @@ impl Args {
             method: method.to_owned(),
             positional,
             keyword: keyword.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        }
+    }
+
+    /// Backend.AI managers from 25.19 on name the agent a call is for, `agent_id=<id>`, on every
+    /// method: a call meant for another agent is refused naming both ids; the keyword is then
+    /// taken off, so methods see only their own parameters. A nil `agent_id` names no agent.
+    pub fn claim_agent_id(mut self, own: &str) -> Result<Args, MethodError> {
+        match self.keyword.remove("agent_id") {
+            None | Some(Value::Nil) => Ok(self),
+            Some(Value::String(id)) if id.as_str() == Some(own) => Ok(self),
+            Some(Value::String(id)) => Err(MethodError::WrongAgent {
+                method: self.method.clone(),
+                requested: id.as_str().map_or_else(|| id.to_string(), str::to_owned),
+                own: own.to_owned(),
+            }),
+            Some(other) => Err(self.wrong_type("agent_id", "a string", &other)),
         }
     }
 
@@ -275,6 +295,7 @@ impl Methods {
     }
 
     pub async fn dispatch(&self, method: &str, args: Args) -> Result<Value, MethodError> {
+        let args = args.claim_agent_id(&self.config.agent.id)?;
         match method {
             "ping" => self.ping(args),
             "health" => self.health(args),
@@ -302,6 +323,18 @@ impl Methods {
             "shutdown_service" => self.shutdown_service(args).await,
             "trigger_batch_execution" => self.trigger_batch_execution(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
+        }
+    }
+
+    /// An `agent_id` given as the first positional argument: it must be this agent's.
+    fn positional_agent_id(&self, args: &Args, method: &str) -> Result<(), MethodError> {
+        match args.optional_string(0, "agent_id")? {
+            Some(requested) if requested != self.config.agent.id => Err(MethodError::WrongAgent {
+                method: method.to_owned(),
+                requested: requested.to_owned(),
+                own: self.config.agent.id.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -334,14 +367,7 @@ impl Methods {
     /// compute plugins report them.
     async fn gather_hwinfo(&self, args: Args) -> Result<Value, MethodError> {
         args.expect(&["agent_id"])?;
-        if let Some(agent_id) = args.optional_string(0, "agent_id")?
-            && agent_id != self.config.agent.id
-        {
-            return Err(MethodError::Failed {
-                method: "gather_hwinfo".into(),
-                message: format!("unknown agent `{agent_id}` (this is `{}`)", self.config.agent.id),
-            });
-        }
+        self.positional_agent_id(&args, "gather_hwinfo")?;
         let cpu = tokio::fs::read_to_string("/proc/cpuinfo").await.map(|text| cpu_metadata(&text));
         let mem = tokio::fs::read_to_string("/proc/meminfo").await.map(|text| mem_metadata(&text));
         Ok(map(vec![("cpu", hw_entry(cpu, "/proc/cpuinfo")), ("mem", hw_entry(mem, "/proc/meminfo"))]))
@@ -362,8 +388,11 @@ impl Methods {
     }
 
     /// `get_local_config()` → the configuration in effect, keyed as in `agent.toml`.
+    /// `get_local_config(agent_id=None)` (26.9 passes the id positionally) → the agent's
+    /// configuration as the manager reads it.
     fn get_local_config(&self, args: Args) -> Result<Value, MethodError> {
-        args.expect(&[])?;
+        args.expect(&["agent_id"])?;
+        self.positional_agent_id(&args, "get_local_config")?;
         let c = &self.config;
         let duration = |d: std::time::Duration| Value::from(humantime::format_duration(d).to_string());
         Ok(map(vec![
@@ -614,9 +643,31 @@ mod tests {
         let meta = map_get(cpu, "metadata").and_then(Value::as_map).expect("metadata");
         let cores: usize = map_get(meta, "cores").and_then(Value::as_str).expect("cores").parse().expect("number");
         assert!(cores >= 1);
-        let err = run("gather_hwinfo", Args::new("gather_hwinfo", vec![], vec![("agent_id", Value::from("i-other"))]))
+        let err = run("gather_hwinfo", Args::new("gather_hwinfo", vec![Value::from("i-other")], vec![]))
             .expect_err("another agent's id");
-        assert!(err.to_string().contains("unknown agent `i-other`"), "{err}");
+        assert!(err.to_string().contains("this call is for agent `i-other`"), "{err}");
+    }
+
+    #[test]
+    fn every_method_takes_this_agents_id_and_refuses_anothers() {
+        let own = Methods::new(Config::default()).config.agent.id.clone();
+        let with_id = |id: &str| Args::new("ping", vec![Value::from("x")], vec![("agent_id", Value::from(id))]);
+        assert_eq!(run("ping", with_id(&own)), Ok(Value::from("x")), "this agent's id is taken off");
+        let err = run("ping", with_id("i-elsewhere")).expect_err("another agent");
+        assert_eq!(err.to_string(), format!("ping: this call is for agent `i-elsewhere`, but this is agent `{own}`"));
+        assert_eq!(err.exception_name(), "ValueError");
+        let nil = Args::new("ping", vec![Value::from("x")], vec![("agent_id", Value::Nil)]);
+        assert_eq!(run("ping", nil), Ok(Value::from("x")));
+        let err = run("ping", Args::new("ping", vec![Value::from("x")], vec![("agent_id", Value::from(3))]))
+            .expect_err("not a string");
+        assert!(err.to_string().contains("agent_id"), "{err}");
+        // 26.9 calls get_local_config(agent_id) positionally.
+        let config = run("get_local_config", Args::new("get_local_config", vec![Value::from(own.as_str())], vec![]))
+            .expect("config");
+        assert!(config.as_map().and_then(|m| map_get(m, "agent")).is_some());
+        let err = run("get_local_config", Args::new("get_local_config", vec![Value::from("i-other")], vec![]))
+            .expect_err("another agent");
+        assert!(err.to_string().contains("`i-other`"), "{err}");
     }
 
     #[test]
