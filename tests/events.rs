@@ -323,11 +323,14 @@ from ai.backend.common.events.event_types.kernel.anycast import (
     KernelTerminatedAnycastEvent)
 from ai.backend.common.events.event_types.session.anycast import (
     SessionSuccessAnycastEvent, SessionFailureAnycastEvent)
+from ai.backend.common.events.event_types.image.anycast import (
+    ImagePullStartedEvent, ImagePullFinishedEvent, ImagePullFailedEvent)
 classes = {c.event_name(): c for c in (
     AgentStartedEvent, AgentTerminatedEvent, AgentHeartbeatEvent, KernelPreparingAnycastEvent,
     KernelPullingAnycastEvent, KernelCreatingAnycastEvent, KernelStartedAnycastEvent,
     KernelCancelledAnycastEvent, KernelTerminatingAnycastEvent, KernelTerminatedAnycastEvent,
-    SessionSuccessAnycastEvent, SessionFailureAnycastEvent)}
+    SessionSuccessAnycastEvent, SessionFailureAnycastEvent, ImagePullStartedEvent,
+    ImagePullFinishedEvent, ImagePullFailedEvent)}
 failed = 0
 for line in sys.stdin:
     fields = {k.encode(): v.encode() for k, v in json.loads(line).items()}
@@ -429,6 +432,19 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
         ("kernel_terminated", vec![s(kernel), s(session), s("self-terminated"), Value::from(1)]),
         ("session_success", vec![s(session), s("task-finished"), Value::from(0)]),
         ("session_failure", vec![s(session), s("task-timeout"), Value::from(-2)]),
+        (
+            "image_pull_started",
+            vec![s("cr.backend.ai/stable/python:3.9"), s("i-agent"), Value::from(1.7e9), Value::Nil],
+        ),
+        (
+            "image_pull_finished",
+            vec![s("local/e2e/python:3.13"), s("i-agent"), Value::from(1.7e9), s("Image already exists")],
+        ),
+        (
+            "image_pull_finished",
+            vec![s("cr.backend.ai/stable/python:3.9"), s("i-agent"), Value::from(1.7e9), Value::Nil],
+        ),
+        ("image_pull_failed", vec![s("local/e2e/python:3.13"), s("i-agent"), Value::Nil, s("not in the engine")]),
     ];
     let entries: Vec<Vec<(&str, String)>> = events
         .iter()

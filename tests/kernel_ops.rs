@@ -405,3 +405,74 @@ fn pool_ports_held_by_another_process_are_skipped() {
     });
     drop(holders);
 }
+
+/// Backend.AI 26.9's image step before `create_kernels`: `check_and_pull` answers a task id per
+/// image at once and reports each image by event. An image of the `local` registry is never
+/// pulled: present, it is `image_pull_finished` ("Image already exists"); absent,
+/// `image_pull_failed` naming it. The kernel then runs the local image by its short name
+/// (`local/bai-test/busybox:latest` → `bai-test/busybox:latest`). `check_pulling` and
+/// `check_creating` answer for what is not pulling and for a kernel that exists or not.
+#[test]
+fn check_and_pull_reports_local_images_without_pulling_and_they_run_by_short_name() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21700)).expect("agent starts");
+    let collector = EventCollector::start(&test_redis(), 4, &agent.id).expect("collector");
+    let local_image = |canonical: &str| {
+        map(vec![
+            ("canonical", canonical.into()),
+            ("project", "bai-test".into()),
+            ("registry", map(vec![("name", "local".into()), ("url", "http://localhost".into())])),
+            ("is_local", true.into()),
+            ("digest", "".into()),
+            ("auto_pull", "digest".into()),
+            ("labels", map(vec![])),
+        ])
+    };
+    let present = format!("local/{BUSYBOX_IMAGE}");
+    let absent = "local/bai-test/not-built-here:1.0".to_owned();
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let images = map(vec![(present.as_str(), local_image(&present)), (absent.as_str(), local_image(&absent))]);
+        let tasks = client
+            .call("check_and_pull", vec![images], vec![("agent_id".to_owned(), agent.id.as_str().into())])
+            .await
+            .expect("check_and_pull");
+        for image in [&present, &absent] {
+            let task = field(&tasks, image).as_str().unwrap_or_default().to_owned();
+            assert!(task.len() == 32 && task.chars().all(|c| c.is_ascii_hexdigit()), "task id of {image}: {tasks}");
+        }
+        let pulling = client.call("check_pulling", vec![present.as_str().into()], vec![]).await.expect("check");
+        assert_eq!(pulling, Value::Boolean(false));
+
+        let kernel = unique("kernel");
+        let known = client.call("check_creating", vec![kernel.as_str().into()], vec![]).await.expect("check");
+        assert_eq!(known, Value::Boolean(false), "not created yet");
+        let config = with_field(kernel_config(BUSYBOX_IMAGE, "1", "268435456"), "image", local_image(&present));
+        let created = create(&client, "s", &kernel, config).await.expect("a local image runs by its short name");
+        let container = created_id(&created, "container_id");
+        assert_eq!(docker_inspect(&container, "{{.Config.Image}}"), BUSYBOX_IMAGE);
+        let known = client.call("check_creating", vec![kernel.as_str().into()], vec![]).await.expect("check");
+        assert_eq!(known, Value::Boolean(true));
+        client
+            .call("destroy_kernel", vec![kernel.as_str().into(), "s".into(), "user-requested".into()], vec![])
+            .await
+            .expect("destroy");
+    });
+    wait_until("both image events", Duration::from_secs(20), || {
+        collector.events().iter().filter(|e| e.name.starts_with("image_pull_")).count() >= 2
+    })
+    .expect("image events");
+    let events = collector.events();
+    let image_event = |name: &str| {
+        let event = events.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no {name}"));
+        event.args_value().as_array().cloned().unwrap_or_default()
+    };
+    let finished = image_event("image_pull_finished");
+    assert_eq!(finished[0].as_str(), Some(present.as_str()));
+    assert_eq!(finished[3].as_str(), Some("Image already exists"));
+    let failed = image_event("image_pull_failed");
+    assert_eq!(failed[0].as_str(), Some(absent.as_str()));
+    assert!(failed[3].as_str().is_some_and(|m| m.contains("not-built-here")), "{failed:?}");
+    assert!(!events.iter().any(|e| e.name == "image_pull_started"), "nothing was pulled");
+}

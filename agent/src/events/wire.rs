@@ -82,6 +82,25 @@ pub fn payload_json(name: &str, args: &[Value]) -> Result<Json, WireError> {
             "reason": lifecycle_reason(arg.optional_text(2)),
             "exit_code": arg.optional_int(3).unwrap_or(-1),
         }),
+        "image_pull_started" => json!({
+            "image": arg.text(0, "image")?,
+            "agent_id": arg.text(1, "agent_id")?,
+            "timestamp": arg.number(2, "timestamp")?,
+            "image_ref": Json::Null,
+        }),
+        "image_pull_finished" => json!({
+            "image": arg.text(0, "image")?,
+            "agent_id": arg.text(1, "agent_id")?,
+            "timestamp": arg.number(2, "timestamp")?,
+            "msg": arg.optional_text(3),
+            "image_ref": Json::Null,
+        }),
+        "image_pull_failed" => json!({
+            "image": arg.text(0, "image")?,
+            "agent_id": arg.text(1, "agent_id")?,
+            "msg": arg.optional_text(3).unwrap_or_default(),
+            "image_ref": Json::Null,
+        }),
         "session_success" | "session_failure" => json!({
             "session_id": arg.text(0, "session_id")?,
             "reason": lifecycle_reason(arg.optional_text(1)),
@@ -293,6 +312,15 @@ impl<'a> Args<'a> {
 
     fn optional_text(&self, index: usize) -> Option<&'a str> {
         self.args.get(index).and_then(Value::as_str)
+    }
+
+    fn number(&self, index: usize, what: &'static str) -> Result<f64, WireError> {
+        match self.args.get(index) {
+            Some(Value::F64(f)) => Ok(*f),
+            Some(Value::F32(f)) => Ok(f64::from(*f)),
+            Some(Value::Integer(n)) => n.as_f64().ok_or_else(|| self.error(index, what, "a number")),
+            _ => Err(self.error(index, what, "a number")),
+        }
     }
 
     fn optional_int(&self, index: usize) -> Option<i64> {

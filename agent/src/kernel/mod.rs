@@ -185,6 +185,8 @@ pub struct KernelManager {
     state_counts: std::sync::Mutex<[usize; KernelState::ALL.len()]>,
     /// Set once the saved registry has been reconciled with the engine.
     ready: std::sync::atomic::AtomicBool,
+    /// Images being pulled for `check_and_pull`, by the name Docker knows them by.
+    pulling: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Tells the usage meter when kernels start and end.
     usage: UsageHandle,
 }
@@ -306,6 +308,7 @@ impl KernelManager {
             metrics,
             state_counts: std::sync::Mutex::new([0; KernelState::ALL.len()]),
             ready: std::sync::atomic::AtomicBool::new(false),
+            pulling: Arc::default(),
             usage: UsageHandle::disconnected(),
         }
     }
@@ -797,6 +800,33 @@ impl KernelManager {
     }
 
     /// Whether the kernel's container is running.
+    /// `check_and_pull`: for each image, in the background, reports `image_pull_finished`
+    /// at once when Docker has it (a `local` image is never pulled), or pulls it between
+    /// `image_pull_started` and `image_pull_finished` / `image_pull_failed`. Returns a task id
+    /// per canonical name, as Backend.AI's agent does (its background task ids).
+    pub async fn check_and_pull(&self, images: Vec<ImagePull>) -> Result<Vec<(String, String)>, KernelError> {
+        let docker = self.docker().await?;
+        let mut tasks = Vec::with_capacity(images.len());
+        for image in images {
+            let task_id = uuid_hex();
+            tasks.push((image.canonical.clone(), task_id));
+            let (docker, events, agent_id, pulling) =
+                (docker.clone(), self.events.clone(), self.agent_id.clone(), self.pulling.clone());
+            tokio::spawn(async move { pull_if_missing(&docker, &events, &agent_id, &pulling, image).await });
+        }
+        Ok(tasks)
+    }
+
+    /// `check_pulling`: whether `check_and_pull` is pulling the image now.
+    pub fn is_pulling(&self, image: &str) -> bool {
+        self.pulling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(image)
+    }
+
+    /// `check_creating`: whether the kernel is being created or exists.
+    pub async fn is_known(&self, kernel_id: &str) -> bool {
+        self.kernels.lock().await.contains_key(kernel_id)
+    }
+
     pub async fn check_running(&self, kernel_id: &str) -> Result<bool, KernelError> {
         let record = self.record(kernel_id).await?;
         let Some(container_id) = &record.container_id else { return Ok(false) };
@@ -1039,4 +1069,71 @@ mod tests {
         assert!(service_ports("web:smtp:25").expect_err("protocol").contains("web:smtp:25"));
         assert!(service_ports("repl:tcp:2000").expect_err("reserved").contains("reserved"));
     }
+}
+
+/// One image of a `check_and_pull` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagePull {
+    /// The manager's name of the image (the events name it so).
+    pub canonical: String,
+    /// The name Docker knows it by ([`spec::image_run_name`]).
+    pub run_name: String,
+    /// Never pulled (Backend.AI's `local` registry).
+    pub is_local: bool,
+}
+
+/// The background step of `check_and_pull` for one image.
+async fn pull_if_missing(
+    docker: &DockerClient,
+    events: &EventBus,
+    agent_id: &str,
+    pulling: &std::sync::Mutex<HashSet<String>>,
+    image: ImagePull,
+) {
+    let now =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let finished = |msg: Value| {
+        events.emit("image_pull_finished", vec![image.canonical.as_str().into(), agent_id.into(), now().into(), msg]);
+    };
+    let failed = |msg: String| {
+        events
+            .emit("image_pull_failed", vec![image.canonical.as_str().into(), agent_id.into(), Value::Nil, msg.into()]);
+    };
+    match docker.image_present(&image.run_name).await {
+        Ok(true) => return finished("Image already exists".into()),
+        Ok(false) if image.is_local => {
+            return failed(format!("local image `{}` is not in the Docker engine", image.run_name));
+        }
+        Ok(false) => {}
+        Err(err) => return failed(err.to_string()),
+    }
+    let claimed = pulling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(image.run_name.clone());
+    if !claimed {
+        tracing::debug!(image = %image.run_name, "already being pulled");
+        return;
+    }
+    events.emit("image_pull_started", vec![image.canonical.as_str().into(), agent_id.into(), now().into(), Value::Nil]);
+    let pulled = docker.pull_image(&image.run_name, |_| {}).await;
+    pulling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&image.run_name);
+    match pulled {
+        Ok(()) => {
+            tracing::info!(image = %image.run_name, "image pulled");
+            finished(Value::Nil);
+        }
+        Err(err) => {
+            tracing::warn!(image = %image.run_name, error = %err, "image pull failed");
+            failed(err.to_string());
+        }
+    }
+}
+
+/// A random id as 32 hex digits (a background task id, as Python's `uuid4().hex`).
+fn uuid_hex() -> String {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        bytes = nanos.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -50,6 +50,34 @@ pub struct KernelSpec {
     pub owner_project_id: String,
 }
 
+/// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
+/// `is_local`) by: its canonical name, except for an image of Backend.AI's `local` registry
+/// (found by scanning the engine's own images), which is never pulled and runs by its name
+/// without the registry part (`local/e2e/python:3.13` → `e2e/python:3.13`, `ImageRef.short`).
+pub fn image_run_name(image: &[(Value, Value)]) -> Option<String> {
+    let canonical = map_get(image, "canonical")?.as_str()?;
+    if !image_is_local(image) {
+        return Some(canonical.to_owned());
+    }
+    let registry = map_get(image, "registry")
+        .and_then(Value::as_map)
+        .and_then(|registry| map_get(registry, "name"))
+        .and_then(Value::as_str)
+        .unwrap_or("local");
+    Some(canonical.strip_prefix(&format!("{registry}/")).unwrap_or(canonical).to_owned())
+}
+
+/// Whether an image config names an image of the engine's own (`is_local`, or the registry
+/// named `local`): one that is never pulled.
+pub fn image_is_local(image: &[(Value, Value)]) -> bool {
+    let registry_is_local = map_get(image, "registry")
+        .and_then(Value::as_map)
+        .and_then(|registry| map_get(registry, "name"))
+        .and_then(Value::as_str)
+        == Some("local");
+    map_get(image, "is_local").and_then(Value::as_bool).unwrap_or(false) || registry_is_local
+}
+
 impl KernelSpec {
     /// Reads one config; `image_ref` is the `kernel_image_refs` entry, used when the
     /// config carries no image of its own.
@@ -62,7 +90,7 @@ impl KernelSpec {
         let image = match get("image") {
             Some(Value::String(s)) => s.as_str().map(str::to_owned),
             Some(Value::Map(image)) => match map_get(image, "canonical") {
-                Some(Value::String(s)) => s.as_str().map(str::to_owned),
+                Some(Value::String(_)) => image_run_name(image),
                 Some(other) => {
                     return Err(spec_error("image.canonical", format!("must be a string, got {}", type_name(other))));
                 }
@@ -243,6 +271,18 @@ mod tests {
         assert_eq!(spec.shm_bytes, Some(64 << 20));
         assert_eq!(spec.environ.get("A").map(String::as_str), Some("1"));
         assert!(spec.auto_pull);
+        let local = vec![
+            (Value::from("canonical"), Value::from("local/e2e/python:3.13")),
+            (Value::from("registry"), Value::Map(vec![(Value::from("name"), Value::from("local"))])),
+            (Value::from("is_local"), Value::from(true)),
+        ];
+        assert_eq!(image_run_name(&local).as_deref(), Some("e2e/python:3.13"), "local images run by their short name");
+        let remote = vec![
+            (Value::from("canonical"), Value::from("cr.backend.ai/stable/python:3.9")),
+            (Value::from("registry"), Value::Map(vec![(Value::from("name"), Value::from("cr.backend.ai"))])),
+            (Value::from("is_local"), Value::from(false)),
+        ];
+        assert_eq!(image_run_name(&remote).as_deref(), Some("cr.backend.ai/stable/python:3.9"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The kernel methods of the RPC table: argument binding for `create_kernels`,
 //! `destroy_kernel`, `restart_kernel`, `check_running`, `ping_kernel`,
-//! `sync_kernel_registry`, `get_logs`, `list_kernels`, `assign_port`, `release_port` and
+//! `sync_kernel_registry`, `get_logs`, `list_kernels`, `assign_port`, `release_port`, the image
+//! methods of 26.9 managers (`check_and_pull`, `check_pulling`, `check_creating`) and
 //! the file methods (`upload_file`, `download_file`, `download_single`, `list_files`);
 //! the work itself is [`KernelManager`]'s and [`crate::kernel_files`]'.
 
@@ -12,7 +13,7 @@ use super::{
     codec::type_name,
     methods::{Args, MethodError, Methods},
 };
-use crate::kernel::{KernelError, KernelManager, KernelRecord};
+use crate::kernel::{ImagePull, KernelError, KernelManager, KernelRecord, spec};
 
 /// Backend.AI's msgpack extension type for UUIDs (16 raw bytes).
 const EXT_UUID: i8 = 1;
@@ -146,6 +147,49 @@ impl Methods {
             Err(KernelError::UnknownKernel(_)) => Ok(false.into()),
             Err(err) => Err(kernel_failure(M, err)),
         }
+    }
+
+    /// `check_and_pull(image_configs)` → `{canonical: task id}`; the outcome of each image comes
+    /// as `image_pull_finished` / `image_pull_failed` events (the manager waits for them).
+    pub(super) async fn check_and_pull(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "check_and_pull";
+        args.expect(&["image_configs"])?;
+        let mut images = Vec::new();
+        for (key, config) in args.map(0, "image_configs")? {
+            let canonical = key.as_str().ok_or_else(|| {
+                MethodError::Arguments(format!("{M}: image names must be strings, got {}", type_name(key)))
+            })?;
+            let config = config.as_map().ok_or_else(|| {
+                MethodError::Arguments(format!(
+                    "{M}: the config of `{canonical}` must be a map, got {}",
+                    type_name(config)
+                ))
+            })?;
+            let run_name = spec::image_run_name(config).unwrap_or_else(|| canonical.to_owned());
+            images.push(ImagePull {
+                canonical: canonical.to_owned(),
+                run_name,
+                is_local: spec::image_is_local(config),
+            });
+        }
+        let tasks = self.kernels(M)?.check_and_pull(images).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(tasks.into_iter().map(|(image, task)| (image.into(), task.into())).collect()))
+    }
+
+    /// `check_pulling(image_name)` → whether `check_and_pull` is pulling it now.
+    pub(super) async fn check_pulling(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "check_pulling";
+        args.expect(&["image_name"])?;
+        let image = args.string(0, "image_name")?;
+        Ok(self.kernels(M)?.is_pulling(&image).into())
+    }
+
+    /// `check_creating(kernel_id)` → whether the kernel is being created or exists.
+    pub(super) async fn check_creating(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "check_creating";
+        args.expect(&["kernel_id"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        Ok(self.kernels(M)?.is_known(&kernel_id).await.into())
     }
 
     pub(super) async fn ping_kernel(&self, args: Args) -> Result<Value, MethodError> {

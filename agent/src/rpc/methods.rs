@@ -256,6 +256,9 @@ pub const METHOD_NAMES: &[&str] = &[
     "start_service",
     "shutdown_service",
     "trigger_batch_execution",
+    "check_and_pull",
+    "check_pulling",
+    "check_creating",
 ];
 
 pub struct Methods {
@@ -322,6 +325,9 @@ impl Methods {
             "start_service" => self.start_service(args).await,
             "shutdown_service" => self.shutdown_service(args).await,
             "trigger_batch_execution" => self.trigger_batch_execution(args).await,
+            "check_and_pull" => self.check_and_pull(args).await,
+            "check_pulling" => self.check_pulling(args).await,
+            "check_creating" => self.check_creating(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
