@@ -403,3 +403,65 @@ fn the_rpc_address_can_be_set_on_the_command_line() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("rpc_listen_addr: 127.0.0.1:16001"), "{stdout}");
 }
+
+/// Backend.AI 26.9's typed calls, made as its `AgentClient._call_v3` makes them (`req={}` and
+/// `agent_id=` as keywords): the replies validate against Backend.AI 26.9.6's own response
+/// models (`HealthResp`, `GatherHwinfoResp`), in the venv `cargo xtask setup` makes.
+#[test]
+fn typed_26_9_calls_answer_what_backend_ais_response_models_accept() {
+    require_environment();
+    let agent = Agent::start("").expect("agent starts");
+    let replies = runtime().block_on(async {
+        let client = connect(&agent).await;
+        let kwargs = || vec![("req".to_owned(), Value::Map(Vec::new())), ("agent_id".to_owned(), s(&agent.id))];
+        let health = client.call("health_v2", vec![], kwargs()).await.expect("health_v2");
+        let hwinfo = client.call("gather_hwinfo_v2", vec![], kwargs()).await.expect("gather_hwinfo_v2");
+        (health, hwinfo)
+    });
+    let input = serde_json::json!({
+        "health": bai_agent::events::wire::to_json(&replies.0),
+        "hwinfo": bai_agent::events::wire::to_json(&replies.1),
+    });
+    let check = r#"
+import sys, json
+from ai.backend.common.dto.agent.response import HealthResp, GatherHwinfoResp
+replies = json.load(sys.stdin)
+health = HealthResp.model_validate(replies["health"])
+hwinfo = GatherHwinfoResp.model_validate(replies["hwinfo"])
+print(health.status.value, health.component, health.connectivity.overall_healthy,
+      sorted(d.device_name for d in hwinfo.devices), [d.status.value for d in hwinfo.devices])
+"#;
+    let mut child = Command::new(bai_agent_tests::backendai_python())
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.to_string().as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("python ends");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "Backend.AI 26.9.6's models refuse the replies:\n{text}\nreplies: {input}");
+    // Healthy once the monitor is synced (a degraded start names what is missing instead).
+    assert!(
+        text.starts_with("ok agent True") || text.starts_with("degraded agent False"),
+        "status, component and connectivity agree: {text}"
+    );
+    assert!(text.trim_end().ends_with("['cpu', 'mem'] ['healthy', 'healthy']"), "{text}");
+    // Another agent's id is refused, naming both.
+    let err = runtime().block_on(async {
+        connect(&agent)
+            .await
+            .call(
+                "health_v2",
+                vec![],
+                vec![("req".to_owned(), Value::Map(Vec::new())), ("agent_id".to_owned(), s("i-else"))],
+            )
+            .await
+            .expect_err("another agent's call")
+    });
+    assert!(
+        err.to_string().contains(&format!("this call is for agent `i-else`, but this is agent `{}`", agent.id)),
+        "{err}"
+    );
+}

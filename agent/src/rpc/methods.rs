@@ -259,6 +259,8 @@ pub const METHOD_NAMES: &[&str] = &[
     "check_and_pull",
     "check_pulling",
     "check_creating",
+    "health_v2",
+    "gather_hwinfo_v2",
 ];
 
 pub struct Methods {
@@ -328,6 +330,8 @@ impl Methods {
             "check_and_pull" => self.check_and_pull(args).await,
             "check_pulling" => self.check_pulling(args).await,
             "check_creating" => self.check_creating(args).await,
+            "health_v2" => self.health_v2(args),
+            "gather_hwinfo_v2" => self.gather_hwinfo_v2(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
@@ -366,6 +370,68 @@ impl Methods {
             ("docker_connected", flag(docker)),
             ("monitor_synced", flag(synced)),
         ]))
+    }
+
+    /// `health_v2(req)` (Backend.AI 26.9's typed health call; `req` is empty) →
+    /// `HealthResp`: `{status, version, component, connectivity: {overall_healthy,
+    /// connectivity_checks: [{service_group, component_id, is_healthy, last_checked_at,
+    /// error_message}], timestamp}}`, the checks being the Docker engine and the monitor.
+    fn health_v2(&self, args: Args) -> Result<Value, MethodError> {
+        args.expect(&["req"])?;
+        let now = Value::from(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
+        let checks: Vec<(&str, &str, Option<bool>, &str)> = vec![
+            ("docker", "docker-engine", self.docker_connected.as_ref().map(|rx| *rx.borrow()), "not connected"),
+            ("monitor", "container-monitor", self.monitor_synced.as_ref().map(|rx| *rx.borrow()), "not synced yet"),
+        ];
+        let healthy = checks.iter().all(|(_, _, state, _)| state.unwrap_or(true));
+        let checks = checks
+            .into_iter()
+            .map(|(group, id, state, problem)| {
+                let ok = state.unwrap_or(true);
+                map(vec![
+                    ("service_group", Value::from(group)),
+                    ("component_id", Value::from(id)),
+                    ("is_healthy", Value::from(ok)),
+                    ("last_checked_at", now.clone()),
+                    ("error_message", if ok { Value::Nil } else { Value::from(problem) }),
+                ])
+            })
+            .collect();
+        Ok(map(vec![
+            ("status", Value::from(if healthy { "ok" } else { "degraded" })),
+            ("version", Value::from(env!("CARGO_PKG_VERSION"))),
+            ("component", Value::from("agent")),
+            (
+                "connectivity",
+                map(vec![
+                    ("overall_healthy", Value::from(healthy)),
+                    ("connectivity_checks", Value::Array(checks)),
+                    ("timestamp", now),
+                ]),
+            ),
+        ]))
+    }
+
+    /// `gather_hwinfo_v2(req)` (26.9; `req` is empty) → `GatherHwinfoResp`:
+    /// `{devices: [{device_name, status, status_info, metadata}]}`, the same facts as
+    /// `gather_hwinfo` as a list.
+    async fn gather_hwinfo_v2(&self, args: Args) -> Result<Value, MethodError> {
+        args.expect(&["req"])?;
+        let by_device = self.gather_hwinfo(Args::new("gather_hwinfo", Vec::new(), Vec::new())).await?;
+        let devices = by_device
+            .as_map()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|(name, entry)| {
+                        let mut fields = vec![(Value::from("device_name"), name.clone())];
+                        fields.extend(entry.as_map().cloned().unwrap_or_default());
+                        Value::Map(fields)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(map(vec![("devices", Value::Array(devices))]))
     }
 
     /// `gather_hwinfo(agent_id=None)` → `{device: {status, status_info, metadata}}` for the
