@@ -476,3 +476,81 @@ fn check_and_pull_reports_local_images_without_pulling_and_they_run_by_short_nam
     assert!(failed[3].as_str().is_some_and(|m| m.contains("not-built-here")), "{failed:?}");
     assert!(!events.iter().any(|e| e.name == "image_pull_started"), "nothing was pulled");
 }
+
+/// A multi-container session as the 26.9 manager runs one: `create_local_network`, then one
+/// `create_kernels` whose `cluster_info.network_name` names it and whose configs carry each
+/// kernel's `cluster_hostname`; each kernel resolves the other by that name; after the kernels,
+/// `destroy_local_network` removes the network (and a second call, or one for a network that
+/// never existed, is fine).
+#[test]
+fn a_multi_container_session_shares_a_network_where_kernels_resolve_each_other() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21750)).expect("agent starts");
+    let network = unique("bai-test-net");
+    // Removed whatever happens to the test (the agent removes it on the way that passes).
+    struct RemoveOnDrop(String);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["network", "rm", &self.0]).output();
+        }
+    }
+    let _cleanup = RemoveOnDrop(network.clone());
+    let network_exists = |name: &str| {
+        Command::new("docker").args(["network", "inspect", name]).output().is_ok_and(|o| o.status.success())
+    };
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        for _ in 0..2 {
+            client.call("create_local_network", vec![network.as_str().into()], vec![]).await.expect("create network");
+        }
+        assert!(network_exists(&network), "the network exists");
+        let (main, sub) = (unique("kernel"), unique("kernel"));
+        let config = |hostname: &str| {
+            with_field(kernel_config(BUSYBOX_IMAGE, "1", "134217728"), "cluster_hostname", hostname.into())
+        };
+        let created = client
+            .call(
+                "create_kernels",
+                vec![
+                    "s-cluster".into(),
+                    Value::Array(vec![main.as_str().into(), sub.as_str().into()]),
+                    Value::Array(vec![config("main1"), config("sub1")]),
+                    map(vec![
+                        ("mode", "single-node".into()),
+                        ("size", 2.into()),
+                        ("network_name", network.as_str().into()),
+                    ]),
+                    map(vec![]),
+                ],
+                vec![],
+            )
+            .await
+            .expect("create both");
+        let containers: Vec<String> = created
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| field(r, "container_id").as_str().unwrap_or_default().to_owned())
+            .collect();
+        for (container, other) in [(&containers[0], "sub1"), (&containers[1], "main1")] {
+            let out = Command::new("docker").args(["exec", container, "nslookup", other]).output().expect("exec");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && text.contains("Address"), "{other} does not resolve: {text}");
+        }
+        for kernel in [&main, &sub] {
+            client
+                .call(
+                    "destroy_kernel",
+                    vec![kernel.as_str().into(), "s-cluster".into(), "user-requested".into()],
+                    vec![],
+                )
+                .await
+                .expect("destroy");
+        }
+        for _ in 0..2 {
+            client.call("destroy_local_network", vec![network.as_str().into()], vec![]).await.expect("destroy network");
+        }
+        assert!(!network_exists(&network), "the network is gone");
+    });
+}

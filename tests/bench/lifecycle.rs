@@ -411,6 +411,8 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         ports: KERNEL_PORTS.iter().copied().zip(free_ports(KERNEL_PORTS.len())?).collect(),
         bind_host: "127.0.0.1".to_owned(),
         working_dir: Some("/home/work".to_owned()),
+        network: None,
+        hostname: None,
     };
     tokio::time::sleep(SETTLE).await;
     let started = Instant::now();

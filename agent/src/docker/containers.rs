@@ -1,10 +1,14 @@
 //! Kernel containers on the engine: create and start one from a [`ContainerSpec`], stop,
-//! kill and remove it, read its logs and exit state, and make sure its image is present.
+//! kill and remove it, read its logs and exit state, make sure its image is present, and the
+//! bridge networks of multi-container sessions.
 
 use std::collections::HashMap;
 
 use bollard::{
-    models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding},
+    models::{
+        ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkCreateRequest,
+        NetworkingConfig, PortBinding,
+    },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
     },
@@ -35,7 +39,14 @@ pub struct ContainerSpec {
     pub ports: Vec<(u16, u16)>,
     pub bind_host: String,
     pub working_dir: Option<String>,
+    /// A user-defined network to join instead of the default bridge (a multi-container
+    /// session's), where `hostname` is the container's alias.
+    pub network: Option<String>,
+    pub hostname: Option<String>,
 }
+
+/// The label Backend.AI puts on a session's cluster network.
+const CLUSTER_NETWORK_LABEL: &str = "ai.backend.cluster-network";
 
 /// How a container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +113,15 @@ impl DockerClient {
             binds: Some(spec.binds.clone()),
             port_bindings: Some(bindings),
             init: Some(true),
+            network_mode: spec.network.clone(),
             ..Default::default()
         };
+        let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network.clone(),
+                EndpointSettings { aliases: spec.hostname.clone().map(|h| vec![h]), ..Default::default() },
+            )])),
+        });
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             labels: Some(spec.labels.clone()),
@@ -116,6 +134,8 @@ impl DockerClient {
             tty: Some(true),
             open_stdin: Some(true),
             host_config: Some(host_config),
+            hostname: spec.hostname.clone(),
+            networking_config,
             ..Default::default()
         };
         let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
@@ -129,6 +149,35 @@ impl DockerClient {
             return Err(DockerError::Request { what: format!("start container {}", spec.name), source });
         }
         Ok(created.id)
+    }
+
+    /// A bridge network named `name` with Backend.AI's cluster-network label, unless one exists.
+    pub async fn create_network(&self, name: &str) -> Result<(), DockerError> {
+        match self.engine().inspect_network(name, None).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(source) => return Err(DockerError::Request { what: format!("inspect network {name}"), source }),
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(HashMap::from([(CLUSTER_NETWORK_LABEL.to_owned(), "1".to_owned())])),
+            ..Default::default()
+        };
+        match self.engine().create_network(request).await {
+            Ok(_) => Ok(()),
+            // Created meanwhile by a concurrent call.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Request { what: format!("create network {name}"), source }),
+        }
+    }
+
+    /// Removes the network `name`; one that is gone is fine.
+    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+        match self.engine().remove_network(name).await {
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Request { what: format!("remove network {name}"), source }),
+        }
     }
 
     /// Stops gracefully (SIGTERM, then SIGKILL after `grace_secs`); a gone container is fine.

@@ -105,6 +105,12 @@ pub struct KernelRecord {
     /// Run as the container's main process (`/bin/sh -c …`) instead of the image's command.
     #[serde(default)]
     pub startup_command: Option<String>,
+    /// The session's bridge network (`create_local_network`), for multi-container sessions.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The kernel's name there, an alias the session's other kernels resolve.
+    #[serde(default)]
+    pub cluster_hostname: Option<String>,
 }
 
 impl KernelRecord {
@@ -394,6 +400,7 @@ impl KernelManager {
         kernel_ids: Vec<String>,
         configs: Vec<Value>,
         image_refs: HashMap<String, String>,
+        network: Option<String>,
     ) -> Result<Vec<Value>, KernelError> {
         if kernel_ids.len() != configs.len() {
             return Err(KernelError::Arguments(format!(
@@ -407,9 +414,10 @@ impl KernelManager {
             let manager = Arc::clone(self);
             let session_id = session_id.to_owned();
             let image_ref = image_refs.get(&kernel_id).cloned();
+            let network = network.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = manager.creation.acquire().await;
-                manager.create_kernel(&session_id, &kernel_id, &config, image_ref.as_deref()).await
+                manager.create_kernel(&session_id, &kernel_id, &config, image_ref.as_deref(), network).await
             }));
         }
         let mut results = Vec::new();
@@ -430,6 +438,7 @@ impl KernelManager {
         kernel_id: &str,
         config: &Value,
         image_ref: Option<&str>,
+        network: Option<String>,
     ) -> Result<Value, KernelError> {
         scratch::validate_kernel_id(kernel_id).map_err(|err| KernelError::Arguments(err.to_string()))?;
         let spec = KernelSpec::parse(config, image_ref, &self.slot_registry)
@@ -450,6 +459,8 @@ impl KernelManager {
                 shm_bytes: spec.shm_bytes,
                 // A batch session's command is its job, started by trigger_batch_execution.
                 startup_command: spec.startup_command.clone().filter(|_| !spec.batch_session),
+                network,
+                cluster_hostname: spec.cluster_hostname.clone(),
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -621,7 +632,19 @@ impl KernelManager {
             ports: container_ports.iter().copied().zip(record.host_ports.iter().copied()).collect(),
             bind_host: self.bind_host.clone(),
             working_dir: Some("/home/work".into()),
+            network: record.network.clone(),
+            hostname: record.cluster_hostname.clone(),
         }
+    }
+
+    /// `create_local_network`: the bridge network of a multi-container session (idempotent).
+    pub async fn create_local_network(&self, name: &str) -> Result<(), KernelError> {
+        Ok(self.docker().await?.create_network(name).await?)
+    }
+
+    /// `destroy_local_network`: removes it; a network already gone is fine.
+    pub async fn destroy_local_network(&self, name: &str) -> Result<(), KernelError> {
+        Ok(self.docker().await?.remove_network(name).await?)
     }
 
     /// The per-kernel result of `create_kernels`, in Backend.AI's shape.

@@ -48,6 +48,8 @@ pub struct KernelSpec {
     pub preopen_ports: Vec<u16>,
     pub owner_user_id: String,
     pub owner_project_id: String,
+    /// The kernel's name on its session's network (`main1`, `sub1`, …).
+    pub cluster_hostname: Option<String>,
 }
 
 /// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
@@ -205,6 +207,7 @@ impl KernelSpec {
             preopen_ports,
             owner_user_id: optional_string("owner_user_id")?.unwrap_or_default(),
             owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
+            cluster_hostname: optional_string("cluster_hostname")?,
         })
     }
 }

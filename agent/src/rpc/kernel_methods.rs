@@ -89,9 +89,17 @@ impl Methods {
                 }
             }
         }
+        // A multi-container session's kernels join the network `create_local_network` made.
+        let network = args
+            .get(3, "cluster_info")
+            .and_then(Value::as_map)
+            .and_then(|info| super::codec::map_get(info, "network_name"))
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned);
         let kernels = self.kernels(M)?;
         let created = kernels
-            .create_kernels(&session_id, kernel_ids, configs, image_refs)
+            .create_kernels(&session_id, kernel_ids, configs, image_refs, network)
             .await
             .map_err(|err| kernel_failure(M, err))?;
         Ok(Value::Array(created))
@@ -174,6 +182,24 @@ impl Methods {
         }
         let tasks = self.kernels(M)?.check_and_pull(images).await.map_err(|err| kernel_failure(M, err))?;
         Ok(Value::Map(tasks.into_iter().map(|(image, task)| (image.into(), task.into())).collect()))
+    }
+
+    /// `create_local_network(network_name)`: a session's bridge network (idempotent).
+    pub(super) async fn create_local_network(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "create_local_network";
+        args.expect(&["network_name"])?;
+        let name = args.string(0, "network_name")?;
+        self.kernels(M)?.create_local_network(&name).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Nil)
+    }
+
+    /// `destroy_local_network(network_name)`: removes it (gone already is fine).
+    pub(super) async fn destroy_local_network(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "destroy_local_network";
+        args.expect(&["network_name"])?;
+        let name = args.string(0, "network_name")?;
+        self.kernels(M)?.destroy_local_network(&name).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Nil)
     }
 
     /// `check_pulling(image_name)` → whether `check_and_pull` is pulling it now.

@@ -261,6 +261,8 @@ pub const METHOD_NAMES: &[&str] = &[
     "check_creating",
     "health_v2",
     "gather_hwinfo_v2",
+    "create_local_network",
+    "destroy_local_network",
 ];
 
 pub struct Methods {
@@ -332,6 +334,8 @@ impl Methods {
             "check_creating" => self.check_creating(args).await,
             "health_v2" => self.health_v2(args),
             "gather_hwinfo_v2" => self.gather_hwinfo_v2(args).await,
+            "create_local_network" => self.create_local_network(args).await,
+            "destroy_local_network" => self.destroy_local_network(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
