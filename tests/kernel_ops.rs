@@ -554,3 +554,36 @@ fn a_multi_container_session_shares_a_network_where_kernels_resolve_each_other()
         assert!(!network_exists(&network), "the network is gone");
     });
 }
+
+/// `purge_images` as the 26.9 manager calls it: each image removed, or its error said, in
+/// `{"responses": [{"image", "error"}]}`.
+#[test]
+fn purge_images_removes_each_image_and_names_what_failed() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21850)).expect("agent starts");
+    let doomed = format!("bai-test/purge-me:{}", unique("t"));
+    let tagged = Command::new("docker").args(["tag", BUSYBOX_IMAGE, &doomed]).status().expect("docker tag");
+    assert!(tagged.success(), "docker tag {BUSYBOX_IMAGE} {doomed}");
+    let missing = "bai-test/never-built:1".to_owned();
+    let reply = runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        client
+            .call(
+                "purge_images",
+                vec![Value::Array(vec![doomed.as_str().into(), missing.as_str().into()]), false.into(), false.into()],
+                vec![("agent_id".to_owned(), agent.id.as_str().into())],
+            )
+            .await
+            .expect("purge_images")
+    });
+    let responses = field(&reply, "responses").as_array().cloned().unwrap_or_default();
+    assert_eq!(responses.len(), 2, "{reply}");
+    assert_eq!(field(&responses[0], "image").as_str(), Some(doomed.as_str()));
+    assert_eq!(field(&responses[0], "error"), &Value::Nil, "{reply}");
+    assert!(field(&responses[1], "error").as_str().is_some_and(|e| e.contains("never-built")), "{reply}");
+    let gone = Command::new("docker").args(["image", "inspect", &doomed]).output().expect("docker");
+    assert!(!gone.status.success(), "{doomed} is removed");
+    let kept = Command::new("docker").args(["image", "inspect", BUSYBOX_IMAGE]).output().expect("docker");
+    assert!(kept.status.success(), "the image it was tagged from stays");
+}

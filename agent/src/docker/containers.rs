@@ -10,7 +10,8 @@ use bollard::{
         NetworkingConfig, PortBinding,
     },
     query_parameters::{
-        CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
+        CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+        StopContainerOptions,
     },
 };
 use futures_util::StreamExt;
@@ -170,6 +171,17 @@ impl DockerClient {
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
             Err(source) => Err(DockerError::Request { what: format!("create network {name}"), source }),
         }
+    }
+
+    /// Removes the image `name` (`force`: even when containers use it; `noprune`: keeping its
+    /// untagged parents).
+    pub async fn remove_image(&self, name: &str, force: bool, noprune: bool) -> Result<(), DockerError> {
+        let options = RemoveImageOptions { force, noprune, ..Default::default() };
+        self.engine()
+            .remove_image(name, Some(options), None)
+            .await
+            .map(drop)
+            .map_err(|source| DockerError::Request { what: format!("remove image {name}"), source })
     }
 
     /// Removes the network `name`; one that is gone is fine.

@@ -642,6 +642,26 @@ impl KernelManager {
         Ok(self.docker().await?.create_network(name).await?)
     }
 
+    /// `purge_images`: removes each image, and says per image what failed (an image in use
+    /// without `force`, one that is not there).
+    pub async fn purge_images(
+        &self,
+        images: &[String],
+        force: bool,
+        noprune: bool,
+    ) -> Result<Vec<(String, Option<String>)>, KernelError> {
+        let docker = self.docker().await?;
+        let mut results = Vec::with_capacity(images.len());
+        for image in images {
+            let outcome = docker.remove_image(image, force, noprune).await;
+            if let Err(err) = &outcome {
+                tracing::warn!(image, error = %err, "purging an image failed");
+            }
+            results.push((image.clone(), outcome.err().map(|err| err.to_string())));
+        }
+        Ok(results)
+    }
+
     /// `destroy_local_network`: removes it; a network already gone is fine.
     pub async fn destroy_local_network(&self, name: &str) -> Result<(), KernelError> {
         Ok(self.docker().await?.remove_network(name).await?)

@@ -202,6 +202,45 @@ impl Methods {
         Ok(Value::Nil)
     }
 
+    /// `purge_images(image_canonicals, force, noprune)` → `{"responses": [{"image", "error"}]}`,
+    /// `error` being nil for an image that was removed.
+    pub(super) async fn purge_images(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "purge_images";
+        args.expect(&["image_canonicals", "force", "noprune"])?;
+        let images = args
+            .array(0, "image_canonicals")?
+            .iter()
+            .map(|image| {
+                image.as_str().map(str::to_owned).ok_or_else(|| {
+                    MethodError::Arguments(format!("{M}: image names must be strings, got {}", type_name(image)))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let flag = |index: usize, name: &str| -> Result<bool, MethodError> {
+            match args.get(index, name) {
+                None | Some(Value::Nil) => Ok(false),
+                Some(Value::Boolean(b)) => Ok(*b),
+                Some(other) => Err(MethodError::Arguments(format!(
+                    "{M}: argument `{name}` must be a boolean, got {}",
+                    type_name(other)
+                ))),
+            }
+        };
+        let (force, noprune) = (flag(1, "force")?, flag(2, "noprune")?);
+        let results =
+            self.kernels(M)?.purge_images(&images, force, noprune).await.map_err(|err| kernel_failure(M, err))?;
+        let responses = results
+            .into_iter()
+            .map(|(image, error)| {
+                Value::Map(vec![
+                    ("image".into(), image.into()),
+                    ("error".into(), error.map_or(Value::Nil, Value::from)),
+                ])
+            })
+            .collect();
+        Ok(Value::Map(vec![("responses".into(), Value::Array(responses))]))
+    }
+
     /// `check_pulling(image_name)` → whether `check_and_pull` is pulling it now.
     pub(super) async fn check_pulling(&self, args: Args) -> Result<Value, MethodError> {
         const M: &str = "check_pulling";

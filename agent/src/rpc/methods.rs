@@ -263,6 +263,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "gather_hwinfo_v2",
     "create_local_network",
     "destroy_local_network",
+    "purge_images",
 ];
 
 pub struct Methods {
@@ -336,6 +337,7 @@ impl Methods {
             "gather_hwinfo_v2" => self.gather_hwinfo_v2(args).await,
             "create_local_network" => self.create_local_network(args).await,
             "destroy_local_network" => self.destroy_local_network(args).await,
+            "purge_images" => self.purge_images(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
