@@ -79,9 +79,17 @@ impl Methods {
         let mut image_refs = HashMap::new();
         if let Some(Value::Map(refs)) = args.get(4, "kernel_image_refs") {
             for (kernel_id, image) in refs {
+                // An `ImageRef` (decoded from its pickle): a local image runs by its short name.
                 let image = match image {
                     Value::String(s) => s.as_str().map(str::to_owned),
-                    Value::Map(m) => super::codec::map_get(m, "canonical").and_then(Value::as_str).map(str::to_owned),
+                    Value::Map(m) => {
+                        let is_local = super::codec::map_get(m, "is_local").and_then(Value::as_bool) == Some(true);
+                        let name = if is_local { "short" } else { "canonical" };
+                        super::codec::map_get(m, name)
+                            .or_else(|| super::codec::map_get(m, "canonical"))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    }
                     _ => None,
                 };
                 if let (Some(kernel_id), Some(image)) = (id_value(kernel_id), image) {

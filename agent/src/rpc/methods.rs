@@ -69,6 +69,10 @@ impl Args {
         let Some(payload) = payload else {
             return Ok(args);
         };
+        // Backend.AI's extension types (UUIDs, datetimes, pickled enums, `ImageRef`s, …) become
+        // plain values here, decoded without executing anything; any other class is refused
+        // by name.
+        let payload = super::pickle::plain(payload).map_err(|err| MethodError::Request(format!("{method}: {err}")))?;
         let Value::Map(entries) = payload else {
             return Err(MethodError::Request(format!(
                 "{method}: the request body must be a map {{\"args\": [...], \"kwargs\": {{...}}}}, got {}",
@@ -724,6 +728,44 @@ mod tests {
         let err = run("gather_hwinfo", Args::new("gather_hwinfo", vec![Value::from("i-other")], vec![]))
             .expect_err("another agent's id");
         assert!(err.to_string().contains("this call is for agent `i-other`"), "{err}");
+    }
+
+    /// Request bodies as backend.ai-manager 26.9.6's `AgentClient` sends them (packed by its
+    /// own `msgpack.packb`: pickled enums, an `ImageRef`, UUID keys, `metadata`): they bind,
+    /// and a kernel config among them parses.
+    #[test]
+    fn the_26_9_managers_own_requests_bind() {
+        use crate::{kernel::spec::KernelSpec, resources::SlotRegistry, rpc::pickle::tests as real};
+        let body = |hex: &str, method: &str| {
+            let value = crate::rpc::codec::unpack(&real::hex(hex), "body").expect("msgpack");
+            Args::from_payload(method, Some(value)).expect("binds").claim_agent_id("i-agent").expect("for i-agent")
+        };
+        let create = body(real::CREATE_KERNELS_BODY, "create_kernels");
+        create.expect(&["session_id", "kernel_ids", "configs", "cluster_info", "kernel_image_refs"]).expect("shape");
+        let config = &create.array(2, "configs").expect("configs")[0];
+        let spec = KernelSpec::parse(config, None, &SlotRegistry::intrinsic()).expect("the config parses");
+        assert_eq!(spec.image, "cr.backend.ai/stable/python:3.9-ubuntu20.04");
+        assert!(spec.auto_pull, "AutoPullBehavior.DIGEST pulls");
+        assert_eq!(spec.shm_bytes, Some(64 << 20), "BinarySize shmem");
+        assert_eq!(spec.cluster_hostname.as_deref(), Some("main1"));
+        let refs = create.map(4, "kernel_image_refs").expect("refs");
+        assert_eq!(refs[0].0.as_str(), Some("0a1b2c3d-4e5f-4607-8899-aabbccddeeff"), "UUID keys become strings");
+
+        let destroy = body(real::DESTROY_KERNEL_BODY, "destroy_kernel");
+        assert_eq!(destroy.string(2, "reason").expect("reason"), "user-requested");
+
+        let pull = body(real::CHECK_AND_PULL_BODY, "check_and_pull");
+        let images = pull.map(0, "image_configs").expect("images");
+        let config = images[0].1.as_map().expect("an ImageConfig");
+        assert_eq!(map_get(config, "auto_pull").and_then(Value::as_str), Some("digest"));
+
+        // A pickle of anything else is refused by name, and the agent goes on.
+        let evil = Value::Map(vec![(
+            Value::from("args"),
+            Value::Array(vec![Value::Ext(6, b"\x80\x05\x8c\x02os\x8c\x06system\x93)R.".to_vec())]),
+        )]);
+        let err = Args::from_payload("ping", Some(evil)).expect_err("refused");
+        assert!(err.to_string().contains("os.system"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod exec_methods;
 pub mod kernel_methods;
 pub mod methods;
+pub mod pickle;
 pub mod server;
 
 pub use client::{CallOptions, RpcClient, RpcClientError};
