@@ -221,15 +221,18 @@ fn size(value: &Value) -> Option<u64> {
     }
 }
 
-/// A mount is a map (`host_path`/`source`, `kernel_path`/`target`, `permission`) or
-/// Backend.AI's legacy tuple `(name, host_path, kernel_path, permission)`.
+/// A mount is a map (`host_path`/`source`, `kernel_path`/`target`, `mount_perm` as Backend.AI's
+/// `VFolderMount.to_json()` writes it, or `permission`/`mode`) or Backend.AI's legacy tuple
+/// `(name, host_path, kernel_path, permission)`. Without a permission a mount is read-only.
 fn parse_mount(item: &Value) -> Result<VfolderMount, String> {
     let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
     let (host_path, kernel_path, permission) = match item {
         Value::Map(m) => (
             text(map_get(m, "host_path")).or_else(|| text(map_get(m, "source"))),
             text(map_get(m, "kernel_path")).or_else(|| text(map_get(m, "target"))),
-            text(map_get(m, "permission")).or_else(|| text(map_get(m, "mode"))),
+            text(map_get(m, "mount_perm"))
+                .or_else(|| text(map_get(m, "permission")))
+                .or_else(|| text(map_get(m, "mode"))),
         ),
         Value::Array(fields) if fields.len() >= 3 => (text(fields.get(1)), text(fields.get(2)), text(fields.get(3))),
         other => return Err(format!("must be a map with host_path and kernel_path, got {}", type_name(other))),
@@ -323,5 +326,32 @@ mod tests {
         config.push(("mounts", Value::Array(vec![mount])));
         let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("escape");
         assert_eq!(err.field, "mounts[0]");
+    }
+
+    #[test]
+    fn mount_perm_as_the_26_9_manager_sends_it_is_honoured() {
+        let mount = |perm: Option<&str>| {
+            let mut fields = vec![
+                ("name", Value::from("data")),
+                ("vfid", Value::from("quota:0a1b")),
+                ("vfsubpath", Value::from(".")),
+                ("host_path", Value::from("/vfroot/local/data")),
+                ("kernel_path", Value::from("/home/work/data")),
+                ("usage_mode", Value::from("general")),
+            ];
+            if let Some(perm) = perm {
+                fields.push(("mount_perm", Value::from(perm)));
+            }
+            map(fields)
+        };
+        let read_only = |perm: Option<&str>| {
+            let mut config = base();
+            config.push(("mounts", Value::Array(vec![mount(perm)])));
+            KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect("parses").mounts[0].read_only
+        };
+        assert!(!read_only(Some("rw")), "rw mounts read-write");
+        assert!(!read_only(Some("wd")), "wd (write-delete) mounts read-write");
+        assert!(read_only(Some("ro")));
+        assert!(read_only(None), "no permission: read-only");
     }
 }
