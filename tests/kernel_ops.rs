@@ -588,3 +588,35 @@ fn purge_images_removes_each_image_and_names_what_failed() {
     let kept = Command::new("docker").args(["image", "inspect", BUSYBOX_IMAGE]).output().expect("docker");
     assert!(kept.status.success(), "the image it was tagged from stays");
 }
+
+/// A session's `bootstrap_script` (as the 26.9 manager sends it in the kernel config) is written
+/// to the kernel's `work/bootstrap.sh` and run once by the kernel runner, in the work dir with
+/// the kernel's environment, before the kernel serves.
+#[test]
+fn the_bootstrap_script_runs_once_in_the_work_dir_with_the_kernels_environment() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 21900)).expect("agent starts");
+    let script = "echo \"booted $GREETING in $(pwd)\" >> /home/work/booted.txt\n";
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let config = with_field(kernel_config(BUSYBOX_IMAGE, "1", "268435456"), "bootstrap_script", script.into());
+        let created = create(&client, "s", &kernel, config).await.expect("create");
+        let container = created_id(&created, "container_id");
+        let read = || {
+            let out = Command::new("docker").args(["exec", &container, "cat", "/home/work/booted.txt"]).output();
+            out.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        wait_until("the bootstrap script's output", Duration::from_secs(20), || read().is_some()).expect("it ran");
+        let out =
+            Command::new("docker").args(["exec", &container, "cat", "/home/work/bootstrap.sh"]).output().expect("exec");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), script, "the script as sent");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(read().as_deref(), Some("booted hello in /home/work\n"), "once, in the work dir, with environ");
+        client
+            .call("destroy_kernel", vec![kernel.as_str().into(), "s".into(), "user-requested".into()], vec![])
+            .await
+            .expect("destroy");
+    });
+}

@@ -74,6 +74,9 @@ impl Default for IntrinsicPorts {
     }
 }
 
+/// The bootstrap script's name in `work/` (the kernel runner looks for it there).
+pub const BOOTSTRAP_SH: &str = "bootstrap.sh";
+
 /// What goes into a kernel's scratch directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScratchContents {
@@ -86,6 +89,9 @@ pub struct ScratchContents {
     /// Owner of `work/` (chowned only when the agent runs as root).
     pub uid: u32,
     pub gid: u32,
+    /// The session's bootstrap script, written to `work/bootstrap.sh`: the kernel runner runs
+    /// it once before the kernel serves, as Backend.AI's does.
+    pub bootstrap_script: Option<String>,
 }
 
 impl ScratchContents {
@@ -96,6 +102,7 @@ impl ScratchContents {
             intrinsic_ports: IntrinsicPorts::default(),
             uid: DEFAULT_KERNEL_UID,
             gid: DEFAULT_KERNEL_GID,
+            bootstrap_script: None,
         }
     }
 }
@@ -193,6 +200,14 @@ impl ScratchRoot {
         write_file(&scratch.resource_txt(), resource.as_bytes())?;
         write_file(&scratch.config.join(RESOURCE_BASE_TXT), resource.as_bytes())?;
         write_file(&scratch.intrinsic_ports_json(), &ports)?;
+        if let Some(script) = &contents.bootstrap_script {
+            let path = scratch.work.join(BOOTSTRAP_SH);
+            write_file(&path, script.as_bytes())?;
+            if running_as_root() {
+                std::os::unix::fs::chown(&path, Some(contents.uid), Some(contents.gid))
+                    .map_err(io_error("chown", &path))?;
+            }
+        }
         Ok(scratch)
     }
 

@@ -11,6 +11,7 @@
 //! → `target/x86_64-unknown-linux-musl/release/bai-krunner`.
 
 pub mod batch;
+pub mod bootstrap;
 pub mod complete;
 pub mod config;
 pub mod interp;

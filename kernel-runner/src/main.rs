@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         child_env,
         service_defs_dir: cli.service_defs_dir,
     };
+    kernel_runner::bootstrap::run_if_present(&config.work_dir, &config.child_env).await;
     let mut main_command = match cli.main_command.is_empty() {
         true => None,
         false => Some(

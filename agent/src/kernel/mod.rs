@@ -551,6 +551,7 @@ impl KernelManager {
 
         let mut contents = ScratchContents::new(KernelResourceSpec::for_allocation(&allocation));
         contents.environ = spec.environ.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        contents.bootstrap_script = spec.bootstrap_script.clone().filter(|script| !script.trim().is_empty());
         contents.intrinsic_ports = intrinsic;
         let kernel_scratch = self.scratch.prepare(kernel_id, &contents).map_err(|err| failed(kernel_id, err))?;
 
