@@ -118,13 +118,14 @@ fn started_heartbeat_and_terminated_reach_the_stream_in_backend_ais_format() {
         .wait_for("agent_started and three heartbeats", Duration::from_secs(20), |events| heartbeats(events).len() >= 3)
         .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
 
-    // Every entry has exactly Backend.AI's fields; the first is agent_started("self-started").
+    // Every entry has exactly Backend.AI's fields; the first heartbeat comes first (the manager
+    // registers an agent from it), then agent_started("self-started").
     for event in &events {
         assert_eq!(event.fields, ["args", "name", "source"], "{event:?}");
         assert_eq!(event.source, id);
     }
-    assert_eq!(events[0].name, "agent_started");
-    assert_eq!(events[0].args, b"\x91\xacself-started", "msgpack of the tuple (\"self-started\",)");
+    assert_eq!((events[0].name.as_str(), events[1].name.as_str()), ("agent_heartbeat", "agent_started"));
+    assert_eq!(events[1].args, b"\x91\xacself-started", "msgpack of the tuple (\"self-started\",)");
 
     // Heartbeats: one map argument with the documented keys and values.
     let beats = heartbeats(&events);
@@ -203,7 +204,7 @@ fn heartbeats_emitted_while_redis_is_down_arrive_in_order_once_when_it_returns()
     let seqs: Vec<u64> = heartbeats(&events).iter().map(|e| heartbeat_seq(e)).collect();
     let want: Vec<u64> = (1..=*seqs.last().expect("heartbeats")).collect();
     assert_eq!(seqs, want, "every heartbeat, in order, none twice (outage after heartbeat {last_before})");
-    assert_eq!(events[0].name, "agent_started");
+    assert_eq!(events[1].name, "agent_started");
 
     let log = agent.log_text();
     assert_eq!(log.matches("cannot deliver events to Redis").count(), 1, "one warning per outage; log:\n{log}");
@@ -226,7 +227,7 @@ fn an_earlier_runs_undelivered_events_go_first_after_a_restart() {
     .expect("journaled");
     first.stop().expect("agent stops");
     let first_run = journal_names(journal.path());
-    assert_eq!(first_run.first().map(String::as_str), Some("agent_started"));
+    assert_eq!(first_run[..2], ["agent_heartbeat", "agent_started"]);
     assert_eq!(first_run.last().map(String::as_str), Some("agent_terminated"));
 
     let redis = RedisServer::start(port).expect("redis-server starts");
@@ -241,7 +242,7 @@ fn an_earlier_runs_undelivered_events_go_first_after_a_restart() {
         .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", second.log_text()));
     let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names[..n], first_run.iter().map(String::as_str).collect::<Vec<_>>()[..], "the backlog goes first");
-    assert_eq!(names[n], "agent_started", "then the second run: {names:?}");
+    assert_eq!(names[n..n + 2], ["agent_heartbeat", "agent_started"], "then the second run: {names:?}");
     let first_beats: Vec<u64> = heartbeats(&events[..n]).iter().map(|e| heartbeat_seq(e)).collect();
     assert_eq!(first_beats, (1..=first_beats.len() as u64).collect::<Vec<_>>());
     second.stop().expect("agent stops");
@@ -262,10 +263,10 @@ fn without_redis_events_land_in_the_local_journal() {
         text.lines().map(|line| serde_json::from_str(line).expect("each line is JSON")).collect();
     let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().expect("seq")).collect();
     assert_eq!(seqs, (1..=lines.len() as u64).collect::<Vec<_>>());
-    assert_eq!(lines[0]["name"], "agent_started");
+    assert_eq!((&lines[0]["name"], &lines[1]["name"]), (&"agent_heartbeat".into(), &"agent_started".into()));
     assert_eq!(lines.last().expect("line")["name"], "agent_terminated");
     let args = |line: &serde_json::Value| -> Vec<u8> { base64_decode(line["args"].as_str().expect("args")) };
-    assert_eq!(args(&lines[0]), b"\x91\xacself-started");
+    assert_eq!(args(&lines[1]), b"\x91\xacself-started");
     let beat = lines.iter().find(|l| l["name"] == "agent_heartbeat").expect("heartbeat");
     let info = StreamEvent {
         id: "0-0".into(),
@@ -505,7 +506,31 @@ fn a_running_agents_events_reach_a_26_9_manager_decodable() {
         })
         .collect();
     let seen = check_with_backendai(&entries);
-    assert!(seen.starts_with(&format!("ok agent_started {} {{\"reason\":\"self-started\"}}", agent.id)), "{seen}");
-    assert!(seen.contains("ok agent_heartbeat"), "{seen}");
+    let mut lines = seen.lines();
+    assert!(lines.next().is_some_and(|l| l.starts_with("ok agent_heartbeat")), "the first heartbeat first: {seen}");
+    assert_eq!(lines.next(), Some(format!("ok agent_started {} {{\"reason\":\"self-started\"}}", agent.id).as_str()));
     assert!(seen.trim_end().ends_with(r#"{"reason":"shutdown"}"#), "{seen}");
+}
+
+/// The first heartbeat (sent at start, before the kernels are even recovered) advertises what
+/// the allocator gives kernels — reserved resources taken off — like every later one: the
+/// manager schedules against it from the first.
+#[test]
+fn the_first_heartbeat_advertises_the_allocatable_capacity() {
+    require_environment();
+    let redis = test_redis();
+    let id = unique("i-capacity");
+    let collector = EventCollector::start(&redis, EVENTS_DB, &id).expect("collector");
+    let toml = format!("{}\n[resource]\nreserved-cpu = 1\n", redis_config(&redis));
+    let mut agent = Agent::start_with_id(&id, &toml).expect("agent starts");
+    let events = collector
+        .wait_for("two heartbeats", Duration::from_secs(20), |events| heartbeats(events).len() >= 2)
+        .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    agent.stop().expect("agent stops");
+    let slots = |event: &StreamEvent| field(&only_arg(event), "available_resource_slots").clone();
+    let beats = heartbeats(&events);
+    assert_eq!(slots(beats[0]), slots(beats[1]), "the first heartbeat's capacity is the allocator's");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu = field(&slots(beats[0]), "cpu").as_str().unwrap_or_default().to_owned();
+    assert_eq!(cpu.parse::<f64>().ok(), Some(cores.saturating_sub(1) as f64), "reserved-cpu = 1 of {cores}: {cpu}");
 }

@@ -125,20 +125,24 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let rpc_server = RpcServer::bind(config.agent.rpc_listen_addr)
         .await
         .map_err(|error| DaemonError::RpcBind { addr: config.agent.rpc_listen_addr, error })?;
-    // Events to the manager (agent_started now, heartbeats, agent_terminated at the end). Code
-    // that emits events gets a clone of `event_service.bus()`, an `events::EventBus`.
-    // The heartbeat advertises the allocator's capacity once the kernel manager exists.
+    // Events to the manager (the first heartbeat and agent_started now, heartbeats, and
+    // agent_terminated at the end). Code that emits events gets a clone of
+    // `event_service.bus()`, an `events::EventBus`. Every heartbeat, the first included,
+    // advertises what the allocator can give kernels (reserved resources and overcommit
+    // applied): the manager schedules against it from the first one.
+    let allocator = node_allocator(&config)?;
+    let first_capacity = allocator.capacity().to_string_map();
     let capacity_source: Arc<std::sync::OnceLock<Arc<KernelManager>>> = Arc::default();
     let slots_source = capacity_source.clone();
     let slots: events::heartbeat::SlotProvider = Arc::new(move || match slots_source.get() {
         Some(kernels) => kernels.allocator.capacity().to_string_map(),
-        None => events::heartbeat::proc_slots(),
+        None => first_capacity.clone(),
     });
     let mut event_service = EventService::start(EventSettings::from_config(&config), slots, &shutdown)?;
 
     let metrics_state = Arc::new(MetricsState::default());
     let mut usage_service = UsageService::start(UsageSettings::from_config(&config), metrics_state.subscribe())?;
-    let mut kernel_manager = kernel_manager(&config, event_service.bus(), metrics_state.clone())?;
+    let mut kernel_manager = kernel_manager(&config, allocator, event_service.bus(), metrics_state.clone())?;
     kernel_manager.set_usage(usage_service.handle());
     let kernels = Arc::new(kernel_manager);
     let _ = capacity_source.set(kernels.clone());
@@ -245,15 +249,20 @@ fn release_freed_memory() {
 }
 
 /// The kernel manager over this node's resources, port pool and scratch root.
-fn kernel_manager(
-    config: &Config,
-    events: events::EventBus,
-    metrics: Arc<MetricsState>,
-) -> Result<KernelManager, DaemonError> {
+/// The allocator of the node's capacity for kernels (`[resource]`: reserved, overcommit).
+fn node_allocator(config: &Config) -> Result<ResourceAllocator, DaemonError> {
     let host = HostResources::detect().map_err(|err| DaemonError::Resources(err.to_string()))?;
     let capacity = NodeCapacity::compute(&host, &CapacityPolicy::from(&config.resource))
         .map_err(|err| DaemonError::Resources(format!("[resource]: {err}")))?;
-    let allocator = ResourceAllocator::new(capacity, config.resource.allocation_strategy);
+    Ok(ResourceAllocator::new(capacity, config.resource.allocation_strategy))
+}
+
+fn kernel_manager(
+    config: &Config,
+    allocator: ResourceAllocator,
+    events: events::EventBus,
+    metrics: Arc<MetricsState>,
+) -> Result<KernelManager, DaemonError> {
     let [low, high] = config.container.port_range;
     let ports = PortPool::new(low..=high, config.container.port_cooldown)
         .map_err(|err| DaemonError::Resources(format!("container.port-range: {err}")))?;

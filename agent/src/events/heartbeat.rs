@@ -133,23 +133,6 @@ pub fn slot_unit(slot: &str) -> &'static str {
     if slot == "mem" || slot.ends_with(".mem") { "bytes" } else { "count" }
 }
 
-/// The node's `cpu` (logical CPUs in /proc/cpuinfo) and `mem` (MemTotal of /proc/meminfo, in
-/// bytes) as decimal strings: the slots until the resources module reports allocatable ones.
-pub fn proc_slots() -> BTreeMap<String, String> {
-    let mut slots = BTreeMap::new();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cores = crate::rpc::methods::cpu_metadata(&cpuinfo)
-        .into_iter()
-        .find(|(key, _)| *key == "cores")
-        .map_or_else(|| "1".to_owned(), |(_, value)| value);
-    slots.insert("cpu".to_owned(), cores);
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    if let Some((_, total)) = crate::rpc::methods::mem_metadata(&meminfo).into_iter().find(|(key, _)| *key == "total") {
-        slots.insert("mem".to_owned(), total);
-    }
-    slots
-}
-
 fn s(text: &str) -> Value {
     Value::from(text)
 }
@@ -185,7 +168,13 @@ pub fn agent_info(identity: &AgentIdentity, slots: &BTreeMap<String, String>, se
     ])
 }
 
-/// Emits `agent_heartbeat` now and every `interval` until `stop`.
+/// Emits one `agent_heartbeat` with sequence number `seq`.
+pub(super) fn beat(bus: &EventBus, identity: &AgentIdentity, slots: &SlotProvider, seq: u64) {
+    bus.emit("agent_heartbeat", vec![agent_info(identity, &slots(), seq)]);
+}
+
+/// Emits `agent_heartbeat` every `interval` until `stop`, after the first one
+/// ([`EventService::start`](super::EventService::start) sends that one itself).
 pub(super) async fn run(
     bus: EventBus,
     identity: AgentIdentity,
@@ -194,7 +183,9 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let mut ticks = crate::clock::Clock::new(interval);
-    let mut seq = 0u64;
+    // The clock's first tick is now: the first heartbeat is already out.
+    ticks.tick().await;
+    let mut seq = 1u64;
     loop {
         tokio::select! {
             biased;
@@ -202,8 +193,7 @@ pub(super) async fn run(
             _ = ticks.tick() => {}
         }
         seq += 1;
-        let info = agent_info(&identity, &slots(), seq);
-        bus.emit("agent_heartbeat", vec![info]);
+        beat(&bus, &identity, &slots, seq);
     }
 }
 
@@ -283,10 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn proc_slots_report_cpu_and_memory() {
-        let slots = proc_slots();
-        assert!(slots["cpu"].parse::<u64>().expect("cpu count") >= 1);
-        assert!(slots["mem"].parse::<u64>().expect("bytes") > 1 << 20);
+    fn slot_units_are_backend_ais() {
         assert_eq!(slot_unit("cpu"), "count");
         assert_eq!(slot_unit("mem"), "bytes");
         assert_eq!(slot_unit("cuda.mem"), "bytes");

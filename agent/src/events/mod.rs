@@ -17,7 +17,8 @@
 //!   10 s and the backlog goes out in order when Redis returns. Undelivered events of an
 //!   earlier run are sent first, in order.
 //! - The heartbeat task ([`heartbeat`]) emits `agent_heartbeat` every
-//!   `debug.heartbeat-interval`. [`EventService::start`] emits `agent_started("self-started")`
+//!   `debug.heartbeat-interval`. [`EventService::start`] emits the first heartbeat and then
+//!   `agent_started("self-started")` (the manager registers an agent from its heartbeat)
 //!   and [`EventService::shutdown`] emits `agent_terminated("shutdown")`, as Backend.AI's agent
 //!   does.
 //!
@@ -355,6 +356,10 @@ impl EventService {
                 delivery_stop.clone(),
             ))
         });
+        // The first heartbeat goes before agent_started, as Backend.AI's agent sends them: the
+        // manager registers an agent from its heartbeat and treats agent_started as a revival
+        // of a registered one.
+        heartbeat::beat(&bus, &settings.identity, &slots, 1);
         bus.emit("agent_started", vec![Value::from("self-started")]);
         let heartbeat = tokio::spawn(heartbeat::run(
             bus.clone(),
@@ -504,9 +509,9 @@ mod tests {
         service.shutdown().await;
         let lines = journal_lines(dir.path());
         let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().expect("name")).collect();
-        assert_eq!(names.first(), Some(&"agent_started"));
+        // The first heartbeat goes out at start, before agent_started.
+        assert_eq!(names[..2], ["agent_heartbeat", "agent_started"], "{names:?}");
         assert_eq!(names.last(), Some(&"agent_terminated"));
-        assert!(names.contains(&"agent_heartbeat"), "the first heartbeat goes out at start: {names:?}");
         let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().expect("seq")).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
         let kernels: Vec<String> = lines
@@ -544,7 +549,8 @@ mod tests {
         service.shutdown().await;
         let mut names: Vec<String> =
             journal_lines(dir.path()).iter().map(|l| l["name"].as_str().expect("name").to_owned()).collect();
-        assert_eq!(names.first().map(String::as_str), Some("agent_started"));
+        assert_eq!(names.first().map(String::as_str), Some("agent_heartbeat"));
+        assert_eq!(names.get(1).map(String::as_str), Some("agent_started"));
         assert_eq!(names.last().map(String::as_str), Some("agent_terminated"));
         names.sort();
         assert_eq!(names, ["agent_heartbeat", "agent_started", "agent_terminated", "kernel_started"]);
