@@ -15,7 +15,8 @@ use std::{path::Path, process::Command, time::Duration};
 
 use bai_agent::rpc::codec::map_get;
 use bai_agent_tests::{
-    Agent, EventCollector, RedisServer, StreamEvent, free_loopback_port, require_environment, test_redis, unique,
+    Agent, BUSYBOX_IMAGE, EventCollector, RedisServer, StreamEvent, free_loopback_port, require_environment,
+    test_redis, unique,
 };
 use rmpv::Value;
 
@@ -533,4 +534,47 @@ fn the_first_heartbeat_advertises_the_allocatable_capacity() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu = field(&slots(beats[0]), "cpu").as_str().unwrap_or_default().to_owned();
     assert_eq!(cpu.parse::<f64>().ok(), Some(cores.saturating_sub(1) as f64), "reserved-cpu = 1 of {cores}: {cpu}");
+}
+
+/// The installed-image report: after the heartbeats, `installed_image:{agent id}` in the image
+/// database (3) lists the engine's kernel images as Backend.AI 26.9.6's `InstalledImageInfo`
+/// model reads them (checked with that model), the test image among them.
+#[test]
+fn the_installed_image_report_lists_the_engines_kernel_images() {
+    require_environment();
+    let redis = test_redis();
+    let id = unique("i-images");
+    let mut agent = Agent::start_with_id(&id, &redis_config(&redis)).expect("agent starts");
+    let client = redis::Client::open(format!("redis://{redis}/3")).expect("client");
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(5)).expect("redis");
+    let key = format!("installed_image:{id}");
+    let mut report: Option<String> = None;
+    bai_agent_tests::wait_until("the installed-image report", Duration::from_secs(20), || {
+        report = redis::cmd("GET").arg(&key).query(&mut conn).ok().flatten();
+        report.is_some()
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_text()));
+    agent.stop().expect("agent stops");
+    let report = report.expect("report");
+    let check = r#"
+import sys
+from pydantic import TypeAdapter
+from ai.backend.common.data.image.types import InstalledImageInfo
+images = TypeAdapter(list[InstalledImageInfo]).validate_json(sys.stdin.read())
+for image in images:
+    print(image.canonical, image.digest[:7], image.architecture)
+"#;
+    let mut child = Command::new(bai_agent_tests::backendai_python())
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), report.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("python ends");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "InstalledImageInfo refuses the report:\n{text}\n{report}");
+    let arch = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
+    assert!(text.lines().any(|l| l == format!("{BUSYBOX_IMAGE} sha256: {arch}")), "{text}");
 }

@@ -170,6 +170,8 @@ pub struct RedisSection {
     pub events_db: u32,
     /// Database of the per-kernel and per-node stats (Backend.AI: 0).
     pub stats_db: u32,
+    /// Database of the installed-image report (Backend.AI: 3).
+    pub image_db: u32,
     /// The manager the event stream entries are for: `"26.9"` (a JSON `payload`, the default)
     /// or `"legacy"` (Backend.AI up to 25.x: an `args` msgpack tuple).
     pub event_format: EventFormat,
@@ -304,6 +306,7 @@ impl std::fmt::Debug for RedisSection {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("events_db", &self.events_db)
             .field("stats_db", &self.stats_db)
+            .field("image_db", &self.image_db)
             .field("event_format", &self.event_format)
             .finish()
     }
@@ -311,7 +314,7 @@ impl std::fmt::Debug for RedisSection {
 
 impl Default for RedisSection {
     fn default() -> Self {
-        Self { addr: None, password: None, events_db: 4, stats_db: 0, event_format: EventFormat::Current }
+        Self { addr: None, password: None, events_db: 4, stats_db: 0, image_db: 3, event_format: EventFormat::Current }
     }
 }
 

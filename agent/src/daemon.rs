@@ -184,6 +184,17 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             shutdown.clone(),
         ))
     });
+    // Which kernel images this node has, for the manager, at the heartbeat's pace.
+    let image_report = config.redis.addr.clone().map(|addr| {
+        let target = RedisTarget { addr, password: config.redis.password.clone(), db: config.redis.image_db };
+        tokio::spawn(crate::images::run_report(
+            config.docker.host.clone(),
+            config.agent.id.clone(),
+            target,
+            config.debug.heartbeat_interval,
+            shutdown.clone(),
+        ))
+    });
     let rpc_metrics = RpcMetrics::default();
     let methods = rpc::Methods::new(config.clone())
         .with_readiness(connected_rx.clone(), synced_rx.clone())
@@ -219,6 +230,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let _ = lifecycle.await;
     if let Some(stats_writer) = stats_writer {
         let _ = stats_writer.await;
+    }
+    if let Some(image_report) = image_report {
+        let _ = image_report.await;
     }
     if let Some(registration) = registration {
         let _ = registration.await;

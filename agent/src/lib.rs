@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod docker;
 pub mod etcd;
 pub mod events;
+pub mod images;
 pub mod journal;
 pub mod kernel;
 pub mod kernel_files;

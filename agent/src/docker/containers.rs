@@ -49,6 +49,16 @@ pub struct ContainerSpec {
 /// The label Backend.AI puts on a session's cluster network.
 const CLUSTER_NETWORK_LABEL: &str = "ai.backend.cluster-network";
 
+/// An image as Backend.AI's `InstalledImageInfo` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstalledImage {
+    /// A repository tag (`e2e/python:3.11`).
+    pub canonical: String,
+    /// The image id (`sha256:…`).
+    pub digest: String,
+    pub architecture: String,
+}
+
 /// How a container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
@@ -171,6 +181,42 @@ impl DockerClient {
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
             Err(source) => Err(DockerError::Request { what: format!("create network {name}"), source }),
         }
+    }
+
+    /// The kernel images Backend.AI's agent reports as installed: every tag of an image that
+    /// has labels and a kernelspec of 1 (the default), with its id and architecture.
+    pub async fn kernel_images(&self) -> Result<Vec<InstalledImage>, DockerError> {
+        let images = self
+            .engine()
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(|source| DockerError::Request { what: "list images".into(), source })?;
+        let mut installed = Vec::new();
+        for image in images {
+            let kernelspec = image.labels.get("ai.backend.kernelspec").map_or("1", String::as_str);
+            if image.labels.is_empty() || kernelspec.trim() != "1" {
+                continue;
+            }
+            let architecture = match self.engine().inspect_image(&image.id).await {
+                Ok(inspect) => inspect.architecture.unwrap_or_else(|| "x86_64".into()),
+                // Removed meanwhile.
+                Err(_) => continue,
+            };
+            let architecture = match architecture.as_str() {
+                "amd64" | "x86-64" => "x86_64".to_owned(),
+                "arm64" | "aarch64_be" => "aarch64".to_owned(),
+                _ => architecture,
+            };
+            for tag in image.repo_tags.iter().filter(|tag| !tag.ends_with("<none>")) {
+                installed.push(InstalledImage {
+                    canonical: tag.clone(),
+                    digest: image.id.clone(),
+                    architecture: architecture.clone(),
+                });
+            }
+        }
+        installed.sort_by(|a, b| a.canonical.cmp(&b.canonical));
+        Ok(installed)
     }
 
     /// Removes the image `name` (`force`: even when containers use it; `noprune`: keeping its
