@@ -316,9 +316,13 @@ fn backendai_venv() -> Result<()> {
     Ok(())
 }
 
-/// A Python 3.13 interpreter: pyenv's newest 3.13, else `python3.13` on PATH.
+/// A Python 3.13 interpreter: pyenv's newest 3.13 (`pyenv root`, else `$PYENV_ROOT` or
+/// `~/.pyenv` when pyenv is not on PATH), else `python3.13` on PATH.
 fn python313() -> Option<PathBuf> {
-    let pyenv_root = cmd::output(Command::new("pyenv").arg("root")).ok();
+    let pyenv_root = cmd::output(Command::new("pyenv").arg("root"))
+        .ok()
+        .or_else(|| std::env::var("PYENV_ROOT").ok())
+        .or_else(|| std::env::var("HOME").ok().map(|home| format!("{home}/.pyenv")));
     let from_pyenv = pyenv_root.and_then(|root| {
         let mut versions: Vec<PathBuf> = std::fs::read_dir(Path::new(root.trim()).join("versions"))
             .ok()?
