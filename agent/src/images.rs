@@ -35,6 +35,7 @@ pub async fn run_report(
     };
     let mut link = RedisLink::new(client);
     let mut docker = None;
+    let mut architectures = std::collections::HashMap::new();
     let mut ticks = crate::clock::Clock::new(interval);
     let mut failing = false;
     loop {
@@ -43,7 +44,7 @@ pub async fn run_report(
             () = stop.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        match report_once(docker_host.as_deref(), &agent_id, &mut docker, &mut link).await {
+        match report_once(docker_host.as_deref(), &agent_id, &mut docker, &mut architectures, &mut link).await {
             Ok(count) => {
                 if std::mem::take(&mut failing) {
                     tracing::info!(images = count, "the installed-image report is written again");
@@ -64,13 +65,14 @@ async fn report_once(
     docker_host: Option<&str>,
     agent_id: &str,
     docker: &mut Option<DockerClient>,
+    architectures: &mut std::collections::HashMap<String, String>,
     link: &mut RedisLink,
 ) -> Result<usize, String> {
     let client = match docker {
         Some(client) => client,
         None => docker.insert(DockerClient::connect(docker_host, agent_id).await.map_err(|err| err.to_string())?),
     };
-    let images = match client.kernel_images().await {
+    let images = match client.kernel_images(architectures).await {
         Ok(images) => images,
         Err(err) => {
             *docker = None;

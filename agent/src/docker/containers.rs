@@ -59,6 +59,15 @@ pub struct InstalledImage {
     pub architecture: String,
 }
 
+/// Backend.AI's name of an engine architecture (`amd64` → `x86_64`, `arm64` → `aarch64`).
+fn backend_ai_arch(architecture: &str) -> String {
+    match architecture {
+        "amd64" | "x86-64" => "x86_64".to_owned(),
+        "arm64" | "aarch64_be" => "aarch64".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
 /// How a container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
@@ -184,28 +193,36 @@ impl DockerClient {
     }
 
     /// The kernel images Backend.AI's agent reports as installed: every tag of an image that
-    /// has labels and a kernelspec of 1 (the default), with its id and architecture.
-    pub async fn kernel_images(&self) -> Result<Vec<InstalledImage>, DockerError> {
+    /// has labels and a kernelspec of 1 (the default), with its id and architecture. One list
+    /// request; an image is inspected (for its architecture) only the first time its id is
+    /// seen, `architectures` remembering it.
+    pub async fn kernel_images(
+        &self,
+        architectures: &mut HashMap<String, String>,
+    ) -> Result<Vec<InstalledImage>, DockerError> {
         let images = self
             .engine()
             .list_images(None::<bollard::query_parameters::ListImagesOptions>)
             .await
             .map_err(|source| DockerError::Request { what: "list images".into(), source })?;
+        architectures.retain(|id, _| images.iter().any(|image| &image.id == id));
         let mut installed = Vec::new();
         for image in images {
             let kernelspec = image.labels.get("ai.backend.kernelspec").map_or("1", String::as_str);
             if image.labels.is_empty() || kernelspec.trim() != "1" {
                 continue;
             }
-            let architecture = match self.engine().inspect_image(&image.id).await {
-                Ok(inspect) => inspect.architecture.unwrap_or_else(|| "x86_64".into()),
-                // Removed meanwhile.
-                Err(_) => continue,
-            };
-            let architecture = match architecture.as_str() {
-                "amd64" | "x86-64" => "x86_64".to_owned(),
-                "arm64" | "aarch64_be" => "aarch64".to_owned(),
-                _ => architecture,
+            let architecture = match architectures.get(&image.id) {
+                Some(architecture) => architecture.clone(),
+                None => match self.engine().inspect_image(&image.id).await {
+                    Ok(inspect) => {
+                        let architecture = backend_ai_arch(inspect.architecture.as_deref().unwrap_or("x86_64"));
+                        architectures.insert(image.id.clone(), architecture.clone());
+                        architecture
+                    }
+                    // Removed meanwhile.
+                    Err(_) => continue,
+                },
             };
             for tag in image.repo_tags.iter().filter(|tag| !tag.ends_with("<none>")) {
                 installed.push(InstalledImage {
