@@ -348,14 +348,6 @@ sys.exit(1 if failed else 0)
 
 /// Runs [`BACKENDAI_CHECK`] on stream entries (field name → text) and returns its output.
 fn check_with_backendai(entries: &[Vec<(&str, String)>]) -> String {
-    let python = bai_agent_tests::backendai_python();
-    let mut child = Command::new(&python)
-        .args(["-c", BACKENDAI_CHECK])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|err| panic!("running {}: {err}", python.display()));
     let mut input = String::new();
     for entry in entries {
         let object: serde_json::Map<String, serde_json::Value> =
@@ -363,10 +355,8 @@ fn check_with_backendai(entries: &[Vec<(&str, String)>]) -> String {
         input.push_str(&serde_json::Value::Object(object).to_string());
         input.push('\n');
     }
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write");
-    let out = child.wait_with_output().expect("python ends");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "Backend.AI 26.9.6 refuses what the agent sends:\n{text}");
+    let (ok, text) = bai_agent_tests::run_backendai_python(BACKENDAI_CHECK, input.as_bytes());
+    assert!(ok, "Backend.AI 26.9.6 refuses what the agent sends:\n{text}");
     text
 }
 
@@ -564,17 +554,8 @@ images = TypeAdapter(list[InstalledImageInfo]).validate_json(sys.stdin.read())
 for image in images:
     print(image.canonical, image.digest[:7], image.architecture)
 "#;
-    let mut child = Command::new(bai_agent_tests::backendai_python())
-        .args(["-c", check])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), report.as_bytes()).expect("write");
-    let out = child.wait_with_output().expect("python ends");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "InstalledImageInfo refuses the report:\n{text}\n{report}");
+    let (ok, text) = bai_agent_tests::run_backendai_python(check, report.as_bytes());
+    assert!(ok, "InstalledImageInfo refuses the report:\n{text}\n{report}");
     let arch = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
     assert!(text.lines().any(|l| l == format!("{BUSYBOX_IMAGE} sha256: {arch}")), "{text}");
 }

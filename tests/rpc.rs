@@ -419,8 +419,8 @@ fn typed_26_9_calls_answer_what_backend_ais_response_models_accept() {
         (health, hwinfo)
     });
     let input = serde_json::json!({
-        "health": bai_agent::events::wire::to_json(&replies.0),
-        "hwinfo": bai_agent::events::wire::to_json(&replies.1),
+        "health": bai_agent::msgpack_json::to_json(&replies.0),
+        "hwinfo": bai_agent::msgpack_json::to_json(&replies.1),
     });
     let check = r#"
 import sys, json
@@ -431,17 +431,8 @@ hwinfo = GatherHwinfoResp.model_validate(replies["hwinfo"])
 print(health.status.value, health.component, health.connectivity.overall_healthy,
       sorted(d.device_name for d in hwinfo.devices), [d.status.value for d in hwinfo.devices])
 "#;
-    let mut child = Command::new(bai_agent_tests::backendai_python())
-        .args(["-c", check])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.to_string().as_bytes()).expect("write");
-    let out = child.wait_with_output().expect("python ends");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "Backend.AI 26.9.6's models refuse the replies:\n{text}\nreplies: {input}");
+    let (ok, text) = bai_agent_tests::run_backendai_python(check, input.to_string().as_bytes());
+    assert!(ok, "Backend.AI 26.9.6's models refuse the replies:\n{text}\nreplies: {input}");
     // Healthy once the monitor is synced (a degraded start names what is missing instead).
     assert!(
         text.starts_with("ok agent True") || text.starts_with("degraded agent False"),

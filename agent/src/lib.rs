@@ -14,6 +14,7 @@ pub mod kernel_files;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
+pub mod msgpack_json;
 pub mod ports;
 pub mod resources;
 pub mod rpc;

@@ -43,6 +43,25 @@ pub fn backendai_python() -> PathBuf {
     python
 }
 
+/// Runs the Python `script` with [`backendai_python`], `input` on its stdin; whether it
+/// succeeded, and its stdout followed by its stderr.
+pub fn run_backendai_python(script: &str, input: &[u8]) -> (bool, String) {
+    let python = backendai_python();
+    let mut child = Command::new(&python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("running {}: {err}", python.display()));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).expect("writing the script's input");
+    }
+    let out = child.wait_with_output().expect("python ends");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 pub fn require_environment() {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.

@@ -15,6 +15,8 @@
 use rmpv::Value;
 use serde_json::{Map, Value as Json, json};
 
+use crate::msgpack_json::to_json;
+
 pub use crate::config::EventFormat;
 
 /// Why an event could not be put in the 26.9 format.
@@ -271,28 +273,6 @@ fn amount_text(amount: &Value) -> Option<String> {
 
 fn field<'a>(entries: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
     entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
-}
-
-/// A msgpack value as JSON: maps with string keys (others are stringified), bytes as text
-/// where they are UTF-8.
-pub fn to_json(value: &Value) -> Json {
-    match value {
-        Value::Nil => Json::Null,
-        Value::Boolean(b) => Json::Bool(*b),
-        Value::Integer(n) => n.as_i64().map(Json::from).or_else(|| n.as_u64().map(Json::from)).unwrap_or(Json::Null),
-        Value::F32(f) => json!(f),
-        Value::F64(f) => json!(f),
-        Value::String(s) => Json::String(s.as_str().map(str::to_owned).unwrap_or_else(|| s.to_string())),
-        Value::Binary(bytes) => Json::String(String::from_utf8_lossy(bytes).into_owned()),
-        Value::Array(items) => Json::Array(items.iter().map(to_json).collect()),
-        Value::Map(entries) => Json::Object(
-            entries
-                .iter()
-                .map(|(k, v)| (k.as_str().map(str::to_owned).unwrap_or_else(|| k.to_string()), to_json(v)))
-                .collect(),
-        ),
-        Value::Ext(..) => Json::Null,
-    }
 }
 
 /// An event's positional arguments, read with errors that name the event and the argument.

@@ -11,6 +11,8 @@ use std::{
 use bytes::Bytes;
 use rmpv::Value;
 
+use crate::msgpack_json::{from_json, to_json};
+
 use super::{
     KernelError, KernelManager, KernelState,
     runner::{Collected, ConsoleKind, ReplyKind, RunnerClient, StepEnd},
@@ -201,14 +203,14 @@ impl KernelManager {
         let repl = self.repl(kernel_id).await?;
         let mut request = serde_json::Map::new();
         request.insert("code".into(), text.into());
-        if let Some(opts) = value_to_json(opts).as_object() {
+        if let Some(opts) = to_json(opts).as_object() {
             request.extend(opts.clone());
         }
         let payload = serde_json::Value::Object(request).to_string();
         match repl.client.request("complete", payload, ReplyKind::Completion, COMPLETION_WAIT).await {
             Ok(reply) => {
                 let completions = serde_json::from_slice::<serde_json::Value>(&reply)
-                    .map(|v| json_to_value(&v))
+                    .map(|v| from_json(&v))
                     .unwrap_or_else(|_| Value::Array(Vec::new()));
                 Ok(Value::Map(vec![("status".into(), "finished".into()), ("completions".into(), completions)]))
             }
@@ -234,7 +236,7 @@ impl KernelManager {
             "port": port.container_port,
             "ports": [port.container_port],
             "protocol": port.protocol,
-            "options": value_to_json(opts),
+            "options": to_json(opts),
         })
         .to_string();
         let repl = self.repl(kernel_id).await?;
@@ -248,7 +250,7 @@ impl KernelManager {
         if result.get("status").and_then(|s| s.as_str()) == Some("failed") {
             tracing::warn!(kernel_id, service, result = %result, "service did not start");
         }
-        Ok(json_to_value(&result))
+        Ok(from_json(&result))
     }
 
     pub async fn shutdown_service(&self, kernel_id: &str, service: &str) -> Result<(), KernelError> {
@@ -328,7 +330,7 @@ fn media_item(data: &[u8]) -> Value {
     match serde_json::from_slice::<serde_json::Value>(data) {
         Ok(object) => Value::Array(vec![
             object.get("type").and_then(|t| t.as_str()).unwrap_or("").into(),
-            object.get("data").map(json_to_value).unwrap_or(Value::Nil),
+            object.get("data").map(from_json).unwrap_or(Value::Nil),
         ]),
         Err(_) => Value::Array(vec!["".into(), text_or_binary(data)]),
     }
@@ -341,7 +343,7 @@ pub fn step_result(run_id: &str, collected: &Collected, api_version: u32) -> Val
         (None, false) => ("continued", Value::Nil, Value::Nil),
         (Some((StepEnd::WaitingInput, payload)), false) => {
             let options = serde_json::from_slice::<serde_json::Value>(payload)
-                .map(|v| json_to_value(&v))
+                .map(|v| from_json(&v))
                 .unwrap_or(Value::Map(vec![("is_password".into(), false.into())]));
             ("waiting-input", Value::Nil, options)
         }
@@ -380,42 +382,6 @@ pub fn step_result(run_id: &str, collected: &Collected, api_version: u32) -> Val
         result.push(("console".into(), Value::Array(console)));
     }
     Value::Map(result)
-}
-
-pub fn value_to_json(value: &Value) -> serde_json::Value {
-    match value {
-        Value::Nil => serde_json::Value::Null,
-        Value::Boolean(b) => (*b).into(),
-        Value::Integer(i) => i.as_i64().map(Into::into).or_else(|| i.as_u64().map(Into::into)).unwrap_or_default(),
-        Value::F32(f) => f64::from(*f).into(),
-        Value::F64(f) => (*f).into(),
-        Value::String(s) => s.as_str().unwrap_or_default().into(),
-        Value::Binary(b) => String::from_utf8_lossy(b).into_owned().into(),
-        Value::Array(items) => items.iter().map(value_to_json).collect(),
-        Value::Map(entries) => entries
-            .iter()
-            .map(|(k, v)| (k.as_str().map(str::to_owned).unwrap_or_else(|| k.to_string()), value_to_json(v)))
-            .collect::<serde_json::Map<_, _>>()
-            .into(),
-        Value::Ext(..) => serde_json::Value::Null,
-    }
-}
-
-pub fn json_to_value(value: &serde_json::Value) -> Value {
-    match value {
-        serde_json::Value::Null => Value::Nil,
-        serde_json::Value::Bool(b) => (*b).into(),
-        serde_json::Value::Number(n) => n
-            .as_i64()
-            .map(Value::from)
-            .or_else(|| n.as_u64().map(Value::from))
-            .unwrap_or_else(|| Value::F64(n.as_f64().unwrap_or_default())),
-        serde_json::Value::String(s) => s.as_str().into(),
-        serde_json::Value::Array(items) => Value::Array(items.iter().map(json_to_value).collect()),
-        serde_json::Value::Object(entries) => {
-            Value::Map(entries.iter().map(|(k, v)| (k.as_str().into(), json_to_value(v))).collect())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -852,7 +852,8 @@ impl KernelManager {
         let docker = self.docker().await?;
         let mut tasks = Vec::with_capacity(images.len());
         for image in images {
-            let task_id = uuid_hex();
+            // A background task id, as Python's `uuid4().hex`.
+            let task_id = uuid::Uuid::new_v4().simple().to_string();
             tasks.push((image.canonical.clone(), task_id));
             let (docker, events, agent_id, pulling) =
                 (docker.clone(), self.events.clone(), self.agent_id.clone(), self.pulling.clone());
@@ -1169,15 +1170,4 @@ async fn pull_if_missing(
             failed(err.to_string());
         }
     }
-}
-
-/// A random id as 32 hex digits (a background task id, as Python's `uuid4().hex`).
-fn uuid_hex() -> String {
-    let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        bytes = nanos.to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

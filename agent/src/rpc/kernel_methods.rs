@@ -15,17 +15,12 @@ use super::{
 };
 use crate::kernel::{ImagePull, KernelError, KernelManager, KernelRecord, spec};
 
-/// Backend.AI's msgpack extension type for UUIDs (16 raw bytes).
-const EXT_UUID: i8 = 1;
-
-/// A kernel or session id: a string, or a UUID in Backend.AI's extension type.
+/// A kernel or session id: a string, or a UUID in Backend.AI's extension type (requests
+/// arrive with it decoded already; in-process callers may still pass one).
 pub fn id_value(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => s.as_str().map(str::to_owned),
-        Value::Ext(EXT_UUID, bytes) if bytes.len() == 16 => {
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            Some(format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]))
-        }
+        Value::Ext(super::pickle::EXT_UUID, bytes) => uuid::Uuid::from_slice(bytes).ok().map(|id| id.to_string()),
         _ => None,
     }
 }

@@ -159,19 +159,7 @@ fn replace_ext(value: &mut Value, depth: usize) -> Result<(), ExtError> {
 // UUID and datetime
 
 fn uuid_string(data: &[u8]) -> Result<String, ExtError> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    if data.len() != 16 {
-        return Err(ExtError::UuidLength(data.len()));
-    }
-    let mut out = String::with_capacity(36);
-    for (i, byte) in data.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0xf)]));
-    }
-    Ok(out)
+    uuid::Uuid::from_slice(data).map(|id| id.to_string()).map_err(|_| ExtError::UuidLength(data.len()))
 }
 
 /// `temporenc.unpackb(data).datetime()` (strict, not local), written as Python's

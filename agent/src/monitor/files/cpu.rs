@@ -111,6 +111,11 @@ impl CpuReader {
         Ok(!matches!(first, b"-1" | b"max" | b""))
     }
 
+    /// Whether the user/system split is in `cpu.stat` (v2), which [`CpuReader::read`] reads.
+    pub fn split_in_stat(&self) -> bool {
+        self.split_v1.is_none()
+    }
+
     /// Whether [`CpuReader::read_usage`] reads `cpu.stat` too (v2, CPU time from files), so
     /// the throttling counters need no read of their own.
     pub fn usage_brings_throttling(&self) -> bool {

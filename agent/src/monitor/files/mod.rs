@@ -274,15 +274,16 @@ impl CgroupReaders {
             self.full_reads += 1;
         }
         let cpu_ns = readings.counters.cpu_ns;
+        let mut stat_read = false;
         if full || cpu_ns.saturating_sub(self.read_at_cpu_ns) >= ACTIVE_CPU_NS {
             self.read_memory(buf, readings, full, everything, &mut keep);
-            self.read_throttling(buf, readings, everything, &mut keep);
+            stat_read = self.read_throttling(buf, readings, everything, &mut keep);
             if let Some(reader) = &self.pids {
                 keep(reader.read(buf).map(|processes| readings.processes = processes));
             }
             self.read_at_cpu_ns = cpu_ns;
         }
-        self.read_cpu_split(buf, readings, full, &mut keep);
+        self.read_cpu_split(buf, readings, full, stat_read, &mut keep);
         self.until_full = Some(match self.until_full {
             // After the first read (at attach), each kernel's full reads fall on its own turn.
             None => self.phase,
@@ -352,37 +353,47 @@ impl CgroupReaders {
     }
 
     /// The throttling counters, where a quota can throttle (and with `everything`, whether one
-    /// does).
+    /// does); true when `cpu.stat` was read.
     fn read_throttling(
         &mut self,
         buf: &mut Vec<u8>,
         readings: &mut ContainerReadings,
         everything: bool,
         keep: &mut impl FnMut(io::Result<()>),
-    ) {
-        let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) else { return };
+    ) -> bool {
+        let Some(reader) = self.cpu.as_ref().filter(|reader| !reader.usage_brings_throttling()) else { return false };
         if everything {
             match reader.has_quota(buf) {
                 Ok(has_quota) => self.has_quota = has_quota,
                 Err(err) => keep(Err(err)),
             }
         }
-        if everything || self.has_quota {
-            keep(reader.read(buf, &mut readings.cpu, &mut readings.cpu_files));
+        if !(everything || self.has_quota) {
+            return false;
         }
+        let read = reader.read(buf, &mut readings.cpu, &mut readings.cpu_files);
+        let ok = read.is_ok();
+        keep(read);
+        ok
     }
 
     /// The kernel's user/system split, when CPU time grew enough since it was last read, or
-    /// grew at all and this is a full read.
+    /// grew at all and this is a full read. On v2 the split is in `cpu.stat`: when this pass
+    /// read that file already (`stat_read`), the split came with it.
     fn read_cpu_split(
         &mut self,
         buf: &mut Vec<u8>,
         readings: &mut ContainerReadings,
         full: bool,
+        stat_read: bool,
         keep: &mut impl FnMut(io::Result<()>),
     ) {
         let Some(reader) = self.cpu.as_ref().filter(|_| !self.cpu_time_from_files) else { return };
         let cpu_ns = readings.counters.cpu_ns;
+        if stat_read && reader.split_in_stat() {
+            self.split_read_at_ns = Some(cpu_ns);
+            return;
+        }
         let unsplit = self.split_read_at_ns.is_none_or(|at| at < cpu_ns);
         if split_is_stale(self.split_read_at_ns, cpu_ns) || (unsplit && full) {
             keep(reader.read_split(buf, &mut readings.cpu, &mut readings.cpu_files));
