@@ -351,6 +351,8 @@ struct KernelEntry {
     kernel: Arc<KernelContainer>,
     metrics: MetricSet,
     seen: Instant,
+    /// Whether it had stopped at its last measurement (its numbers are then final).
+    stopped: bool,
 }
 
 /// Milliseconds of a nanosecond count.
@@ -376,17 +378,28 @@ impl Measurements {
         self.update_at(snapshot, Instant::now());
     }
 
+    /// Feeds a snapshot taken at `at`. Kernels are measured at the passes that read the node
+    /// (every `monitor.stats-interval`, what the manager and the utilization gauges look at);
+    /// in between only a kernel that just stopped is, so that its final numbers are there at
+    /// once (`destroy_kernel` returns them).
     pub fn update_at(&mut self, snapshot: &MonitorSnapshot, at: Instant) {
         for sample in &snapshot.containers {
+            let stopped = sample.cgroup_id.is_none();
+            if !(snapshot.node_fresh || stopped) {
+                continue;
+            }
             let entry = match self.kernels.get_mut(sample.kernel.kernel_id.as_str()) {
+                Some(entry) if !snapshot.node_fresh && entry.stopped => continue,
                 Some(entry) => entry,
                 None => self.kernels.entry(sample.kernel.kernel_id.clone()).or_insert_with(|| KernelEntry {
                     kernel: sample.kernel.clone(),
                     metrics: MetricSet::default(),
                     seen: at,
+                    stopped,
                 }),
             };
             entry.seen = at;
+            entry.stopped = stopped;
             if !Arc::ptr_eq(&entry.kernel, &sample.kernel) {
                 entry.kernel = sample.kernel.clone();
             }
@@ -401,11 +414,11 @@ impl Measurements {
             set.update(NET_RX, r.counters.rx_bytes as f64, None, true, at);
             set.update(NET_TX, r.counters.tx_bytes as f64, None, true, at);
         }
-        self.kernels.retain(|_, entry| at.duration_since(entry.seen) < KERNEL_RETENTION);
-        // Rates and diffs of the node are between its fresh readings only.
-        if snapshot.node_fresh {
-            self.update_node(snapshot, at);
+        if !snapshot.node_fresh {
+            return;
         }
+        self.kernels.retain(|_, entry| at.duration_since(entry.seen) < KERNEL_RETENTION);
+        self.update_node(snapshot, at);
         self.latest = Some(at);
     }
 
@@ -712,6 +725,32 @@ mod tests {
         measurements.update_at(&MonitorSnapshot::default(), t0 + Duration::from_secs(3));
         assert!(measurements.latest_kernels().is_empty());
         assert!(measurements.kernel("k-a").is_some());
+    }
+
+    #[test]
+    fn kernels_are_measured_every_stats_interval_and_once_more_when_they_stop() {
+        let mut measurements = Measurements::default();
+        let t0 = Instant::now();
+        let cpu_used =
+            |m: &Measurements| text(get(&m.kernel("k-a").expect("measured"), "cpu_used"), "current").to_owned();
+        let between = |mut snapshot: MonitorSnapshot| {
+            snapshot.node_fresh = false;
+            snapshot
+        };
+        measurements.update_at(&sample(0, 0, 1), t0);
+        // A pass that does not read the node leaves a running kernel's numbers alone.
+        measurements.update_at(&between(sample(1_000_000, 0, 1)), t0 + Duration::from_secs(1));
+        assert_eq!(cpu_used(&measurements), "0");
+        measurements.update_at(&sample(2_000_000, 0, 1), t0 + Duration::from_secs(2));
+        assert_eq!(cpu_used(&measurements), "2");
+        // A kernel that stopped is measured at once, its final numbers, and then left alone.
+        let mut stopped = between(sample(3_000_000, 0, 1));
+        stopped.containers[0].cgroup_id = None;
+        measurements.update_at(&stopped, t0 + Duration::from_secs(3));
+        assert_eq!(cpu_used(&measurements), "3");
+        stopped.containers[0].readings.counters.cpu_ns = 9_000_000;
+        measurements.update_at(&stopped, t0 + Duration::from_secs(4));
+        assert_eq!(cpu_used(&measurements), "3");
     }
 
     #[test]

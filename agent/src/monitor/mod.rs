@@ -131,6 +131,8 @@ pub struct ContainerMonitor {
     /// `kernel.bpf_stats_enabled`, read every [`PROGRAM_STATS_EVERY`]th pass.
     bpf_stats: Option<files::StatFile>,
     bpf_stats_enabled: bool,
+    /// Ring-buffer losses as last read (see [`ContainerMonitor::lost_events`]).
+    lost_events: u64,
     /// The node and its devices are read every this many passes (the stats interval), and
     /// their last readings published in between.
     node_every: u64,
@@ -167,6 +169,7 @@ impl ContainerMonitor {
             program_stats: Vec::new(),
             bpf_stats: files::StatFile::open("/proc/sys/kernel/bpf_stats_enabled".into()).ok(),
             bpf_stats_enabled: true,
+            lost_events: 0,
             node_every: 1,
             last_node: node::NodeReadings::default(),
             last_devices: Vec::new(),
@@ -205,6 +208,15 @@ impl ContainerMonitor {
             self.program_stats = self.ebpf.program_stats();
         }
         self.program_stats.clone()
+    }
+
+    /// Events the programs could not hand over: a count that is rarely anything but zero, read
+    /// (a syscall) every [`PROGRAM_STATS_EVERY`]th pass.
+    fn lost_events(&mut self) -> u64 {
+        if self.passes.is_multiple_of(PROGRAM_STATS_EVERY) {
+            self.lost_events = self.ebpf.lost_events();
+        }
+        self.lost_events
     }
 
     /// Reports the start-up check of the CPU program (see [`selfcheck`]) in every snapshot.
@@ -249,10 +261,21 @@ impl ContainerMonitor {
                 for id in gone {
                     self.stopped(&id);
                 }
-                for kernel in running {
-                    self.started(kernel);
+                let resolved: Vec<_> = running
+                    .into_iter()
+                    .map(|kernel| {
+                        let cgroups = self.layout.container_cgroups(kernel.pid);
+                        (kernel, cgroups)
+                    })
+                    .collect();
+                // Stale registrations go before the running kernels attach, so that none of
+                // these finds its direct slot held by a container that is gone.
+                let claimed: Vec<CgroupId> =
+                    resolved.iter().filter_map(|(_, cgroups)| cgroups.as_ref().ok().map(|c| c.unified.id)).collect();
+                self.forget_unclaimed(&claimed);
+                for (kernel, cgroups) in resolved {
+                    self.attach_resolved(kernel, cgroups);
                 }
-                self.forget_unclaimed();
                 self.synced = true;
             }
             ContainerEvent::Started(kernel) => self.started(kernel),
@@ -263,9 +286,9 @@ impl ContainerMonitor {
     }
 
     /// Lets go of counters an earlier agent registered for containers that are gone now
-    /// (they ended while no agent ran): every running kernel is attached after a snapshot.
-    fn forget_unclaimed(&mut self) {
-        for id in self.ebpf.unattached_registrations() {
+    /// (they ended while no agent ran): neither attached nor among Docker's running kernels.
+    fn forget_unclaimed(&mut self, claimed: &[CgroupId]) {
+        for id in self.ebpf.unattached_registrations().into_iter().filter(|id| !claimed.contains(id)) {
             match self.ebpf.forget(id) {
                 Ok(last) => {
                     tracing::info!(
@@ -281,7 +304,12 @@ impl ContainerMonitor {
     }
 
     fn started(&mut self, kernel: KernelContainer) {
-        let cgroups = match self.layout.container_cgroups(kernel.pid) {
+        let cgroups = self.layout.container_cgroups(kernel.pid);
+        self.attach_resolved(kernel, cgroups);
+    }
+
+    fn attach_resolved(&mut self, kernel: KernelContainer, cgroups: Result<ContainerCgroups, cgroup::CgroupError>) {
+        let cgroups = match cgroups {
             Ok(cgroups) => cgroups,
             Err(err) => {
                 tracing::warn!(container_id = %kernel.container_id, error = %err, "cannot resolve the container's cgroup; not counting it");
@@ -428,7 +456,7 @@ impl ContainerMonitor {
             attached_cgroups: self.ebpf.attached_count(),
             programs: self.program_stats(),
             sources: self.sources,
-            lost_events: self.ebpf.lost_events(),
+            lost_events: self.lost_events(),
             cpu_check: self.cpu_check,
             maps: vec![
                 MapUsage { map: agent_common::SLOTS_MAP, entries: direct, capacity: direct_capacity },

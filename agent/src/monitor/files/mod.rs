@@ -163,8 +163,10 @@ pub fn for_each_keyed(text: &[u8], mut each: impl FnMut(&[u8], u64)) {
 pub const FULL_READ_EVERY: u32 = 30;
 
 /// CPU time a kernel must have used since its files were last read for them to be read again
-/// before the next full read: what it takes to allocate, fork or write enough to show.
-pub const ACTIVE_CPU_NS: u64 = 25_000_000;
+/// before the next full read: what it takes to allocate, fork or write enough to show (50 ms of
+/// page faults is a few hundred MiB). A kernel that wakes now and then does not get there
+/// between its full reads.
+pub const ACTIVE_CPU_NS: u64 = 50_000_000;
 
 /// A change of memory usage that makes the memory breakdown (`memory.stat`) worth reading
 /// again before the next full read: 1 % of the usage at the last breakdown, at least 1 MiB.
@@ -172,10 +174,22 @@ fn breakdown_is_stale(breakdown_usage: u64, usage: u64) -> bool {
     usage.abs_diff(breakdown_usage) > (breakdown_usage / 100).max(1 << 20)
 }
 
-/// Every this many full reads the breakdown is read whatever usage did (the kernel ages page
-/// cache from active to inactive without changing usage), and so are the settings (memory limit,
-/// CPU quota), which change only when someone updates the container.
+/// Every this many full reads the settings (memory limit, CPU quota) are read, which change
+/// only when someone updates the container.
 const EVERYTHING_EVERY_FULL_READS: u32 = 4;
+
+/// Every this many full reads the breakdown is read whatever usage did: the kernel ages page
+/// cache from active to inactive without changing usage, but slowly, and `memory.stat` is the
+/// costliest file (about 50 µs on cgroup v1, ten times any other).
+const BREAKDOWN_EVERY_FULL_READS: u32 = 10;
+
+/// Which of the less frequent memory reads a pass makes (see [`CgroupReaders`]).
+#[derive(Debug, Clone, Copy)]
+struct MemoryReads {
+    full: bool,
+    everything: bool,
+    aged: bool,
+}
 
 /// A container's readers: the subsystems eBPF never counts, and the fallbacks for the
 /// resources whose eBPF program is not running.
@@ -193,8 +207,9 @@ const EVERYTHING_EVERY_FULL_READS: u32 = 4;
 /// - Every [`FULL_READ_EVERY`]th pass reads usage, tasks and the peak whatever the kernel did
 ///   (and the breakdown by the rule above), so that what others do to an idle kernel
 ///   (reclaiming its page cache) shows; every [`EVERYTHING_EVERY_FULL_READS`]th full read reads
-///   everything, the breakdown, the memory limit and the CPU quota included. Kernels take their
-///   full passes in turn, not all in the same one.
+///   the memory limit and the CPU quota too, and every [`BREAKDOWN_EVERY_FULL_READS`]th the
+///   breakdown whatever usage did. Kernels take their full passes in turn, not all in the same
+///   one.
 #[derive(Debug)]
 pub struct CgroupReaders {
     memory: Option<MemoryReader>,
@@ -270,13 +285,14 @@ impl CgroupReaders {
         let full = self.until_full.is_none_or(|left| left == 0);
         // Every few full reads, everything (the first one included).
         let everything = full && self.full_reads.is_multiple_of(EVERYTHING_EVERY_FULL_READS);
+        let aged = full && self.full_reads.is_multiple_of(BREAKDOWN_EVERY_FULL_READS);
         if full {
             self.full_reads += 1;
         }
         let cpu_ns = readings.counters.cpu_ns;
         let mut stat_read = false;
         if full || cpu_ns.saturating_sub(self.read_at_cpu_ns) >= ACTIVE_CPU_NS {
-            self.read_memory(buf, readings, full, everything, &mut keep);
+            self.read_memory(buf, readings, MemoryReads { full, everything, aged }, &mut keep);
             stat_read = self.read_throttling(buf, readings, everything, &mut keep);
             if let Some(reader) = &self.pids {
                 keep(reader.read(buf).map(|processes| readings.processes = processes));
@@ -317,14 +333,13 @@ impl CgroupReaders {
         }
     }
 
-    /// Memory usage; its breakdown and `/dev/shm` when they are stale; on full reads the peak,
-    /// and with `everything` the limit.
+    /// Memory usage; its breakdown and `/dev/shm` when they are stale (or `aged`); on full reads
+    /// the peak, and with `everything` the limit.
     fn read_memory(
         &mut self,
         buf: &mut Vec<u8>,
         readings: &mut ContainerReadings,
-        full: bool,
-        everything: bool,
+        MemoryReads { full, everything, aged }: MemoryReads,
         keep: &mut impl FnMut(io::Result<()>),
     ) {
         let Some(reader) = &self.memory else { return };
@@ -332,7 +347,7 @@ impl CgroupReaders {
             Ok(usage) => usage,
             Err(err) => return keep(Err(err)),
         };
-        let stale = everything || breakdown_is_stale(self.breakdown_usage, usage);
+        let stale = aged || breakdown_is_stale(self.breakdown_usage, usage);
         if stale {
             keep(reader.read_breakdown(buf, usage, &mut readings.memory));
             self.breakdown_usage = usage;
@@ -403,10 +418,11 @@ impl CgroupReaders {
 }
 
 /// CPU time that may be split in an older ratio before the kernel's user/system split is read
-/// again: the split is then off by at most this share of the total or [`ACTIVE_CPU_NS`],
-/// whichever is more (a kernel that keeps running costs a read only every 1 % of growth).
+/// again: the split is then off by at most this share of the total or 100 ms, whichever is
+/// more (a kernel that keeps running costs a read only every 1 % of growth; one that wakes
+/// now and then, at its full reads). The kernel's own split is in ticks, 4–10 ms each.
 const SPLIT_STALE_SHARE: u64 = 100;
-const SPLIT_STALE_MIN_NS: u64 = ACTIVE_CPU_NS;
+const SPLIT_STALE_MIN_NS: u64 = 100_000_000;
 
 /// Whether CPU time grew enough since the split was read at `read_at_ns` to read it again.
 fn split_is_stale(read_at_ns: Option<u64>, cpu_ns: u64) -> bool {
@@ -545,13 +561,20 @@ mod tests {
         full_cycle(&mut readers, &mut readings, &mut buf);
         assert_eq!((readings.memory.limit, readings.memory.working_set), (None, 102 * MIB + 512 * 1024));
         // The limit, the quota and throttling wait for the read of everything, every fourth full
-        // read (the first, at attach, was one), which reads the breakdown whatever usage did.
+        // read (the first, at attach, was one).
         assert_eq!(readings.cpu.throttled_periods, 1);
         write(d, "cpu.stat", "usage_usec 10\nnr_periods 9\nnr_throttled 5\nthrottled_usec 70\n".into());
         write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 3 * MIB));
         full_cycle(&mut readers, &mut readings, &mut buf);
-        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 101 * MIB + 512 * 1024));
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 102 * MIB + 512 * 1024));
         assert_eq!(readings.cpu.throttled_periods, 5, "the read of everything reads throttling too");
+        // The breakdown, whatever usage did, every tenth full read: aged page cache shows.
+        for _ in 5..BREAKDOWN_EVERY_FULL_READS {
+            full_cycle(&mut readers, &mut readings, &mut buf);
+            assert_eq!(readings.memory.working_set, 102 * MIB + 512 * 1024);
+        }
+        full_cycle(&mut readers, &mut readings, &mut buf);
+        assert_eq!(readings.memory.working_set, 101 * MIB + 512 * 1024);
 
         // With a quota, throttling is read whenever the kernel was active.
         write(d, "cpu.max", "50000 100000\n".into());
@@ -582,7 +605,7 @@ mod tests {
         };
         assert_eq!(pass(&mut readings, 0), (6, 4), "at attach");
         write(dir.path(), "cpu.stat", split(60, 40));
-        assert_eq!(pass(&mut readings, ACTIVE_CPU_NS - 1), (6, 4), "grew too little to read again");
+        assert_eq!(pass(&mut readings, SPLIT_STALE_MIN_NS - 1), (6, 4), "grew too little to read again");
         assert_eq!(pass(&mut readings, 2), (60, 40), "grew by more than the stale share");
         write(dir.path(), "cpu.stat", split(60, 90));
         assert_eq!(pass(&mut readings, 1000), (60, 40), "grew a little");
