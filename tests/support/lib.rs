@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
+pub mod backendai;
 pub mod bench;
 pub mod cpu;
 pub mod kernels;
@@ -115,7 +116,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// `N` distinct free loopback ports (all held open until every one is picked).
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+pub(crate) fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let mut ports = [0; N];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
@@ -136,6 +137,7 @@ pub struct Agent {
     pub log: PathBuf,
     /// `agent.journal-dir`: the event journal (`events.jsonl`, `events.delivered`).
     pub journal_dir: PathBuf,
+    binary: PathBuf,
 }
 
 impl Agent {
@@ -176,18 +178,42 @@ impl Agent {
             ),
         )?;
         let log = dir.path().join("agent.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(binary)
+        let mut agent = Agent {
+            child: None,
+            id: id.to_owned(),
+            addr,
+            rpc_addr,
+            _dir: dir,
+            log,
+            journal_dir,
+            binary: binary.to_path_buf(),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process on its config (appending to its log) and waits until it is ready.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.binary)
             .arg("--config")
-            .arg(&config)
+            .arg(self._dir.path().join("agent.toml"))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut agent = Agent { child: Some(child), id: id.to_owned(), addr, rpc_addr, _dir: dir, log, journal_dir };
-        agent.wait_ready(Duration::from_secs(30))?;
-        Ok(agent)
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Starts a stopped (or killed) agent again on the same config: the same id, ports and
+    /// journal, as a supervisor would.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("the agent is still running");
+        }
+        self.spawn()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
@@ -938,8 +964,13 @@ pub struct PrometheusServer {
 
 impl PrometheusServer {
     pub fn start(targets: &[&str]) -> anyhow::Result<PrometheusServer> {
+        Self::start_at(&format!("127.0.0.1:{}", free_loopback_port()?), targets)
+    }
+
+    /// [`PrometheusServer::start`] listening on `addr`.
+    pub fn start_at(addr: &str, targets: &[&str]) -> anyhow::Result<PrometheusServer> {
         let dir = tempfile::tempdir()?;
-        let addr = format!("127.0.0.1:{}", free_loopback_port()?);
+        let addr = addr.to_owned();
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(

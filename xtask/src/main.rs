@@ -85,6 +85,15 @@ enum Task {
         args: Vec<String>,
     },
 
+    /// Like `test`, but only the end-to-end tests against a real Backend.AI 26.9 manager
+    /// (`tests/backendai_e2e.rs`: PostgreSQL, etcd, Redis and the manager from PyPI, sessions
+    /// through the `backend.ai` CLI).
+    E2e {
+        /// Extra arguments for the test binary, after `--`.
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        args: Vec<String>,
+    },
+
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
     /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`, then
@@ -148,7 +157,10 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(&ctx).map(|()| ExitCode::SUCCESS),
         Task::BuildEbpf => build_ebpf(&ctx).map(|()| ExitCode::SUCCESS),
         Task::Run { args } => run(&ctx, &args),
-        Task::Test { args } => test(&ctx, &args).map(|()| ExitCode::SUCCESS),
+        Task::Test { args } => test(&ctx, &["--workspace"], &args).map(|()| ExitCode::SUCCESS),
+        Task::E2e { args } => {
+            test(&ctx, &["-p", "bai-agent-tests", "--test", "backendai_e2e"], &args).map(|()| ExitCode::SUCCESS)
+        }
         Task::Bench { args } => bench(&ctx, &args),
     });
     match result {
@@ -207,7 +219,8 @@ fn run(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::from(cmd::exit_code(status)))
 }
 
-fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
+/// Sets up, starts the test services, builds, and runs `cargo test <selection> -- <args>`.
+fn test(ctx: &Ctx, selection: &[&str], args: &[String]) -> Result<()> {
     setup::setup(ctx).context("test: step `setup` failed")?;
     step("services", "test services");
     // Test services that are not system-wide start here as `services::Service`s and stop (by
@@ -220,8 +233,8 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
     step("build", "the workspace, all targets");
     cmd::run(ctx.cargo(&["build", "--workspace", "--all-targets"]).env("BAI_AGENT_BIN", &agent_bin))
         .context("test: step `build` failed")?;
-    step("test", "cargo test --workspace");
-    let mut test = ctx.cargo(&["test", "--workspace"]);
+    step("test", &format!("cargo test {}", selection.join(" ")));
+    let mut test = ctx.cargo(&[&["test"], selection].concat());
     if !args.is_empty() {
         test.arg("--").args(args);
     }
@@ -229,7 +242,8 @@ fn test(ctx: &Ctx, args: &[String]) -> Result<()> {
         test.env("BAI_AGENT_BIN", &agent_bin)
             .env("BAI_TEST_REDIS", &redis_addr)
             .env("BAI_TEST_ETCD", &etcd_addr)
-            .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python()),
+            .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python())
+            .env("BAI_TEST_BACKENDAI_INSTALL", setup::BACKENDAI_INSTALL),
     )
     .context("test: step `test` failed")?;
     println!("tests passed");

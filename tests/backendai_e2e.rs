@@ -1,0 +1,346 @@
+//! End to end with a real Backend.AI 26.9.6 manager: PostgreSQL, etcd, Redis and the manager
+//! from PyPI (`tests/e2e/stack.sh`), bai-agent joining it through etcd and Redis, and sessions
+//! driven through the user's own `backend.ai` CLI. What the manager records (its database) and
+//! what Docker runs are the ground truth, not the agent's own view.
+//!
+//! One test walks the scenarios in order on one stack (standing it up takes a minute or two):
+//! the agent ALIVE with its slots; an interactive session created, queried, given a file to run,
+//! listed, downloaded from, its logs read, destroyed (and its container gone); `run --rm`; batch
+//! sessions ending SUCCESS and FAILURE (and the exit code the agent reported); a session that
+//! lives through a `kill -9` of the agent; the manager's live stats of a kernel (through the
+//! Prometheus it queries, scraping the agent) and its stats in Redis coming from the agent.
+
+use std::{process::Command, time::Duration};
+
+use bai_agent_tests::{
+    Agent, PYTHON_IMAGE, PrometheusServer,
+    backendai::{ControlPlane, REGISTRY_PROJECT},
+    require_environment, unique,
+};
+
+/// The test image under the `local` registry's project, as the manager's scan finds it.
+fn image_name() -> String {
+    format!("{REGISTRY_PROJECT}/python:3.11")
+}
+
+/// The image as the CLI names it (registry/project/name:tag).
+fn image_ref() -> String {
+    format!("local/{}", image_name())
+}
+
+fn agent_toml(plane: &ControlPlane, first_port: u16) -> String {
+    format!(
+        "[container]\nscratch-root = \"{scratch}\"\nport-range = [{first_port}, {last}]\nbind-host = \"127.0.0.1\"\n\
+         stop-timeout = \"3s\"\n\n[resource]\nreserved-cpu = 0\nreserved-mem = \"512m\"\n\n\
+         [redis]\naddr = \"{redis}\"\nevent-format = \"26.9\"\n\n[etcd]\naddr = \"{etcd}\"\nnamespace = \"local\"\n\n\
+         [debug]\nheartbeat-interval = \"3s\"\n",
+        scratch = plane.path("scratches").display(),
+        last = first_port + 99,
+        redis = plane.redis_addr,
+        etcd = plane.etcd_addr,
+    )
+}
+
+/// The agent's last log lines (its log is at debug level), for failure messages.
+fn agent_log_tail(agent: &Agent) -> String {
+    let text = agent.log_text();
+    let lines: Vec<&str> = text.lines().filter(|line| !line.contains("DEBUG")).collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The ids of the containers Docker has (running or not) for one kernel.
+fn kernel_containers(kernel_id: &str) -> String {
+    docker(&["ps", "-aq", "--filter", &format!("label=ai.backend.kernel-id={kernel_id}")])
+}
+
+fn session_kernel(plane: &ControlPlane, session: &str) -> String {
+    plane
+        .sql(&format!(
+            "select k.id from kernels k join sessions s on k.session_id = s.id where s.name = '{session}' \
+             order by k.created_at desc limit 1"
+        ))
+        .expect("the session's kernel")
+}
+
+fn session_status(plane: &ControlPlane, session: &str) -> String {
+    plane
+        .sql(&format!("select status from sessions where name = '{session}' order by created_at desc limit 1"))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_real_backendai_manager_runs_sessions_on_bai_agent() {
+    require_environment();
+    let plane = ControlPlane::start().expect("the Backend.AI control plane comes up");
+    let id = unique("i-e2e");
+    let state = plane.path("agent-state");
+    let mut agent = Agent::start_with_journal(&id, &state, &agent_toml(&plane, 22000)).expect("bai-agent starts");
+    // The Prometheus the manager queries for kernels' live stats, scraping the agent.
+    let _prometheus = PrometheusServer::start_at(&plane.prometheus_addr, &[&agent.addr]).expect("prometheus starts");
+
+    the_agent_is_alive_with_its_slots(&plane, &agent);
+    register_the_test_image(&plane);
+    an_interactive_session_runs_code_and_files_and_is_destroyed(&plane, &agent);
+    run_rm_runs_code_in_a_session_of_its_own(&plane);
+    batch_sessions_end_with_their_commands_result(&plane);
+    a_session_lives_through_a_kill_9_of_the_agent(&plane, &mut agent);
+}
+
+fn the_agent_is_alive_with_its_slots(plane: &ControlPlane, agent: &Agent) {
+    plane
+        .wait_for_sql(&format!("select status from agents where id = '{}'", agent.id), "ALIVE", Duration::from_secs(60))
+        .unwrap_or_else(|err| {
+            panic!("{err}\n{}\nagent log:\n{}", plane.log_tail("manager", 60), agent_log_tail(agent))
+        });
+    // The manager's own record of what the agent can give kernels.
+    let slots = plane
+        .sql(&format!(
+            "select slot_name || '=' || capacity from agent_resources where agent_id = '{}' order by slot_name",
+            agent.id
+        ))
+        .expect("slots");
+    let number = |key: &str| {
+        slots.lines().find_map(|line| line.strip_prefix(&format!("{key}="))).and_then(|v| v.parse::<f64>().ok())
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert_eq!(number("cpu"), Some(cores), "every core is allocatable (reserved-cpu = 0): {slots}");
+    assert!(number("mem").is_some_and(|mem| mem > 256.0 * 1024.0 * 1024.0), "memory less the 512 MiB reserve: {slots}");
+    let listed = plane.cli(&["admin", "agent", "list"]);
+    assert!(listed.success && listed.stdout.contains(&agent.id), "the CLI lists the agent: {}", listed.text());
+}
+
+/// Tags the test image under the `local` registry's project and has the manager scan it.
+fn register_the_test_image(plane: &ControlPlane) {
+    docker(&["tag", PYTHON_IMAGE, &image_name()]);
+    let scan = plane.mgr(&["image", "rescan", "local"]);
+    assert!(scan.success, "image rescan: {}", scan.text());
+    let images = plane.sql("select name from images").expect("images");
+    assert!(images.contains("python:3.11"), "the manager knows the image: {images}");
+}
+
+fn an_interactive_session_runs_code_and_files_and_is_destroyed(plane: &ControlPlane, agent: &Agent) {
+    let name = "e2e-interactive";
+    let image = image_ref();
+    let created = plane.cli(&["session", "create", "-t", name, "-r", "cpu=1", "-r", "mem=2g", &image]);
+    assert!(created.success, "session create: {}\nagent log:\n{}", created.text(), agent_log_tail(agent));
+    assert_eq!(session_status(plane, name), "RUNNING");
+    let kernel = session_kernel(plane, name);
+    assert_eq!(kernel_containers(&kernel).lines().count(), 1, "one container for kernel {kernel}");
+
+    // Query mode: the code runs in the kernel and its output comes back.
+    let query = plane.cli(&["run", "-t", name, &image, "-c", "import os; print(6 * 7, os.getcwd())"]);
+    assert!(query.success && query.stdout.contains("42 /home/work"), "run -c: {}", query.text());
+
+    // Batch mode with an uploaded file.
+    let work = plane.path("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    std::fs::write(work.join("hello.py"), "print('batch ok')\nopen('result.txt', 'w').write('from the kernel')\n")
+        .expect("write hello.py");
+    let batch = plane.cli_in(
+        &work,
+        &["run", "-t", name, "--exec", "python3 hello.py", &image, "hello.py"],
+        Duration::from_secs(180),
+    );
+    assert!(batch.success && batch.stdout.contains("batch ok"), "run --exec: {}", batch.text());
+
+    // Files: listed, downloaded.
+    let ls = plane.cli(&["session", "ls", name, "."]);
+    assert!(ls.success && ls.stdout.contains("hello.py") && ls.stdout.contains("result.txt"), "ls: {}", ls.text());
+    let downloads = plane.path("downloads");
+    std::fs::create_dir_all(&downloads).expect("downloads dir");
+    let download = plane.cli(&["session", "download", name, "result.txt", "--dest", &downloads.to_string_lossy()]);
+    assert!(download.success, "download: {}", download.text());
+    assert_eq!(std::fs::read_to_string(downloads.join("result.txt")).unwrap_or_default(), "from the kernel");
+
+    // The manager's live stats of the kernel are the agent's measurements.
+    let busy = plane.cli(&[
+        "run",
+        "-t",
+        name,
+        &image,
+        "-c",
+        "import time\nt = time.time()\nwhile time.time() - t < 3: pass\nprint('spun')",
+    ]);
+    assert!(busy.success && busy.stdout.contains("spun"), "busy run: {}", busy.text());
+    manager_sees_the_kernels_stats(plane, &kernel);
+    let session_id = plane.sql(&format!("select id from sessions where name = '{name}'")).expect("session id");
+    manager_shows_live_stats(plane, &session_id);
+
+    // Logs, then destroy: TERMINATED in the manager, the container gone.
+    let logs = plane.cli(&["session", "logs", name]);
+    assert!(logs.success && logs.stdout.contains("kernel runner listening"), "logs: {}", logs.text());
+    assert!(!logs.stdout.contains('\u{1b}'), "the container's log is plain text: {}", logs.text());
+    let destroyed = plane.cli(&["session", "destroy", name]);
+    assert!(destroyed.success, "destroy: {}", destroyed.text());
+    plane
+        .wait_for_sql(
+            &format!("select status from sessions where name = '{name}'"),
+            "TERMINATED",
+            Duration::from_secs(60),
+        )
+        .expect("the session ends");
+    bai_agent_tests::wait_until("the kernel's container is removed", Duration::from_secs(30), || {
+        kernel_containers(&kernel).is_empty()
+    })
+    .expect("container gone");
+}
+
+/// The kernel's stats as the manager serves them (from Redis, written by the agent): CPU time
+/// used by the busy loop, and memory.
+fn manager_sees_the_kernels_stats(plane: &ControlPlane, kernel: &str) {
+    let script = format!(
+        "import asyncio, sys\n\
+         from ai.backend.common import msgpack\n\
+         import redis\n\
+         r = redis.Redis(host='127.0.0.1', port={port}, db=0)\n\
+         raw = r.get('{kernel}')\n\
+         stats = msgpack.unpackb(raw) if raw else {{}}\n\
+         print(float(stats['cpu_used']['current']), float(stats['mem']['current']))\n",
+        port = plane.redis_addr.rsplit(':').next().unwrap_or_default(),
+    );
+    let mut last = String::new();
+    for _ in 0..20 {
+        let (ok, out) = bai_agent_tests::run_backendai_python(&script, b"");
+        if ok {
+            let numbers: Vec<f64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            if let [cpu_ms, mem] = numbers[..]
+                && cpu_ms >= 2500.0
+            {
+                assert!(mem > 0.0, "memory in the kernel's stats: {out}");
+                return;
+            }
+        }
+        last = out;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("the kernel's stats in the manager's Redis never showed the 3 s busy loop: {last}");
+}
+
+/// The session's live stats in the manager's own view (`session info`: in 26.9 the manager
+/// queries Prometheus for the agent's `backendai_container_utilization`): the 3 s busy loop in
+/// `cpu_used`, memory in `mem`.
+fn manager_shows_live_stats(plane: &ControlPlane, session_id: &str) {
+    let current = |text: &str, metric: &str| -> Option<f64> {
+        let line = text.lines().find(|line| line.trim_start().starts_with(&format!("- {metric}:")))?;
+        let rest = line.split("'current': '").nth(1)?;
+        rest.split('\'').next()?.parse().ok()
+    };
+    let mut last = String::new();
+    for _ in 0..30 {
+        let info = plane.cli(&["session", "info", session_id]);
+        if let (Some(cpu_ms), Some(mem)) = (current(&info.stdout, "cpu_used"), current(&info.stdout, "mem")) {
+            assert!(cpu_ms >= 2500.0, "cpu_used in the manager's live stats: {cpu_ms} ms");
+            assert!(mem > 0.0, "mem in the manager's live stats: {mem}");
+            return;
+        }
+        last = info.text();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("the manager never showed the session's live stats: {last}");
+}
+
+fn run_rm_runs_code_in_a_session_of_its_own(plane: &ControlPlane) {
+    let run = plane.cli(&["run", "--rm", "-t", "e2e-rm", &image_ref(), "-c", "print(2 ** 10)"]);
+    assert!(run.success && run.stdout.contains("1024"), "run --rm: {}", run.text());
+    plane
+        .wait_for_sql("select status from sessions where name = 'e2e-rm'", "TERMINATED", Duration::from_secs(60))
+        .expect("run --rm's session ends");
+    let kernel = session_kernel(plane, "e2e-rm");
+    bai_agent_tests::wait_until("run --rm's container is removed", Duration::from_secs(30), || {
+        kernel_containers(&kernel).is_empty()
+    })
+    .expect("container gone");
+}
+
+fn batch_sessions_end_with_their_commands_result(plane: &ControlPlane) {
+    for (name, command, result, exit_code) in [
+        ("e2e-batch-ok", "python3 -c 'print(1)'", "SUCCESS", 0),
+        ("e2e-batch-fail", "python3 -c 'import sys; sys.exit(3)'", "FAILURE", 3),
+    ] {
+        let created = plane.cli(&[
+            "session",
+            "create",
+            "-t",
+            name,
+            "--type",
+            "batch",
+            "--startup-command",
+            command,
+            "-r",
+            "cpu=1",
+            "-r",
+            "mem=2g",
+            &image_ref(),
+        ]);
+        assert!(created.success, "batch session create: {}", created.text());
+        plane
+            .wait_for_sql(
+                &format!("select status || ' ' || result from sessions where name = '{name}'"),
+                &format!("TERMINATED {result}"),
+                Duration::from_secs(90),
+            )
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        // The manager keeps no exit code of its own (it marks SUCCESS or FAILURE); the one the
+        // agent reported is in the event it consumed.
+        let session_id = plane.sql(&format!("select id from sessions where name = '{name}'")).expect("session id");
+        let reported = batch_result_event(plane, &session_id);
+        assert_eq!(reported.0, if exit_code == 0 { "session_success" } else { "session_failure" }, "{name}");
+        assert_eq!(reported.1["exit_code"], exit_code, "{name}: {:?}", reported);
+        let kernel = session_kernel(plane, name);
+        bai_agent_tests::wait_until("the batch kernel's container is removed", Duration::from_secs(30), || {
+            kernel_containers(&kernel).is_empty()
+        })
+        .expect("container gone");
+    }
+}
+
+/// The `session_success` / `session_failure` event the agent put on the manager's stream for a
+/// session: its name and JSON payload.
+fn batch_result_event(plane: &ControlPlane, session_id: &str) -> (String, serde_json::Value) {
+    let script = format!(
+        "import redis\n\
+         r = redis.Redis(host='127.0.0.1', port={port}, db=4)\n\
+         for _, fields in r.xrange('events'):\n\
+         \x20   if fields.get(b'name') in (b'session_success', b'session_failure'):\n\
+         \x20       print(fields[b'name'].decode(), fields[b'payload'].decode())\n",
+        port = plane.redis_addr.rsplit(':').next().unwrap_or_default(),
+    );
+    let (ok, out) = bai_agent_tests::run_backendai_python(&script, b"");
+    assert!(ok, "reading the event stream: {out}");
+    out.lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter_map(|(name, payload)| Some((name.to_owned(), serde_json::from_str::<serde_json::Value>(payload).ok()?)))
+        .find(|(_, payload)| payload["session_id"] == session_id)
+        .unwrap_or_else(|| panic!("no batch result event for session {session_id} in the stream: {out}"))
+}
+
+fn a_session_lives_through_a_kill_9_of_the_agent(plane: &ControlPlane, agent: &mut Agent) {
+    let name = "e2e-restart";
+    let image = image_ref();
+    let created = plane.cli(&["session", "create", "-t", name, "-r", "cpu=1", "-r", "mem=2g", &image]);
+    assert!(created.success, "session create: {}", created.text());
+    let set = plane.cli(&["run", "-t", name, &image, "-c", "x = 41"]);
+    assert!(set.success, "run -c: {}", set.text());
+
+    agent.kill_hard().expect("kill -9");
+    std::thread::sleep(Duration::from_secs(2));
+    agent.restart().expect("the agent starts again");
+
+    assert_eq!(session_status(plane, name), "RUNNING", "the manager still has the session running");
+    let after = plane.cli(&["run", "-t", name, &image, "-c", "print('after restart', x + 1)"]);
+    assert!(after.success && after.stdout.contains("after restart 42"), "the kernel kept its state: {}", after.text());
+    let destroyed = plane.cli(&["session", "destroy", name]);
+    assert!(destroyed.success, "destroy: {}", destroyed.text());
+    plane
+        .wait_for_sql(
+            &format!("select status from sessions where name = '{name}'"),
+            "TERMINATED",
+            Duration::from_secs(60),
+        )
+        .expect("the session ends");
+}
