@@ -218,6 +218,27 @@ fn a_malformed_config_is_refused_naming_the_key() {
     }
 }
 
+/// Backend.AI 26.9.6's own sample `agent.toml` (from the `backend.ai-install` wheel that setup
+/// unpacks) is a valid configuration: the keys bai-agent does not use are named, not refused.
+#[test]
+fn the_python_agents_own_sample_agent_toml_loads() {
+    require_environment();
+    let install =
+        std::env::var_os("BAI_TEST_BACKENDAI_INSTALL").expect("BAI_TEST_BACKENDAI_INSTALL (cargo xtask test)");
+    let sample = std::path::Path::new(&install).join("ai/backend/install/configs/agent.toml");
+    let out = Command::new(bai_agent_tests::agent_binary())
+        .arg("--config")
+        .arg(&sample)
+        .arg("--check-config")
+        .output()
+        .expect("agent runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}: {}{stdout}", sample.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rpc_listen_addr: 127.0.0.1:6001"), "{stdout}");
+    assert!(stdout.contains("ignored (keys of the Python agent that bai-agent does not use): "), "{stdout}");
+    assert!(stdout.contains("agent.mode") && stdout.contains("container.kernel-uid"), "{stdout}");
+}
+
 #[test]
 fn counters_survive_a_kill_9_of_the_agent_and_count_while_it_is_down() {
     require_environment();

@@ -1,5 +1,7 @@
 //! `agent.toml`: the search order, parsing with key-named errors, defaults and CLI overrides.
 
+mod python;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -44,6 +46,10 @@ pub struct Config {
     /// never replaces these.
     #[serde(skip)]
     pub explicit_keys: std::collections::BTreeSet<String>,
+    /// Keys of a Python agent's `agent.toml` that the file set and bai-agent does not use
+    /// (see [`python`]); the agent names them once at start.
+    #[serde(skip)]
+    pub python_keys: Vec<String>,
 }
 
 /// Backend.AI's etcd: shared configuration under `/sorna/{namespace}/` overlaid on this file's
@@ -560,11 +566,15 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
-    /// Parses TOML text; `origin` only labels errors.
+    /// Parses TOML text; `origin` only labels errors. A Python agent's `agent.toml` is read
+    /// through [`python::translate`] first.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let path = origin.to_path_buf();
-        let document = toml::Deserializer::parse(text)
-            .map_err(|err| ConfigError::Syntax { path: path.clone(), message: err.to_string() })?;
+        let syntax = |message: String| ConfigError::Syntax { path: path.clone(), message };
+        let mut table: toml::Table = text.parse().map_err(|err: toml::de::Error| syntax(err.to_string()))?;
+        let python_keys = python::translate(&mut table);
+        let text = &toml::to_string(&table).map_err(|err| syntax(err.to_string()))?;
+        let document = toml::Deserializer::parse(text).map_err(|err| syntax(err.to_string()))?;
         let mut unknown = Vec::new();
         let mut record_unknown = |key: serde_ignored::Path<'_>| unknown.push(key.to_string());
         let tracked = serde_ignored::Deserializer::new(document, &mut record_unknown);
@@ -575,11 +585,30 @@ impl Config {
                 message: first_line(&err.inner().to_string()),
             })?;
         config.explicit_keys = explicit_keys(text);
+        config.python_keys = python_keys;
+        config.resolve_relative_paths(origin);
         if !unknown.is_empty() {
             return Err(ConfigError::UnknownKeys { path, keys: unknown });
         }
         config.validate(&path)?;
         Ok(config)
+    }
+
+    /// Relative directories (a Python agent's sample has `./scratches`) are taken from the
+    /// config file's directory, not from wherever the agent happens to start.
+    fn resolve_relative_paths(&mut self, origin: &Path) {
+        let Some(dir) = origin.parent() else { return };
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        for path in [
+            &mut self.container.scratch_root,
+            &mut self.container.mount_root,
+            &mut self.kernel_runner.path,
+            &mut self.agent.journal_dir,
+        ] {
+            if path.is_relative() && !path.as_os_str().is_empty() {
+                *path = dir.join(&*path);
+            }
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -921,7 +950,7 @@ mod tests {
             ("[resource]\nmem-overcommit = 0\n", "resource.mem-overcommit"),
             ("[resource]\nmem-overcommit = nan\n", "resource.mem-overcommit"),
             ("[resource]\nallocation-strategy = \"random\"\n", "resource.allocation-strategy"),
-            ("[resource]\nallocation-order = \"fill\"\n", "resource.allocation-order"),
+            ("[resource]\nallocation-stratgy = \"fill\"\n", "resource.allocation-stratgy"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");
@@ -954,11 +983,99 @@ mod tests {
     }
 
     #[test]
+    fn relative_directories_are_the_config_files() {
+        let config = Config::from_toml(
+            "[container]\nscratch-root = \"./scratches\"\nmount-root = \"vfolders\"\n",
+            Path::new("/etc/backend.ai/agent.toml"),
+        )
+        .expect("valid");
+        assert_eq!(config.container.scratch_root, Path::new("/etc/backend.ai/./scratches"));
+        assert_eq!(config.container.mount_root, Path::new("/etc/backend.ai/vfolders"));
+    }
+
+    /// The keys of Backend.AI 26.9.6's own sample `configs/agent.toml` (values as there).
+    const PYTHON_AGENT_TOML: &str = r#"
+[etcd]
+namespace = "local"
+addr = { host = "127.0.0.1", port = 8120 }
+user = ""
+password = ""
+[agent]
+mode = "docker"
+rpc-listen-addr = { host = "127.0.0.1", port = 6001 }
+service-addr = { host = "0.0.0.0", port = 6003 }
+ssl-enabled = false
+agent-sock-port = 6007
+initial-resource-group-name = "default"
+pid-file = "./agent.pid"
+event-loop = "uvloop"
+var-base-path = "./var/lib/backend.ai"
+image-commit-path = "./tmp/backend.ai/commit/"
+mount-path = "./vfroot/local"
+cohabiting-storage-proxy = true
+[container]
+port-range = [30000, 31000]
+kernel-uid = -1
+kernel-gid = -1
+bind-host = "127.0.0.1"
+sandbox-type = "docker"
+scratch-type = "hostdir"
+scratch-root = "./scratches"
+scratch-size = "1G"
+[watcher]
+service-addr = { host = "127.0.0.1", port = 6009 }
+ssl-enabled = false
+target-service = "backendai-agent.service"
+soft-reset-available = false
+[pyroscope]
+enabled = false
+[logging]
+level = "INFO"
+drivers = ["console"]
+[logging.pkg-ns]
+"" = "WARNING"
+[logging.console]
+colored = true
+[resource]
+reserved-cpu = 1
+reserved-mem = "1G"
+reserved-disk = "8G"
+allocation-order = ["cuda", "rocm", "tpu", "cpu", "mem"]
+affinity-policy = "INTERLEAVED"
+[debug]
+enabled = true
+skip-container-deletion = false
+[debug.coredump]
+enabled = false
+[otel]
+enabled = false
+"#;
+
+    #[test]
+    fn a_python_agents_agent_toml_loads_with_its_unused_keys_named() {
+        let config = Config::from_toml(PYTHON_AGENT_TOML, Path::new("/etc/backend.ai/agent.toml")).expect("loads");
+        assert_eq!(config.agent.rpc_listen_addr.to_string(), "127.0.0.1:6001");
+        assert_eq!(config.agent.internal_addr.to_string(), "0.0.0.0:6003");
+        assert_eq!(config.agent.scaling_group, "default");
+        assert_eq!(config.etcd.addr.as_ref().map(ToString::to_string).as_deref(), Some("127.0.0.1:8120"));
+        assert_eq!(config.container.port_range, [30000, 31000]);
+        assert_eq!(config.container.scratch_root, Path::new("/etc/backend.ai/./scratches"));
+        assert_eq!(config.container.mount_root, Path::new("/etc/backend.ai/./vfroot/local"));
+        assert_eq!((config.resource.reserved_cpu, config.resource.reserved_mem), (Some(1), 1 << 30));
+        assert_eq!(config.logging.level, "info");
+        for key in ["agent.mode", "container.kernel-uid", "watcher.service-addr", "pyroscope", "otel", "debug.coredump"]
+        {
+            assert!(config.python_keys.iter().any(|k| k == key), "{key} in {:?}", config.python_keys);
+        }
+        // A typo of one of bai-agent's own keys still stops the start, next to Python's keys.
+        let typo = format!("{PYTHON_AGENT_TOML}\n[monitor]\nintervall = \"1s\"\n");
+        let err = Config::from_toml(&typo, Path::new("agent.toml")).expect_err("typo");
+        assert!(err.to_string().contains("`monitor.intervall`"), "{err}");
+    }
+
+    #[test]
     fn bad_container_keys_are_named() {
         for (text, key) in [
-            ("[container]\nscratch-root = \"scratches\"\n", "container.scratch-root"),
-            ("[container]\nmount-root = \"vfolders\"\n", "container.mount-root"),
-            ("[kernel-runner]\npath = \"bai-krunner\"\n", "kernel-runner.path"),
             ("[kernel-runner]\noutput-limit = 10\n", "kernel-runner.output-limit"),
             ("[kernel-runner]\nresponse-timeout = \"1ms\"\n", "kernel-runner.response-timeout"),
             ("[container]\nport-range = [31000, 30000]\n", "container.port-range"),

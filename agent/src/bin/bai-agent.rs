@@ -68,10 +68,22 @@ fn main() -> ExitCode {
     }
     if cli.check_config {
         println!("configuration from {source} is valid:\n{config:#?}");
+        if !config.python_keys.is_empty() {
+            println!(
+                "ignored (keys of the Python agent that bai-agent does not use): {}",
+                config.python_keys.join(", ")
+            );
+        }
         return ExitCode::SUCCESS;
     }
     bai_agent::logging::init(&config.logging.level, config.logging.format);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %source, agent_id = %config.agent.id, "starting bai-agent");
+    if !config.python_keys.is_empty() {
+        tracing::warn!(
+            keys = %config.python_keys.join(", "),
+            "the configuration sets keys of the Python agent that bai-agent does not use; they are ignored"
+        );
+    }
     match run(config) {
         Ok(()) => {
             tracing::info!("bai-agent stopped");

@@ -230,6 +230,8 @@ pub struct CgroupReaders {
     has_quota: bool,
     /// The CPU time when the kernel's user/system split was last read.
     split_read_at_ns: Option<u64>,
+    /// The CPU time at the last pass: a kernel whose CPU time stood still since is resting.
+    last_cpu_ns: u64,
     /// Memory usage at the last breakdown.
     breakdown_usage: u64,
     /// Full reads so far.
@@ -263,6 +265,7 @@ impl CgroupReaders {
             cpu_time_from_files: from_files(Resource::Cpu),
             has_quota: true,
             split_read_at_ns: None,
+            last_cpu_ns: 0,
             breakdown_usage: 0,
             full_reads: 0,
             read_at_cpu_ns: 0,
@@ -393,8 +396,8 @@ impl CgroupReaders {
     }
 
     /// The kernel's user/system split, when CPU time grew enough since it was last read, or
-    /// grew at all and this is a full read. On v2 the split is in `cpu.stat`: when this pass
-    /// read that file already (`stat_read`), the split came with it.
+    /// grew at all and the kernel came to rest or this is a full read. On v2 the split is in
+    /// `cpu.stat`: when this pass read that file already (`stat_read`), the split came with it.
     fn read_cpu_split(
         &mut self,
         buf: &mut Vec<u8>,
@@ -405,12 +408,15 @@ impl CgroupReaders {
     ) {
         let Some(reader) = self.cpu.as_ref().filter(|_| !self.cpu_time_from_files) else { return };
         let cpu_ns = readings.counters.cpu_ns;
+        // A kernel that just came to rest gets its final split at once; one that keeps working
+        // every 1 % of growth (at least 100 ms), or at its full reads.
+        let resting = std::mem::replace(&mut self.last_cpu_ns, cpu_ns) == cpu_ns;
         if stat_read && reader.split_in_stat() {
             self.split_read_at_ns = Some(cpu_ns);
             return;
         }
         let unsplit = self.split_read_at_ns.is_none_or(|at| at < cpu_ns);
-        if split_is_stale(self.split_read_at_ns, cpu_ns) || (unsplit && full) {
+        if split_is_stale(self.split_read_at_ns, cpu_ns) || (unsplit && (full || resting)) {
             keep(reader.read_split(buf, &mut readings.cpu, &mut readings.cpu_files));
             self.split_read_at_ns = Some(cpu_ns);
         }
@@ -609,6 +615,10 @@ mod tests {
         assert_eq!(pass(&mut readings, 2), (60, 40), "grew by more than the stale share");
         write(dir.path(), "cpu.stat", split(60, 90));
         assert_eq!(pass(&mut readings, 1000), (60, 40), "grew a little");
+        assert_eq!(pass(&mut readings, 0), (60, 90), "came to rest: the final split");
+        write(dir.path(), "cpu.stat", split(61, 90));
+        assert_eq!(pass(&mut readings, 1000), (60, 90), "grew a little again");
+        write(dir.path(), "cpu.stat", split(60, 90));
         let on_full_read = (0..FULL_READ_EVERY).map(|_| pass(&mut readings, 0)).last();
         assert_eq!(on_full_read, Some((60, 90)), "a full read splits what grew");
         write(dir.path(), "cpu.stat", split(70, 90));
