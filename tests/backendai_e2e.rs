@@ -5,7 +5,8 @@
 //!
 //! One test walks the scenarios in order on one stack (standing it up takes a minute or two):
 //! the agent ALIVE with its slots; an interactive session created, queried, given a file to run,
-//! listed, downloaded from, its logs read, destroyed (and its container gone); `run --rm`; batch
+//! listed, downloaded from, its logs read, destroyed (and its container gone); `run --rm`; code
+//! running as the owner's container uid/gids; batch
 //! sessions ending SUCCESS and FAILURE (and the exit code the agent reported); a session that
 //! lives through a `kill -9` of the agent; the manager's live stats of a kernel (through the
 //! Prometheus it queries, scraping the agent) and its stats in Redis coming from the agent.
@@ -73,6 +74,29 @@ fn session_status(plane: &ControlPlane, session: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `session destroy`, then [`session_ends`].
+fn destroy_session(plane: &ControlPlane, name: &str) {
+    let destroyed = plane.cli(&["session", "destroy", name]);
+    assert!(destroyed.success, "destroy: {}", destroyed.text());
+    session_ends(plane, name);
+}
+
+/// The manager has the session TERMINATED, and Docker no container of its kernel.
+fn session_ends(plane: &ControlPlane, name: &str) {
+    plane
+        .wait_for_sql(
+            &format!("select status from sessions where name = '{name}'"),
+            "TERMINATED",
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|err| panic!("{name} ends: {err}"));
+    let kernel = session_kernel(plane, name);
+    bai_agent_tests::wait_until(&format!("{name}'s container is removed"), Duration::from_secs(30), || {
+        kernel_containers(&kernel).is_empty()
+    })
+    .unwrap_or_else(|err| panic!("{err}"));
+}
+
 #[test]
 fn a_real_backendai_manager_runs_sessions_on_bai_agent() {
     require_environment();
@@ -87,6 +111,7 @@ fn a_real_backendai_manager_runs_sessions_on_bai_agent() {
     register_the_test_image(&plane);
     an_interactive_session_runs_code_and_files_and_is_destroyed(&plane, &agent);
     run_rm_runs_code_in_a_session_of_its_own(&plane);
+    the_kernel_runs_as_its_owners_container_user(&plane);
     batch_sessions_end_with_their_commands_result(&plane);
     a_session_lives_through_a_kill_9_of_the_agent(&plane, &mut agent);
 }
@@ -175,19 +200,7 @@ fn an_interactive_session_runs_code_and_files_and_is_destroyed(plane: &ControlPl
     let logs = plane.cli(&["session", "logs", name]);
     assert!(logs.success && logs.stdout.contains("kernel runner listening"), "logs: {}", logs.text());
     assert!(!logs.stdout.contains('\u{1b}'), "the container's log is plain text: {}", logs.text());
-    let destroyed = plane.cli(&["session", "destroy", name]);
-    assert!(destroyed.success, "destroy: {}", destroyed.text());
-    plane
-        .wait_for_sql(
-            &format!("select status from sessions where name = '{name}'"),
-            "TERMINATED",
-            Duration::from_secs(60),
-        )
-        .expect("the session ends");
-    bai_agent_tests::wait_until("the kernel's container is removed", Duration::from_secs(30), || {
-        kernel_containers(&kernel).is_empty()
-    })
-    .expect("container gone");
+    destroy_session(plane, name);
 }
 
 /// The kernel's stats as the manager serves them (from Redis, written by the agent): CPU time
@@ -247,14 +260,34 @@ fn manager_shows_live_stats(plane: &ControlPlane, session_id: &str) {
 fn run_rm_runs_code_in_a_session_of_its_own(plane: &ControlPlane) {
     let run = plane.cli(&["run", "--rm", "-t", "e2e-rm", &image_ref(), "-c", "print(2 ** 10)"]);
     assert!(run.success && run.stdout.contains("1024"), "run --rm: {}", run.text());
+    session_ends(plane, "e2e-rm");
+}
+
+/// The owner's `container_uid`, `container_main_gid` and `container_gids` (set on the user in
+/// the manager's database, as an admin would) are who the code runs as.
+fn the_kernel_runs_as_its_owners_container_user(plane: &ControlPlane) {
+    let admin = "email = 'admin@lablup.com'";
     plane
-        .wait_for_sql("select status from sessions where name = 'e2e-rm'", "TERMINATED", Duration::from_secs(60))
-        .expect("run --rm's session ends");
-    let kernel = session_kernel(plane, "e2e-rm");
-    bai_agent_tests::wait_until("run --rm's container is removed", Duration::from_secs(30), || {
-        kernel_containers(&kernel).is_empty()
-    })
-    .expect("container gone");
+        .sql(&format!(
+            "update users set container_uid = 1234, container_main_gid = 2345, container_gids = '{{3456}}' where {admin}"
+        ))
+        .expect("set the user's container ids");
+    let run = plane.cli(&[
+        "run",
+        "--rm",
+        "-t",
+        "e2e-user",
+        &image_ref(),
+        "-c",
+        "import os; print('ids', os.getuid(), os.getgid(), sorted(os.getgroups()), os.access('.', os.W_OK))",
+    ]);
+    plane
+        .sql(&format!(
+            "update users set container_uid = null, container_main_gid = null, container_gids = null where {admin}"
+        ))
+        .expect("reset the user's container ids");
+    assert!(run.success && run.stdout.contains("ids 1234 2345 [2345, 3456] True"), "run as the user: {}", run.text());
+    session_ends(plane, "e2e-user");
 }
 
 fn batch_sessions_end_with_their_commands_result(plane: &ControlPlane) {
@@ -291,11 +324,7 @@ fn batch_sessions_end_with_their_commands_result(plane: &ControlPlane) {
         let reported = batch_result_event(plane, &session_id);
         assert_eq!(reported.0, if exit_code == 0 { "session_success" } else { "session_failure" }, "{name}");
         assert_eq!(reported.1["exit_code"], exit_code, "{name}: {:?}", reported);
-        let kernel = session_kernel(plane, name);
-        bai_agent_tests::wait_until("the batch kernel's container is removed", Duration::from_secs(30), || {
-            kernel_containers(&kernel).is_empty()
-        })
-        .expect("container gone");
+        session_ends(plane, name);
     }
 }
 
@@ -334,13 +363,5 @@ fn a_session_lives_through_a_kill_9_of_the_agent(plane: &ControlPlane, agent: &m
     assert_eq!(session_status(plane, name), "RUNNING", "the manager still has the session running");
     let after = plane.cli(&["run", "-t", name, &image, "-c", "print('after restart', x + 1)"]);
     assert!(after.success && after.stdout.contains("after restart 42"), "the kernel kept its state: {}", after.text());
-    let destroyed = plane.cli(&["session", "destroy", name]);
-    assert!(destroyed.success, "destroy: {}", destroyed.text());
-    plane
-        .wait_for_sql(
-            &format!("select status from sessions where name = '{name}'"),
-            "TERMINATED",
-            Duration::from_secs(60),
-        )
-        .expect("the session ends");
+    destroy_session(plane, name);
 }

@@ -48,6 +48,7 @@ pub async fn run_command(
     if batch_mode {
         cmd.env("_BACKEND_BATCH_MODE", "1");
     }
+    crate::user::apply(&mut cmd, env);
     // SAFETY: `setsid` and `signal` are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {

@@ -19,15 +19,16 @@ pub async fn run_if_present(work_dir: &Path, env: &BTreeMap<String, String>) {
         return;
     }
     tracing::info!(script = %script.display(), "running the bootstrap script");
-    let child = Command::new("/bin/sh")
-        .arg(&script)
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg(&script)
         .current_dir(work_dir)
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    crate::user::apply(&mut cmd, env);
+    let child = cmd.spawn();
     let mut child = match child {
         Ok(child) => child,
         Err(err) => return tracing::error!(%err, "cannot start the bootstrap script"),

@@ -106,6 +106,7 @@ impl Interpreter {
             .stdout(Stdio::from(stdout_w))
             .stderr(Stdio::from(stderr_w))
             .kill_on_drop(true);
+        crate::user::apply(&mut cmd, env);
         let mut fd_map = vec![(status_w.as_raw_fd(), SHELL_STATUS_FD)];
         let mut ctl_writer = None;
         match runtime.kind {

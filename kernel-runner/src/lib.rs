@@ -19,3 +19,4 @@ pub mod main_command;
 pub mod protocol;
 pub mod runner;
 pub mod service;
+pub mod user;

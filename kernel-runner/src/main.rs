@@ -77,6 +77,10 @@ async fn main() -> anyhow::Result<()> {
         child_env,
         service_defs_dir: cli.service_defs_dir,
     };
+    let user = kernel_runner::user::KernelUser::from_env(&config.child_env);
+    if let Err(err) = user.own(&config.work_dir) {
+        tracing::warn!(work_dir = %config.work_dir.display(), ?user, %err, "cannot hand the work directory to the kernel's user");
+    }
     kernel_runner::bootstrap::run_if_present(&config.work_dir, &config.child_env).await;
     let mut main_command = match cli.main_command.is_empty() {
         true => None,

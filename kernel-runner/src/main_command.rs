@@ -18,14 +18,15 @@ impl MainCommand {
         let Some((program, args)) = argv.split_first() else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty main command"));
         };
-        let child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .current_dir(work_dir)
             .envs(env)
             .stdin(Stdio::inherit())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        crate::user::apply(&mut cmd, env);
+        let child = cmd.spawn()?;
         tracing::info!(command = ?argv, pid = child.id(), "main command started");
         Ok(MainCommand { child })
     }

@@ -78,6 +78,10 @@ pub async fn run(config: RunnerConfig, shutdown: impl std::future::Future<Output
 
     let scratch = std::env::temp_dir().join(format!("bai-krunner-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| RunnerError::Scratch { path: scratch.clone(), source })?;
+    // The interpreter, running as the kernel's user, reads its snippets from here.
+    crate::user::KernelUser::from_env(&config.child_env)
+        .own(&scratch)
+        .map_err(|source| RunnerError::Scratch { path: scratch.clone(), source })?;
 
     let (out_tx, out_rx) = mpsc::channel(OUTBOX_CAPACITY);
     let outbox = Outbox(out_tx);

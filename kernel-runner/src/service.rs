@@ -83,6 +83,7 @@ impl Services {
         };
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(rest).current_dir(&self.work_dir).envs(&self.env).envs(&def.env).kill_on_drop(true);
+        crate::user::apply(&mut cmd, &self.env);
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {

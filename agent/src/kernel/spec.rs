@@ -149,6 +149,8 @@ impl KernelSpec {
             Some(other) => return Err(spec_error("environ", format!("must be a map, got {}", type_name(other)))),
         }
 
+        kernel_user(&get, &mut environ)?;
+
         let mut mounts = Vec::new();
         match get("mounts") {
             None => {}
@@ -212,6 +214,54 @@ impl KernelSpec {
     }
 }
 
+/// The kernel's user as the manager assigns it (`uid`, `main_gid`, `supplementary_gids`:
+/// the owner's `container_uid`, `container_main_gid`, `container_gids`), handed to the
+/// container as the Python agent does: `LOCAL_USER_ID`, `LOCAL_GROUP_ID` and `ADDITIONAL_GIDS`
+/// (merged with any the environ has), which the kernel runner switches to for the user's
+/// processes.
+fn kernel_user<'v>(
+    get: &impl Fn(&str) -> Option<&'v Value>,
+    environ: &mut BTreeMap<String, String>,
+) -> Result<(), SpecError> {
+    let id = |name: &str| -> Result<Option<u32>, SpecError> {
+        match get(name) {
+            None | Some(Value::Nil) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .map(Some)
+                .ok_or_else(|| spec_error(name, format!("must be a user or group id, got {value}"))),
+        }
+    };
+    if let Some(uid) = id("uid")? {
+        environ.insert("LOCAL_USER_ID".into(), uid.to_string());
+    }
+    if let Some(gid) = id("main_gid")? {
+        environ.insert("LOCAL_GROUP_ID".into(), gid.to_string());
+    }
+    let mut gids: std::collections::BTreeSet<u32> = environ
+        .get("ADDITIONAL_GIDS")
+        .map(|listed| listed.split(',').filter_map(|gid| gid.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    match get("supplementary_gids") {
+        None | Some(Value::Nil) => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                let gid = item.as_u64().and_then(|v| u32::try_from(v).ok());
+                gids.insert(gid.ok_or_else(|| spec_error("supplementary_gids", format!("{item} is not a group id")))?);
+            }
+        }
+        Some(other) => {
+            return Err(spec_error("supplementary_gids", format!("must be an array, got {}", type_name(other))));
+        }
+    }
+    if !gids.is_empty() {
+        let listed: Vec<String> = gids.iter().map(u32::to_string).collect();
+        environ.insert("ADDITIONAL_GIDS".into(), listed.join(","));
+    }
+    Ok(())
+}
+
 /// Bytes from an integer or a size string (`"64m"`, `"1g"`, `"1048576"`).
 fn size(value: &Value) -> Option<u64> {
     match value {
@@ -264,6 +314,23 @@ mod tests {
             ("resource_slots", map(vec![("cpu", Value::from("1")), ("mem", Value::from("268435456"))])),
             ("some_future_field", Value::from(42)),
         ]
+    }
+
+    #[test]
+    fn the_kernels_user_goes_to_the_container_as_the_python_agent_hands_it() {
+        let mut config = base();
+        config.push(("environ", map(vec![("ADDITIONAL_GIDS", Value::from("7"))])));
+        config.push(("uid", Value::from(1234)));
+        config.push(("main_gid", Value::from(2345)));
+        config.push(("supplementary_gids", Value::Array(vec![Value::from(3456), Value::from(7)])));
+        let spec = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect("valid");
+        let env = |key: &str| spec.environ.get(key).map(String::as_str);
+        assert_eq!((env("LOCAL_USER_ID"), env("LOCAL_GROUP_ID")), (Some("1234"), Some("2345")));
+        assert_eq!(env("ADDITIONAL_GIDS"), Some("7,3456"));
+        let mut config = base();
+        config.push(("uid", Value::from(-1)));
+        let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("bad uid");
+        assert_eq!(err.field, "uid");
     }
 
     #[test]
