@@ -158,10 +158,14 @@ fn user_and_system_time_add_up_to_the_total() {
     );
     assert!(relative_error(user + system, total) < TOLERANCE, "user + system = {} s, total {total} s", user + system);
     assert!(user > 0.2 && system > 0.2, "both kinds of work ran: user {user} s, system {system} s");
-    // The kernel's own split is in 10 ms ticks; the agent shares out the same total alike.
+    // The kernel's own split is in ticks (4–10 ms), and on cgroup v1 `cpuacct.stat` shows the
+    // raw tick counts, which can trail the exact time of a phase of work by a few ticks; the
+    // agent shares out the exact total in the ratio it read and, like the kernel's
+    // `cputime_adjust()`, never takes back time it gave one side. So the parts follow the
+    // kernel's within a few percent of the total, not to the tick.
     for (what, ours, theirs) in [("user", user, kernel_user), ("system", system, kernel_system)] {
         assert!(
-            (ours - theirs).abs() <= 0.02 * kernel_total + 0.02,
+            (ours - theirs).abs() <= 0.05 * kernel_total + 0.02,
             "{what}: agent {ours:.3} s, kernel {theirs:.3} s of {kernel_total:.3} s"
         );
     }
