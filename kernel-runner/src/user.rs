@@ -51,21 +51,22 @@ impl KernelUser {
         if self.is_unchanged() {
             return;
         }
-        let user = self.clone();
-        // SAFETY: setgroups, setgid and setuid are async-signal-safe; the group list was
-        // allocated before the fork.
+        let (uid, gid) = (self.uid, self.gid);
+        // Built here, in the parent: nothing may allocate between fork and exec.
+        let groups: Vec<libc::gid_t> = self.groups.iter().copied().chain(gid).collect();
+        // SAFETY: only setgroups, setgid and setuid run in the child, all async-signal-safe,
+        // on a list allocated before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                let groups: Vec<libc::gid_t> = user.groups.iter().copied().chain(user.gid).collect();
-                if (!groups.is_empty() || user.uid.is_some()) && libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                if (!groups.is_empty() || uid.is_some()) && libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                if let Some(gid) = user.gid
+                if let Some(gid) = gid
                     && libc::setgid(gid) != 0
                 {
                     return Err(io::Error::last_os_error());
                 }
-                if let Some(uid) = user.uid
+                if let Some(uid) = uid
                     && libc::setuid(uid) != 0
                 {
                     return Err(io::Error::last_os_error());
