@@ -573,18 +573,17 @@ impl Config {
         let syntax = |message: String| ConfigError::Syntax { path: path.clone(), message };
         let mut table: toml::Table = text.parse().map_err(|err: toml::de::Error| syntax(err.to_string()))?;
         let python_keys = python::translate(&mut table);
-        let text = &toml::to_string(&table).map_err(|err| syntax(err.to_string()))?;
-        let document = toml::Deserializer::parse(text).map_err(|err| syntax(err.to_string()))?;
+        let explicit = explicit_keys(&table);
         let mut unknown = Vec::new();
         let mut record_unknown = |key: serde_ignored::Path<'_>| unknown.push(key.to_string());
-        let tracked = serde_ignored::Deserializer::new(document, &mut record_unknown);
+        let tracked = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut record_unknown);
         let mut config: Config =
             serde_path_to_error::deserialize(tracked).map_err(|err| ConfigError::InvalidValue {
                 path: path.clone(),
                 key: err.path().to_string(),
                 message: first_line(&err.inner().to_string()),
             })?;
-        config.explicit_keys = explicit_keys(text);
+        config.explicit_keys = explicit;
         config.python_keys = python_keys;
         config.resolve_relative_paths(origin);
         if !unknown.is_empty() {
@@ -701,11 +700,10 @@ impl Config {
     }
 }
 
-/// The `section.key` paths present in `text` (already known to parse).
-fn explicit_keys(text: &str) -> std::collections::BTreeSet<String> {
-    let table: toml::Table = text.parse().unwrap_or_default();
+/// The `section.key` paths (and sections) the file sets.
+fn explicit_keys(table: &toml::Table) -> std::collections::BTreeSet<String> {
     let mut keys = std::collections::BTreeSet::new();
-    for (section, value) in &table {
+    for (section, value) in table {
         keys.insert(section.clone());
         if let Some(inner) = value.as_table() {
             keys.extend(inner.keys().map(|key| format!("{section}.{key}")));
