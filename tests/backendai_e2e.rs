@@ -214,7 +214,7 @@ fn manager_sees_the_kernels_stats(plane: &ControlPlane, kernel: &str) {
          raw = r.get('{kernel}')\n\
          stats = msgpack.unpackb(raw) if raw else {{}}\n\
          print(float(stats['cpu_used']['current']), float(stats['mem']['current']))\n",
-        port = plane.redis_addr.rsplit(':').next().unwrap_or_default(),
+        port = plane.redis_port,
     );
     let mut last = String::new();
     for _ in 0..20 {
@@ -337,7 +337,7 @@ fn batch_result_event(plane: &ControlPlane, session_id: &str) -> (String, serde_
          for _, fields in r.xrange('events'):\n\
          \x20   if fields.get(b'name') in (b'session_success', b'session_failure'):\n\
          \x20       print(fields[b'name'].decode(), fields[b'payload'].decode())\n",
-        port = plane.redis_addr.rsplit(':').next().unwrap_or_default(),
+        port = plane.redis_port,
     );
     let (ok, out) = bai_agent_tests::run_backendai_python(&script, b"");
     assert!(ok, "reading the event stream: {out}");

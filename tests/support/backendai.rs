@@ -25,6 +25,7 @@ pub struct ControlPlane {
     dir: tempfile::TempDir,
     venv: PathBuf,
     pub redis_addr: String,
+    pub redis_port: u16,
     pub etcd_addr: String,
     pub manager_addr: String,
     /// Where the manager looks for Prometheus (`[metric] addr`): the kernels' live stats come
@@ -82,6 +83,7 @@ impl ControlPlane {
             dir,
             venv,
             redis_addr: format!("127.0.0.1:{redis}"),
+            redis_port: redis,
             etcd_addr: format!("127.0.0.1:{etcd}"),
             manager_addr: format!("127.0.0.1:{manager}"),
             prometheus_addr: format!("127.0.0.1:{prometheus}"),
