@@ -327,6 +327,11 @@ from ai.backend.common.events.event_types.session.anycast import (
     SessionSuccessAnycastEvent, SessionFailureAnycastEvent)
 from ai.backend.common.events.event_types.image.anycast import (
     ImagePullStartedEvent, ImagePullFinishedEvent, ImagePullFailedEvent)
+from ai.backend.common.message_queue.payload import BroadcastMessagePayload
+from ai.backend.common.events.types import AbstractBroadcastEvent
+import ai.backend.common.events.event_types.kernel.broadcast
+import ai.backend.common.events.event_types.session.broadcast
+import ai.backend.common.events.event_types.bgtask.broadcast
 classes = {c.event_name(): c for c in (
     AgentStartedEvent, AgentTerminatedEvent, AgentHeartbeatEvent, KernelPreparingAnycastEvent,
     KernelPullingAnycastEvent, KernelCreatingAnycastEvent, KernelStartedAnycastEvent,
@@ -335,18 +340,25 @@ classes = {c.event_name(): c for c in (
     ImagePullFinishedEvent, ImagePullFailedEvent)}
 failed = 0
 for line in sys.stdin:
-    fields = {k.encode(): v.encode() for k, v in json.loads(line).items()}
+    entry = json.loads(line)
     try:
+        if "broadcast" in entry:
+            message = BroadcastMessagePayload.from_json(entry["broadcast"])
+            event = AbstractBroadcastEvent.from_broadcast_payload(message)
+            print("broadcast", message.name, message.legacy_source, type(event).__name__, event.model_dump_json())
+            continue
+        fields = {k.encode(): v.encode() for k, v in entry.items()}
         message = AnycastMessagePayload.from_stream_fields(fields)
         event = classes[message.name].from_message(EventMessage(name=message.name, payload=message.payload))
         print("ok", message.name, message.legacy_source, event.model_dump_json())
     except Exception as e:
         failed += 1
-        print("FAILED", fields.get(b"name"), type(e).__name__, e)
+        print("FAILED", entry.get("name") or entry.get("broadcast"), type(e).__name__, e)
 sys.exit(1 if failed else 0)
 "#;
 
-/// Runs [`BACKENDAI_CHECK`] on stream entries (field name → text) and returns its output.
+/// Runs [`BACKENDAI_CHECK`] on stream entries (field name → text; an entry `broadcast` → the
+/// channel message) and returns its output.
 fn check_with_backendai(entries: &[Vec<(&str, String)>]) -> String {
     let mut input = String::new();
     for entry in entries {
@@ -408,6 +420,7 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
     ]);
     let kernel = "0b8a9a1e-9d3f-4b55-8d3c-0f7e0c3a5d11";
     let session = "5d2f0e77-2b1c-4c1e-9a57-4d3c2b1a0f99";
+    let task = "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
     let events: Vec<(&str, Vec<Value>)> = vec![
         ("agent_started", vec![s("self-started")]),
         ("agent_heartbeat", vec![heartbeat::agent_info(&identity, &slots, 1)]),
@@ -437,25 +450,48 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
             vec![s("cr.backend.ai/stable/python:3.9"), s("i-agent"), Value::from(1.7e9), Value::Nil],
         ),
         ("image_pull_failed", vec![s("local/e2e/python:3.13"), s("i-agent"), Value::Nil, s("not in the engine")]),
+        ("bgtask_updated", vec![s(task), Value::from(0.0), Value::from(0.0), s("Task started")]),
+        ("bgtask_done", vec![s(task), s("committed")]),
+        ("bgtask_failed", vec![s(task), s("the container is gone")]),
     ];
-    let entries: Vec<Vec<(&str, String)>> = events
-        .iter()
-        .map(|(name, args)| {
-            let packed = bai_agent::events::pack_args(args);
-            let (field, payload) = wire::payload_field(wire::EventFormat::Current, name, &packed)
-                .unwrap_or_else(|err| panic!("{err}"))
-                .expect("sent in the 26.9 format");
+    let mut entries: Vec<Vec<(&str, String)>> = Vec::new();
+    let (mut stream_entries, mut broadcasts) = (0, 0);
+    for (name, args) in &events {
+        let packed = bai_agent::events::pack_args(args);
+        let delivery = wire::delivery(wire::EventFormat::Current, name, &packed)
+            .unwrap_or_else(|err| panic!("{err}"))
+            .expect("sent in the 26.9 format");
+        if let Some((field, payload)) = delivery.stream_field {
             assert_eq!(field, "payload");
-            vec![
+            stream_entries += 1;
+            entries.push(vec![
                 ("name", (*name).to_owned()),
                 ("source", "i-agent".to_owned()),
                 ("payload", String::from_utf8(payload).expect("JSON is UTF-8")),
-            ]
-        })
-        .collect();
+            ]);
+        }
+        if let Some(broadcast) = delivery.broadcast {
+            broadcasts += 1;
+            entries.push(vec![("broadcast", broadcast.message(name, "i-agent"))]);
+        }
+    }
     let seen = check_with_backendai(&entries);
     println!("{seen}");
-    assert_eq!(seen.lines().filter(|l| l.starts_with("ok ")).count(), events.len(), "{seen}");
+    assert_eq!(seen.lines().filter(|l| l.starts_with("ok ")).count(), stream_entries, "{seen}");
+    assert_eq!(seen.lines().filter(|l| l.starts_with("broadcast ")).count(), broadcasts, "{seen}");
+    // The Python agent's broadcasts: the kernel lifecycle but `kernel_terminating`, the session
+    // results, and the background tasks (only there).
+    for expected in [
+        "broadcast kernel_started i-agent KernelStartedBroadcastEvent",
+        "broadcast kernel_terminated i-agent KernelTerminatedBroadcastEvent",
+        "broadcast session_failure i-agent SessionFailureBroadcastEvent",
+        "broadcast bgtask_done i-agent BgtaskDoneEvent",
+        "broadcast bgtask_failed i-agent BgtaskFailedEvent",
+    ] {
+        assert!(seen.contains(expected), "missing `{expected}`:\n{seen}");
+    }
+    assert!(!seen.contains("broadcast kernel_terminating"), "{seen}");
+    assert!(!seen.contains("ok bgtask_"), "background-task events are not stream entries:\n{seen}");
     // What the manager reads back: the slots as entries, the OOM kill as 26.9 names it.
     assert!(seen.contains(r#""resource_type":"mem","quantity":"4294967296""#), "{seen}");
     assert!(seen.contains(r#""reason":"self-terminated","exit_code":137"#), "{seen}");

@@ -115,6 +115,9 @@ pub struct AgentSection {
     pub public_host: Option<String>,
     /// How many kernels of one `create_kernels` call are created at once.
     pub kernel_creation_concurrency: usize,
+    /// Where `commit` writes a kernel's image as a file (`<subdir>/<filename>`, the subdir
+    /// being the owner's e-mail as the manager sends it) and its `lock/<kernel id>` markers.
+    pub image_commit_path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +184,9 @@ pub struct RedisSection {
     /// The manager the event stream entries are for: `"26.9"` (a JSON `payload`, the default)
     /// or `"legacy"` (Backend.AI up to 25.x: an `args` msgpack tuple).
     pub event_format: EventFormat,
+    /// The pub/sub channel where 26.9 events that are broadcast get their copy (Backend.AI:
+    /// `events_all`).
+    pub broadcast_channel: String,
 }
 
 /// The wire format of the events stream (`redis.event-format`).
@@ -314,13 +320,22 @@ impl std::fmt::Debug for RedisSection {
             .field("stats_db", &self.stats_db)
             .field("image_db", &self.image_db)
             .field("event_format", &self.event_format)
+            .field("broadcast_channel", &self.broadcast_channel)
             .finish()
     }
 }
 
 impl Default for RedisSection {
     fn default() -> Self {
-        Self { addr: None, password: None, events_db: 4, stats_db: 0, image_db: 3, event_format: EventFormat::Current }
+        Self {
+            addr: None,
+            password: None,
+            events_db: 4,
+            stats_db: 0,
+            image_db: 3,
+            event_format: EventFormat::Current,
+            broadcast_channel: "events_all".into(),
+        }
     }
 }
 
@@ -348,6 +363,7 @@ impl Default for AgentSection {
             scaling_group: "default".into(),
             public_host: None,
             kernel_creation_concurrency: 4,
+            image_commit_path: PathBuf::from("/var/lib/backend.ai/commit"),
         }
     }
 }
@@ -603,6 +619,7 @@ impl Config {
             &mut self.container.mount_root,
             &mut self.kernel_runner.path,
             &mut self.agent.journal_dir,
+            &mut self.agent.image_commit_path,
         ] {
             if path.is_relative() && !path.as_os_str().is_empty() {
                 *path = dir.join(&*path);
@@ -627,6 +644,12 @@ impl Config {
         }
         if self.agent.journal_dir.as_os_str().is_empty() {
             return Err(invalid("agent.journal-dir", "must not be empty"));
+        }
+        if self.agent.image_commit_path.as_os_str().is_empty() {
+            return Err(invalid("agent.image-commit-path", "must not be empty"));
+        }
+        if self.redis.broadcast_channel.trim().is_empty() {
+            return Err(invalid("redis.broadcast-channel", "must not be empty"));
         }
         for (key, value) in [("agent.region", &self.agent.region), ("agent.scaling-group", &self.agent.scaling_group)] {
             if value.trim().is_empty() {

@@ -21,7 +21,6 @@ const UNUSED: &[&str] = &[
     "agent.pid-file",
     "agent.event-loop",
     "agent.var-base-path",
-    "agent.image-commit-path",
     "agent.abuse-report-path",
     "agent.cohabiting-storage-proxy",
     "agent.allow-compute-plugins",

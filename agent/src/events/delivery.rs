@@ -72,25 +72,49 @@ impl RedisTarget {
     }
 }
 
-/// `XADD events MAXLEN ~ 128 * name <name> source <agent_id> <payload field>` for one record:
-/// `payload <JSON>` for 26.9, `args <msgpack>` for ≤ 25.x ([`wire`]). An event that has no
-/// 26.9 form is an error naming it (the manager would drop the entry); one the format does not
-/// carry is `None`.
-pub fn xadd_command(format: EventFormat, agent_id: &str, record: &Record) -> Result<Option<Cmd>, WireError> {
-    let Some((field, value)) = wire::payload_field(format, &record.name, &record.args)? else { return Ok(None) };
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(STREAM_KEY)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(STREAM_MAXLEN)
-        .arg("*")
-        .arg("name")
-        .arg(record.name.as_str())
-        .arg("source")
-        .arg(agent_id)
-        .arg(field)
-        .arg(value);
-    Ok(Some(cmd))
+/// The commands that deliver one record ([`wire::delivery`]): `XADD events MAXLEN ~ 128 * name
+/// <name> source <agent_id> <payload field>` (`payload <JSON>` for 26.9, `args <msgpack>` for
+/// ≤ 25.x) when the event is a stream entry; for a 26.9 broadcast, `SET <cache id> <message> EX
+/// 300` when it is cached, then `PUBLISH <channel> <message>`. An event that has no 26.9 form
+/// is an error naming it (the manager would drop it); one the format does not carry gives none.
+pub fn commands(route: &Route<'_>, record: &Record) -> Result<Vec<Cmd>, WireError> {
+    let Some(delivery) = wire::delivery(route.format, &record.name, &record.args)? else { return Ok(Vec::new()) };
+    let mut commands = Vec::with_capacity(3);
+    if let Some((field, value)) = delivery.stream_field {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(STREAM_KEY)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(STREAM_MAXLEN)
+            .arg("*")
+            .arg("name")
+            .arg(record.name.as_str())
+            .arg("source")
+            .arg(route.agent_id)
+            .arg(field)
+            .arg(value);
+        commands.push(cmd);
+    }
+    if let Some(broadcast) = delivery.broadcast {
+        let message = broadcast.message(&record.name, route.agent_id);
+        if let Some(cache_id) = &broadcast.cache_id {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(cache_id).arg(&message).arg("EX").arg(wire::BROADCAST_CACHE_TTL_SECS);
+            commands.push(cmd);
+        }
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(route.broadcast_channel).arg(message);
+        commands.push(cmd);
+    }
+    Ok(commands)
+}
+
+/// Where and how events go: the wire format, the agent id they come from, the broadcast channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    pub format: EventFormat,
+    pub agent_id: &'a str,
+    pub broadcast_channel: &'a str,
 }
 
 /// One connection to Redis, made on demand and dropped on any error (the next use reconnects).
@@ -197,33 +221,39 @@ pub async fn flush_before<B>(
     }
 }
 
-/// Sends batches of journal records as stream entries.
+/// Sends batches of journal records as stream entries and broadcasts.
 struct Sender {
     link: RedisLink,
     agent_id: String,
     format: EventFormat,
+    broadcast_channel: String,
 }
 
 impl Sender {
     async fn send(&mut self, batch: &[Record]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        if batch.len() > 1 {
-            pipe.atomic();
-        }
+        let route = Route { format: self.format, agent_id: &self.agent_id, broadcast_channel: &self.broadcast_channel };
         let mut commands = 0;
         for record in batch {
-            match xadd_command(self.format, &self.agent_id, record) {
-                Ok(Some(cmd)) => {
-                    pipe.add_command(cmd).ignore();
-                    commands += 1;
+            match self::commands(&route, record) {
+                Ok(cmds) if cmds.is_empty() => {
+                    tracing::debug!(seq = record.seq, name = %record.name, "event not sent in this format")
                 }
-                Ok(None) => tracing::debug!(seq = record.seq, name = %record.name, "event not sent in this format"),
+                Ok(cmds) => {
+                    for cmd in cmds {
+                        pipe.add_command(cmd).ignore();
+                        commands += 1;
+                    }
+                }
                 // Counted as delivered: no manager of this format would take it.
                 Err(err) => tracing::error!(seq = record.seq, error = %err, "event dropped"),
             }
         }
         if commands == 0 {
             return Ok(());
+        }
+        if commands > 1 {
+            pipe.atomic();
         }
         self.link.run(&pipe).await
     }
@@ -236,6 +266,7 @@ pub(super) async fn run(
     target: RedisTarget,
     agent_id: String,
     format: EventFormat,
+    broadcast_channel: String,
     stop: CancellationToken,
 ) {
     let client = match target.client() {
@@ -245,7 +276,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut sender = Sender { link: RedisLink::new(client), agent_id, format };
+    let mut sender = Sender { link: RedisLink::new(client), agent_id, format, broadcast_channel };
     let mut retry = Retry::default();
     loop {
         let batch = shared.peek(BATCH);
@@ -337,7 +368,10 @@ mod tests {
     fn xadd_matches_backend_ais_event_producer() {
         let args = super::super::pack_args(&[rmpv::Value::from("self-started")]);
         let record = Record { seq: 1, name: "agent_started".into(), timestamp: UNIX_EPOCH, args };
-        let got = args_of(&xadd_command(EventFormat::Legacy, "i-node1", &record).expect("renders").expect("sent"));
+        let route = Route { format: EventFormat::Legacy, agent_id: "i-node1", broadcast_channel: "events_all" };
+        let commands = commands(&route, &record).expect("renders");
+        assert_eq!(commands.len(), 1, "≤ 25.x: one stream entry, nothing broadcast");
+        let got = args_of(&commands[0]);
         let want: Vec<Vec<u8>> = [
             &b"XADD"[..],
             b"events",
@@ -357,6 +391,20 @@ mod tests {
         .map(|part| part.to_vec())
         .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_cached_broadcast_is_set_then_published() {
+        let task = "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+        let args = super::super::pack_args(&[rmpv::Value::from(task), rmpv::Value::from("done")]);
+        let record = Record { seq: 1, name: "bgtask_done".into(), timestamp: UNIX_EPOCH, args };
+        let route = Route { format: EventFormat::Current, agent_id: "i-node1", broadcast_channel: "chan" };
+        let commands: Vec<Vec<Vec<u8>>> = commands(&route, &record).expect("renders").iter().map(args_of).collect();
+        assert_eq!(commands.len(), 2, "{commands:?}");
+        let key = format!("bgtask.{task}").into_bytes();
+        assert_eq!(&commands[0][..3], &[b"SET".to_vec(), key, commands[1][2].clone()]);
+        assert_eq!(&commands[0][3..], &[b"EX".to_vec(), b"300".to_vec()]);
+        assert_eq!(&commands[1][..2], &[b"PUBLISH".to_vec(), b"chan".to_vec()]);
     }
 
     #[test]

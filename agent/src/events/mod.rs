@@ -262,6 +262,8 @@ pub struct EventSettings {
     pub identity: AgentIdentity,
     /// The stream entries' format (`redis.event-format`).
     pub event_format: wire::EventFormat,
+    /// The pub/sub channel of 26.9's broadcast copies (`redis.broadcast-channel`).
+    pub broadcast_channel: String,
 }
 
 impl EventSettings {
@@ -277,6 +279,7 @@ impl EventSettings {
             heartbeat_interval: config.debug.heartbeat_interval,
             identity: AgentIdentity::from_config(config),
             event_format: config.redis.event_format,
+            broadcast_channel: config.redis.broadcast_channel.clone(),
         }
     }
 }
@@ -353,6 +356,7 @@ impl EventService {
                 target,
                 settings.agent_id.clone(),
                 settings.event_format,
+                settings.broadcast_channel.clone(),
                 delivery_stop.clone(),
             ))
         });

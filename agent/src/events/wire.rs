@@ -1,13 +1,18 @@
 //! Backend.AI's event wire formats: how a journaled event (its name and Backend.AI's positional
-//! arguments) becomes the fields of an `events` stream entry, for the 26.9 manager or for
-//! managers up to 25.x. This is the one place that knows either format.
+//! arguments) becomes what goes to Redis, for the 26.9 manager or for managers up to 25.x.
+//! This is the one place that knows either format.
 //!
-//! - **26.9** ([`EventFormat::Current`]): `name`, `source` (the agent id) and `payload`, the
-//!   event's fields as a JSON object that the manager validates against the event's model
-//!   (`ai.backend.common.events.event_types.*`, `model_validate_json`). An entry without
-//!   `payload` is dropped by that manager as malformed.
-//! - **≤ 25.x** ([`EventFormat::Legacy`]): `name`, `source` and `args`, the msgpack array that
-//!   the manager's event classes `deserialize` positionally.
+//! - **26.9** ([`EventFormat::Current`]): a stream entry with `name`, `source` (the agent id)
+//!   and `payload`, the event's fields as a JSON object that the manager validates against the
+//!   event's model (`ai.backend.common.events.event_types.*`, `model_validate_json`); an entry
+//!   without `payload` is dropped by that manager as malformed. Events the Python agent also
+//!   *broadcasts* (kernel lifecycle, session results) get a copy on the pub/sub channel
+//!   (`events_all`) as the JSON `{"name", "source", "payload"}`; background-task events
+//!   (`bgtask_*`) go only there, each also kept under its cache id (`bgtask.<task id>`) for a
+//!   subscriber that comes late ([`Delivery`]).
+//! - **≤ 25.x** ([`EventFormat::Legacy`]): a stream entry with `name`, `source` and `args`, the
+//!   msgpack array that the manager's event classes `deserialize` positionally; nothing is
+//!   broadcast.
 //!
 //! Events are emitted and journaled in the positional form; the translation happens at
 //! delivery, so a journal written under one format is delivered in the configured one.
@@ -30,23 +35,85 @@ pub enum WireError {
     Msgpack { name: String, reason: String },
 }
 
-/// The last field of the stream entry for an event named `name` with the msgpack arguments
-/// `args`, in `format` (after `name` and `source`, which every format has); `None` for an event
-/// that this format does not carry (26.9 has no `kernel_pull_progress`).
-pub fn payload_field(
-    format: EventFormat,
-    name: &str,
-    args: &[u8],
-) -> Result<Option<(&'static str, Vec<u8>)>, WireError> {
+/// What goes to Redis for one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The last field of the stream entry (after `name` and `source`, which every format has):
+    /// `payload` (26.9) or `args` (≤ 25.x); `None` for an event that is not a stream entry.
+    pub stream_field: Option<(&'static str, Vec<u8>)>,
+    /// The pub/sub copy (26.9 only).
+    pub broadcast: Option<Broadcast>,
+}
+
+/// An event published on the broadcast channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broadcast {
+    /// The event's fields as JSON (the same text as the stream entry's `payload`).
+    pub payload: String,
+    /// Kept under this key too (`SET … EX`), for subscribers that come after the publish.
+    pub cache_id: Option<String>,
+}
+
+impl Broadcast {
+    /// The channel message: `{"name", "source", "payload"}`, as Backend.AI's
+    /// `BroadcastMessagePayload.to_json` writes it.
+    pub fn message(&self, name: &str, source: &str) -> String {
+        json!({ "name": name, "source": source, "payload": self.payload }).to_string()
+    }
+}
+
+/// How long a cached broadcast lives (Backend.AI's broadcaster: 300 s).
+pub const BROADCAST_CACHE_TTL_SECS: u64 = 300;
+
+/// How the event named `name` with the msgpack arguments `args` goes to Redis in `format`;
+/// `None` for an event that this format does not carry (26.9 has no `kernel_pull_progress`).
+pub fn delivery(format: EventFormat, name: &str, args: &[u8]) -> Result<Option<Delivery>, WireError> {
     match format {
-        EventFormat::Legacy => Ok(Some(("args", args.to_vec()))),
+        EventFormat::Legacy => Ok(Some(Delivery { stream_field: Some(("args", args.to_vec())), broadcast: None })),
         EventFormat::Current if NOT_IN_26_9.contains(&name) => Ok(None),
         EventFormat::Current => {
             let values = decode_args(name, args)?;
-            let payload = payload_json(name, &values)?;
-            Ok(Some(("payload", payload.to_string().into_bytes())))
+            let payload = payload_json(name, &values)?.to_string();
+            let pattern = pattern(name);
+            let broadcast = pattern.broadcast.then(|| Broadcast {
+                payload: payload.clone(),
+                cache_id: pattern.cached.then(|| cache_id(name, &values)).flatten(),
+            });
+            let stream_field = pattern.anycast.then(|| ("payload", payload.into_bytes()));
+            Ok(Some(Delivery { stream_field, broadcast }))
         }
     }
+}
+
+/// Where a 26.9 event goes: the stream (anycast), the channel (broadcast) or both, as the
+/// Python agent 26.9.6 sends each (`anycast_event`, `anycast_and_broadcast_event`,
+/// `broadcast_event_with_cache`).
+struct Pattern {
+    anycast: bool,
+    broadcast: bool,
+    cached: bool,
+}
+
+fn pattern(name: &str) -> Pattern {
+    const BOTH: &[&str] = &[
+        "kernel_preparing",
+        "kernel_pulling",
+        "kernel_creating",
+        "kernel_started",
+        "kernel_terminated",
+        "session_success",
+        "session_failure",
+    ];
+    if name.starts_with("bgtask_") {
+        Pattern { anycast: false, broadcast: true, cached: true }
+    } else {
+        Pattern { anycast: true, broadcast: BOTH.contains(&name), cached: false }
+    }
+}
+
+/// `bgtask.<task id>`: Backend.AI's `EventCacheDomain.BGTASK.cache_id`.
+fn cache_id(name: &str, args: &[Value]) -> Option<String> {
+    name.starts_with("bgtask_").then(|| args.first().and_then(Value::as_str).map(|task| format!("bgtask.{task}")))?
 }
 
 /// Events of the ≤ 25.x protocol that 26.9 no longer has.
@@ -107,6 +174,16 @@ pub fn payload_json(name: &str, args: &[Value]) -> Result<Json, WireError> {
             "session_id": arg.text(0, "session_id")?,
             "reason": lifecycle_reason(arg.optional_text(1)),
             "exit_code": arg.optional_int(2).unwrap_or(-1),
+        }),
+        "bgtask_updated" => json!({
+            "task_id": arg.text(0, "task_id")?,
+            "current_progress": arg.number(1, "current_progress")?,
+            "total_progress": arg.number(2, "total_progress")?,
+            "message": arg.optional_text(3),
+        }),
+        "bgtask_done" | "bgtask_failed" | "bgtask_cancelled" => json!({
+            "task_id": arg.text(0, "task_id")?,
+            "message": arg.optional_text(1),
         }),
         _ => return Err(WireError::UnknownEvent { name: name.into() }),
     };
@@ -346,11 +423,51 @@ mod tests {
     #[test]
     fn the_legacy_format_passes_the_args_through() {
         let args = crate::events::pack_args(&[s("self-started")]);
-        assert_eq!(payload_field(EventFormat::Legacy, "agent_started", &args), Ok(Some(("args", args.clone()))));
-        let (field, payload) =
-            payload_field(EventFormat::Current, "agent_started", &args).expect("renders").expect("sent");
+        let legacy = delivery(EventFormat::Legacy, "agent_started", &args).expect("renders").expect("sent");
+        assert_eq!(legacy, Delivery { stream_field: Some(("args", args.clone())), broadcast: None });
+        let current = delivery(EventFormat::Current, "agent_started", &args).expect("renders").expect("sent");
+        let (field, payload) = current.stream_field.expect("a stream entry");
         assert_eq!((field, payload.as_slice()), ("payload", br#"{"reason":"self-started"}"#.as_slice()));
-        assert_eq!(payload_field(EventFormat::Current, "kernel_pull_progress", &args), Ok(None));
+        assert_eq!(current.broadcast, None, "agent events are anycast only");
+        assert_eq!(delivery(EventFormat::Current, "kernel_pull_progress", &args), Ok(None));
+    }
+
+    #[test]
+    fn lifecycle_events_are_also_broadcast_and_background_tasks_only_broadcast_with_a_cache() {
+        let args = crate::events::pack_args(&[s("k1"), s("s1"), s("user-requested"), Value::from(0)]);
+        let terminated = delivery(EventFormat::Current, "kernel_terminated", &args).expect("renders").expect("sent");
+        let (_, stream) = terminated.stream_field.expect("a stream entry");
+        let broadcast = terminated.broadcast.expect("a broadcast copy");
+        assert_eq!(broadcast.payload.as_bytes(), stream.as_slice(), "the copy carries the same payload");
+        assert_eq!(broadcast.cache_id, None);
+        let message: Json = serde_json::from_str(&broadcast.message("kernel_terminated", "i-a")).expect("JSON");
+        assert_eq!(message["name"], "kernel_terminated");
+        assert_eq!(message["source"], "i-a");
+        let inner: Json =
+            serde_json::from_str(message["payload"].as_str().expect("payload is a string")).expect("JSON");
+        assert_eq!(inner["kernel_id"], "k1");
+
+        let terminating = crate::events::pack_args(&[s("k1"), s("s1"), s("user-requested")]);
+        let terminating = delivery(EventFormat::Current, "kernel_terminating", &terminating).expect("renders");
+        assert_eq!(terminating.expect("sent").broadcast, None, "the Python agent does not broadcast it");
+
+        let task = "3f1c2e4a-5b6d-4e7f-9a0b-1c2d3e4f5a6b";
+        let done = crate::events::pack_args(&[s(task), s("committed")]);
+        let done = delivery(EventFormat::Current, "bgtask_done", &done).expect("renders").expect("sent");
+        assert_eq!(done.stream_field, None, "background-task events are not stream entries");
+        let broadcast = done.broadcast.expect("broadcast");
+        assert_eq!(broadcast.cache_id.as_deref(), Some(format!("bgtask.{task}").as_str()));
+        assert_eq!(
+            serde_json::from_str::<Json>(&broadcast.payload).expect("JSON"),
+            json!({"task_id": task, "message": "committed"})
+        );
+        let updated = crate::events::pack_args(&[s(task), Value::from(0.0), Value::from(0.0), s("Task started")]);
+        let updated = delivery(EventFormat::Current, "bgtask_updated", &updated).expect("renders").expect("sent");
+        let payload: Json = serde_json::from_str(&updated.broadcast.expect("broadcast").payload).expect("JSON");
+        assert_eq!(
+            payload,
+            json!({"task_id": task, "current_progress": 0.0, "total_progress": 0.0, "message": "Task started"})
+        );
     }
 
     #[test]
