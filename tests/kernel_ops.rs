@@ -6,7 +6,7 @@ use std::{collections::HashSet, process::Command, sync::Arc, time::Duration};
 
 use bai_agent::rpc::client::RpcClient;
 use bai_agent_tests::{
-    Agent, BUSYBOX_IMAGE, EventCollector,
+    Agent, BUSYBOX_IMAGE, EventCollector, LocalRegistry,
     kernels::{
         container_exists, create, created_id, docker_inspect, field, kernel_config, kernel_toml, list, map, runtime,
         with_field,
@@ -266,58 +266,39 @@ fn the_python_callosum_client_creates_and_destroys_a_kernel() {
     assert!(!container_exists(container), "destroy_kernel removed the container");
 }
 
-/// A `docker-registry` of the test's own on 127.0.0.1, stopped by PID when dropped.
-struct LocalRegistry {
-    child: std::process::Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl LocalRegistry {
-    fn start() -> LocalRegistry {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = bai_agent_tests::free_loopback_port().expect("port");
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("registry config");
-        let child = Command::new("docker-registry")
-            .args(["serve", config.to_str().expect("utf-8")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("docker-registry runs (cargo xtask setup installs it)");
-        wait_until("the registry to listen", Duration::from_secs(10), || std::net::TcpStream::connect(&addr).is_ok())
-            .expect("registry up");
-        LocalRegistry { child, addr, _dir: dir }
-    }
-}
-
-impl Drop for LocalRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn docker(args: &[&str]) {
     let out = Command::new("docker").args(args).output().expect("docker");
     assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The image config of `image` in a registry at `addr`, with the login the manager sends
+/// (`registry: {name, url, username, password}`).
+fn image_in_registry(image: &str, addr: &str, login: Option<(&str, &str)>) -> Value {
+    let text = |value: Option<&str>| value.map_or(Value::Nil, Value::from);
+    map(vec![
+        ("canonical", image.into()),
+        ("digest", "".into()),
+        ("labels", map(vec![])),
+        (
+            "registry",
+            map(vec![
+                ("name", addr.into()),
+                ("url", format!("http://{addr}").into()),
+                ("username", text(login.map(|(user, _)| user))),
+                ("password", text(login.map(|(_, password)| password))),
+            ]),
+        ),
+    ])
+}
+
 #[test]
-fn a_missing_image_is_pulled_only_when_auto_pull_allows() {
+fn a_missing_image_is_pulled_only_when_auto_pull_allows_and_with_the_registrys_login() {
     require_environment();
-    let registry = LocalRegistry::start();
+    let registry = LocalRegistry::start_with_login("puller", "s3cret pass").expect("registry starts");
     let image = format!("{}/bai-test/pull-me:{}", registry.addr, unique("tag"));
     docker(&["tag", BUSYBOX_IMAGE, &image]);
-    docker(&["push", &image]);
+    registry.login("puller", "s3cret pass").expect("docker login to the test registry");
+    registry.docker(&["push", &image]).expect("push");
     docker(&["rmi", &image]);
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -327,7 +308,19 @@ fn a_missing_image_is_pulled_only_when_auto_pull_allows() {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let refused = create(&client, "s", &unique("kernel"), kernel_config(&image, "1", "268435456")).await;
         assert!(refused.expect_err("not present").contains("not present"));
-        let config = with_field(kernel_config(&image, "1", "268435456"), "auto_pull", true.into());
+        // Without the registry's login the pull is refused, and the error says so.
+        let anonymous = with_field(
+            with_field(kernel_config(&image, "1", "268435456"), "auto_pull", true.into()),
+            "image",
+            image_in_registry(&image, &registry.addr, None),
+        );
+        let refused = create(&client, "s", &unique("kernel"), anonymous).await.expect_err("no login");
+        assert!(refused.contains("pull") && refused.contains(&registry.addr), "{refused}");
+        let config = with_field(
+            with_field(kernel_config(&image, "1", "268435456"), "auto_pull", true.into()),
+            "image",
+            image_in_registry(&image, &registry.addr, Some(("puller", "s3cret pass"))),
+        );
         let kernel = unique("kernel");
         let created = create(&client, "s", &kernel, config).await.expect("pulled and started");
         let container = created_id(&created, "container_id");

@@ -195,6 +195,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             shutdown.clone(),
         ))
     });
+    // Which kernels are being committed, for the manager's `get_commit_status`.
+    let commit_status = config.redis.addr.clone().map(|addr| {
+        let target = RedisTarget { addr, password: config.redis.password.clone(), db: config.redis.stats_db };
+        tokio::spawn(crate::kernel::commit::run_commit_status_report(kernels.clone(), target, shutdown.clone()))
+    });
     let rpc_metrics = RpcMetrics::default();
     let methods = rpc::Methods::new(config.clone())
         .with_readiness(connected_rx.clone(), synced_rx.clone())
@@ -230,6 +235,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let _ = lifecycle.await;
     if let Some(stats_writer) = stats_writer {
         let _ = stats_writer.await;
+    }
+    if let Some(commit_status) = commit_status {
+        let _ = commit_status.await;
     }
     if let Some(image_report) = image_report {
         let _ = image_report.await;

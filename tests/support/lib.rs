@@ -156,9 +156,16 @@ impl Agent {
     }
 
     /// Like [`Agent::start_with_id`] with `agent.journal-dir` set to `journal_dir` (which may
-    /// outlive the agent, e.g. to start another agent on the same event journal).
+    /// outlive the agent, e.g. to start another agent on the same event journal), and
+    /// `agent.image-commit-path` beside it ([`Agent::commit_dir`]).
     pub fn start_with_journal(id: &str, journal_dir: &Path, extra_toml: &str) -> anyhow::Result<Agent> {
         Self::launch(&agent_binary(), id, Some(journal_dir), extra_toml)
+    }
+
+    /// `agent.image-commit-path` of an agent started on a journal of its own: `commit` next to
+    /// the journal directory.
+    pub fn commit_dir(&self) -> PathBuf {
+        self.journal_dir.with_file_name("commit")
     }
 
     /// Without a `journal_dir`, the agent's event journal is `state/` in its own temporary
@@ -167,14 +174,18 @@ impl Agent {
         let dir = tempfile::tempdir()?;
         let [http_port, rpc_port] = free_ports()?;
         let (addr, rpc_addr) = (format!("127.0.0.1:{http_port}"), format!("127.0.0.1:{rpc_port}"));
+        // An earlier build (a benchmark's baseline) may not know `image-commit-path`.
+        let commit_dir = journal_dir
+            .map(|journal| format!("image-commit-path = \"{}\"\n", journal.with_file_name("commit").display()));
         let journal_dir = journal_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\nrpc-listen-addr = \"{rpc_addr}\"\n\
-                 journal-dir = \"{}\"\n\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n",
-                journal_dir.display()
+                 journal-dir = \"{}\"\n{}\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n",
+                journal_dir.display(),
+                commit_dir.unwrap_or_default(),
             ),
         )?;
         let log = dir.path().join("agent.log");
@@ -818,6 +829,156 @@ impl EventCollector {
         wait_for_collected(&self.events, what, timeout, done, |events| {
             format!("{:?}", events.iter().map(|e| e.name.as_str()).collect::<Vec<_>>())
         })
+    }
+}
+
+/// Subscribes to a Redis pub/sub channel in the background and keeps every message whose
+/// `source` is one agent id (Backend.AI's broadcast messages: `{"name", "source", "payload"}`
+/// JSON). Stopped when dropped.
+pub struct BroadcastCollector {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BroadcastCollector {
+    /// Returns once subscribed, so nothing published after it is missed.
+    pub fn start(redis_addr: &str, channel: &str, source: &str) -> anyhow::Result<BroadcastCollector> {
+        let client = redis::Client::open(format!("redis://{redis_addr}/"))?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(3))?;
+        connection.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, stopping, subscribe_to, source) =
+            (messages.clone(), stop.clone(), channel.to_owned(), source.to_owned());
+        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut pubsub = connection.as_pubsub();
+            let subscribed = pubsub.subscribe(&subscribe_to);
+            let _ = subscribed_tx.send(subscribed.is_ok());
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok(message) = pubsub.get_message() else { continue };
+                let Ok(payload) = message.get_payload::<String>() else { continue };
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(&payload) else { continue };
+                if json["source"] == source.as_str() {
+                    sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(json);
+                }
+            }
+        });
+        if !subscribed_rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false) {
+            bail!("could not subscribe to {channel} on {redis_addr}");
+        }
+        Ok(BroadcastCollector { messages, stop, thread: Some(thread) })
+    }
+
+    /// Polls until `done` holds for what has arrived; the error lists the names that did.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl FnMut(&[serde_json::Value]) -> bool,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        wait_for_collected(&self.messages, what, timeout, done, |messages| {
+            format!("{:?}", messages.iter().map(|m| m["name"].as_str().unwrap_or("?")).collect::<Vec<_>>())
+        })
+    }
+}
+
+impl Drop for BroadcastCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A `docker-registry` of the test's own on 127.0.0.1 (with a login when started so), stopped
+/// by PID when dropped.
+pub struct LocalRegistry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl LocalRegistry {
+    pub fn start() -> anyhow::Result<LocalRegistry> {
+        Self::launch(None)
+    }
+
+    /// A registry that answers only to `username` / `password` (htpasswd, bcrypt from the
+    /// Backend.AI venv's `bcrypt`).
+    pub fn start_with_login(username: &str, password: &str) -> anyhow::Result<LocalRegistry> {
+        Self::launch(Some((username, password)))
+    }
+
+    fn launch(login: Option<(&str, &str)>) -> anyhow::Result<LocalRegistry> {
+        let dir = tempfile::tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_loopback_port()?);
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((username, password)) = login {
+            let script = "import bcrypt, sys\nuser, pw = sys.stdin.read().split('\\n', 1)\n\
+                          print(user + ':' + bcrypt.hashpw(pw.encode(), bcrypt.gensalt()).decode())";
+            let (ok, line) = run_backendai_python(script, format!("{username}\n{password}").as_bytes());
+            if !ok {
+                bail!("hashing the registry password failed: {line}");
+            }
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, line.trim())?;
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display()));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("docker-registry runs (cargo xtask setup installs it)")?;
+        let registry = LocalRegistry { child, addr, dir };
+        wait_until("the registry to listen", Duration::from_secs(10), || TcpStream::connect(&registry.addr).is_ok())?;
+        Ok(registry)
+    }
+
+    /// `docker login` to this registry in its own client configuration ([`LocalRegistry::docker`]).
+    pub fn login(&self, username: &str, password: &str) -> anyhow::Result<()> {
+        let mut child = Command::new("docker")
+            .env("DOCKER_CONFIG", self.dir.path().join("docker-client"))
+            .args(["login", "-u", username, "--password-stdin", &self.addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("docker login's stdin")?.write_all(password.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("docker login {}: {}", self.addr, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Runs `docker` with a client configuration of this registry's own (so a `login` never
+    /// touches the user's `~/.docker`); its stdout, or an error with its stderr.
+    pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out =
+            Command::new("docker").env("DOCKER_CONFIG", self.dir.path().join("docker-client")).args(args).output()?;
+        if !out.status.success() {
+            bail!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,6 +1,6 @@
 //! Kernel containers on the engine: create and start one from a [`ContainerSpec`], stop,
-//! kill and remove it, read its logs and exit state, make sure its image is present, and the
-//! bridge networks of multi-container sessions.
+//! kill and remove it, read its logs and exit state, and the bridge networks of
+//! multi-container sessions.
 
 use std::collections::HashMap;
 
@@ -9,10 +9,7 @@ use bollard::{
         ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkCreateRequest,
         NetworkingConfig, PortBinding,
     },
-    query_parameters::{
-        CreateContainerOptions, CreateImageOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
-        StopContainerOptions,
-    },
+    query_parameters::{CreateContainerOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions},
 };
 use futures_util::StreamExt;
 
@@ -49,25 +46,6 @@ pub struct ContainerSpec {
 /// The label Backend.AI puts on a session's cluster network.
 const CLUSTER_NETWORK_LABEL: &str = "ai.backend.cluster-network";
 
-/// An image as Backend.AI's `InstalledImageInfo` describes it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct InstalledImage {
-    /// A repository tag (`e2e/python:3.11`).
-    pub canonical: String,
-    /// The image id (`sha256:…`).
-    pub digest: String,
-    pub architecture: String,
-}
-
-/// Backend.AI's name of an engine architecture (`amd64` → `x86_64`, `arm64` → `aarch64`).
-fn backend_ai_arch(architecture: &str) -> String {
-    match architecture {
-        "amd64" | "x86-64" => "x86_64".to_owned(),
-        "arm64" | "aarch64_be" => "aarch64".to_owned(),
-        other => other.to_owned(),
-    }
-}
-
 /// How a container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
@@ -77,40 +55,6 @@ pub struct ContainerExit {
 }
 
 impl DockerClient {
-    /// Whether `image` is present locally.
-    pub async fn image_present(&self, image: &str) -> Result<bool, DockerError> {
-        match self.engine().inspect_image(image).await {
-            Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
-            Err(source) => Err(DockerError::Request { what: format!("inspect image {image}"), source }),
-        }
-    }
-
-    /// The image's labels (empty when it has none).
-    pub async fn image_labels(&self, image: &str) -> Result<HashMap<String, String>, DockerError> {
-        let inspected = self
-            .engine()
-            .inspect_image(image)
-            .await
-            .map_err(|source| DockerError::Request { what: format!("inspect image {image}"), source })?;
-        Ok(inspected.config.and_then(|config| config.labels).unwrap_or_default())
-    }
-
-    /// Pulls `image` from its registry, calling `progress` with each status line.
-    pub async fn pull_image(&self, image: &str, mut progress: impl FnMut(&str)) -> Result<(), DockerError> {
-        let (name, tag) = split_image_tag(image);
-        let options =
-            CreateImageOptions { from_image: Some(name.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
-        let mut stream = self.engine().create_image(Some(options), None, None);
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|source| DockerError::Request { what: format!("pull {image}"), source })?;
-            if let Some(status) = info.status.as_deref() {
-                progress(status);
-            }
-        }
-        Ok(())
-    }
-
     /// Creates and starts the container; returns its id.
     pub async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
         let exposed: Vec<String> = spec.ports.iter().map(|(port, _)| format!("{port}/tcp")).collect();
@@ -190,61 +134,6 @@ impl DockerClient {
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
             Err(source) => Err(DockerError::Request { what: format!("create network {name}"), source }),
         }
-    }
-
-    /// The kernel images Backend.AI's agent reports as installed: every tag of an image that
-    /// has labels and a kernelspec of 1 (the default), with its id and architecture. One list
-    /// request; an image is inspected (for its architecture) only the first time its id is
-    /// seen, `architectures` remembering it.
-    pub async fn kernel_images(
-        &self,
-        architectures: &mut HashMap<String, String>,
-    ) -> Result<Vec<InstalledImage>, DockerError> {
-        let images = self
-            .engine()
-            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
-            .await
-            .map_err(|source| DockerError::Request { what: "list images".into(), source })?;
-        architectures.retain(|id, _| images.iter().any(|image| &image.id == id));
-        let mut installed = Vec::new();
-        for image in images {
-            let kernelspec = image.labels.get("ai.backend.kernelspec").map_or("1", String::as_str);
-            if image.labels.is_empty() || kernelspec.trim() != "1" {
-                continue;
-            }
-            let architecture = match architectures.get(&image.id) {
-                Some(architecture) => architecture.clone(),
-                None => match self.engine().inspect_image(&image.id).await {
-                    Ok(inspect) => {
-                        let architecture = backend_ai_arch(inspect.architecture.as_deref().unwrap_or("x86_64"));
-                        architectures.insert(image.id.clone(), architecture.clone());
-                        architecture
-                    }
-                    // Removed meanwhile.
-                    Err(_) => continue,
-                },
-            };
-            for tag in image.repo_tags.iter().filter(|tag| !tag.ends_with("<none>")) {
-                installed.push(InstalledImage {
-                    canonical: tag.clone(),
-                    digest: image.id.clone(),
-                    architecture: architecture.clone(),
-                });
-            }
-        }
-        installed.sort_by(|a, b| a.canonical.cmp(&b.canonical));
-        Ok(installed)
-    }
-
-    /// Removes the image `name` (`force`: even when containers use it; `noprune`: keeping its
-    /// untagged parents).
-    pub async fn remove_image(&self, name: &str, force: bool, noprune: bool) -> Result<(), DockerError> {
-        let options = RemoveImageOptions { force, noprune, ..Default::default() };
-        self.engine()
-            .remove_image(name, Some(options), None)
-            .await
-            .map(drop)
-            .map_err(|source| DockerError::Request { what: format!("remove image {name}"), source })
     }
 
     /// Removes the network `name`; one that is gone is fine.
@@ -332,28 +221,5 @@ impl DockerClient {
                 Some((s.id?, s.labels.unwrap_or_default(), running))
             })
             .collect())
-    }
-}
-
-/// `repo/name:tag` → (`repo/name`, `tag`); no tag means `latest`. A registry port
-/// (`host:5000/name`) is not a tag.
-pub fn split_image_tag(image: &str) -> (&str, &str) {
-    let name_start = image.rfind('/').map_or(0, |slash| slash + 1);
-    match image[name_start..].rfind(':') {
-        Some(colon) => (&image[..name_start + colon], &image[name_start + colon + 1..]),
-        None => (image, "latest"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_image_tags() {
-        assert_eq!(split_image_tag("bai-test/busybox:latest"), ("bai-test/busybox", "latest"));
-        assert_eq!(split_image_tag("python"), ("python", "latest"));
-        assert_eq!(split_image_tag("127.0.0.1:5000/lablup/python:3.11"), ("127.0.0.1:5000/lablup/python", "3.11"));
-        assert_eq!(split_image_tag("127.0.0.1:5000/lablup/python"), ("127.0.0.1:5000/lablup/python", "latest"));
     }
 }

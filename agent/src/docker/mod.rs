@@ -1,8 +1,9 @@
 //! Everything that talks to the Docker engine: finding this agent's kernel containers
 //! by label, inspecting them, and turning the engine's event stream into [`ContainerEvent`]s.
-//! Creating and removing containers lives in [`containers`].
+//! Creating and removing containers lives in [`containers`], images in [`images`].
 
 pub mod containers;
+pub mod images;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -29,6 +30,8 @@ pub enum DockerError {
     Connect { host: String, source: bollard::errors::Error },
     #[error("Docker engine request `{what}` failed: {source}")]
     Request { what: String, source: bollard::errors::Error },
+    #[error("Docker engine refused `{what}`: {message}")]
+    Refused { what: String, message: String },
 }
 
 /// A running container that carries this agent's kernel labels.

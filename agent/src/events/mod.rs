@@ -27,6 +27,7 @@
 //! as delivery. It is trimmed by size, keeping its newest [`LOCAL_JOURNAL_KEEP_BYTES`] once it
 //! passes [`LOCAL_JOURNAL_MAX_BYTES`], so it never grows without bound.
 
+pub mod bgtask;
 pub mod delivery;
 pub mod heartbeat;
 pub mod journal;

@@ -3,6 +3,7 @@
 //! resources, scratch, ports and Docker, lifecycle events, persistence and recovery; how a
 //! kernel's container is launched (the mounted kernel runner as its entrypoint).
 
+pub mod commit;
 pub mod execution;
 pub mod runner;
 pub mod spec;
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, labels},
+    docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, images::RegistryAuth, labels},
     events::EventBus,
     metrics::MetricsState,
     ports::PortPool,
@@ -195,6 +196,8 @@ pub struct KernelManager {
     pulling: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Tells the usage meter when kernels start and end.
     usage: UsageHandle,
+    /// `agent.image-commit-path`: where commits write files and their lock files.
+    commit_root: PathBuf,
 }
 
 /// The image label that declares a kernel's services: `name:protocol:port,…`.
@@ -316,6 +319,7 @@ impl KernelManager {
             ready: std::sync::atomic::AtomicBool::new(false),
             pulling: Arc::default(),
             usage: UsageHandle::disconnected(),
+            commit_root: config.agent.image_commit_path.clone(),
         }
     }
 
@@ -493,7 +497,7 @@ impl KernelManager {
             self.emit("kernel_pulling", vec![kernel_id.into(), session_id.into(), spec.image.as_str().into()]);
             let events = self.events.clone();
             docker
-                .pull_image(&spec.image, |status| {
+                .pull_image(&spec.image, spec.registry_auth.as_ref(), |status: &str| {
                     events.emit(
                         "kernel_pull_progress",
                         vec![kernel_id.into(), session_id.into(), Value::Nil, Value::Nil, status.into()],
@@ -947,6 +951,7 @@ impl KernelManager {
             }
         };
         let docker = self.docker().await?;
+        self.clear_stale_commit_locks();
         let containers = docker.all_kernel_containers().await?;
         let mut by_kernel: HashMap<String, (String, bool)> = HashMap::new();
         for (container_id, container_labels, running) in containers {
@@ -1125,6 +1130,8 @@ pub struct ImagePull {
     pub run_name: String,
     /// Never pulled (Backend.AI's `local` registry).
     pub is_local: bool,
+    /// The registry login for the pull.
+    pub auth: Option<RegistryAuth>,
 }
 
 /// The background step of `check_and_pull` for one image.
@@ -1158,7 +1165,7 @@ async fn pull_if_missing(
         return;
     }
     events.emit("image_pull_started", vec![image.canonical.as_str().into(), agent_id.into(), now().into(), Value::Nil]);
-    let pulled = docker.pull_image(&image.run_name, |_| {}).await;
+    let pulled = docker.pull_image(&image.run_name, image.auth.as_ref(), |_| {}).await;
     pulling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&image.run_name);
     match pulled {
         Ok(()) => {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use rmpv::Value;
 
 use crate::{
+    docker::images::RegistryAuth,
     resources::{ResourceSlots, SlotRegistry, parse_binary_size},
     rpc::codec::{map_get, type_name},
 };
@@ -50,6 +51,8 @@ pub struct KernelSpec {
     pub owner_project_id: String,
     /// The kernel's name on its session's network (`main1`, `sub1`, …).
     pub cluster_hostname: Option<String>,
+    /// The login for pulling the image, from its registry configuration.
+    pub registry_auth: Option<RegistryAuth>,
 }
 
 /// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
@@ -67,6 +70,27 @@ pub fn image_run_name(image: &[(Value, Value)]) -> Option<String> {
         .and_then(Value::as_str)
         .unwrap_or("local");
     Some(canonical.strip_prefix(&format!("{registry}/")).unwrap_or(canonical).to_owned())
+}
+
+/// The login an image config's registry (`{name, url, username, password}`) gives, for pulls
+/// and pushes; none when it has no username and password. The server is the URL's host
+/// (`http://127.0.0.1:5000` → `127.0.0.1:5000`), or the registry's name without a URL.
+pub fn registry_auth(registry: &[(Value, Value)]) -> Option<RegistryAuth> {
+    let text = |key: &str| map_get(registry, key).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let (username, password) = (text("username")?, text("password")?);
+    let server = text("url")
+        .map(|url| {
+            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+            rest.split('/').next().unwrap_or(rest).to_owned()
+        })
+        .filter(|host| !host.is_empty())
+        .or_else(|| text("name").map(str::to_owned))?;
+    Some(RegistryAuth { username: username.to_owned(), password: password.to_owned(), server })
+}
+
+/// The login of an image config's registry ([`registry_auth`]).
+pub fn image_registry_auth(image: &[(Value, Value)]) -> Option<RegistryAuth> {
+    map_get(image, "registry").and_then(Value::as_map).and_then(|registry| registry_auth(registry))
 }
 
 /// Whether an image config names an image of the engine's own (`is_local`, or the registry
@@ -210,6 +234,10 @@ impl KernelSpec {
             owner_user_id: optional_string("owner_user_id")?.unwrap_or_default(),
             owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
             cluster_hostname: optional_string("cluster_hostname")?,
+            registry_auth: match get("image") {
+                Some(Value::Map(image)) => image_registry_auth(image),
+                _ => None,
+            },
         })
     }
 }

@@ -181,6 +181,7 @@ impl Methods {
                 canonical: canonical.to_owned(),
                 run_name,
                 is_local: spec::image_is_local(config),
+                auth: spec::image_registry_auth(config),
             });
         }
         let tasks = self.kernels(M)?.check_and_pull(images).await.map_err(|err| kernel_failure(M, err))?;
@@ -242,6 +243,111 @@ impl Methods {
             })
             .collect();
         Ok(Value::Map(vec![("responses".into(), Value::Array(responses))]))
+    }
+
+    /// `commit(kernel_id, subdir, *, canonical, filename, extra_labels)` → `{"bgtask_id",
+    /// "kernel", "path"}`: the commit runs in the background; its outcome comes as
+    /// `bgtask_done` / `bgtask_failed`, which the manager waits on.
+    pub(super) async fn commit(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "commit";
+        args.expect(&["kernel_id", "subdir", "canonical", "filename", "extra_labels"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let subdir = args.string(1, "subdir")?;
+        let filename = args.optional_string(3, "filename")?;
+        let extra_labels = match args.get(4, "extra_labels") {
+            None | Some(Value::Nil) => Vec::new(),
+            Some(Value::Map(labels)) => labels
+                .iter()
+                .map(|(key, value)| match (key.as_str(), value.as_str()) {
+                    (Some(key), Some(value)) => Ok((key.to_owned(), value.to_owned())),
+                    _ => Err(MethodError::Arguments(format!(
+                        "{M}: extra_labels must map strings to strings, got {} → {}",
+                        type_name(key),
+                        type_name(value)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(MethodError::Arguments(format!(
+                    "{M}: extra_labels must be a map, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let path = filename.as_ref().map(|name| format!("{subdir}/{name}"));
+        let request = crate::kernel::commit::CommitRequest {
+            kernel_id: kernel_id.clone(),
+            subdir,
+            canonical: args.optional_string(2, "canonical")?,
+            filename,
+            extra_labels,
+        };
+        let task = self.kernels(M)?.commit(request).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(vec![
+            ("bgtask_id".into(), task.into()),
+            ("kernel".into(), kernel_id.into()),
+            ("path".into(), path.map_or(Value::Nil, Value::from)),
+        ]))
+    }
+
+    /// `get_commit_status(kernel_id, subdir)` → `{"kernel", "status"}`, the status being
+    /// `"ongoing"` or `"ready"`.
+    pub(super) async fn get_commit_status(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "get_commit_status";
+        args.expect(&["kernel_id", "subdir"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let subdir = args.string(1, "subdir")?;
+        let status = self.kernels(M)?.commit_status(&kernel_id, &subdir).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(vec![("kernel".into(), kernel_id.into()), ("status".into(), status.into())]))
+    }
+
+    /// `push_image(image_ref, registry_conf)` → `{"bgtask_id", "canonical"}`: the image (an
+    /// `ImageRef`, or its canonical name) is pushed in the background, logged in with the
+    /// registry configuration's `username` / `password`; a local image is not pushed.
+    pub(super) async fn push_image(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "push_image";
+        args.expect(&["image_ref", "registry_conf"])?;
+        let (canonical, is_local) = match args.required(0, "image_ref")? {
+            Value::String(s) => (s.as_str().map(str::to_owned), false),
+            Value::Map(image) => (
+                super::codec::map_get(image, "canonical").and_then(Value::as_str).map(str::to_owned),
+                super::codec::map_get(image, "is_local").and_then(Value::as_bool).unwrap_or(false),
+            ),
+            other => {
+                return Err(MethodError::Arguments(format!(
+                    "{M}: image_ref must be an ImageRef or an image name, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let canonical = canonical
+            .filter(|name| !name.is_empty())
+            .ok_or_else(|| MethodError::Arguments(format!("{M}: image_ref has no canonical name")))?;
+        let auth = match args.get(1, "registry_conf") {
+            None | Some(Value::Nil) => None,
+            Some(Value::Map(registry)) => spec::registry_auth(registry),
+            Some(other) => {
+                return Err(MethodError::Arguments(format!(
+                    "{M}: registry_conf must be a map, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let task = self
+            .kernels(M)?
+            .push_image(canonical.clone(), is_local, auth)
+            .await
+            .map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(vec![("bgtask_id".into(), task.into()), ("canonical".into(), canonical.into())]))
+    }
+
+    /// `scan_gpu_alloc_map()` → `{device id: allocated amount}` over this agent's kernels, as
+    /// decimal strings. This agent allocates no accelerator devices to kernels (its
+    /// accelerators are measured, not handed out), so the map is empty, as the Python agent's
+    /// is on a node without accelerator plugins.
+    pub(super) fn scan_gpu_alloc_map(&self, args: Args) -> Result<Value, MethodError> {
+        args.expect(&[])?;
+        Ok(Value::Map(Vec::new()))
     }
 
     /// `check_pulling(image_name)` → whether `check_and_pull` is pulling it now.

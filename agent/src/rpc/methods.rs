@@ -268,6 +268,10 @@ pub const METHOD_NAMES: &[&str] = &[
     "create_local_network",
     "destroy_local_network",
     "purge_images",
+    "commit",
+    "get_commit_status",
+    "push_image",
+    "scan_gpu_alloc_map",
 ];
 
 pub struct Methods {
@@ -342,6 +346,10 @@ impl Methods {
             "create_local_network" => self.create_local_network(args).await,
             "destroy_local_network" => self.destroy_local_network(args).await,
             "purge_images" => self.purge_images(args).await,
+            "commit" => self.commit(args).await,
+            "get_commit_status" => self.get_commit_status(args).await,
+            "push_image" => self.push_image(args).await,
+            "scan_gpu_alloc_map" => self.scan_gpu_alloc_map(args),
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
