@@ -9,12 +9,15 @@
 //! running as the owner's container uid/gids; batch
 //! sessions ending SUCCESS and FAILURE (and the exit code the agent reported); a session that
 //! lives through a `kill -9` of the agent; the manager's live stats of a kernel (through the
-//! Prometheus it queries, scraping the agent) and its stats in Redis coming from the agent.
+//! Prometheus it queries, scraping the agent) and its stats in Redis coming from the agent;
+//! the kernel lifecycle's broadcast copies on `events_all`; `session commit` (the kernel saved
+//! as a file on the node) and `session convert-to-image` (committed, pushed to a registry with
+//! a login, rescanned by the manager), both waiting on the agent's background-task events.
 
 use std::{process::Command, time::Duration};
 
 use bai_agent_tests::{
-    Agent, PYTHON_IMAGE, PrometheusServer,
+    Agent, BroadcastCollector, LocalRegistry, PYTHON_IMAGE, PrometheusServer,
     backendai::{ControlPlane, REGISTRY_PROJECT},
     require_environment, unique,
 };
@@ -113,6 +116,7 @@ fn a_real_backendai_manager_runs_sessions_on_bai_agent() {
     run_rm_runs_code_in_a_session_of_its_own(&plane);
     the_kernel_runs_as_its_owners_container_user(&plane);
     batch_sessions_end_with_their_commands_result(&plane);
+    a_session_becomes_an_image_in_a_registry(&plane, &agent);
     a_session_lives_through_a_kill_9_of_the_agent(&plane, &mut agent);
 }
 
@@ -151,11 +155,13 @@ fn register_the_test_image(plane: &ControlPlane) {
 fn an_interactive_session_runs_code_and_files_and_is_destroyed(plane: &ControlPlane, agent: &Agent) {
     let name = "e2e-interactive";
     let image = image_ref();
+    let broadcasts = BroadcastCollector::start(&plane.redis_addr, "events_all", &agent.id).expect("subscribed");
     let created = plane.cli(&["session", "create", "-t", name, "-r", "cpu=1", "-r", "mem=2g", &image]);
     assert!(created.success, "session create: {}\nagent log:\n{}", created.text(), agent_log_tail(agent));
     assert_eq!(session_status(plane, name), "RUNNING");
     let kernel = session_kernel(plane, name);
     assert_eq!(kernel_containers(&kernel).lines().count(), 1, "one container for kernel {kernel}");
+    broadcast_arrives(&broadcasts, "kernel_started", &kernel);
 
     // Query mode: the code runs in the kernel and its output comes back.
     let query = plane.cli(&["run", "-t", name, &image, "-c", "import os; print(6 * 7, os.getcwd())"]);
@@ -196,11 +202,197 @@ fn an_interactive_session_runs_code_and_files_and_is_destroyed(plane: &ControlPl
     let session_id = plane.sql(&format!("select id from sessions where name = '{name}'")).expect("session id");
     manager_shows_live_stats(plane, &session_id);
 
+    the_session_is_committed_to_a_file(plane, agent, name, &broadcasts);
+
     // Logs, then destroy: TERMINATED in the manager, the container gone.
     let logs = plane.cli(&["session", "logs", name]);
     assert!(logs.success && logs.stdout.contains("kernel runner listening"), "logs: {}", logs.text());
     assert!(!logs.stdout.contains('\u{1b}'), "the container's log is plain text: {}", logs.text());
     destroy_session(plane, name);
+    broadcast_arrives(&broadcasts, "kernel_terminated", &kernel);
+}
+
+/// The broadcast copy of the event `event` about `kernel` arrives on `events_all`, its payload
+/// the event's fields as JSON text (Backend.AI's `BroadcastMessagePayload`).
+fn broadcast_arrives(broadcasts: &BroadcastCollector, event: &str, kernel: &str) {
+    let payload_of = |message: &serde_json::Value| {
+        message["payload"].as_str().and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+    };
+    broadcasts
+        .wait_for(&format!("the broadcast {event} of {kernel}"), Duration::from_secs(30), |messages| {
+            messages.iter().any(|m| m["name"] == event && payload_of(m).is_some_and(|p| p["kernel_id"] == kernel))
+        })
+        .unwrap_or_else(|err| panic!("{err}"));
+}
+
+/// `session commit`: the manager has the agent save the kernel as a gzipped image file in
+/// `image-commit-path/<owner's e-mail>/`; the commit's background task ends `bgtask_done`,
+/// broadcast and cached for the manager.
+fn the_session_is_committed_to_a_file(
+    plane: &ControlPlane,
+    agent: &Agent,
+    name: &str,
+    broadcasts: &BroadcastCollector,
+) {
+    let commit = plane.cli(&["session", "commit", name]);
+    assert!(commit.success, "session commit: {}\nagent log:\n{}", commit.text(), agent_log_tail(agent));
+    let owner_dir = agent.commit_dir().join("admin_lablup.com");
+    let mut saved = None;
+    bai_agent_tests::wait_until("the committed image file", Duration::from_secs(120), || {
+        saved = std::fs::read_dir(&owner_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.to_string_lossy().ends_with("python-3.11.tar.gz"));
+        saved.is_some()
+    })
+    .unwrap_or_else(|err| {
+        panic!(
+            "{err}; in {}: {:?}\nagent log:\n{}",
+            owner_dir.display(),
+            std::fs::read_dir(&owner_dir).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+            agent_log_tail(agent)
+        )
+    });
+    let saved = saved.expect("found");
+    let listing = Command::new("tar").arg("-tzf").arg(&saved).output().expect("tar runs");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.lines().any(|line| line == "manifest.json"), "a docker-save archive: {listing}");
+    let done = broadcasts
+        .wait_for("the commit's bgtask_done", Duration::from_secs(30), |messages| {
+            messages.iter().any(|m| m["name"] == "bgtask_done")
+        })
+        .unwrap_or_else(|err| panic!("{err}"));
+    let done = done.iter().find(|m| m["name"] == "bgtask_done").expect("found");
+    let payload: serde_json::Value =
+        serde_json::from_str(done["payload"].as_str().unwrap_or("{}")).expect("JSON payload");
+    let task_id = payload["task_id"].as_str().expect("a task id").to_owned();
+    let cached = redis_get(plane, &format!("bgtask.{task_id}"));
+    assert!(cached.contains("bgtask_done"), "the outcome is cached for the manager: {cached:?}");
+    assert!(!owner_dir.join("lock").join(session_kernel(plane, name)).exists(), "the commit's lock is gone");
+}
+
+/// A key of the manager's event database (4), as text.
+fn redis_get(plane: &ControlPlane, key: &str) -> String {
+    let script = format!(
+        "import redis\nv = redis.Redis(host='127.0.0.1', port={port}, db=4).get({key:?})\nprint(v.decode() if v else '')\n",
+        port = plane.redis_port,
+    );
+    let (ok, out) = bai_agent_tests::run_backendai_python(&script, b"");
+    assert!(ok, "reading {key}: {out}");
+    out.trim().to_owned()
+}
+
+/// `session convert-to-image`: a session of an image from a registry that wants a login (so the
+/// agent pulls it with the registry's credentials) is committed by the agent, pushed by the
+/// agent to that registry (with the credentials), and rescanned by the manager: the new image
+/// is in the manager's database and in the registry. The manager follows both steps through
+/// the agent's background-task events.
+fn a_session_becomes_an_image_in_a_registry(plane: &ControlPlane, agent: &Agent) {
+    let registry = LocalRegistry::start_with_login("e2e-user", "e2e pass").expect("the registry starts");
+    registry.login("e2e-user", "e2e pass").expect("docker login to the test registry");
+    let base = format!("{}/{REGISTRY_PROJECT}/python:3.11", registry.addr);
+    docker(&["tag", PYTHON_IMAGE, &base]);
+    registry.docker(&["push", &base]).expect("push the base image");
+    docker(&["rmi", &base]);
+
+    // The registry in the manager, and as the project's registry for customized images.
+    let fixture = plane.path("registry-fixture.json");
+    let row = serde_json::json!({"container_registries": [{
+        "id": "5b7c3a1e-2222-4b55-8d3c-0f7e0c3a5d11", "registry_name": registry.addr, "url": format!("http://{}", registry.addr),
+        "type": "docker", "project": REGISTRY_PROJECT, "username": "e2e-user", "password": "e2e pass",
+    }]});
+    std::fs::write(&fixture, row.to_string()).expect("write the fixture");
+    let populated = plane.mgr(&["fixture", "populate", &fixture.to_string_lossy()]);
+    assert!(populated.success, "fixture populate: {}", populated.text());
+    plane
+        .sql(&format!(
+            "update groups set container_registry = '{{\"registry\": \"{}\", \"project\": \"{REGISTRY_PROJECT}\"}}' \
+             where name = 'default'",
+            registry.addr
+        ))
+        .expect("the project's image-commit registry");
+    plane
+        .sql(&format!(
+            "update domains set allowed_docker_registries = array_append(allowed_docker_registries, '{}') \
+             where name = 'default'",
+            registry.addr
+        ))
+        .expect("the domain allows the registry");
+    let scan = plane.mgr(&["image", "rescan", &registry.addr]);
+    assert!(scan.success, "image rescan: {}", scan.text());
+    let images = plane.sql("select name from images").expect("images");
+    assert!(images.contains(&base), "the manager scanned the registry's image: {images}\n{}", scan.text());
+
+    let name = "e2e-imagify";
+    let created = plane.cli(&["session", "create", "-t", name, "-r", "cpu=1", "-r", "mem=2g", &base]);
+    assert!(
+        created.success,
+        "session create from the registry: {}\nagent log:\n{}",
+        created.text(),
+        agent_log_tail(agent)
+    );
+    // The 26.9.6 CLI's `session convert-to-image` sends the image name as a query parameter,
+    // which the 26.9.6 manager refuses (it reads a JSON body): the client SDK's own request
+    // with the body the manager expects.
+    let imagify = format!(
+        "import asyncio\n\
+         from ai.backend.client.session import AsyncSession\n\
+         from ai.backend.client.request import Request\n\
+         async def main():\n\
+         \x20   async with AsyncSession():\n\
+         \x20       rqst = Request('POST', '/session/{name}/imagify')\n\
+         \x20       rqst.set_json({{'image_name': 'mine'}})\n\
+         \x20       async with rqst.fetch() as resp:\n\
+         \x20           print(resp.status, await resp.text())\n\
+         asyncio.run(main())\n"
+    );
+    let requested =
+        plane.client_command(&plane.venv().join("bin/python")).args(["-c", &imagify]).output().expect("python runs");
+    let answer = String::from_utf8_lossy(&requested.stdout);
+    assert!(
+        requested.status.success() && answer.starts_with("200"),
+        "imagify: {answer}{}",
+        String::from_utf8_lossy(&requested.stderr)
+    );
+    plane
+        .wait_for_sql("select count(*) from images where name like '%customized_%'", "1", Duration::from_secs(180))
+        .unwrap_or_else(|err| {
+            panic!("{err}\nmanager log:\n{}\nagent log:\n{}", plane.log_tail("manager", 40), agent_log_tail(agent))
+        });
+    let images = plane.sql("select name from images where name like '%customized_%'").expect("images");
+    assert!(
+        images.contains(&format!("{}/{REGISTRY_PROJECT}/python:3.11-customized_", registry.addr)),
+        "the manager knows the new image: {images:?}"
+    );
+    let (status, tags) = registry_tags(&registry, &format!("{REGISTRY_PROJECT}/python"));
+    assert!(status == 200 && tags.contains("3.11-customized_"), "the registry has the pushed image: {status} {tags}");
+    destroy_session(plane, name);
+    // The pulled and the committed image stay on the node (as with the Python agent); this
+    // test's registry goes, so do they.
+    for tag in docker(&[
+        "images",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+        &format!("{}/{REGISTRY_PROJECT}/python", registry.addr),
+    ])
+    .lines()
+    {
+        docker(&["rmi", tag]);
+    }
+}
+
+/// `GET /v2/<repository>/tags/list` of the registry, logged in.
+fn registry_tags(registry: &LocalRegistry, repository: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-u", "e2e-user:e2e pass", "-w", "\n%{http_code}"])
+        .arg(format!("http://{}/v2/{repository}/tags/list", registry.addr))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 /// The kernel's stats as the manager serves them (from Redis, written by the agent): CPU time
