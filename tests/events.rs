@@ -376,7 +376,7 @@ fn check_with_backendai(entries: &[Vec<(&str, String)>]) -> String {
 /// 26.9 format and decoded by Backend.AI 26.9.6's own models.
 #[test]
 fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
-    use bai_agent::events::{heartbeat, wire};
+    use bai_agent::{backendai::events as wire, events::heartbeat};
     let s = |text: &str| Value::from(text);
     let map = |entries: Vec<(&str, Value)>| Value::Map(entries.into_iter().map(|(k, v)| (s(k), v)).collect());
     let identity = heartbeat::AgentIdentity {

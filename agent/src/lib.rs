@@ -1,6 +1,7 @@
 //! bai-agent: a Backend.AI-compatible node agent that runs kernels through Docker and
 //! accounts for each one with eBPF programs attached per cgroup.
 
+pub mod backendai;
 pub mod clock;
 pub mod config;
 pub mod daemon;

@@ -28,12 +28,11 @@ use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionIn
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Shared,
-    journal::Record,
-    wire::{self, EventFormat, WireError},
+use super::{Shared, journal::Record};
+use crate::{
+    backendai::events::{self as wire, EventFormat, WireError},
+    config::RedisAddr,
 };
-use crate::config::RedisAddr;
 
 /// The stream Backend.AI's manager consumes events from.
 pub const STREAM_KEY: &str = "events";

@@ -31,7 +31,6 @@ pub mod bgtask;
 pub mod delivery;
 pub mod heartbeat;
 pub mod journal;
-pub mod wire;
 
 use std::{
     collections::VecDeque,
@@ -262,7 +261,7 @@ pub struct EventSettings {
     pub heartbeat_interval: Duration,
     pub identity: AgentIdentity,
     /// The stream entries' format (`redis.event-format`).
-    pub event_format: wire::EventFormat,
+    pub event_format: crate::config::EventFormat,
     /// The pub/sub channel of 26.9's broadcast copies (`redis.broadcast-channel`).
     pub broadcast_channel: String,
 }

@@ -20,7 +20,9 @@ use crate::kernel::{ImagePull, KernelError, KernelManager, KernelRecord, spec};
 pub fn id_value(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => s.as_str().map(str::to_owned),
-        Value::Ext(super::pickle::EXT_UUID, bytes) => uuid::Uuid::from_slice(bytes).ok().map(|id| id.to_string()),
+        Value::Ext(crate::backendai::pickle::EXT_UUID, bytes) => {
+            uuid::Uuid::from_slice(bytes).ok().map(|id| id.to_string())
+        }
         _ => None,
     }
 }

@@ -10,7 +10,10 @@ use rmpv::Value;
 use tokio::sync::watch;
 
 use super::codec::{ErrorInfo, map_get, type_name};
-use crate::config::Config;
+use crate::{
+    backendai::{self, rpc::HealthCheck},
+    config::Config,
+};
 
 /// Why a method did not return a value. Each becomes a FAILURE reply whose exception name
 /// mirrors what a Python agent would have raised.
@@ -72,7 +75,8 @@ impl Args {
         // Backend.AI's extension types (UUIDs, datetimes, pickled enums, `ImageRef`s, …) become
         // plain values here, decoded without executing anything; any other class is refused
         // by name.
-        let payload = super::pickle::plain(payload).map_err(|err| MethodError::Request(format!("{method}: {err}")))?;
+        let payload =
+            crate::backendai::pickle::plain(payload).map_err(|err| MethodError::Request(format!("{method}: {err}")))?;
         let Value::Map(entries) = payload else {
             return Err(MethodError::Request(format!(
                 "{method}: the request body must be a map {{\"args\": [...], \"kwargs\": {{...}}}}, got {}",
@@ -396,38 +400,23 @@ impl Methods {
     /// error_message}], timestamp}}`, the checks being the Docker engine and the monitor.
     fn health_v2(&self, args: Args) -> Result<Value, MethodError> {
         args.expect(&["req"])?;
-        let now = Value::from(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
-        let checks: Vec<(&str, &str, Option<bool>, &str)> = vec![
-            ("docker", "docker-engine", self.docker_connected.as_ref().map(|rx| *rx.borrow()), "not connected"),
-            ("monitor", "container-monitor", self.monitor_synced.as_ref().map(|rx| *rx.borrow()), "not synced yet"),
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+        let state = |rx: &Option<watch::Receiver<bool>>| rx.as_ref().map(|rx| *rx.borrow());
+        let checks = [
+            HealthCheck {
+                group: "docker",
+                component: "docker-engine",
+                healthy: state(&self.docker_connected),
+                problem: "not connected",
+            },
+            HealthCheck {
+                group: "monitor",
+                component: "container-monitor",
+                healthy: state(&self.monitor_synced),
+                problem: "not synced yet",
+            },
         ];
-        let healthy = checks.iter().all(|(_, _, state, _)| state.unwrap_or(true));
-        let checks = checks
-            .into_iter()
-            .map(|(group, id, state, problem)| {
-                let ok = state.unwrap_or(true);
-                map(vec![
-                    ("service_group", Value::from(group)),
-                    ("component_id", Value::from(id)),
-                    ("is_healthy", Value::from(ok)),
-                    ("last_checked_at", now.clone()),
-                    ("error_message", if ok { Value::Nil } else { Value::from(problem) }),
-                ])
-            })
-            .collect();
-        Ok(map(vec![
-            ("status", Value::from(if healthy { "ok" } else { "degraded" })),
-            ("version", Value::from(env!("CARGO_PKG_VERSION"))),
-            ("component", Value::from("agent")),
-            (
-                "connectivity",
-                map(vec![
-                    ("overall_healthy", Value::from(healthy)),
-                    ("connectivity_checks", Value::Array(checks)),
-                    ("timestamp", now),
-                ]),
-            ),
-        ]))
+        Ok(backendai::rpc::health_v2(env!("CARGO_PKG_VERSION"), &checks, &now))
     }
 
     /// `gather_hwinfo_v2(req)` (26.9; `req` is empty) → `GatherHwinfoResp`:
@@ -436,20 +425,7 @@ impl Methods {
     async fn gather_hwinfo_v2(&self, args: Args) -> Result<Value, MethodError> {
         args.expect(&["req"])?;
         let by_device = self.gather_hwinfo(Args::new("gather_hwinfo", Vec::new(), Vec::new())).await?;
-        let devices = by_device
-            .as_map()
-            .map(|entries| {
-                entries
-                    .iter()
-                    .map(|(name, entry)| {
-                        let mut fields = vec![(Value::from("device_name"), name.clone())];
-                        fields.extend(entry.as_map().cloned().unwrap_or_default());
-                        Value::Map(fields)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(map(vec![("devices", Value::Array(devices))]))
+        Ok(backendai::rpc::hwinfo_v2(&by_device))
     }
 
     /// `gather_hwinfo(agent_id=None)` → `{device: {status, status_info, metadata}}` for the
@@ -743,7 +719,7 @@ mod tests {
     /// and a kernel config among them parses.
     #[test]
     fn the_26_9_managers_own_requests_bind() {
-        use crate::{kernel::spec::KernelSpec, resources::SlotRegistry, rpc::pickle::tests as real};
+        use crate::{backendai::pickle::tests as real, kernel::spec::KernelSpec, resources::SlotRegistry};
         let body = |hex: &str, method: &str| {
             let value = crate::rpc::codec::unpack(&real::hex(hex), "body").expect("msgpack");
             Args::from_payload(method, Some(value)).expect("binds").claim_agent_id("i-agent").expect("for i-agent")

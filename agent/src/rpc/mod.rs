@@ -12,7 +12,6 @@ pub mod codec;
 pub mod exec_methods;
 pub mod kernel_methods;
 pub mod methods;
-pub mod pickle;
 pub mod server;
 
 pub use client::{CallOptions, RpcClient, RpcClientError};
