@@ -162,6 +162,26 @@ impl ControlPlane {
         out
     }
 
+    /// `program` (the venv's `backend.ai`, its Python, …) with the client's environment: the
+    /// manager's endpoint and the example superadmin's keys. Nothing printed, no time limit:
+    /// for callers that time the command themselves (the benchmarks).
+    pub fn client_command(&self, program: &Path) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("BACKEND_ENDPOINT", format!("http://{}", self.manager_addr))
+            .env("BACKEND_ENDPOINT_TYPE", "api")
+            .env("BACKEND_ACCESS_KEY", ACCESS_KEY)
+            .env("BACKEND_SECRET_KEY", SECRET_KEY)
+            .env("PYTHONWARNINGS", "ignore")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// The venv the control plane runs from (`bin/backend.ai`, `bin/python`).
+    pub fn venv(&self) -> &Path {
+        &self.venv
+    }
+
     pub fn cli(&self, args: &[&str]) -> CliOutput {
         self.cli_in(self.dir.path(), args, Duration::from_secs(180))
     }

@@ -25,7 +25,6 @@ pub const BUSYBOX_IMAGE: &str = "bai-test/busybox:latest";
 /// The image `cargo xtask setup` builds: Debian bookworm minbase with python3 (debootstrap).
 pub const PYTHON_IMAGE: &str = "bai-test/python3:latest";
 
-/// Fails the test with a list of what this machine lacks, instead of skipping it.
 /// The Python interpreter of a venv with Backend.AI's own `backend.ai-common` (26.9.6), which
 /// `cargo xtask test` sets up and names in `BAI_TEST_BACKENDAI_PYTHON`; the tests check what
 /// the agent sends with Backend.AI's own models there.
@@ -63,6 +62,7 @@ pub fn run_backendai_python(script: &str, input: &[u8]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Fails the test with a list of what this machine lacks, instead of skipping it.
 pub fn require_environment() {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.
@@ -116,7 +116,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// `N` distinct free loopback ports (all held open until every one is picked).
-pub(crate) fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let mut ports = [0; N];
     for (port, listener) in ports.iter_mut().zip(&listeners) {

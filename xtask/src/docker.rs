@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::{
     Ctx, cmd,
     services::{log_tail, spawn_daemon},
-    setup::{already_present, ok, step},
+    setup::{already_present, backendai_python, ok, step},
 };
 
 /// How long one `docker version` may take before it counts as "not answering".
@@ -64,6 +64,21 @@ const IMAGES: &[TestImage] = &[
             "test -s /etc/backend.ai/service-defs/http.json && /usr/bin/python3 -c 'import http.server'",
         ],
     },
+    // After its base, which it is built from.
+    TestImage {
+        name: "bai-test/python3-ipykernel:latest",
+        what: "bai-test/python3 + ipykernel from PyPI wheels: the Python agent's query mode, for bench-backendai",
+        dir: "config/images/python3-ipykernel",
+        // What the Python agent's libc probe makes of bookworm's glibc 2.36; with the label it
+        // runs no probe container.
+        labels: &[("ai.backend.base-distro", "ubuntu22.04")],
+        recipe: Recipe::Wheels { base: "bai-test/python3:latest", python: "3.11", packages: &["ipykernel==7.4.0"] },
+        check: &[
+            "/bin/sh",
+            "-c",
+            "test -s /usr/local/share/jupyter/kernels/python3/kernel.json && /usr/bin/python3 -c 'import ipykernel.kernelapp'",
+        ],
+    },
 ];
 
 #[derive(Clone, Copy)]
@@ -71,7 +86,8 @@ struct TestImage {
     name: &'static str,
     what: &'static str,
     /// Its build inputs in the workspace: `service-defs/*.json` (copied to
-    /// `/etc/backend.ai/service-defs/`) and, for [`Recipe::Dockerfile`], `Dockerfile`.
+    /// `/etc/backend.ai/service-defs/`) and, for [`Recipe::Dockerfile`], `Dockerfile`; for
+    /// [`Recipe::Wheels`], `kernel.json` (and no service definitions of its own).
     dir: &'static str,
     /// Image labels (besides [`INPUTS_LABEL`]).
     labels: &'static [(&'static str, &'static str)],
@@ -88,6 +104,12 @@ enum Recipe {
     /// `debootstrap --variant=minbase --include=<include> <suite>` from the machine's Debian
     /// mirror, plus `service-defs/`, then `docker import` with the labels and `CMD <cmd>`.
     Debootstrap { suite: &'static str, include: &'static [&'static str], cmd: &'static str },
+    /// `FROM <base>` plus Python packages from PyPI wheels for the base's Python: `pip install
+    /// --target --only-binary=:all:` for the image's platform and Python version on the host
+    /// (nothing is built or fetched inside the image), copied to its
+    /// `/usr/local/lib/python<python>/dist-packages/`, and `<dir>/kernel.json` as the Jupyter
+    /// kernelspec `python3`.
+    Wheels { base: &'static str, python: &'static str, packages: &'static [&'static str] },
 }
 
 impl TestImage {
@@ -95,8 +117,12 @@ impl TestImage {
         ctx.workspace.join(self.dir)
     }
 
-    /// `service-defs/*` of the image's config dir as (file name, content), sorted by name.
+    /// `service-defs/*` of the image's config dir as (file name, content), sorted by name; none
+    /// for an image built on another (it has its base's).
     fn service_defs(&self, ctx: &Ctx) -> Result<Vec<(String, Vec<u8>)>> {
+        if matches!(self.recipe, Recipe::Wheels { .. }) {
+            return Ok(Vec::new());
+        }
         let dir = self.config_dir(ctx).join("service-defs");
         let mut defs = Vec::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
@@ -114,8 +140,10 @@ impl TestImage {
     }
 
     /// A stable hash (FNV-1a 64, hex) of everything the image is built from that the
-    /// workspace controls: the name, the labels, the recipe (Dockerfile text, or debootstrap
-    /// suite, packages and CMD) and the service definitions. Not what is downloaded.
+    /// workspace controls: the name, the labels, the recipe (Dockerfile text; debootstrap
+    /// suite, packages and CMD; or the base image and its own inputs label, the Python
+    /// version, the packages and `kernel.json`) and the service definitions. Not what is
+    /// downloaded.
     fn inputs_hash(&self, ctx: &Ctx) -> Result<String> {
         let mut hash = Fnv1a::new();
         hash.field(b"recipe-version");
@@ -139,6 +167,19 @@ impl TestImage {
                     hash.field(package.as_bytes());
                 }
                 hash.field(cmd.as_bytes());
+            }
+            Recipe::Wheels { base, python, packages } => {
+                hash.field(b"wheels");
+                hash.field(base.as_bytes());
+                // Rebuilt when its base is.
+                hash.field(present_inputs(base).unwrap_or_default().as_bytes());
+                hash.field(python.as_bytes());
+                for package in *packages {
+                    hash.field(package.as_bytes());
+                }
+                let path = self.config_dir(ctx).join("kernel.json");
+                hash.field(b"kernelspec");
+                hash.field(&fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
             }
         }
         for (name, content) in self.service_defs(ctx)? {
@@ -281,6 +322,7 @@ pub fn ensure_images(ctx: &Ctx) -> Result<()> {
         let built = match image.recipe {
             Recipe::Dockerfile => build_dockerfile(ctx, image, &inputs),
             Recipe::Debootstrap { suite, include, cmd } => build_debootstrap(ctx, image, &inputs, suite, include, cmd),
+            Recipe::Wheels { base, python, packages } => build_wheels(ctx, image, &inputs, base, python, packages),
         };
         built.with_context(|| format!("building the test image {} failed", image.name))?;
         match present_inputs(image.name) {
@@ -361,6 +403,49 @@ fn build_dockerfile(ctx: &Ctx, image: &TestImage, inputs: &str) -> Result<()> {
     context.add(&config.join("Dockerfile"), "Dockerfile")?;
     context.add(busybox, "busybox")?;
     context.add_dir(&config.join("service-defs"), "service-defs")?;
+    let mut build = Command::new("docker");
+    build.args(["build", "-t", image.name]);
+    for (key, value) in image.all_labels(inputs) {
+        build.arg("--label").arg(format!("{key}={value}"));
+    }
+    cmd::run(build.arg(&context.0).env("DOCKER_BUILDKIT", "0"))
+}
+
+fn build_wheels(ctx: &Ctx, image: &TestImage, inputs: &str, base: &str, python: &str, packages: &[&str]) -> Result<()> {
+    if image_id(base).is_none() {
+        bail!("its base image {base} is missing (setup builds it first)");
+    }
+    let context = BuildContext::new("wheels")?;
+    let site = context.0.join("site");
+    let platform = format!("manylinux2014_{}", std::env::consts::ARCH);
+    // The venv's pip (a recent one, kept by setup); --target leaves the venv alone.
+    cmd::run(
+        Command::new(backendai_python())
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts"])
+            .args(["--no-compile", "--only-binary=:all:", "--implementation", "cp", "--platform", &platform])
+            .args(["--python-version", python, "--target"])
+            .arg(&site)
+            .args(packages),
+    )
+    .with_context(|| {
+        format!(
+            "pip could not fetch the wheels of {} for Python {python}; check that PyPI is reachable",
+            packages.join(" ")
+        )
+    })?;
+    // Scripts and data files are laid out for a host install; the kernelspec is ours.
+    for extra in ["bin", "share"] {
+        let path = site.join(extra);
+        if path.exists() {
+            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    context.add(&image.config_dir(ctx).join("kernel.json"), "kernel.json")?;
+    let dockerfile = format!(
+        "FROM {base}\nCOPY site/ /usr/local/lib/python{python}/dist-packages/\n\
+         COPY kernel.json /usr/local/share/jupyter/kernels/python3/kernel.json\n"
+    );
+    fs::write(context.0.join("Dockerfile"), dockerfile).context("writing the Dockerfile")?;
     let mut build = Command::new("docker");
     build.args(["build", "-t", image.name]);
     for (key, value) in image.all_labels(inputs) {
@@ -625,7 +710,9 @@ mod tests {
             let first = image.inputs_hash(&ctx)?;
             assert_eq!(first, image.inputs_hash(&ctx)?);
             assert_eq!(first.len(), 16);
-            assert!(!image.service_defs(&ctx)?.is_empty(), "{} has no service-defs/*.json", image.dir);
+            if !matches!(image.recipe, Recipe::Wheels { .. }) {
+                assert!(!image.service_defs(&ctx)?.is_empty(), "{} has no service-defs/*.json", image.dir);
+            }
             let relabelled = TestImage { labels: &[("ai.backend.runtime-type", "other")], ..*image };
             assert_ne!(first, relabelled.inputs_hash(&ctx)?);
         }

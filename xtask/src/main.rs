@@ -97,15 +97,17 @@ enum Task {
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
     /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`, then
-    /// `bench-cpu` (CPU time per shape of work against the kernel's accounting).
+    /// `bench-cpu` (CPU time per shape of work against the kernel's accounting), then
+    /// `bench-backendai` (bai-agent against the Python agent 26.9.6 on a real manager).
     ///
-    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `usage` or `cpu` runs that one alone
-    /// with the arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo xtask bench --
-    /// lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench -- accounting
-    /// 100 30 2`, `cargo xtask bench -- cpu /path/to/an/earlier/bai-agent`); without a name all
-    /// run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
+    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `usage`, `cpu` or `backendai` runs
+    /// that one alone with the arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo
+    /// xtask bench -- lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench
+    /// -- accounting 100 30 2`, `cargo xtask bench -- cpu /path/to/an/earlier/bai-agent`, `cargo
+    /// xtask bench -- backendai 10`); without a name all run, and any arguments go to bench-ebpf
+    /// (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec|accounting|usage|cpu] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting|usage|cpu|backendai] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -276,7 +278,7 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 6] = ["ebpf", "lifecycle", "exec", "accounting", "usage", "cpu"];
+const BENCHES: [&str; 7] = ["ebpf", "lifecycle", "exec", "accounting", "usage", "cpu", "backendai"];
 /// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
 /// program two clock reads per run, so the others run without them).
 const BENCHES_WITH_BPF_STATS: [&str; 2] = ["ebpf", "accounting"];
@@ -317,8 +319,15 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
             step("bench", &bench.display().to_string());
             None
         };
-        let status =
-            cmd::status(Command::new(&bench).args(args).env("BAI_AGENT_BIN", &agent).current_dir(&ctx.workspace))?;
+        let status = cmd::status(
+            Command::new(&bench)
+                .args(args)
+                .env("BAI_AGENT_BIN", &agent)
+                // bench-backendai: the manager's venv (with the Python agent) and its templates.
+                .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python())
+                .env("BAI_TEST_BACKENDAI_INSTALL", setup::BACKENDAI_INSTALL)
+                .current_dir(&ctx.workspace),
+        )?;
         drop(stats);
         if !status.success() {
             eprintln!("xtask: {bin} ended: {}", cmd::describe(status));
@@ -364,7 +373,8 @@ mod tests {
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
                 ("usage", args(&[])),
-                ("cpu", args(&[]))
+                ("cpu", args(&[])),
+                ("backendai", args(&[]))
             ]
         );
         assert_eq!(
@@ -375,7 +385,8 @@ mod tests {
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
                 ("usage", args(&[])),
-                ("cpu", args(&[]))
+                ("cpu", args(&[])),
+                ("backendai", args(&[]))
             ]
         );
         assert_eq!(bench_plan(&args(&["usage", "1000"])), [("usage", args(&["1000"]))]);
@@ -384,6 +395,7 @@ mod tests {
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
         assert_eq!(bench_plan(&args(&["cpu", "/old/bai-agent"])), [("cpu", args(&["/old/bai-agent"]))]);
+        assert_eq!(bench_plan(&args(&["backendai", "10"])), [("backendai", args(&["10"]))]);
     }
 
     #[test]

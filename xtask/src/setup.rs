@@ -81,9 +81,10 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     tracefs()?;
     krunner::ensure_krunner(ctx)?;
     docker::ensure_dockerd(ctx)?;
-    docker::ensure_images(ctx)?;
     python_packages()?;
     backendai_venv()?;
+    // After the venv: the ipykernel image takes its wheels with the venv's pip.
+    docker::ensure_images(ctx)?;
     println!("setup complete");
     Ok(())
 }
@@ -274,17 +275,20 @@ fn tracefs() -> Result<()> {
 pub const BACKENDAI_VERSION: &str = "26.9.6";
 /// A venv of Backend.AI's own Python packages at [`BACKENDAI_VERSION`], kept across runs on
 /// one machine: `backend.ai-common` (the tests validate what the agent sends with Backend.AI's
-/// own models), and `backend.ai-manager` and `backend.ai-client`, which the end-to-end tests
-/// run as the control plane and the user's CLI.
+/// own models), `backend.ai-manager` and `backend.ai-client`, which the end-to-end tests
+/// run as the control plane and the user's CLI, and `backend.ai-agent` (with its kernel runner
+/// `backend.ai-krunner-static-gnu`), the Python agent that `bench-backendai` measures
+/// bai-agent against.
 pub const BACKENDAI_VENV: &str = "/opt/bai-agent/backendai-26.9.6";
 /// The unpacked `backend.ai-install` wheel: the manager's configuration templates and fixtures.
 pub const BACKENDAI_INSTALL: &str = "/opt/bai-agent/backendai-install-26.9.6";
 /// The packages of the venv.
-const BACKENDAI_PACKAGES: [&str; 3] = ["backend.ai-common", "backend.ai-manager", "backend.ai-client"];
+const BACKENDAI_PACKAGES: [&str; 4] =
+    ["backend.ai-common", "backend.ai-manager", "backend.ai-client", "backend.ai-agent"];
 /// What the venv must import.
 const BACKENDAI_IMPORT_CHECK: &str = "import ai.backend.common.events.event_types.agent.anycast, \
     ai.backend.common.events.event_types.kernel.anycast, ai.backend.common.message_queue.payload, \
-    ai.backend.manager.server, ai.backend.client.cli.main";
+    ai.backend.manager.server, ai.backend.client.cli.main, ai.backend.agent.server, ai.backend.krunner.static_gnu";
 
 /// The Python interpreter of [`BACKENDAI_VENV`].
 pub fn backendai_python() -> PathBuf {
