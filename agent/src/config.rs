@@ -666,8 +666,7 @@ impl Config {
             return Err(invalid("usage.stream", "must not be empty"));
         }
         if let Some(endpoint) = &self.usage.http_endpoint {
-            crate::usage::sinks::check_endpoint(endpoint)
-                .map_err(|message| invalid("usage.http-endpoint", &message))?;
+            check_usage_endpoint(endpoint).map_err(|message| invalid("usage.http-endpoint", &message))?;
         }
         if self.usage.http_timeout < Duration::from_millis(100) {
             return Err(invalid("usage.http-timeout", "must be at least 100ms"));
@@ -747,9 +746,29 @@ fn first_line(message: &str) -> String {
     }
 }
 
+/// Checks `usage.http-endpoint`: an absolute `http://` URL.
+pub fn check_usage_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|err| format!("{endpoint:?} is not a URL ({err})"))?;
+    match url.scheme() {
+        "http" if url.host_str().is_some() => Ok(()),
+        "https" => Err(format!(
+            "{endpoint:?}: https is not built into this agent; send to a local relay (http://127.0.0.1:…) that forwards over TLS"
+        )),
+        _ => Err(format!("{endpoint:?} is not an http:// URL with a host")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_endpoints_must_be_http_urls() {
+        assert!(check_usage_endpoint("http://127.0.0.1:8080/usage").is_ok());
+        assert!(check_usage_endpoint("https://billing.example/usage").expect_err("tls").contains("https is not built"));
+        assert!(check_usage_endpoint("billing:8080").is_err());
+        assert!(check_usage_endpoint("not a url").expect_err("garbage").contains("not a URL"));
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("agent.toml"))

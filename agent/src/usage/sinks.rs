@@ -38,18 +38,6 @@ pub struct Pending {
     pub made: SystemTime,
 }
 
-/// Checks `usage.http-endpoint`: an absolute `http://` URL.
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let url = reqwest::Url::parse(endpoint).map_err(|err| format!("{endpoint:?} is not a URL ({err})"))?;
-    match url.scheme() {
-        "http" if url.host_str().is_some() => Ok(()),
-        "https" => Err(format!(
-            "{endpoint:?}: https is not built into this agent; send to a local relay (http://127.0.0.1:…) that forwards over TLS"
-        )),
-        _ => Err(format!("{endpoint:?} is not an http:// URL with a host")),
-    }
-}
-
 /// One place records go.
 pub enum Sink {
     Redis { link: Box<RedisLink>, target: RedisTarget, stream: String, retention: Duration },
@@ -62,7 +50,7 @@ impl Sink {
     }
 
     pub fn http(endpoint: String, token: Option<String>, timeout: Duration) -> Result<Sink, String> {
-        check_endpoint(&endpoint)?;
+        crate::config::check_usage_endpoint(&endpoint)?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(3)))
@@ -229,18 +217,5 @@ pub(super) async fn deliver(
             backlog = left,
             "usage records not delivered at shutdown stay in the journal and go first at the next start"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints_must_be_http_urls() {
-        assert!(check_endpoint("http://127.0.0.1:8080/usage").is_ok());
-        assert!(check_endpoint("https://billing.example/usage").expect_err("tls").contains("https is not built"));
-        assert!(check_endpoint("billing:8080").is_err());
-        assert!(check_endpoint("not a url").expect_err("garbage").contains("not a URL"));
     }
 }
