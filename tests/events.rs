@@ -194,6 +194,12 @@ fn heartbeats_emitted_while_redis_is_down_arrive_in_order_once_when_it_returns()
     let journal = std::fs::read_to_string(agent.journal_dir.join("events.jsonl")).expect("journal");
     let waiting = journal.lines().filter(|line| line.contains("\"agent_heartbeat\"")).count();
     assert!(waiting >= 4, "heartbeats during the outage must be journaled; journal:\n{journal}");
+    // The operator sees them waiting.
+    let metric = |name: &str| {
+        agent.metrics().expect("/metrics").into_iter().find(|s| s.name == name).map(|s| s.value).unwrap_or(-1.0)
+    };
+    assert!(metric("backendai_agent_events_backlog") >= 4.0, "the backlog is exported");
+    assert!(metric("backendai_agent_events_backlog_age_seconds") >= 1.0, "so is its oldest event's age");
     redis.restart().expect("redis-server restarts on the same port");
 
     let target = last_before + 8;
@@ -210,6 +216,9 @@ fn heartbeats_emitted_while_redis_is_down_arrive_in_order_once_when_it_returns()
     let log = agent.log_text();
     assert_eq!(log.matches("cannot deliver events to Redis").count(), 1, "one warning per outage; log:\n{log}");
     assert!(log.contains("Redis is reachable again"), "{log}");
+    // (A heartbeat may be on its way at the scrape.)
+    assert!(metric("backendai_agent_events_backlog_age_seconds") < 1.0, "nothing waits long once delivered");
+    assert!(metric("backendai_agent_events_delivered_total") >= target as f64);
     agent.stop().expect("agent stops");
 }
 

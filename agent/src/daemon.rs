@@ -208,6 +208,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     rpc_metrics.register(&mut registry);
     registry.register_collector(Box::new(metrics::kernels::KernelCollector(kernels.clone())));
     registry.register_collector(Box::new(metrics::usage::UsageCollector(usage_service.view())));
+    registry.register_collector(Box::new(metrics::events::EventCollector(event_service.bus())));
     let server_state = Arc::new(server::ServerState {
         registry,
         metrics: metrics_state,

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod containers;
+pub mod events;
 pub mod kernels;
 pub mod measurements;
 pub mod node;
