@@ -380,6 +380,18 @@ fn stats_in_redis_have_backend_ais_shape_and_destroy_returns_the_last() {
     get(get(&stats, "io_read"), "stats.rate");
     let ttl: i64 = redis::cmd("TTL").arg(&kernel).query(&mut conn).expect("ttl");
     assert!(ttl > 0 && ttl <= 86_400, "kernel stats expire: ttl {ttl}");
+    // The operator sees the writes: how many, and when the last one was.
+    let samples = agent.metrics().expect("/metrics");
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|s| s.name == name && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
+            .map(|s| s.value)
+    };
+    assert!(value("backendai_agent_stats_writes_total", Some(("outcome", "ok"))).is_some_and(|n| n >= 1.0));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let last = value("backendai_agent_stats_last_write_timestamp_seconds", None).expect("last write exported");
+    assert!((now - last).abs() < 30.0, "the last write was recent: {last} vs now {now}");
 
     let bytes: Vec<u8> = redis::cmd("GET").arg(&agent.id).query(&mut conn).expect("the node's stats key");
     let node_stats = decode(&bytes);

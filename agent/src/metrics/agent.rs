@@ -71,6 +71,8 @@ impl Collector for AgentCollector {
             gauge(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
 
+        encode_stats_writes(&self.state.stats_writes, &mut encoder)?;
+
         let mut sources = encoder.encode_descriptor(
             "backendai_agent_resource_source",
             "Where each resource's numbers come from: 1 for the source in use (ebpf or cgroup-files).",
@@ -201,4 +203,38 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// `backendai_agent_stats_writes_total{outcome}` and, once a write was tried,
+/// `backendai_agent_stats_last_write_timestamp_seconds` (0 until one succeeds).
+fn encode_stats_writes(
+    writes: &super::stats::StatsWrites,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering;
+    if !writes.attempted() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(
+        "backendai_agent_stats_writes",
+        "Writes of the measurements to the manager's Redis, by outcome (ok, failed).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (outcome, count) in [("ok", &writes.ok), ("failed", &writes.failed)] {
+        ConstCounter::new(count.load(Ordering::Relaxed)).encode(family.encode_family(&OutcomeLabels { outcome })?)?;
+    }
+    let last = writes.last_ok_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+    ConstGauge::new(last).encode(encoder.encode_descriptor(
+        "backendai_agent_stats_last_write_timestamp",
+        "When the measurements were last written to Redis (Unix time; 0: never).",
+        Some(&prometheus_client::registry::Unit::Seconds),
+        MetricType::Gauge,
+    )?)?;
+    Ok(())
 }

@@ -135,11 +135,17 @@ impl From<&KernelContainer> for ContainerLabels {
 pub struct MetricsState {
     latest: watch::Sender<Arc<MonitorSnapshot>>,
     measurements: Mutex<Measurements>,
+    /// How writing the measurements to Redis goes ([`stats::run_stats_writer`]).
+    pub stats_writes: stats::StatsWrites,
 }
 
 impl Default for MetricsState {
     fn default() -> Self {
-        MetricsState { latest: watch::Sender::new(Arc::default()), measurements: Mutex::default() }
+        MetricsState {
+            latest: watch::Sender::new(Arc::default()),
+            measurements: Mutex::default(),
+            stats_writes: stats::StatsWrites::default(),
+        }
     }
 }
 

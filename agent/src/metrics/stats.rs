@@ -8,7 +8,13 @@
 //! nothing is queued during an outage: it is logged once, and the next write after Redis
 //! answers again brings everything up to date.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +25,32 @@ use crate::events::{RedisLink, RedisTarget};
 pub const KERNEL_STATS_TTL_SECS: u64 = 86_400;
 /// The node's key lives this many stats intervals.
 pub const NODE_STATS_TTL_INTERVALS: u32 = 4;
+
+/// Writes of the measurements so far, for `/metrics` (and the alert on stats not written).
+#[derive(Debug, Default)]
+pub struct StatsWrites {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// Unix milliseconds of the last write Redis took; 0 before the first.
+    pub last_ok_unix_ms: AtomicU64,
+}
+
+impl StatsWrites {
+    fn record(&self, ok: bool) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+            self.last_ok_unix_ms.store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a write was tried at all (the agent writes stats only with Redis).
+    pub fn attempted(&self) -> bool {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) > 0
+    }
+}
 
 /// The pipeline that writes the latest measurements: the kernels of the latest snapshot and the node.
 pub fn stats_pipeline(agent_id: &str, measurements: &Measurements, interval: Duration) -> redis::Pipeline {
@@ -55,7 +87,9 @@ pub async fn run_stats_writer(
             _ = ticker.tick() => {}
         }
         let pipe = state.with_measurements(|measurements| stats_pipeline(&agent_id, measurements, interval));
-        match link.run(&pipe).await {
+        let written = link.run(&pipe).await;
+        state.stats_writes.record(written.is_ok());
+        match written {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!(redis = %target.addr, "writing stats to Redis again");
