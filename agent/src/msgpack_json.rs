@@ -5,6 +5,11 @@
 use rmpv::Value;
 use serde_json::Value as Json;
 
+/// A msgpack map with string keys, in the order given (how replies and events are built).
+pub fn map(entries: Vec<(&str, Value)>) -> Value {
+    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+}
+
 /// A msgpack value as JSON.
 pub fn to_json(value: &Value) -> Json {
     match value {

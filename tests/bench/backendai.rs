@@ -698,16 +698,7 @@ impl PythonAgent {
         let _ = child.wait();
         // What the agent leaves on the engine: its socket relay, and (after a failed run) kernels.
         let _ = Command::new("docker").args(["rm", "-f", &format!("backendai-socket-relay.{}", self.id)]).output();
-        let listed = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=ai.backend.agent-id={}", self.id)])
-            .output();
-        if let Ok(listed) = listed {
-            let ids: Vec<String> =
-                String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned).collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-            }
-        }
+        bai_agent_tests::remove_agent_containers(&self.id);
         match status {
             Some(status) if status.success() => Ok(()),
             Some(status) => bail!("the Python agent ended with {status}"),

@@ -342,16 +342,7 @@ impl Drop for Agent {
         // wants them after it.
         let _ = std::fs::remove_dir_all(bai_agent::config::Config::default().monitor.bpffs_dir.join(&self.id));
         // Whatever happened in the test, leave none of this agent's kernels behind.
-        let listed = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=ai.backend.agent-id={}", self.id)])
-            .output();
-        if let Ok(listed) = listed {
-            let ids: Vec<String> =
-                String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned).collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
-            }
-        }
+        remove_agent_containers(&self.id);
     }
 }
 
@@ -373,6 +364,19 @@ pub struct Sample {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub value: f64,
+}
+
+/// Removes every container (running or not) labelled as agent `agent_id`'s; best effort.
+pub fn remove_agent_containers(agent_id: &str) {
+    let listed = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=ai.backend.agent-id={agent_id}")])
+        .output();
+    if let Ok(listed) = listed {
+        let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
+        }
+    }
 }
 
 pub fn parse_exposition(text: &str) -> Vec<Sample> {

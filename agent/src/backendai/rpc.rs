@@ -4,6 +4,8 @@
 
 use rmpv::Value;
 
+use crate::msgpack_json::map;
+
 /// One of the agent's dependencies as `health_v2` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthCheck<'a> {
@@ -67,10 +69,6 @@ pub fn hwinfo_v2(by_device: &Value) -> Value {
         })
         .unwrap_or_default();
     map(vec![("devices", Value::Array(devices))])
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
 }
 
 #[cfg(test)]

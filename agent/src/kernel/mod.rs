@@ -26,6 +26,7 @@ use crate::{
     docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, images::RegistryAuth, labels},
     events::EventBus,
     metrics::MetricsState,
+    msgpack_json::map,
     ports::PortPool,
     resources::{Allocation, KernelResourceSpec, ResourceAllocator, ResourceSlots, SlotAmount, SlotRegistry},
     scratch::{self, IntrinsicPorts, ScratchContents, ScratchRoot},
@@ -1059,10 +1060,6 @@ impl KernelManager {
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
 }
 
 #[cfg(test)]

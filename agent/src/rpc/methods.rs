@@ -13,6 +13,7 @@ use super::codec::{ErrorInfo, map_get, type_name};
 use crate::{
     backendai::{self, rpc::HealthCheck},
     config::Config,
+    msgpack_json::map,
 };
 
 /// Why a method did not return a value. Each becomes a FAILURE reply whose exception name
@@ -504,11 +505,6 @@ impl Methods {
             ("version", Value::from(env!("CARGO_PKG_VERSION"))),
         ]))
     }
-}
-
-/// A msgpack map with string keys.
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    Value::Map(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
 }
 
 /// One `HardwareMetadata` entry: healthy with its metadata, or unavailable with the reason.
