@@ -1,4 +1,4 @@
-//! Builds the eBPF object (`agent-ebpf`) with the nightly toolchain and `bpf-linker`
+//! Builds the eBPF objects (`agent-ebpf`: the counters, `agent-policy`: enforcement) with the nightly toolchain and `bpf-linker`
 //! so `cargo build` of the agent embeds programs that match its sources.
 
 use std::{
@@ -64,10 +64,12 @@ fn main() {
         );
     }
 
-    let object = target_dir.join(BPF_TARGET).join("release").join("agent-ebpf");
-    let embedded = out_dir.join("agent-ebpf.o");
-    if let Err(err) = std::fs::copy(&object, &embedded) {
-        panic!("copying {} to {}: {err}", object.display(), embedded.display());
+    for name in ["agent-ebpf", "agent-policy"] {
+        let object = target_dir.join(BPF_TARGET).join("release").join(name);
+        let embedded = out_dir.join(format!("{name}.o"));
+        if let Err(err) = std::fs::copy(&object, &embedded) {
+            panic!("copying {} to {}: {err}", object.display(), embedded.display());
+        }
     }
 }
 

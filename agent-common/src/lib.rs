@@ -4,6 +4,8 @@
 //! on both sides of the map. The `user` feature adds `aya::Pod` impls for user space.
 #![no_std]
 
+pub mod policy;
+
 /// Array of [`CounterLine`]s, [`SLOTS`] × the number of possible CPUs (set at load time), that
 /// user space memory-maps (`BPF_F_MMAPABLE`): a tracked cgroup's counters on CPU `c` live at
 /// `slot_index(id) * cpus + c`, unless another tracked cgroup already holds that slot.

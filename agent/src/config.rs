@@ -1,6 +1,9 @@
 //! `agent.toml`: the search order, parsing with key-named errors, defaults and CLI overrides.
 
+mod policy;
 mod python;
+
+pub use policy::{MetadataHost, MetadataMode, NetworkRule, PolicySection, Protocol, RuleLists};
 
 use std::{
     net::SocketAddr,
@@ -42,6 +45,7 @@ pub struct Config {
     pub etcd: EtcdSection,
     pub watcher: WatcherSection,
     pub usage: UsageSection,
+    pub policy: PolicySection,
     /// The `section.key` paths the TOML file set itself (e.g. `redis.addr`); the etcd overlay
     /// never replaces these.
     #[serde(skip)]
@@ -713,6 +717,7 @@ impl Config {
         if namespace.is_empty() || namespace.contains('/') || namespace != self.etcd.namespace {
             return Err(invalid("etcd.namespace", "must be a non-empty name without `/` or spaces"));
         }
+        self.policy.check().map_err(|(key, message)| invalid(key, &message))?;
         match (&self.etcd.user, &self.etcd.password) {
             (Some(_), None) => return Err(invalid("etcd.password", "must be set when etcd.user is")),
             (None, Some(_)) => return Err(invalid("etcd.user", "must be set when etcd.password is")),

@@ -13,6 +13,7 @@ use crate::{
     kernel::KernelManager,
     metrics::{self, MetricsState, rpc::RpcMetrics, server},
     monitor::{self, CgroupLayout, ContainerMonitor, EbpfMonitor, node::NodeReader},
+    policy,
     ports::PortPool,
     resources::{CapacityPolicy, HostResources, NodeCapacity, ResourceAllocator, compute},
     rpc::{self, RpcServer},
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Resources(String),
     #[error(transparent)]
     Etcd(#[from] etcd::EtcdError),
+    #[error("cannot enforce the network policy ([policy]; `enabled = false` runs kernels without it): {0}")]
+    Policy(String),
 }
 
 /// How many monitor passes the node is read every: one stats interval's worth.
@@ -111,12 +114,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             }
         }
     };
+    let pins_root = pins.as_ref().map(|pins| pins.root().to_path_buf());
     let mut ebpf = EbpfMonitor::load(&config.monitor.cgroup_file_resources, pins)?;
     let cpu_check = check_cpu_counting(&mut ebpf, &layout);
     for (resource, source) in ebpf.sources().iter() {
         tracing::info!(%resource, source = source.as_str(), "counting");
     }
     release_freed_memory();
+
+    let policy = start_policy(&config, &layout, pins_root.as_deref()).await?;
 
     let listener = server::bind(config.agent.internal_addr)
         .await
@@ -144,6 +150,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let mut usage_service = UsageService::start(UsageSettings::from_config(&config), metrics_state.subscribe())?;
     let mut kernel_manager = kernel_manager(&config, allocator, event_service.bus(), metrics_state.clone())?;
     kernel_manager.set_usage(usage_service.handle());
+    if let Some((enforcer, _)) = &policy {
+        kernel_manager.set_policy(enforcer.clone());
+    }
     let kernels = Arc::new(kernel_manager);
     let _ = capacity_source.set(kernels.clone());
     let ip = events::heartbeat::AgentIdentity::from_config(&config).ip;
@@ -200,6 +209,19 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         let target = RedisTarget { addr, password: config.redis.password.clone(), db: config.redis.stats_db };
         tokio::spawn(crate::kernel::commit::run_commit_status_report(kernels.clone(), target, shutdown.clone()))
     });
+    let policy_tasks = policy.map(|(enforcer, listener)| {
+        let metadata_config = policy::metadata::MetadataConfig {
+            kernels_cgroup_root: enforcer.kernels_dir().to_path_buf(),
+            sandbox_type: config.policy.sandbox_type.clone(),
+            proc_root: "/proc".into(),
+        };
+        let directory: Arc<dyn policy::metadata::KernelDirectory> = Arc::new(KernelDirectory(kernels.clone()));
+        let metadata = tokio::spawn(policy::metadata::serve(listener, directory, metadata_config, shutdown.clone()));
+        let denials = enforcer
+            .take_denials()
+            .map(|ring| tokio::spawn(policy::run_denial_log(enforcer.clone(), ring, shutdown.clone())));
+        (enforcer, metadata, denials)
+    });
     let rpc_metrics = RpcMetrics::default();
     let methods = rpc::Methods::new(config.clone())
         .with_readiness(connected_rx.clone(), synced_rx.clone())
@@ -209,6 +231,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     registry.register_collector(Box::new(metrics::kernels::KernelCollector(kernels.clone())));
     registry.register_collector(Box::new(metrics::usage::UsageCollector(usage_service.view())));
     registry.register_collector(Box::new(metrics::events::EventCollector(event_service.bus())));
+    if let Some((enforcer, _, _)) = &policy_tasks {
+        registry.register_collector(Box::new(metrics::policy::PolicyCollector(enforcer.clone())));
+    }
     let server_state = Arc::new(server::ServerState {
         registry,
         metrics: metrics_state,
@@ -246,6 +271,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     if let Some(registration) = registration {
         let _ = registration.await;
     }
+    if let Some((_, metadata, denials)) = policy_tasks {
+        match metadata.await {
+            Ok(Err(err)) => tracing::warn!(error = %err, "the metadata service failed"),
+            Err(join) => tracing::warn!(error = %join, "the metadata service failed"),
+            Ok(Ok(())) => {}
+        }
+        if let Some(denials) = denials {
+            let _ = denials.await;
+        }
+    }
     // After the monitor's last snapshot: kernels that just ended get their final record.
     usage_service.shutdown().await;
     event_service.shutdown().await;
@@ -258,6 +293,53 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(DaemonError::Rpc(err.to_string())),
         Err(join) => Err(DaemonError::Rpc(join.to_string())),
+    }
+}
+
+/// The enforcement programs attached and the metadata service's listener bound, before any
+/// kernel can start; with `[policy] enabled = false`, earlier agents' pinned policy programs
+/// are removed and kernels run without one.
+async fn start_policy(
+    config: &Config,
+    layout: &CgroupLayout,
+    pins_root: Option<&std::path::Path>,
+) -> Result<Option<(Arc<policy::Enforcer>, tokio::net::TcpListener)>, DaemonError> {
+    let section = &config.policy;
+    if !section.enabled {
+        if let Some(root) = pins_root {
+            policy::programs::remove_pins(root);
+        }
+        tracing::warn!("[policy] enabled = false: kernels run without network policy or metadata protection");
+        return Ok(None);
+    }
+    let host = policy::metadata_host(section.metadata_service_host).map_err(DaemonError::Policy)?;
+    let addr = std::net::SocketAddr::new(host.into(), section.metadata_service_port);
+    let listener = policy::metadata::bind(addr).await.map_err(|err| DaemonError::Policy(err.to_string()))?;
+    let redirect = match listener.local_addr() {
+        Ok(std::net::SocketAddr::V4(bound)) => bound,
+        Ok(other) => return Err(DaemonError::Policy(format!("the metadata service bound {other}, not IPv4"))),
+        Err(err) => return Err(DaemonError::Policy(format!("the metadata service's address: {err}"))),
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|err| DaemonError::Policy(format!("/proc/self/mountinfo: {err}")))?;
+    let hierarchies = monitor::cgroup::hierarchy_mounts(&mountinfo);
+    let enforcer =
+        policy::Enforcer::start(section, &config.agent.id, &layout.unified_root, hierarchies, pins_root, redirect)
+            .map_err(|err| DaemonError::Policy(err.to_string()))?;
+    tracing::info!(addr = %redirect, "serving the metadata service to kernels");
+    Ok(Some((Arc::new(enforcer), listener)))
+}
+
+/// The kernel registry as the metadata service sees it.
+struct KernelDirectory(Arc<KernelManager>);
+
+impl policy::metadata::KernelDirectory for KernelDirectory {
+    fn kernel_ids(&self) -> Vec<String> {
+        self.0.running_kernel_ids()
+    }
+
+    fn environ(&self, kernel_id: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        self.0.kernel_environ(kernel_id)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod msgpack_json;
+pub mod policy;
 pub mod ports;
 pub mod resources;
 pub mod rpc;

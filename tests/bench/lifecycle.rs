@@ -413,6 +413,7 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         working_dir: Some("/home/work".to_owned()),
         network: None,
         hostname: None,
+        cgroup_parent: None,
     };
     tokio::time::sleep(SETTLE).await;
     let started = Instant::now();

@@ -178,12 +178,19 @@ impl Agent {
         let commit_dir = journal_dir
             .map(|journal| format!("image-commit-path = \"{}\"\n", journal.with_file_name("commit").display()));
         let journal_dir = journal_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
+        // Agents run side by side: each metadata service on a port of its own (an earlier
+        // build, a benchmark's baseline, has no [policy]).
+        let policy = if binary == agent_binary() && !extra_toml.contains("[policy]") {
+            "[policy]\nmetadata-service-port = 0\n"
+        } else {
+            ""
+        };
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "[agent]\nid = \"{id}\"\ninternal-addr = \"{addr}\"\nrpc-listen-addr = \"{rpc_addr}\"\n\
-                 journal-dir = \"{}\"\n{}\n[logging]\nlevel = \"debug\"\n\n{extra_toml}\n",
+                 journal-dir = \"{}\"\n{}\n[logging]\nlevel = \"debug\"\n\n{policy}\n{extra_toml}\n",
                 journal_dir.display(),
                 commit_dir.unwrap_or_default(),
             ),
@@ -343,6 +350,25 @@ impl Drop for Agent {
         let _ = std::fs::remove_dir_all(bai_agent::config::Config::default().monitor.bpffs_dir.join(&self.id));
         // Whatever happened in the test, leave none of this agent's kernels behind.
         remove_agent_containers(&self.id);
+        remove_kernel_cgroups(&self.id);
+    }
+}
+
+/// Removes an agent's kernel cgroup directories (`{policy.cgroup-parent}/{agent id}`) from
+/// every hierarchy, deepest first (a cgroup directory goes with `rmdir` only).
+pub fn remove_kernel_cgroups(agent_id: &str) {
+    fn remove_tree(dir: &Path) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let parent = bai_agent::config::Config::default().policy.cgroup_parent;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for mount in bai_agent::monitor::cgroup::hierarchy_mounts(&mountinfo) {
+        remove_tree(&mount.join(parent.trim_start_matches('/')).join(agent_id));
     }
 }
 

@@ -34,9 +34,10 @@ const UNUSED: &[&str] = &[
     "agent.backend",
     "agent.sync-container-lifecycles",
     "agent.internal-addr-for-remote",
+    // The metadata service listens where kernels are redirected (policy.metadata-service-host).
+    "agent.metadata-server-bind-host",
     "container.kernel-uid",
     "container.kernel-gid",
-    "container.sandbox-type",
     "container.jail-args",
     "container.scratch-type",
     "container.scratch-size",
@@ -95,6 +96,8 @@ const RENAMED: &[(&str, &str)] = &[
     ("agent.service-addr", "agent.internal-addr"),
     ("agent.initial-resource-group-name", "agent.scaling-group"),
     ("agent.mount-path", "container.mount-root"),
+    ("agent.metadata-server-port", "policy.metadata-service-port"),
+    ("container.sandbox-type", "policy.sandbox-type"),
 ];
 
 /// Addresses the Python agent writes as `{ host = "…", port = … }`.

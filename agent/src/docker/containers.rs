@@ -41,6 +41,9 @@ pub struct ContainerSpec {
     /// session's), where `hostname` is the container's alias.
     pub network: Option<String>,
     pub hostname: Option<String>,
+    /// The cgroup the container's own goes under (the kernel's policy directory); `None`:
+    /// the engine's default.
+    pub cgroup_parent: Option<String>,
 }
 
 /// The label Backend.AI puts on a session's cluster network.
@@ -78,6 +81,7 @@ impl DockerClient {
             port_bindings: Some(bindings),
             init: Some(true),
             network_mode: spec.network.clone(),
+            cgroup_parent: spec.cgroup_parent.clone(),
             ..Default::default()
         };
         let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {

@@ -27,6 +27,7 @@ use crate::{
     events::EventBus,
     metrics::MetricsState,
     msgpack_json::map,
+    policy::Enforcer,
     ports::PortPool,
     resources::{Allocation, KernelResourceSpec, ResourceAllocator, ResourceSlots, SlotAmount, SlotRegistry},
     scratch::{self, IntrinsicPorts, ScratchContents, ScratchRoot},
@@ -113,6 +114,9 @@ pub struct KernelRecord {
     /// The kernel's name there, an alias the session's other kernels resolve.
     #[serde(default)]
     pub cluster_hostname: Option<String>,
+    /// Its own network rules (`internal_data.network_policy`), re-applied after a restart.
+    #[serde(default)]
+    pub network_policy: Option<serde_json::Value>,
 }
 
 impl KernelRecord {
@@ -189,6 +193,9 @@ pub struct KernelManager {
     repls: execution::Repls,
     /// The measurements `destroy_kernel` returns as the kernel's last stats.
     metrics: Arc<MetricsState>,
+    /// Each live kernel's environment as its container has it, as of the last change (for the
+    /// metadata service, which cannot wait on `kernels`).
+    environs: std::sync::Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// Kernels per state as of the last change, for scrapes that cannot wait on `kernels`.
     state_counts: std::sync::Mutex<[usize; KernelState::ALL.len()]>,
     /// Set once the saved registry has been reconciled with the engine.
@@ -199,6 +206,8 @@ pub struct KernelManager {
     usage: UsageHandle,
     /// `agent.image-commit-path`: where commits write files and their lock files.
     commit_root: PathBuf,
+    /// The enforcement every kernel is put under before it starts (`None`: policy off).
+    policy: Option<Arc<Enforcer>>,
 }
 
 /// The image label that declares a kernel's services: `name:protocol:port,…`.
@@ -316,12 +325,54 @@ impl KernelManager {
             },
             repls: execution::Repls::default(),
             metrics,
+            environs: std::sync::Mutex::default(),
             state_counts: std::sync::Mutex::new([0; KernelState::ALL.len()]),
             ready: std::sync::atomic::AtomicBool::new(false),
             pulling: Arc::default(),
             usage: UsageHandle::disconnected(),
             commit_root: config.agent.image_commit_path.clone(),
+            policy: None,
         }
+    }
+
+    /// A kernel's environment as its container gets it.
+    fn container_environ(&self, record: &KernelRecord) -> BTreeMap<String, String> {
+        let mut environ = record.environ.clone();
+        environ.insert("BACKENDAI_KERNEL_ID".into(), record.kernel_id.clone());
+        environ.insert("BACKENDAI_SESSION_ID".into(), record.session_id.clone());
+        environ.insert("BACKENDAI_AGENT_ID".into(), self.agent_id.clone());
+        environ
+    }
+
+    /// Ids of the kernels being created or running, as of the last change.
+    pub fn running_kernel_ids(&self) -> Vec<String> {
+        self.environs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keys().cloned().collect()
+    }
+
+    /// A live kernel's container environment, as of the last change.
+    pub fn kernel_environ(&self, kernel_id: &str) -> Option<BTreeMap<String, String>> {
+        self.environs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(kernel_id).cloned()
+    }
+
+    /// Puts every kernel created from now on (and every recovered one) under `policy`.
+    pub fn set_policy(&mut self, policy: Arc<Enforcer>) {
+        self.policy = Some(policy);
+    }
+
+    /// Writes a kernel's policy and returns the cgroup parent of its container; a policy that
+    /// cannot be applied stops the kernel from starting.
+    fn apply_policy(
+        &self,
+        kernel_id: &str,
+        rules_json: Option<&serde_json::Value>,
+    ) -> Result<Option<String>, KernelError> {
+        let Some(policy) = &self.policy else { return Ok(None) };
+        let rules = crate::policy::kernel_rules(rules_json)
+            .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
+        policy
+            .prepare_kernel(kernel_id, &rules)
+            .map(Some)
+            .map_err(|err| failed(kernel_id, format!("applying its network policy: {err}")))
     }
 
     /// Meters kernels' usage through `usage` from now on.
@@ -360,6 +411,11 @@ impl KernelManager {
             counts[record.state as usize] += 1;
         }
         *self.state_counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
+        *self.environs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = kernels
+            .values()
+            .filter(|record| matches!(record.state, KernelState::Creating | KernelState::Running))
+            .map(|record| (record.kernel_id.clone(), self.container_environ(record)))
+            .collect();
         let records: Vec<KernelRecord> = kernels.values().cloned().collect();
         if let Err(err) = self.store.save(&records) {
             tracing::error!(error = %err, "persisting the kernel registry failed");
@@ -466,6 +522,7 @@ impl KernelManager {
                 startup_command: spec.startup_command.clone().filter(|_| !spec.batch_session),
                 network,
                 cluster_hostname: spec.cluster_hostname.clone(),
+                network_policy: spec.network_policy.clone(),
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -562,8 +619,9 @@ impl KernelManager {
 
         let record = self.record(kernel_id).await?;
         let launch = self.launch_checked(kernel_id, &labels, record.startup_command.as_deref())?;
-        let container_spec =
+        let mut container_spec =
             self.container_spec(&record, &launch, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
+        container_spec.cgroup_parent = self.apply_policy(kernel_id, record.network_policy.as_ref())?;
         let container_id = docker.create_and_start(&container_spec).await.map_err(|err| failed(kernel_id, err))?;
         if let Err(err) = kernel_scratch.record_container_id(&container_id) {
             tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
@@ -614,10 +672,7 @@ impl KernelManager {
             (labels::OWNER_PROJECT_ID.to_owned(), record.owner_project_id.clone()),
         ]);
         labels.insert("ai.backend.internal.block-service-ports".into(), "0".into());
-        let mut env: Vec<String> = record.environ.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("BACKENDAI_KERNEL_ID={}", record.kernel_id));
-        env.push(format!("BACKENDAI_SESSION_ID={}", record.session_id));
-        env.push(format!("BACKENDAI_AGENT_ID={}", self.agent_id));
+        let env: Vec<String> = self.container_environ(record).iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut binds =
             vec![format!("{}:/home/work", work.display()), format!("{}:/home/config:ro", config_dir.display())];
         binds.extend(record.binds.iter().cloned());
@@ -640,6 +695,7 @@ impl KernelManager {
             working_dir: Some("/home/work".into()),
             network: record.network.clone(),
             hostname: record.cluster_hostname.clone(),
+            cgroup_parent: None,
         }
     }
 
@@ -751,6 +807,9 @@ impl KernelManager {
             self.ports.release(&record.host_ports);
         }
         self.allocator.free(kernel_id);
+        if let Some(policy) = &self.policy {
+            policy.release_kernel(kernel_id);
+        }
         if let Err(err) = self.scratch.remove(kernel_id) {
             tracing::warn!(kernel_id, error = %err, "removing the scratch directory failed");
         }
@@ -825,10 +884,15 @@ impl KernelManager {
             .map_err(|err| failed(kernel_id, err))
             .and_then(|labels| self.launch_checked(kernel_id, &labels, record.startup_command.as_deref()))
         {
-            Ok(launch) => {
-                let spec = self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
-                docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err))
-            }
+            Ok(launch) => match self.apply_policy(kernel_id, record.network_policy.as_ref()) {
+                Ok(cgroup_parent) => {
+                    let mut spec =
+                        self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
+                    spec.cgroup_parent = cgroup_parent;
+                    docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err))
+                }
+                Err(err) => Err(err),
+            },
             Err(err) => Err(err),
         };
         self.stopping.lock().await.remove(kernel_id);
@@ -978,6 +1042,9 @@ impl KernelManager {
                     tracing::error!(kernel_id = %record.kernel_id, error = %err, "reserving the ports failed");
                 }
                 let kernel_id = record.kernel_id.clone();
+                if let Err(err) = self.apply_policy(&kernel_id, record.network_policy.as_ref()) {
+                    tracing::error!(kernel_id, error = %err, "re-applying the kernel's own network rules failed; the node's still apply");
+                }
                 let session_id = record.session_id.clone();
                 let info = self.creation_info(&record);
                 self.usage.kernel_started(record.usage_meta());
@@ -1014,6 +1081,9 @@ impl KernelManager {
                 running,
                 "a labelled container this agent has no record of; leaving it alone"
             );
+        }
+        if let Some(policy) = &self.policy {
+            policy.sweep(&live);
         }
         self.usage.kernels_recovered(live);
         let kernels = self.kernels.lock().await;

@@ -23,6 +23,16 @@ fn spec_error(field: &str, message: impl Into<String>) -> SpecError {
     SpecError { field: field.to_owned(), message: message.into() }
 }
 
+/// `internal_data.network_policy`, checked against the rule syntax.
+fn network_policy(internal_data: Option<&Value>) -> Result<Option<serde_json::Value>, SpecError> {
+    let field = "internal_data.network_policy";
+    let Some(Value::Map(data)) = internal_data else { return Ok(None) };
+    let Some(value) = map_get(data, "network_policy").filter(|v| !v.is_nil()) else { return Ok(None) };
+    let json = crate::msgpack_json::to_json(value);
+    crate::policy::kernel_rules(Some(&json)).map_err(|message| spec_error(field, message))?;
+    Ok(Some(json))
+}
+
 /// A vfolder mount as the manager sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VfolderMount {
@@ -53,6 +63,9 @@ pub struct KernelSpec {
     pub cluster_hostname: Option<String>,
     /// The login for pulling the image, from its registry configuration.
     pub registry_auth: Option<RegistryAuth>,
+    /// The kernel's narrowing of the node's network rules (`internal_data.network_policy`,
+    /// checked: `{"deny": [...], "allow": [...]}`), as JSON.
+    pub network_policy: Option<serde_json::Value>,
 }
 
 /// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
@@ -234,6 +247,7 @@ impl KernelSpec {
             owner_user_id: optional_string("owner_user_id")?.unwrap_or_default(),
             owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
             cluster_hostname: optional_string("cluster_hostname")?,
+            network_policy: network_policy(get("internal_data"))?,
             registry_auth: match get("image") {
                 Some(Value::Map(image)) => image_registry_auth(image),
                 _ => None,

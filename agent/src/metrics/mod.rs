@@ -15,6 +15,7 @@ pub mod events;
 pub mod kernels;
 pub mod measurements;
 pub mod node;
+pub mod policy;
 pub mod rpc;
 pub mod server;
 pub mod stats;

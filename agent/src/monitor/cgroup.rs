@@ -146,6 +146,23 @@ impl CgroupLayout {
     }
 }
 
+/// Mount points of every cgroup hierarchy (v1 and v2) in a mountinfo text: where a runtime
+/// makes a container's cgroup directories.
+pub fn hierarchy_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    let mut mounts: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            matches!(right.split_whitespace().next(), Some("cgroup" | "cgroup2"))
+                .then(|| unescape_mount_path(mount_point))
+        })
+        .collect();
+    mounts.sort();
+    mounts.dedup();
+    mounts
+}
+
 /// The path of the `0::` line of a `/proc/<pid>/cgroup` file.
 pub fn unified_entry(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup.lines().find_map(|line| line.strip_prefix("0::"))

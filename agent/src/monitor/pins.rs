@@ -246,6 +246,14 @@ fn pinned_link_program(path: &Path) -> io::Result<OwnedFd> {
     program_by_id(info.prog_id)
 }
 
+/// The program of the link pinned at `path` when it runs the same code as `program`;
+/// `None` when nothing is pinned there or it runs other code (the pin is left alone).
+pub fn same_code_link(path: &Path, program: BorrowedFd<'_>) -> Option<OwnedFd> {
+    let running = pinned_link_program(path).ok()?;
+    let same = program_tag(std::os::fd::AsFd::as_fd(&running)).ok()? == program_tag(program).ok()?;
+    same.then_some(running)
+}
+
 /// Adopts the link pinned at `path` when it runs the same code as `program` (it keeps
 /// running, counting into the same pinned maps) and returns the program it runs; a pinned
 /// link of other code is removed, which detaches it. `None`: attach anew.
@@ -253,23 +261,12 @@ pub fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> Option<OwnedFd> {
     if !path.exists() {
         return None;
     }
-    let adopted = pinned_link_program(path).and_then(|running| {
-        let same = program_tag(std::os::fd::AsFd::as_fd(&running))? == program_tag(program)?;
-        Ok(same.then_some(running))
-    });
-    match adopted {
-        Ok(Some(running)) => Some(running),
-        Ok(None) => {
-            tracing::info!(link = %path.display(), "a pinned program of another build; replacing it");
-            let _ = std::fs::remove_file(path);
-            None
-        }
-        Err(err) => {
-            tracing::warn!(link = %path.display(), error = %err, "an unreadable pinned link; replacing it");
-            let _ = std::fs::remove_file(path);
-            None
-        }
+    if let Some(running) = same_code_link(path, program) {
+        return Some(running);
     }
+    tracing::info!(link = %path.display(), "a pinned program of another build (or an unreadable pin); replacing it");
+    let _ = std::fs::remove_file(path);
+    None
 }
 
 #[cfg(test)]

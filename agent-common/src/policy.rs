@@ -1,0 +1,253 @@
+//! The enforcement programs' maps (the second eBPF object, `agent-policy`): per-kernel policy,
+//! the CIDR rule trie, verdict counters and denial reports.
+//!
+//! Every address is handled as IPv6: an IPv4 address is its v4-mapped form (`::ffff:a.b.c.d`),
+//! so one trie and one lookup serve both families, and a v4-mapped destination of an IPv6
+//! socket meets the same rules as the IPv4 one.
+
+use crate::CgroupId;
+
+/// `Array<NodePolicy>` of one entry: the node's settings (metadata address and mode, node
+/// lists), written by user space.
+pub const NODE_POLICY_MAP: &str = "NODE_POLICY";
+/// `HashMap<CgroupId, KernelPolicy>` by the id of a kernel's own cgroup directory
+/// (`{cgroup-parent}/{kernel_id}`); a kernel without an entry gets the node's policy alone.
+pub const KERNEL_POLICIES_MAP: &str = "KERNEL_POLICIES";
+/// `LpmTrie<RuleKey, Rule>`: the CIDR rules of every list (list 0: the node's).
+pub const RULES_MAP: &str = "POLICY_RULES";
+/// `PerCpuHashMap<VerdictKey, u64>`: verdicts per kernel, rule, verdict and hook.
+pub const VERDICTS_MAP: &str = "POLICY_VERDICTS";
+/// `RingBuf` of [`Denial`]s, at most one per kernel and destination per [`DENIAL_REPORT_NS`].
+pub const DENIALS_MAP: &str = "POLICY_DENIALS";
+/// `LruHashMap<DenialKey, u64>`: when each destination's denial was last reported.
+pub const DENIALS_SEEN_MAP: &str = "POLICY_DENIALS_SEEN";
+/// `PerCpuArray<u64>` of one: denial reports dropped because the ring buffer was full.
+pub const DENIALS_LOST_MAP: &str = "POLICY_DENIALS_LOST";
+
+/// Global the loader sets: the cgroup level of the kernels' own directories
+/// (`{cgroup-parent}/{kernel_id}`; the root is level 0).
+pub const KERNEL_LEVEL_GLOBAL: &str = "KERNEL_CGROUP_LEVEL";
+
+pub const VERDICTS_MAX: u32 = 65_536;
+pub const KERNEL_POLICIES_MAX: u32 = 16_384;
+pub const RULES_MAX: u32 = 65_536;
+pub const DENIALS_BYTES: u32 = 64 * 1024;
+pub const DENIALS_SEEN_MAX: u32 = 16_384;
+/// A denied destination is reported at most once per kernel per minute.
+pub const DENIAL_REPORT_NS: u64 = 60_000_000_000;
+
+/// Bumped whenever a policy map's key or value changes meaning.
+pub const POLICY_LAYOUT_VERSION: u32 = 1;
+
+/// Program names in the `agent-policy` object.
+pub mod programs {
+    pub const CONNECT4: &str = "policy_connect4";
+    pub const CONNECT6: &str = "policy_connect6";
+    pub const SENDMSG4: &str = "policy_sendmsg4";
+    pub const SENDMSG6: &str = "policy_sendmsg6";
+    pub const GETPEERNAME4: &str = "policy_getpeername4";
+    pub const GETPEERNAME6: &str = "policy_getpeername6";
+    pub const SKB_EGRESS: &str = "policy_skb_egress";
+    /// An empty `connect4` program, for the benchmark's baseline.
+    pub const BASELINE_CONNECT4: &str = "baseline_connect4";
+}
+
+/// What the node does with connections to the metadata address.
+pub mod metadata_mode {
+    /// No special handling: the node's rules decide.
+    pub const ALLOW: u32 = 0;
+    /// Refused with `EPERM`.
+    pub const DENY: u32 = 1;
+    /// Rewritten to the agent's metadata service (TCP `connect` only; anything else is denied).
+    pub const REDIRECT: u32 = 2;
+}
+
+/// [`NodePolicy::flags`] and [`KernelPolicy::flags`].
+pub mod flags {
+    /// The list has allow rules: a destination must match one of them.
+    pub const ALLOW_LIST: u32 = 1;
+}
+
+/// The node's settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// The metadata address, v4-mapped when IPv4.
+    pub metadata_addr: [u8; 16],
+    /// The redirect target, v4-mapped (it is always an IPv4 address of the host).
+    pub redirect_addr: [u8; 16],
+    /// Host byte order; 0: every port of the metadata address.
+    pub metadata_port: u16,
+    pub redirect_port: u16,
+    /// [`metadata_mode`].
+    pub metadata_mode: u32,
+    /// [`flags`] of list 0.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A kernel's narrowing of the node's policy: its own rule list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelPolicy {
+    /// The kernel's list in [`RULES_MAP`] (never 0).
+    pub list: u32,
+    /// [`flags`] of that list.
+    pub flags: u32,
+}
+
+/// Key data of [`RULES_MAP`]: the list (big-endian, so that it is the prefix's first bits),
+/// then the address. The trie key's prefix length is 32 + the CIDR's (v4-mapped) length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleKey {
+    pub list: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// [`Rule::action`].
+pub mod action {
+    pub const DENY: u8 = 1;
+    pub const ALLOW: u8 = 2;
+}
+
+/// One CIDR's rule: it matches when the port (and protocol, when set) are its.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// Names the rule in counters: its index in the node list, or [`KERNEL_RULE`] | index.
+    pub id: u32,
+    /// Inclusive port range (host order); 0..=65535 for every port.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`action`].
+    pub action: u8,
+    /// 0: any; 6: TCP; 17: UDP; 1 / 58: ICMP.
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bit of [`Rule::id`] that marks a kernel's own rule.
+pub const KERNEL_RULE: u32 = 1 << 31;
+/// Rule ids of the built-in verdicts.
+pub mod rule_id {
+    /// The metadata address (denied or redirected).
+    pub const METADATA: u32 = 0xffff_ff00;
+    /// A destination no allow rule matched.
+    pub const NOT_ALLOWED: u32 = 0xffff_ff01;
+}
+
+/// [`VerdictKey::verdict`].
+pub mod verdict {
+    pub const ALLOWED: u8 = 1;
+    pub const DENIED: u8 = 2;
+    pub const REDIRECTED: u8 = 3;
+}
+
+/// [`VerdictKey::hook`].
+pub mod hook {
+    pub const CONNECT: u8 = 1;
+    pub const SENDMSG: u8 = 2;
+    /// The `cgroup_skb` backstop (raw sockets, ICMP).
+    pub const EGRESS: u8 = 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    /// The kernel's own cgroup directory (0: a process outside any kernel's directory).
+    pub kernel: CgroupId,
+    pub rule: u32,
+    pub verdict: u8,
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenialKey {
+    pub kernel: CgroupId,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+
+/// One reported denial.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Denial {
+    pub kernel: CgroupId,
+    pub addr: [u8; 16],
+    pub rule: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub hook: u8,
+}
+
+/// `addr` as its v4-mapped IPv6 bytes.
+#[inline(always)]
+pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Whether the destination is the kernel's own loopback (127.0.0.0/8, ::1, v4-mapped 127/8),
+/// which no rule ever covers.
+#[inline(always)]
+pub const fn is_loopback(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    let mut zero_prefix = true;
+    while i < 10 {
+        if addr[i] != 0 {
+            zero_prefix = false;
+        }
+        i += 1;
+    }
+    if !zero_prefix {
+        return false;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        return addr[12] == 127;
+    }
+    addr[10] == 0 && addr[11] == 0 && addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 1
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all): plain `#[repr(C)]` integers and byte arrays, padding spelled out as fields,
+    // every bit pattern valid.
+    unsafe impl aya::Pod for NodePolicy {}
+    unsafe impl aya::Pod for KernelPolicy {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for Rule {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for DenialKey {}
+    unsafe impl aya::Pod for Denial {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_in_both_families() {
+        assert!(is_loopback(&v4_mapped([127, 0, 0, 1])));
+        assert!(is_loopback(&v4_mapped([127, 9, 9, 9])));
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(is_loopback(&one));
+        assert!(!is_loopback(&v4_mapped([169, 254, 169, 254])));
+        assert!(!is_loopback(&[0u8; 16]));
+    }
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<NodePolicy>(), 48);
+        assert_eq!(core::mem::size_of::<Rule>(), 12);
+        assert_eq!(core::mem::size_of::<RuleKey>(), 20);
+        assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
+        assert_eq!(core::mem::size_of::<DenialKey>(), 32);
+        assert_eq!(core::mem::size_of::<Denial>(), 32);
+    }
+}

@@ -1,0 +1,91 @@
+//! Enforcement self-metrics: every verdict of the network policy per kernel, rule, verdict and
+//! hook, the kernels under a policy, lost denial reports, and the policy programs' cost.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Unit,
+};
+
+use crate::policy::Enforcer;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VerdictLabels {
+    kernel_id: String,
+    rule: String,
+    verdict: &'static str,
+    hook: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+}
+
+pub struct PolicyCollector(pub Arc<Enforcer>);
+
+impl std::fmt::Debug for PolicyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyCollector")
+    }
+}
+
+impl Collector for PolicyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let enforcer = &self.0;
+        let mut verdicts = encoder.encode_descriptor(
+            "backendai_agent_policy_verdicts",
+            "Network policy verdicts per kernel, rule (a [policy] rule's name, a kernel rule's, `metadata` or `not-allowed`), verdict (allowed, denied, redirected) and hook (connect, sendmsg, egress). Allowed destinations no rule names are not counted.",
+            None,
+            MetricType::Counter,
+        )?;
+        for count in enforcer.verdicts() {
+            let labels = VerdictLabels {
+                kernel_id: count.kernel_id,
+                rule: count.rule,
+                verdict: count.verdict,
+                hook: count.hook,
+            };
+            ConstCounter::new(count.count).encode(verdicts.encode_family(&labels)?)?;
+        }
+        ConstGauge::new(i64::try_from(enforcer.kernel_count()).unwrap_or(i64::MAX)).encode(
+            encoder.encode_descriptor(
+                "backendai_agent_policy_kernels",
+                "Kernels with their policy written (their cgroup made before their container started).",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        ConstCounter::new(enforcer.lost_reports()).encode(encoder.encode_descriptor(
+            "backendai_agent_policy_denial_reports_lost",
+            "Denial reports the programs could not hand to the agent (ring buffer full); the verdicts and their counts are never lost.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let stats = enforcer.program_stats();
+        let mut run_time = encoder.encode_descriptor(
+            "backendai_agent_policy_program_run_time",
+            "Time the kernel spent running each policy program (advances while kernel.bpf_stats_enabled=1).",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for program in &stats {
+            let labels = ProgramLabels { program: program.name };
+            ConstCounter::new(program.run_time_ns as f64 / 1e9).encode(run_time.encode_family(&labels)?)?;
+        }
+        let mut runs = encoder.encode_descriptor(
+            "backendai_agent_policy_program_runs",
+            "Times the kernel ran each policy program (advances while kernel.bpf_stats_enabled=1).",
+            None,
+            MetricType::Counter,
+        )?;
+        for program in &stats {
+            let labels = ProgramLabels { program: program.name };
+            ConstCounter::new(program.run_count).encode(runs.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,441 @@
+//! Enforcement per kernel: every kernel's cgroup directory made before its container starts,
+//! the node's and each kernel's network rules written into the policy programs' maps, verdict
+//! counters and denial reports read back, and the metadata service kernels are redirected to.
+//!
+//! ```text
+//! {cgroup root}/{policy.cgroup-parent}/{agent_id}/              policy programs attached here
+//!                                      └── {kernel_id}/         KERNEL_POLICIES key (its id)
+//!                                          └── {container id}/  made by the runtime
+//! ```
+
+pub mod metadata;
+pub mod programs;
+mod rules;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddrV4,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::{
+    config::{MetadataMode, PolicySection, RuleLists},
+    monitor::ebpf::ProgramStats,
+};
+use agent_common::{
+    CgroupId,
+    policy::{KERNEL_RULE, KernelPolicy, NodePolicy, metadata_mode, rule_id, v4_mapped, verdict},
+};
+pub use programs::ProgramsError;
+use programs::{PolicyMaps, PolicyPrograms};
+pub use rules::{Entry, RulesError, encode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Programs(#[from] ProgramsError),
+    #[error("{path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    #[error("writing the policy map `{map}`: {reason}")]
+    Map { map: &'static str, reason: String },
+    #[error("kernel id `{0}` cannot name a cgroup directory")]
+    KernelId(String),
+}
+
+/// One kernel's entries in the maps.
+struct KernelEntry {
+    cgroup: CgroupId,
+    list: u32,
+    names: HashMap<u32, String>,
+}
+
+struct State {
+    maps: PolicyMaps,
+    programs: PolicyPrograms,
+    /// Rule id → name, of the node's list.
+    node_names: HashMap<u32, String>,
+    kernels: HashMap<String, KernelEntry>,
+}
+
+/// One verdict counter, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerdictCount {
+    /// Empty for a process outside any kernel's directory.
+    pub kernel_id: String,
+    pub rule: String,
+    pub verdict: &'static str,
+    pub hook: &'static str,
+    pub count: u64,
+}
+
+/// The enforcement programs and the kernels they cover.
+pub struct Enforcer {
+    state: Mutex<State>,
+    /// `{unified root}/{cgroup-parent}/{agent_id}`.
+    kernels_dir: PathBuf,
+    /// `{cgroup-parent}/{agent_id}`, as the runtime names cgroup parents.
+    relative: String,
+    /// Every cgroup hierarchy's mount point (the runtime makes the kernel's directory in each).
+    hierarchies: Vec<PathBuf>,
+}
+
+impl Enforcer {
+    /// Makes the kernels' parent cgroup, loads and attaches the programs there (adopting the
+    /// pinned ones of an earlier agent: the running kernels' policies never lapse) and writes
+    /// the node's policy, with `redirect` as the metadata service's address.
+    pub fn start(
+        section: &PolicySection,
+        agent_id: &str,
+        unified_root: &Path,
+        hierarchies: Vec<PathBuf>,
+        pins_root: Option<&Path>,
+        redirect: SocketAddrV4,
+    ) -> Result<Self, PolicyError> {
+        let relative = format!("{}/{agent_id}", section.cgroup_parent.trim_end_matches('/'));
+        let kernels_dir = unified_root.join(relative.trim_start_matches('/'));
+        std::fs::create_dir_all(&kernels_dir)
+            .map_err(|source| PolicyError::Cgroup { path: kernels_dir.clone(), source })?;
+        let pins = pins_root.map(programs::pin_dir);
+        let (programs, maps) = PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref())?;
+        let enforcer = Self {
+            state: Mutex::new(State { maps, programs, node_names: HashMap::new(), kernels: HashMap::new() }),
+            kernels_dir,
+            relative,
+            hierarchies,
+        };
+        enforcer.set_node_policy(section, redirect)?;
+        tracing::info!(
+            parent = %enforcer.kernels_dir.display(),
+            metadata = ?section.metadata,
+            metadata_service = %redirect,
+            deny = section.deny.len(),
+            allow = section.allow.len(),
+            "network policy enforced on every kernel"
+        );
+        Ok(enforcer)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `{unified root}/{cgroup-parent}/{agent_id}`: where the kernels' directories are.
+    pub fn kernels_dir(&self) -> &Path {
+        &self.kernels_dir
+    }
+
+    /// Writes the node's settings and replaces its rule list (new entries first, then the
+    /// ones no longer there go: a destination both lists cover never sees a gap).
+    pub fn set_node_policy(&self, section: &PolicySection, redirect: SocketAddrV4) -> Result<(), PolicyError> {
+        let lists = RuleLists { deny: section.deny.clone(), allow: section.allow.clone() };
+        let entries = rules::encode(0, &lists, 0)?;
+        let metadata_addr = match section.metadata_address.ip() {
+            std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let node = NodePolicy {
+            metadata_addr,
+            redirect_addr: v4_mapped(redirect.ip().octets()),
+            metadata_port: section.metadata_address.port(),
+            redirect_port: redirect.port(),
+            metadata_mode: match section.metadata {
+                MetadataMode::Allow => metadata_mode::ALLOW,
+                MetadataMode::Deny => metadata_mode::DENY,
+                MetadataMode::Redirect => metadata_mode::REDIRECT,
+            },
+            flags: rules::list_flags(&lists),
+            _pad: 0,
+        };
+        let mut state = self.state();
+        rules::replace_list(&mut state.maps.rules, 0, &entries)?;
+        state
+            .maps
+            .node
+            .set(0, node, 0)
+            .map_err(|err| PolicyError::Map { map: "NODE_POLICY", reason: err.to_string() })?;
+        state.node_names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
+        Ok(())
+    }
+
+    /// Makes a kernel's cgroup directory and writes its own rules before its container exists;
+    /// returns the cgroup parent the runtime must put the container under.
+    pub fn prepare_kernel(&self, kernel_id: &str, lists: &RuleLists) -> Result<String, PolicyError> {
+        if kernel_id.is_empty() || kernel_id.contains('/') || kernel_id.starts_with('.') {
+            return Err(PolicyError::KernelId(kernel_id.to_owned()));
+        }
+        let dir = self.kernels_dir.join(kernel_id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(PolicyError::Cgroup { path: dir, source }),
+        }
+        let cgroup = std::fs::metadata(&dir).map_err(|source| PolicyError::Cgroup { path: dir.clone(), source })?.ino();
+        // The low bits of a cgroup's id are unique among live cgroups.
+        let list = (cgroup as u32).max(1);
+        let entries = rules::encode(list, lists, KERNEL_RULE)?;
+        let mut state = self.state();
+        rules::replace_list(&mut state.maps.rules, list, &entries)?;
+        let own = KernelPolicy { list, flags: rules::list_flags(lists) };
+        state
+            .maps
+            .kernels
+            .insert(cgroup, own, 0)
+            .map_err(|err| PolicyError::Map { map: "KERNEL_POLICIES", reason: err.to_string() })?;
+        let names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
+        state.kernels.insert(kernel_id.to_owned(), KernelEntry { cgroup, list, names });
+        Ok(format!("{}/{kernel_id}", self.relative))
+    }
+
+    /// Removes a kernel's entries, counters and cgroup directories (its container is gone).
+    pub fn release_kernel(&self, kernel_id: &str) {
+        if kernel_id.is_empty() || kernel_id.contains('/') || kernel_id.starts_with('.') {
+            return;
+        }
+        let entry = self.state().kernels.remove(kernel_id);
+        let cgroup = match entry {
+            Some(entry) => Some((entry.cgroup, entry.list)),
+            None => std::fs::metadata(self.kernels_dir.join(kernel_id))
+                .ok()
+                .map(|meta| (meta.ino(), (meta.ino() as u32).max(1))),
+        };
+        if let Some((cgroup, list)) = cgroup {
+            let mut state = self.state();
+            let _ = state.maps.kernels.remove(&cgroup);
+            if let Err(err) = rules::replace_list(&mut state.maps.rules, list, &[]) {
+                tracing::warn!(kernel_id, error = %err, "removing the kernel's rules failed");
+            }
+            let stale: Vec<_> = state.maps.verdicts.keys().flatten().filter(|key| key.kernel == cgroup).collect();
+            for key in stale {
+                let _ = state.maps.verdicts.remove(&key);
+            }
+        }
+        for hierarchy in &self.hierarchies {
+            let dir = hierarchy.join(self.relative.trim_start_matches('/')).join(kernel_id);
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(dir = %dir.display(), error = %err, "removing a kernel's cgroup failed"),
+            }
+        }
+    }
+
+    /// After recovery: releases the directories and entries of kernels that are not `live`.
+    pub fn sweep(&self, live: &HashSet<String>) {
+        let dirs: Vec<String> = std::fs::read_dir(&self.kernels_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        for kernel_id in dirs.iter().filter(|id| !live.contains(*id)) {
+            tracing::info!(kernel_id, "releasing the policy of a kernel that no longer exists");
+            self.release_kernel(kernel_id);
+        }
+        let live_cgroups: HashSet<CgroupId> = live
+            .iter()
+            .filter_map(|id| std::fs::metadata(self.kernels_dir.join(id)).ok().map(|meta| meta.ino()))
+            .collect();
+        let mut state = self.state();
+        let orphans: Vec<(CgroupId, u32)> = state
+            .maps
+            .kernels
+            .iter()
+            .flatten()
+            .filter(|(cgroup, _)| !live_cgroups.contains(cgroup))
+            .map(|(cgroup, own)| (cgroup, own.list))
+            .collect();
+        for (cgroup, list) in orphans {
+            let _ = state.maps.kernels.remove(&cgroup);
+            let _ = rules::replace_list(&mut state.maps.rules, list, &[]);
+        }
+    }
+
+    /// Every verdict counter, with kernels and rules by name.
+    pub fn verdicts(&self) -> Vec<VerdictCount> {
+        let state = self.state();
+        let kernel_of: HashMap<CgroupId, (&str, &KernelEntry)> =
+            state.kernels.iter().map(|(id, entry)| (entry.cgroup, (id.as_str(), entry))).collect();
+        let mut counts = Vec::new();
+        for (key, values) in state.maps.verdicts.iter().flatten() {
+            let count: u64 = values.iter().sum();
+            let kernel = kernel_of.get(&key.kernel);
+            let rule = match key.rule {
+                rule_id::METADATA => "metadata".to_owned(),
+                rule_id::NOT_ALLOWED => "not-allowed".to_owned(),
+                id if id & KERNEL_RULE != 0 => kernel
+                    .and_then(|(_, entry)| entry.names.get(&id).cloned())
+                    .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
+                id => state.node_names.get(&id).cloned().unwrap_or_else(|| format!("rule-{id}")),
+            };
+            counts.push(VerdictCount {
+                kernel_id: kernel.map(|(id, _)| (*id).to_owned()).unwrap_or_default(),
+                rule,
+                verdict: match key.verdict {
+                    verdict::ALLOWED => "allowed",
+                    verdict::DENIED => "denied",
+                    verdict::REDIRECTED => "redirected",
+                    _ => "unknown",
+                },
+                hook: rules::hook_name(key.hook),
+                count,
+            });
+        }
+        counts.sort_by(|a, b| {
+            (&a.kernel_id, &a.rule, a.verdict, a.hook).cmp(&(&b.kernel_id, &b.rule, b.verdict, b.hook))
+        });
+        counts
+    }
+
+    /// Denial reports the ring buffer had no room for.
+    pub fn lost_reports(&self) -> u64 {
+        let state = self.state();
+        state.maps.lost.get(&0, 0).map(|values| values.iter().sum()).unwrap_or(0)
+    }
+
+    /// Kernels with a policy entry.
+    pub fn kernel_count(&self) -> usize {
+        self.state().kernels.len()
+    }
+
+    /// The kernel a policy cgroup id belongs to.
+    pub fn kernel_of(&self, cgroup: CgroupId) -> Option<String> {
+        self.state().kernels.iter().find(|(_, entry)| entry.cgroup == cgroup).map(|(id, _)| id.clone())
+    }
+
+    /// A rule's name (for denial reports).
+    pub fn rule_name(&self, cgroup: CgroupId, id: u32) -> String {
+        let state = self.state();
+        match id {
+            rule_id::METADATA => "metadata".into(),
+            rule_id::NOT_ALLOWED => "not-allowed".into(),
+            id if id & KERNEL_RULE != 0 => state
+                .kernels
+                .values()
+                .find(|entry| entry.cgroup == cgroup)
+                .and_then(|entry| entry.names.get(&id).cloned())
+                .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
+            id => state.node_names.get(&id).cloned().unwrap_or_else(|| format!("rule-{id}")),
+        }
+    }
+
+    /// The programs' cost as the kernel measures it.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.state().programs.stats()
+    }
+
+    /// The denial ring buffer, for [`run_denial_log`] (once).
+    pub fn take_denials(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.state().maps.denials.take()
+    }
+}
+
+/// Logs each reported denial (the programs report one per kernel and destination per minute).
+pub async fn run_denial_log(
+    enforcer: std::sync::Arc<Enforcer>,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    // SAFETY: the ring buffer's descriptor stays open for as long as it lives, and the AsyncFd
+    // owns the ring buffer.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered.map_err(std::io::Error::from) {
+        Ok(ring) => ring,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot poll the policy's denial reports; denials are counted but not logged");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ready = ring.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(err) => {
+                    tracing::warn!(error = %err, "polling the policy's denial reports failed");
+                    return;
+                }
+            },
+        };
+        let buffer = guard.get_inner_mut();
+        while let Some(item) = buffer.next() {
+            if item.len() < std::mem::size_of::<agent_common::policy::Denial>() {
+                continue;
+            }
+            // SAFETY: the program writes whole `Denial`s; read unaligned from the ring's bytes.
+            let denial: agent_common::policy::Denial = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let kernel_id = enforcer.kernel_of(denial.kernel).unwrap_or_default();
+            let rule = enforcer.rule_name(denial.kernel, denial.rule);
+            tracing::warn!(
+                kernel_id,
+                destination = %rules::destination_text(&denial.addr, denial.port),
+                protocol = denial.protocol,
+                hook = rules::hook_name(denial.hook),
+                rule,
+                "policy denied a kernel's connection (logged once per kernel and destination per minute)"
+            );
+        }
+        guard.clear_ready();
+    }
+}
+
+/// A kernel's narrowing of the node's rules, from its creation config
+/// (`internal_data.network_policy`: `{"deny": [...], "allow": [...]}` in the rule syntax of
+/// `[policy]`), as JSON.
+pub fn kernel_rules(json: Option<&serde_json::Value>) -> Result<RuleLists, String> {
+    match json {
+        None | Some(serde_json::Value::Null) => Ok(RuleLists::default()),
+        Some(value) => serde_json::from_value(value.clone()).map_err(|err| err.to_string()),
+    }
+}
+
+/// The bridge whose gateway address `metadata-service-host = "auto"` takes.
+const DEFAULT_BRIDGE: &str = "docker0";
+
+/// The metadata service's host: the configured address, or the IPv4 address of Docker's
+/// default bridge (every kernel reaches the host there, whichever bridge it is on).
+pub fn metadata_host(host: crate::config::MetadataHost) -> Result<std::net::Ipv4Addr, String> {
+    match host {
+        crate::config::MetadataHost::Addr(addr) => Ok(addr),
+        crate::config::MetadataHost::Auto => interface_ipv4(DEFAULT_BRIDGE).ok_or_else(|| {
+            format!(
+                "policy.metadata-service-host = \"auto\" found no IPv4 address on `{DEFAULT_BRIDGE}`; set the address kernels reach this host at"
+            )
+        }),
+    }
+}
+
+/// The first IPv4 address of a network interface.
+fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cursor = addrs;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name and a sockaddr whose family says its size.
+        let (entry_name, family) = unsafe { (std::ffi::CStr::from_ptr(entry.ifa_name), (*entry.ifa_addr).sa_family) };
+        if entry_name.to_bytes() != name.as_bytes() || i32::from(family) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+        found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        break;
+    }
+    // SAFETY: the list from getifaddrs, released once.
+    unsafe { libc::freeifaddrs(addrs) };
+    found
+}

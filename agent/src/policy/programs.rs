@@ -1,0 +1,238 @@
+//! The enforcement object in user space: loaded once, its programs attached to the kernels'
+//! parent cgroup and pinned (with their maps) so that the policy stays enforced while no agent
+//! runs; the maps it reads and writes.
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use agent_common::policy::{
+    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP, NODE_POLICY_MAP,
+    POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP, programs,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, links::FdLink},
+};
+
+use crate::monitor::{
+    ebpf::ProgramStats,
+    pins::{object_info, same_code_link},
+};
+use agent_common::policy::{KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
+use aya_obj::generated::bpf_prog_info;
+
+/// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
+static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramsError {
+    #[error("loading the policy programs failed: {0} (enforcement needs root or CAP_BPF+CAP_NET_ADMIN and cgroup v2)")]
+    Load(#[from] aya::EbpfError),
+    #[error("policy program `{name}`: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("policy program `{0}` is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("policy map `{name}`: {reason}")]
+    Map { name: &'static str, reason: String },
+    #[error("cannot open the kernels' parent cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("pinning policy program `{name}` at {path}: {reason}")]
+    Pin { name: &'static str, path: PathBuf, reason: String },
+}
+
+/// The socket-address programs, by attach type.
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// Every map the programs use; all are pinned with the links.
+const PINNED_MAPS: [&str; 7] =
+    [NODE_POLICY_MAP, KERNEL_POLICIES_MAP, RULES_MAP, VERDICTS_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DENIALS_LOST_MAP];
+
+/// The maps user space writes and reads.
+pub struct PolicyMaps {
+    pub node: Array<MapData, NodePolicy>,
+    pub kernels: BpfHashMap<MapData, u64, KernelPolicy>,
+    pub rules: LpmTrie<MapData, RuleKey, Rule>,
+    pub verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
+    pub lost: PerCpuArray<MapData, u64>,
+    pub denials: Option<RingBuf<MapData>>,
+}
+
+/// The loaded programs, attached at the kernels' parent cgroup.
+pub struct PolicyPrograms {
+    ebpf: Ebpf,
+    /// Links this process owns (no pin directory): dropping them detaches the programs.
+    owned: Vec<FdLink>,
+    /// Programs an earlier agent left attached (same code), for their statistics.
+    adopted: Vec<(&'static str, OwnedFd)>,
+}
+
+/// `{pins}/policy-v{N}`: maps and links of the enforcement object.
+pub fn pin_dir(pins_root: &Path) -> PathBuf {
+    pins_root.join(format!("policy-v{POLICY_LAYOUT_VERSION}"))
+}
+
+impl PolicyPrograms {
+    /// Loads the object for kernels at cgroup level `kernel_level`, pins its maps under `pins`
+    /// (reusing pinned ones: the policy of running kernels stays), and attaches every program to
+    /// `parent`, adopting pinned links of the same code. A new program is attached before an
+    /// old one's pin is removed, so there is no moment without a policy.
+    pub fn load(kernel_level: u32, parent: &Path, pins: Option<&Path>) -> Result<(Self, PolicyMaps), ProgramsError> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global(KERNEL_LEVEL_GLOBAL, &kernel_level, true);
+        if let Some(pins) = pins {
+            let maps = pins.join("maps");
+            std::fs::create_dir_all(&maps).map_err(|err| ProgramsError::Pin {
+                name: "maps",
+                path: maps.clone(),
+                reason: err.to_string(),
+            })?;
+            std::fs::create_dir_all(pins.join("links")).map_err(|err| ProgramsError::Pin {
+                name: "links",
+                path: pins.join("links"),
+                reason: err.to_string(),
+            })?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, maps.join(name));
+            }
+        }
+        let ebpf = loader.load(POLICY_OBJECT)?;
+        let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
+        let mut programs = Self { ebpf, owned: Vec::new(), adopted: Vec::new() };
+        for name in SOCK_ADDR_PROGRAMS {
+            programs.attach(name, &dir, pins, Kind::SockAddr)?;
+        }
+        programs.attach(programs::SKB_EGRESS, &dir, pins, Kind::SkbEgress)?;
+        let maps = programs.take_maps()?;
+        Ok((programs, maps))
+    }
+
+    fn attach(&mut self, name: &'static str, dir: &File, pins: Option<&Path>, kind: Kind) -> Result<(), ProgramsError> {
+        let at = |source| ProgramsError::Program { name, source };
+        let pin = pins.map(|pins| pins.join("links").join(name));
+        let program = self.ebpf.program_mut(name).ok_or(ProgramsError::MissingProgram(name))?;
+        let link: FdLink = match kind {
+            Kind::SockAddr => {
+                let program: &mut CgroupSockAddr = program.try_into().map_err(at)?;
+                program.load().map_err(at)?;
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, program.fd().ok()?.as_fd())) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                // Links always coexist with other programs on the cgroup; they take no flags.
+                let id = program.attach(dir, CgroupAttachMode::Single).map_err(at)?;
+                program.take_link(id).map_err(at)?.try_into().map_err(|err: aya::programs::links::LinkError| {
+                    ProgramsError::Pin { name, path: PathBuf::new(), reason: err.to_string() }
+                })?
+            }
+            Kind::SkbEgress => {
+                let program: &mut CgroupSkb = program.try_into().map_err(at)?;
+                program.load().map_err(at)?;
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, program.fd().ok()?.as_fd())) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                let id = program.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
+                program.take_link(id).map_err(at)?.try_into().map_err(|err: aya::programs::links::LinkError| {
+                    ProgramsError::Pin { name, path: PathBuf::new(), reason: err.to_string() }
+                })?
+            }
+        };
+        match pin {
+            Some(pin) => {
+                // The new link runs before the old pin (another build's) goes: no gap.
+                let stale = pin.with_extension("stale");
+                if pin.exists() {
+                    let _ = std::fs::rename(&pin, &stale);
+                }
+                let pinned = link.pin(&pin).map(drop).map_err(|err| ProgramsError::Pin {
+                    name,
+                    path: pin.clone(),
+                    reason: err.to_string(),
+                });
+                let _ = std::fs::remove_file(&stale);
+                pinned
+            }
+            None => {
+                self.owned.push(link);
+                Ok(())
+            }
+        }
+    }
+
+    fn take_maps(&mut self) -> Result<PolicyMaps, ProgramsError> {
+        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProgramsError>
+        where
+            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+        {
+            let map = ebpf.take_map(name).ok_or(ProgramsError::Map { name, reason: "missing".into() })?;
+            T::try_from(map).map_err(|err| ProgramsError::Map { name, reason: err.to_string() })
+        }
+        Ok(PolicyMaps {
+            node: take(&mut self.ebpf, NODE_POLICY_MAP)?,
+            kernels: take(&mut self.ebpf, KERNEL_POLICIES_MAP)?,
+            rules: take(&mut self.ebpf, RULES_MAP)?,
+            verdicts: take(&mut self.ebpf, VERDICTS_MAP)?,
+            lost: take(&mut self.ebpf, DENIALS_LOST_MAP)?,
+            denials: take(&mut self.ebpf, DENIALS_MAP).ok(),
+        })
+    }
+
+    /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`),
+    /// including the programs an earlier agent left running.
+    pub fn stats(&self) -> Vec<ProgramStats> {
+        let mut stats = Vec::new();
+        let mut add = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>| {
+            if let Ok(info) = object_info::<bpf_prog_info>(fd) {
+                match stats.iter_mut().find(|s: &&mut ProgramStats| s.name == name) {
+                    Some(own) => {
+                        own.run_time_ns += info.run_time_ns;
+                        own.run_count += info.run_cnt;
+                    }
+                    None => stats.push(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt }),
+                }
+            }
+        };
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS]) {
+            if let Some(fd) = self.ebpf.program(name).and_then(|p| p.fd().ok()) {
+                add(name, fd.as_fd());
+            }
+        }
+        for (name, fd) in &self.adopted {
+            add(name, fd.as_fd());
+        }
+        stats
+    }
+}
+
+enum Kind {
+    SockAddr,
+    SkbEgress,
+}
+
+/// The program of the link pinned at `pin` when it runs the same code as `program`; a pin of
+/// other code stays until the new link is pinned in its place.
+fn adopt(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> Option<OwnedFd> {
+    let running = same_code_link(pin, program)?;
+    tracing::info!(link = %pin.display(), "a pinned policy program of this build is still enforcing; adopted");
+    Some(running)
+}
+
+/// Removes every pinned policy program and map (the policy stops): for `enabled = false`.
+pub fn remove_pins(pins_root: &Path) {
+    let dir = pin_dir(pins_root);
+    if dir.exists() {
+        tracing::info!(dir = %dir.display(), "policy is off; removing the pinned policy programs");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,275 @@
+//! Enforcement per kernel on the real engine and the real kernel: the metadata address
+//! redirected to the agent's metadata service (each kernel sees its own environment) or denied,
+//! node and kernel deny rules failing `connect` with `EPERM` and counted once per call, the raw
+//! socket backstop, the policy surviving `kill -9` of the agent and leaving with the kernel.
+//!
+//! Every address stays on this machine: the host's side of Docker's bridge (a listener of the
+//! test's own), a loopback-range metadata address, and the real metadata address only from a
+//! `--network none` kernel, where the hook answers before any route.
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    process::Command,
+    time::Duration,
+};
+
+use bai_agent::{config::MetadataHost, rpc::client::RpcClient};
+use bai_agent_tests::{
+    Agent, PYTHON_IMAGE,
+    kernels::{create, created_id, field, kernel_config, kernel_toml, map, runtime, with_field},
+    require_environment, unique, wait_until,
+};
+use rmpv::Value;
+
+/// The host's address on Docker's default bridge, which kernels reach.
+fn bridge_host() -> Ipv4Addr {
+    bai_agent::policy::metadata_host(MetadataHost::Auto).expect("docker0 has an IPv4 address")
+}
+
+/// A listener on the host's bridge address that accepts (and drops) every connection.
+fn listener() -> (TcpListener, u16) {
+    let listener = TcpListener::bind((bridge_host(), 0)).expect("bind on docker0");
+    let port = listener.local_addr().expect("addr").port();
+    let accepting = listener.try_clone().expect("clone");
+    std::thread::spawn(move || for _ in accepting.incoming() {});
+    (listener, port)
+}
+
+/// Runs Python in a kernel's container (as the kernel's own processes run: inside its cgroup).
+fn python_in(container: &str, code: &str) -> String {
+    let out = Command::new("docker").args(["exec", container, "python3", "-c", code]).output().expect("docker exec");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_owned()
+}
+
+/// What `connect` to each destination gives inside the kernel: `ok` or the errno's name.
+fn connect_from(container: &str, targets: &[(&str, u16)]) -> Vec<String> {
+    let list: Vec<String> = targets.iter().map(|(host, port)| format!("({host:?}, {port})")).collect();
+    let code = format!(
+        "import socket, errno\n\
+         for host, port in [{}]:\n\
+         \x20   family = socket.AF_INET6 if ':' in host else socket.AF_INET\n\
+         \x20   s = socket.socket(family, socket.SOCK_STREAM)\n\
+         \x20   s.settimeout(3)\n\
+         \x20   try:\n\
+         \x20       s.connect((host, port)); print('ok')\n\
+         \x20   except OSError as e:\n\
+         \x20       print(errno.errorcode.get(e.errno, str(e)))\n\
+         \x20   s.close()\n",
+        list.join(", ")
+    );
+    python_in(container, &code).lines().map(str::to_owned).collect()
+}
+
+fn verdicts(agent: &Agent, kernel_id: &str, rule: &str, verdict: &str) -> f64 {
+    agent
+        .metrics()
+        .expect("metrics")
+        .iter()
+        .filter(|s| {
+            s.name == "backendai_agent_policy_verdicts_total"
+                && s.labels.get("kernel_id").map(String::as_str) == Some(kernel_id)
+                && s.labels.get("rule").map(String::as_str) == Some(rule)
+                && s.labels.get("verdict").map(String::as_str) == Some(verdict)
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+async fn create_python(client: &RpcClient, kernel: &str, greeting: &str, network_policy: Option<Value>) -> String {
+    let mut config = kernel_config(PYTHON_IMAGE, "1", "268435456");
+    config = with_field(config, "environ", map(vec![("GREETING", greeting.into())]));
+    if let Some(policy) = network_policy {
+        config = with_field(config, "internal_data", map(vec![("network_policy", policy)]));
+    }
+    let created = create(client, "s-policy", kernel, config).await.expect("create");
+    created_id(&created, "container_id")
+}
+
+async fn destroy(client: &RpcClient, kernel: &str) {
+    client
+        .call("destroy_kernel", vec![kernel.into(), "s-policy".into(), "user-requested".into()], vec![])
+        .await
+        .expect("destroy");
+}
+
+/// The kernel's own cgroup directory in the unified hierarchy.
+fn kernel_cgroup(agent: &Agent, kernel: &str) -> std::path::PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let layout = bai_agent::monitor::CgroupLayout::from_mountinfo(&mountinfo).expect("cgroup2");
+    layout.unified_root.join("bai-kernels").join(&agent.id).join(kernel)
+}
+
+/// Redirect mode: a kernel's connection to the metadata address reaches the agent's metadata
+/// service, which answers with that kernel's own environment (two kernels, two answers), the
+/// peer reads as the metadata address, and every redirect is counted. Node deny rules (by port,
+/// IPv4 and v4-mapped IPv6) fail `connect` with `EPERM`, counted once per call and logged once.
+#[test]
+fn metadata_is_redirected_to_each_kernels_own_service_and_deny_rules_refuse_with_eperm() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_denied_listener, denied_port) = listener();
+    let (_open_listener, open_port) = listener();
+    let host = bridge_host();
+    let service_port = TcpListener::bind((host, 0)).and_then(|l| l.local_addr()).expect("a free port").port();
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = {service_port}\nmetadata = \"redirect\"\nmetadata-address = \"127.0.0.99:80\"\n\
+         deny = [{{ cidr = \"{host}/32\", ports = \"{denied_port}\", name = \"test-denied\" }}]\n",
+        kernel_toml(dir.path(), 24300)
+    );
+    let agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let (first, second) = (unique("kernel"), unique("kernel"));
+        let first_container = create_python(&client, &first, "hello-first", None).await;
+        let second_container = create_python(&client, &second, "hello-second", None).await;
+
+        let fetch = "import json, socket, urllib.request\n\
+                     envs = json.load(urllib.request.urlopen('http://127.0.0.99/latest/meta-data/envs', timeout=5))\n\
+                     s = socket.create_connection(('127.0.0.99', 80), timeout=5)\n\
+                     print(envs['GREETING'], envs['BACKENDAI_KERNEL_ID'], s.getpeername())";
+        let answer = python_in(&first_container, fetch);
+        assert_eq!(answer, format!("hello-first {first} ('127.0.0.99', 80)"), "the first kernel's own envs");
+        let answer = python_in(&second_container, fetch);
+        assert_eq!(answer, format!("hello-second {second} ('127.0.0.99', 80)"), "the second kernel's own envs");
+        let listing = python_in(
+            &first_container,
+            "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.99/latest/meta-data/', timeout=5).read().decode())",
+        );
+        assert_eq!(listing, "envs\nlocal-ipv4\nsandbox");
+        assert_eq!(verdicts(&agent, &first, "metadata", "redirected"), 3.0, "three connections redirected");
+
+        let host_text = host.to_string();
+        let mapped = format!("::ffff:{host}");
+        let outcomes = connect_from(
+            &first_container,
+            &[
+                (&host_text, denied_port),
+                (&host_text, open_port),
+                (&mapped, denied_port),
+                (&host_text, denied_port),
+                (&host_text, denied_port),
+            ],
+        );
+        assert_eq!(outcomes, ["EPERM", "ok", "EPERM", "EPERM", "EPERM"], "denied port refused, the other open");
+        assert_eq!(verdicts(&agent, &first, "test-denied", "denied"), 4.0, "each denied call counted once");
+        assert_eq!(verdicts(&agent, &second, "test-denied", "denied"), 0.0, "nothing counted for the other kernel");
+        let destination = format!("{host}:{denied_port}");
+        wait_until("the denial is logged", Duration::from_secs(5), || agent.log_text().contains(&destination))
+            .expect("logged");
+        let logged = agent.log_text().lines().filter(|l| l.contains("policy denied") && l.contains(&destination)).count();
+        assert_eq!(logged, 1, "four denials of one destination within a minute are logged once");
+
+        // A caller that is not a kernel of this agent is refused.
+        let service = format!("{host}:{service_port}");
+        let (status, _) = bai_agent_tests::http_get(&service, "/latest/meta-data/envs").expect("GET from the host");
+        assert_eq!(status, 403, "the host is no kernel");
+
+        destroy(&client, &first).await;
+        destroy(&client, &second).await;
+        assert!(!kernel_cgroup(&agent, &first).exists(), "the kernel's cgroup goes with it");
+    });
+}
+
+/// Deny mode on the real metadata address from a `--network none` kernel: the hook answers
+/// `EPERM` before any route is looked up (without it: `ENETUNREACH`). A kernel's own rules
+/// narrow the node's, for that kernel only. Raw ICMP to a denied address is dropped by the
+/// backstop. The policy holds while the agent is killed and after it restarts.
+#[test]
+fn deny_mode_kernel_rules_and_the_backstop_hold_across_kill_9() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_listener, port) = listener();
+    let host = bridge_host();
+    let toml =
+        format!("{}\n[policy]\nmetadata-service-port = 0\nmetadata = \"deny\"\n", kernel_toml(dir.path(), 24350));
+    let mut agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let isolated = unique("kernel");
+        let config = kernel_config(PYTHON_IMAGE, "1", "268435456");
+        let created = client
+            .call(
+                "create_kernels",
+                vec![
+                    "s-policy".into(),
+                    Value::Array(vec![isolated.as_str().into()]),
+                    Value::Array(vec![config]),
+                    map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", "none".into())]),
+                    map(vec![]),
+                ],
+                vec![],
+            )
+            .await
+            .expect("create a --network none kernel");
+        let isolated_container = created_id(&created, "container_id");
+        assert_eq!(
+            connect_from(&isolated_container, &[("169.254.169.254", 80), ("192.0.2.1", 80)]),
+            ["EPERM", "ENETUNREACH"],
+            "the metadata address is refused by the hook, anything else finds no route"
+        );
+        assert_eq!(verdicts(&agent, &isolated, "metadata", "denied"), 1.0);
+        destroy(&client, &isolated).await;
+        assert!(!kernel_cgroup(&agent, &isolated).exists(), "its cgroup goes with it");
+
+        let narrowed = unique("kernel");
+        let own_rules = map(vec![(
+            "deny",
+            Value::Array(vec![map(vec![("cidr", format!("{host}/32").into()), ("name", "own-rule".into())])]),
+        )]);
+        let narrowed_container = create_python(&client, &narrowed, "narrowed", Some(own_rules)).await;
+        let plain = unique("kernel");
+        let plain_container = create_python(&client, &plain, "plain", None).await;
+        let host_text = host.to_string();
+        assert_eq!(connect_from(&narrowed_container, &[(&host_text, port)]), ["EPERM"], "its own rule denies");
+        assert_eq!(connect_from(&plain_container, &[(&host_text, port)]), ["ok"], "the neighbour is not narrowed");
+        assert_eq!(verdicts(&agent, &narrowed, "own-rule", "denied"), 1.0);
+        let raw_ping = format!(
+            "import socket, errno\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n\
+             try:\n\
+             \x20   s.sendto(b'\\x08\\x00\\xf7\\xff\\x00\\x00\\x00\\x00', ('{host}', 0)); print('sent')\n\
+             except OSError as e:\n\
+             \x20   print(errno.errorcode.get(e.errno, str(e)))"
+        );
+        assert_eq!(python_in(&narrowed_container, &raw_ping), "EPERM", "raw ICMP meets the backstop");
+        assert_eq!(python_in(&plain_container, &raw_ping), "sent", "the neighbour may ping");
+
+        // The programs and maps are pinned: killing the agent changes nothing for the kernels.
+        agent.kill_hard().expect("kill -9");
+        assert_eq!(connect_from(&narrowed_container, &[(&host_text, port)]), ["EPERM"], "denied with no agent");
+        agent.restart().expect("restart");
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("reconnect");
+        assert_eq!(connect_from(&narrowed_container, &[(&host_text, port)]), ["EPERM"], "denied after restart");
+        assert_eq!(connect_from(&plain_container, &[(&host_text, port)]), ["ok"], "still open after restart");
+        wait_until("the counters are read back", Duration::from_secs(10), || {
+            verdicts(&agent, &narrowed, "own-rule", "denied") >= 3.0
+        })
+        .expect("the pinned counters survived, under the rule's name");
+        for kernel in [&narrowed, &plain] {
+            destroy(&client, kernel).await;
+            assert!(!kernel_cgroup(&agent, kernel).exists(), "{kernel}'s cgroup goes with it");
+        }
+    });
+}
+
+/// A kernel whose network policy cannot be applied is not started, and the reason names it.
+#[test]
+fn a_kernel_with_a_malformed_policy_is_refused_by_name() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&kernel_toml(dir.path(), 24400)).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let config = with_field(
+            kernel_config(PYTHON_IMAGE, "1", "268435456"),
+            "internal_data",
+            map(vec![("network_policy", map(vec![("deny", Value::Array(vec!["10.0.0.0/99".into()]))]))]),
+        );
+        let err = create(&client, "s-policy", &kernel, config).await.expect_err("refused");
+        assert!(err.contains("internal_data.network_policy") && err.contains("10.0.0.0/99"), "{err}");
+        assert!(!kernel_cgroup(&agent, &kernel).exists(), "nothing made for it");
+        let listed = client.call("list_kernels", vec![], vec![]).await.expect("list");
+        assert!(listed.as_array().is_some_and(|items| items.iter().all(|k| field(k, "id").as_str() != Some(&kernel))));
+    });
+}
