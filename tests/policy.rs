@@ -273,3 +273,89 @@ fn a_kernel_with_a_malformed_policy_is_refused_by_name() {
         assert!(listed.as_array().is_some_and(|items| items.iter().all(|k| field(k, "id").as_str() != Some(&kernel))));
     });
 }
+
+/// A node rule changed in the file and applied with SIGHUP while a kernel probes without
+/// pause: the destination denied before and after is never let through (no gap), the newly
+/// denied one is refused within a second of the reload, and nothing is restarted. A file that
+/// does not parse changes nothing.
+#[test]
+fn a_reloaded_node_rule_applies_at_once_with_no_gap() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_first_listener, first) = listener();
+    let (_second_listener, second) = listener();
+    let (low, high) = (first.min(second), first.max(second));
+    let host = bridge_host();
+    let rule = |ports: &str| format!("deny = [{{ cidr = \"{host}/32\", ports = \"{ports}\", name = \"moving\" }}]\n");
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = 0\n{}",
+        kernel_toml(dir.path(), 24450),
+        rule(&first.to_string())
+    );
+    let agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let container = create_python(&client, &kernel, "probing", None).await;
+        // Probe both ports for 6 s, writing `time first second` per round.
+        let probe = format!(
+            "import socket, errno, time\n\
+             def attempt(port):\n\
+             \x20   s = socket.socket(); s.settimeout(2)\n\
+             \x20   try:\n\
+             \x20       s.connect(('{host}', port)); return 'ok'\n\
+             \x20   except OSError as e:\n\
+             \x20       return errno.errorcode.get(e.errno, str(e))\n\
+             \x20   finally:\n\
+             \x20       s.close()\n\
+             out = open('/home/work/probe.log', 'w', buffering=1)\n\
+             end = time.time() + 6\n\
+             while time.time() < end:\n\
+             \x20   out.write(f'{{time.time()}} {{attempt({first})}} {{attempt({second})}}\\n')\n\
+             \x20   time.sleep(0.002)\n\
+             out.write('done\\n')\n"
+        );
+        let started = Command::new("docker")
+            .args(["exec", "-d", &container, "python3", "-c", &probe])
+            .status()
+            .expect("docker exec -d");
+        assert!(started.success());
+        std::thread::sleep(Duration::from_secs(1));
+        let config = std::fs::read_to_string(agent.config_path()).expect("config");
+        std::fs::write(agent.config_path(), config.replace("policy]\n", "policy]\nno-such-key = 1\n")).expect("write");
+        agent.reload().expect("SIGHUP");
+        std::thread::sleep(Duration::from_millis(700));
+        std::fs::write(agent.config_path(), config.replace(&rule(&first.to_string()), &rule(&format!("{low}-{high}"))))
+            .expect("write");
+        let reloaded_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+        agent.reload().expect("SIGHUP");
+        let log = dir.path().join("scratch").join(&kernel).join("work").join("probe.log");
+        wait_until("the probe finishes", Duration::from_secs(15), || {
+            std::fs::read_to_string(&log).is_ok_and(|text| text.contains("done"))
+        })
+        .expect("probe done");
+        let text = std::fs::read_to_string(&log).expect("probe log");
+        let rounds: Vec<(f64, String, String)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                Some((fields.next()?.parse().ok()?, fields.next()?.to_owned(), fields.next()?.to_owned()))
+            })
+            .collect();
+        assert!(rounds.len() > 200, "the probe ran without pause: {} rounds", rounds.len());
+        assert!(rounds.iter().all(|(_, denied, _)| denied == "EPERM"), "the denied port was never let through");
+        let reloaded = reloaded_at.as_secs_f64();
+        let before: Vec<_> = rounds.iter().filter(|(t, _, _)| *t < reloaded - 0.2).collect();
+        let after: Vec<_> = rounds.iter().filter(|(t, _, _)| *t > reloaded + 1.0).collect();
+        assert!(!before.is_empty() && !after.is_empty(), "rounds on both sides of the reload");
+        assert!(
+            before.iter().all(|(_, _, open)| open == "ok"),
+            "open before the reload (the bad file changed nothing)"
+        );
+        assert!(after.iter().all(|(_, _, open)| open == "EPERM"), "denied within a second of the reload");
+        let first_denied = rounds.iter().find(|(_, _, open)| open == "EPERM").map(|(t, _, _)| *t).expect("denied");
+        assert!(first_denied >= reloaded - 0.05, "not denied before the reload");
+        assert!(agent.log_text().contains("not reloading"), "the invalid file is named in the log");
+        destroy(&client, &kernel).await;
+    });
+}

@@ -94,8 +94,16 @@ fn rpc_bind_reason(error: &rpc::RpcError) -> String {
     }
 }
 
+/// Requests to re-read the configuration file (SIGHUP): what changes at run time is the
+/// network policy's node rules and metadata mode; everything else needs a restart.
+pub struct Reloads {
+    /// The file the configuration came from (`None`: embedded defaults, nothing to re-read).
+    pub path: Option<std::path::PathBuf>,
+    pub signals: mpsc::Receiver<()>,
+}
+
 /// Runs the agent until `shutdown` is cancelled, then detaches and returns.
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationToken) -> Result<(), DaemonError> {
     // The shared configuration in etcd comes first: everything below runs with it.
     let etcd = etcd::Etcd::connect(&config).await?;
     if let Some(etcd) = &etcd {
@@ -150,7 +158,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let mut usage_service = UsageService::start(UsageSettings::from_config(&config), metrics_state.subscribe())?;
     let mut kernel_manager = kernel_manager(&config, allocator, event_service.bus(), metrics_state.clone())?;
     kernel_manager.set_usage(usage_service.handle());
-    if let Some((enforcer, _)) = &policy {
+    if let Some((enforcer, _, _)) = &policy {
         kernel_manager.set_policy(enforcer.clone());
     }
     let kernels = Arc::new(kernel_manager);
@@ -209,7 +217,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         let target = RedisTarget { addr, password: config.redis.password.clone(), db: config.redis.stats_db };
         tokio::spawn(crate::kernel::commit::run_commit_status_report(kernels.clone(), target, shutdown.clone()))
     });
-    let policy_tasks = policy.map(|(enforcer, listener)| {
+    let policy_tasks = policy.map(|(enforcer, listener, redirect)| {
         let metadata_config = policy::metadata::MetadataConfig {
             kernels_cgroup_root: enforcer.kernels_dir().to_path_buf(),
             sandbox_type: config.policy.sandbox_type.clone(),
@@ -220,6 +228,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         let denials = enforcer
             .take_denials()
             .map(|ring| tokio::spawn(policy::run_denial_log(enforcer.clone(), ring, shutdown.clone())));
+        tokio::spawn(reload_policy(enforcer.clone(), config.policy.clone(), redirect, reloads, shutdown.clone()));
         (enforcer, metadata, denials)
     });
     let rpc_metrics = RpcMetrics::default();
@@ -303,7 +312,7 @@ async fn start_policy(
     config: &Config,
     layout: &CgroupLayout,
     pins_root: Option<&std::path::Path>,
-) -> Result<Option<(Arc<policy::Enforcer>, tokio::net::TcpListener)>, DaemonError> {
+) -> Result<Option<(Arc<policy::Enforcer>, tokio::net::TcpListener, std::net::SocketAddrV4)>, DaemonError> {
     let section = &config.policy;
     if !section.enabled {
         if let Some(root) = pins_root {
@@ -327,7 +336,52 @@ async fn start_policy(
         policy::Enforcer::start(section, &config.agent.id, &layout.unified_root, hierarchies, pins_root, redirect)
             .map_err(|err| DaemonError::Policy(err.to_string()))?;
     tracing::info!(addr = %redirect, "serving the metadata service to kernels");
-    Ok(Some((Arc::new(enforcer), listener)))
+    Ok(Some((Arc::new(enforcer), listener, redirect)))
+}
+
+/// Applies the file's `[policy]` rules and metadata mode on each reload request; a file that
+/// does not parse, or a change that needs a restart, is logged and the running policy stays.
+async fn reload_policy(
+    enforcer: Arc<policy::Enforcer>,
+    mut running: crate::config::PolicySection,
+    redirect: std::net::SocketAddrV4,
+    mut reloads: Reloads,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            signal = reloads.signals.recv() => if signal.is_none() { return },
+        }
+        let Some(path) = &reloads.path else {
+            tracing::warn!("running on embedded defaults: there is no file to re-read");
+            continue;
+        };
+        let fresh = match Config::from_file(path) {
+            Ok(config) => config.policy,
+            Err(err) => {
+                tracing::error!(error = %err, "not reloading: the configuration is invalid; the running policy stays");
+                continue;
+            }
+        };
+        for (key, changed) in [
+            ("policy.enabled", fresh.enabled != running.enabled),
+            ("policy.cgroup-parent", fresh.cgroup_parent != running.cgroup_parent),
+            ("policy.metadata-service-host", fresh.metadata_service_host != running.metadata_service_host),
+            ("policy.metadata-service-port", fresh.metadata_service_port != running.metadata_service_port),
+        ] {
+            if changed {
+                tracing::warn!(key, "changed in the file; it takes effect when the agent restarts");
+            }
+        }
+        match enforcer.set_node_policy(&fresh, redirect) {
+            Ok(()) => {
+                tracing::info!(deny = fresh.deny.len(), allow = fresh.allow.len(), metadata = ?fresh.metadata, "network policy reloaded");
+                running = fresh;
+            }
+            Err(err) => tracing::error!(error = %err, "reloading the network policy failed; the running policy stays"),
+        }
+    }
 }
 
 /// The kernel registry as the metadata service sees it.

@@ -250,6 +250,19 @@ impl Agent {
         bail!("the agent was not ready within {timeout:?}; its log:\n{}", self.log_text())
     }
 
+    /// The agent's `agent.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("agent.toml")
+    }
+
+    /// Sends SIGHUP: the agent re-reads its file's `[policy]` rules.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the agent is not running")?;
+        let status = Command::new("kill").args(["-HUP", &pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {pid} failed");
+        Ok(())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

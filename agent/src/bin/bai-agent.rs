@@ -84,7 +84,11 @@ fn main() -> ExitCode {
             "the configuration sets keys of the Python agent that bai-agent does not use; they are ignored"
         );
     }
-    match run(config) {
+    let reload_from = match source {
+        bai_agent::config::ConfigSource::File(path) => Some(path),
+        bai_agent::config::ConfigSource::EmbeddedDefaults => None,
+    };
+    match run(config, reload_from) {
         Ok(()) => {
             tracing::info!("bai-agent stopped");
             ExitCode::SUCCESS
@@ -98,7 +102,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, reload_from: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -117,6 +121,18 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        bai_agent::daemon::run(config, shutdown).await.context("bai-agent failed")
+        // SIGHUP re-reads the file's [policy] rules (see daemon::Reloads).
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                tracing::info!("SIGHUP: re-reading the configuration's [policy] rules");
+                if reload_tx.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reloads = bai_agent::daemon::Reloads { path: reload_from, signals: reloads };
+        bai_agent::daemon::run(config, reloads, shutdown).await.context("bai-agent failed")
     })
 }
