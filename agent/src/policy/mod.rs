@@ -223,7 +223,8 @@ impl Enforcer {
         }
     }
 
-    /// After recovery: releases the directories and entries of kernels that are not `live`.
+    /// After recovery: releases the directories and entries of kernels that are not `live` (a
+    /// directory that still holds a container stays), and entries whose directory is gone.
     pub fn sweep(&self, live: &HashSet<String>) {
         let dirs: Vec<String> = std::fs::read_dir(&self.kernels_dir)
             .into_iter()
@@ -233,10 +234,18 @@ impl Enforcer {
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
             .collect();
         for kernel_id in dirs.iter().filter(|id| !live.contains(*id)) {
+            // A container still inside is no gone kernel's (one being created right now).
+            if has_subdirectories(&self.kernels_dir.join(kernel_id)) {
+                tracing::info!(
+                    kernel_id,
+                    "a kernel directory this agent has no record of still holds a container; leaving it"
+                );
+                continue;
+            }
             tracing::info!(kernel_id, "releasing the policy of a kernel that no longer exists");
             self.release_kernel(kernel_id);
         }
-        let live_cgroups: HashSet<CgroupId> = live
+        let live_cgroups: HashSet<CgroupId> = dirs
             .iter()
             .filter_map(|id| std::fs::metadata(self.kernels_dir.join(id)).ok().map(|meta| meta.ino()))
             .collect();
@@ -332,6 +341,10 @@ impl Enforcer {
     pub fn take_denials(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         self.state().maps.denials.take()
     }
+}
+
+fn has_subdirectories(dir: &Path) -> bool {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
 }
 
 /// Logs each reported denial (the programs report one per kernel and destination per minute).
