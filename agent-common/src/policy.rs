@@ -66,6 +66,8 @@ pub mod metadata_mode {
 pub mod flags {
     /// The list has allow rules: a destination must match one of them.
     pub const ALLOW_LIST: u32 = 1;
+    /// The list has rules at all (a list without any is never looked up).
+    pub const HAS_RULES: u32 = 2;
 }
 
 /// The node's settings.

@@ -170,12 +170,12 @@ fn decide(kernel: CgroupId, dest: &Destination, at: u8) -> Decision {
     if is_loopback(&dest.addr) {
         return Decision::Allow;
     }
-    let node_rule = matching_rule(0, dest);
+    let node_rule = if node.flags & flags::HAS_RULES != 0 { matching_rule(0, dest) } else { None };
     // SAFETY: the value is plain data the map owns.
     let own = unsafe { KERNEL_POLICIES.get(&kernel) };
     let kernel_rule = match own {
-        Some(own) => matching_rule(own.list, dest),
-        None => None,
+        Some(own) if own.flags & flags::HAS_RULES != 0 => matching_rule(own.list, dest),
+        _ => None,
     };
     if let Some(rule) = node_rule
         && rule.action == action::DENY

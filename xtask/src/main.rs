@@ -96,18 +96,20 @@ enum Task {
 
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
-    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-usage`, then
-    /// `bench-cpu` (CPU time per shape of work against the kernel's accounting), then
-    /// `bench-backendai` (bai-agent against the Python agent 26.9.6 on a real manager).
+    /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-policy` (the network
+    /// policy's cost per `connect`, with kernel.bpf_stats_enabled=1 too, and on TCP throughput,
+    /// which it measures with the setting off), then `bench-usage`, then `bench-cpu` (CPU time per
+    /// shape of work against the kernel's accounting), then `bench-backendai` (bai-agent against
+    /// the Python agent 26.9.6 on a real manager).
     ///
-    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `usage`, `cpu` or `backendai` runs
-    /// that one alone with the arguments that follow it (`cargo xtask bench -- ebpf 20`, `cargo
-    /// xtask bench -- lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`, `cargo xtask bench
-    /// -- accounting 100 30 2`, `cargo xtask bench -- cpu /path/to/an/earlier/bai-agent`, `cargo
-    /// xtask bench -- backendai 10`); without a name all run, and any arguments go to bench-ebpf
-    /// (`cargo xtask bench -- 20`).
+    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `policy`, `usage`, `cpu` or
+    /// `backendai` runs that one alone with the arguments that follow it (`cargo xtask bench --
+    /// ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`,
+    /// `cargo xtask bench -- accounting 100 30 2`, `cargo xtask bench -- policy 20000 2`, `cargo
+    /// xtask bench -- cpu /path/to/an/earlier/bai-agent`, `cargo xtask bench -- backendai 10`);
+    /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec|accounting|usage|cpu|backendai] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting|policy|usage|cpu|backendai] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -278,10 +280,10 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 7] = ["ebpf", "lifecycle", "exec", "accounting", "usage", "cpu", "backendai"];
+const BENCHES: [&str; 8] = ["ebpf", "lifecycle", "exec", "accounting", "policy", "usage", "cpu", "backendai"];
 /// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
 /// program two clock reads per run, so the others run without them).
-const BENCHES_WITH_BPF_STATS: [&str; 2] = ["ebpf", "accounting"];
+const BENCHES_WITH_BPF_STATS: [&str; 3] = ["ebpf", "accounting", "policy"];
 
 /// Which benchmarks run, each with its arguments: a leading name picks one, otherwise all
 /// run and the arguments go to the first (bench-ebpf).
@@ -372,6 +374,7 @@ mod tests {
                 ("lifecycle", args(&[])),
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
+                ("policy", args(&[])),
                 ("usage", args(&[])),
                 ("cpu", args(&[])),
                 ("backendai", args(&[]))
@@ -384,6 +387,7 @@ mod tests {
                 ("lifecycle", args(&[])),
                 ("exec", args(&[])),
                 ("accounting", args(&[])),
+                ("policy", args(&[])),
                 ("usage", args(&[])),
                 ("cpu", args(&[])),
                 ("backendai", args(&[]))
@@ -392,6 +396,7 @@ mod tests {
         assert_eq!(bench_plan(&args(&["usage", "1000"])), [("usage", args(&["1000"]))]);
         assert_eq!(bench_plan(&args(&["accounting", "100", "30"])), [("accounting", args(&["100", "30"]))]);
         assert_eq!(bench_plan(&args(&["exec", "100"])), [("exec", args(&["100"]))]);
+        assert_eq!(bench_plan(&args(&["policy", "20000", "2"])), [("policy", args(&["20000", "2"]))]);
         assert_eq!(bench_plan(&args(&["ebpf", "20"])), [("ebpf", args(&["20"]))]);
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
         assert_eq!(bench_plan(&args(&["cpu", "/old/bai-agent"])), [("cpu", args(&["/old/bai-agent"]))]);

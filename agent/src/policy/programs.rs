@@ -236,3 +236,34 @@ pub fn remove_pins(pins_root: &Path) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// An empty `connect4` program of the policy object, attached to one cgroup, for benchmarks:
+/// what any program on that hook costs, so that the policy's own cost can be told apart.
+pub struct PolicyBaseline {
+    ebpf: Ebpf,
+}
+
+impl PolicyBaseline {
+    /// Loads the object a second time (maps of its own, nothing pinned) and attaches only
+    /// `baseline_connect4` to `cgroup`, through a link that lives as long as this value.
+    pub fn load(cgroup: &Path) -> Result<Self, ProgramsError> {
+        let name = programs::BASELINE_CONNECT4;
+        let at = |source| ProgramsError::Program { name, source };
+        let mut ebpf = EbpfLoader::new().load(POLICY_OBJECT)?;
+        let dir = File::open(cgroup).map_err(|source| ProgramsError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let program: &mut CgroupSockAddr =
+            ebpf.program_mut(name).ok_or(ProgramsError::MissingProgram(name))?.try_into().map_err(at)?;
+        program.load().map_err(at)?;
+        program.attach(&dir, CgroupAttachMode::Single).map_err(at)?;
+        Ok(Self { ebpf })
+    }
+
+    /// What the kernel measured of the empty program (advances while `kernel.bpf_stats_enabled=1`).
+    pub fn stats(&self) -> std::io::Result<ProgramStats> {
+        let name = programs::BASELINE_CONNECT4;
+        let program = self.ebpf.program(name).ok_or_else(|| std::io::Error::other("baseline program missing"))?;
+        let fd = program.fd().map_err(std::io::Error::other)?;
+        let info: bpf_prog_info = object_info(fd.as_fd())?;
+        Ok(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt })
+    }
+}

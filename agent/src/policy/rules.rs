@@ -67,7 +67,9 @@ pub fn encode(list: u32, lists: &RuleLists, id_bits: u32) -> Result<Vec<Entry>, 
 
 /// The list's flags in `KernelPolicy` / `NodePolicy`.
 pub fn list_flags(lists: &RuleLists) -> u32 {
-    if lists.allow.is_empty() { 0 } else { flags::ALLOW_LIST }
+    let allow = if lists.allow.is_empty() { 0 } else { flags::ALLOW_LIST };
+    let any = if lists.allow.is_empty() && lists.deny.is_empty() { 0 } else { flags::HAS_RULES };
+    allow | any
 }
 
 /// A rule's address and prefix in the v6 space the trie uses.
@@ -151,7 +153,8 @@ mod tests {
         assert_eq!((entries[0].rule.id, entries[0].rule.action), (1, action::DENY));
         assert_eq!(entries[1].prefix_len, 32 + 32);
         assert_eq!((entries[1].rule.id, entries[1].rule.action), (2, action::ALLOW));
-        assert_eq!(list_flags(&lists), flags::ALLOW_LIST);
+        assert_eq!(list_flags(&lists), flags::ALLOW_LIST | flags::HAS_RULES);
+        assert_eq!(list_flags(&RuleLists::default()), 0);
         let kernel = encode(7, &lists, agent_common::policy::KERNEL_RULE).expect("entries");
         assert_eq!(kernel[0].rule.id, agent_common::policy::KERNEL_RULE | 1);
     }

@@ -1,0 +1,286 @@
+//! `bench-policy`: what the network policy costs a kernel.
+//!
+//! 1. Per `connect`: inside a python kernel, N `connect`s to an allowed port (a host listener)
+//!    and N to a denied one (`EPERM`), with 21 node deny rules in the trie. The kernel's own
+//!    accounting (`kernel.bpf_stats_enabled=1`: run time and count) of `policy_connect4` is set
+//!    against an empty `connect4` program attached to the kernel's cgroup ([`PolicyBaseline`]).
+//! 2. Allowed TCP throughput: a kernel of an agent with the policy and one of an agent without
+//!    it (`enabled = false`) each send the same bytes over one connection to a sink on the
+//!    host's docker0 address, in alternating rounds (with `kernel.bpf_stats_enabled=0`, as in
+//!    production).
+
+use std::{
+    io::Read,
+    net::{Ipv4Addr, TcpListener},
+    process::Command,
+    sync::mpsc,
+};
+
+use agent_common::policy::programs::CONNECT4;
+use anyhow::{Context, bail, ensure};
+use bai_agent::{
+    config::MetadataHost, monitor::CgroupLayout, policy::programs::PolicyBaseline, rpc::client::RpcClient,
+};
+use bai_agent_tests::{
+    Agent, PYTHON_IMAGE, RedisServer,
+    bench::machine_description,
+    free_loopback_port,
+    kernels::{create, created_id, kernel_config, kernel_toml, runtime},
+    require_environment, unique,
+};
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const ROUNDS: usize = 5;
+const CHUNK: usize = 1 << 20;
+
+fn main() -> anyhow::Result<()> {
+    let usage = "usage: bench-policy [CONNECTS] [GIB]";
+    let mut args = std::env::args().skip(1);
+    let connects: u64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(20_000);
+    let gib: f64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(2.0);
+    require_environment();
+    if std::fs::read_to_string(BPF_STATS).unwrap_or_default().trim() != "1" {
+        bail!("kernel.bpf_stats_enabled is not 1; run through `cargo xtask bench -- policy`, which sets it");
+    }
+    let host = bai_agent::policy::metadata_host(MetadataHost::Auto).map_err(anyhow::Error::msg)?;
+    // The agents' events go to a Redis of the bench's own (`kernel_toml` reads BAI_TEST_REDIS).
+    let redis = RedisServer::start(free_loopback_port()?)?;
+    // SAFETY: no other thread runs yet that could read the environment.
+    unsafe { std::env::set_var("BAI_TEST_REDIS", redis.addr()) };
+
+    println!("## Network policy: cost per connect and allowed throughput\n");
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_owned();
+    println!("Machine: nproc {nproc}, kernel {kernel} ({})\n", machine_description()?);
+    println!("Command: `cargo xtask bench -- policy {connects} {gib}`\n");
+
+    connect_cost(host, connects)?;
+    // Per-packet programs pay two clock reads per run while statistics are on: off, as in production.
+    let _stats_off = BpfStatsOff::set()?;
+    throughput(host, (gib * (1u64 << 30) as f64) as u64)?;
+    Ok(())
+}
+
+/// Part 1: ns per `connect` of `policy_connect4` and of the empty program, allowed and denied.
+fn connect_cost(host: Ipv4Addr, connects: u64) -> anyhow::Result<()> {
+    let (_allowed_listener, allowed) = listener(host)?;
+    let (_denied_listener, denied) = listener(host)?;
+    let dir = tempfile::tempdir()?;
+    let unrelated: Vec<String> = (0..20).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = 0\ndeny = [{{ cidr = \"{host}/32\", ports = \"{denied}\", \
+         name = \"bench-denied\" }}, {}]\n",
+        kernel_toml(dir.path(), 24600),
+        unrelated.join(", ")
+    );
+    let agent = Agent::start(&toml)?;
+    let (kernel, container) = create_python(&agent)?;
+    let layout = CgroupLayout::detect()?;
+    let cgroup = layout.unified_root.join("bai-kernels").join(&agent.id).join(&kernel);
+    let baseline =
+        PolicyBaseline::load(&cgroup).with_context(|| format!("attaching the baseline to {}", cgroup.display()))?;
+
+    println!("### Cost per `connect` (policy_connect4 against an empty connect4 program)\n");
+    println!("{connects} connects per path from one python kernel; 21 node deny rules.\n");
+    println!(
+        "| path | outcome | policy_connect4 runs | policy_connect4 ns/call | empty program ns/call | policy's own ns/call | wall µs/connect (Python) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (path, port, outcome) in [("allowed", allowed, "ok"), ("denied (rule `bench-denied`)", denied, "EPERM")] {
+        let before = (policy_stats(&agent)?, baseline_stats(&baseline)?);
+        let wall_s = connect_loop(&container, host, port, connects, outcome)?;
+        let after = (policy_stats(&agent)?, baseline_stats(&baseline)?);
+        let (runs, policy_ns) = per_call(before.0, after.0, CONNECT4)?;
+        let (_, empty_ns) = per_call(before.1, after.1, "baseline_connect4")?;
+        println!(
+            "| {path} | {outcome} | {runs} | {policy_ns:.1} | {empty_ns:.1} | {:.1} | {:.2} |",
+            policy_ns - empty_ns,
+            wall_s / connects as f64 * 1e6
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Part 2: Gbit/s of one TCP connection from a kernel with and one without the policy.
+fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
+    let (sink, received) = sink(host)?;
+    let port = sink.local_addr()?.port();
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    let with = Agent::start(&format!("{}\n[policy]\nmetadata-service-port = 0\n", kernel_toml(dirs[0].path(), 24600)))?;
+    let without = Agent::start(&format!("{}\n[policy]\nenabled = false\n", kernel_toml(dirs[1].path(), 24650)))?;
+    let kernels = [("with the policy", create_python(&with)?.1), ("policy disabled", create_python(&without)?.1)];
+    // Warm-up: one short transfer each, not reported.
+    for (_, container) in &kernels {
+        send(container, host, port, 64 * CHUNK as u64, &received)?;
+    }
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so that neither always follows the other.
+        for i in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            rates[i].push(send(&kernels[i].1, host, port, bytes, &received)?);
+        }
+    }
+    println!("### Allowed TCP throughput, one connection to the host's docker0 address\n");
+    println!(
+        "{:.2} GiB per transfer in 1 MiB `sendall`s, {ROUNDS} rounds alternating; each kernel cpu 1, mem 512 MiB; \
+         kernel.bpf_stats_enabled=0.\n",
+        bytes as f64 / (1u64 << 30) as f64
+    );
+    println!("| kernel | min Gbit/s | median Gbit/s | max Gbit/s |");
+    println!("|---|---:|---:|---:|");
+    let mut medians = [0.0; 2];
+    for (i, (name, _)) in kernels.iter().enumerate() {
+        rates[i].sort_by(f64::total_cmp);
+        medians[i] = rates[i][ROUNDS / 2];
+        println!("| {name} | {:.2} | {:.2} | {:.2} |", rates[i][0], medians[i], rates[i][ROUNDS - 1]);
+    }
+    println!("\nMedian with the policy against without: {:+.2} %", (medians[0] / medians[1] - 1.0) * 100.0);
+    Ok(())
+}
+
+/// Creates a python kernel (cpu 1, 512 MiB) through the agent's RPC: its id and container.
+fn create_python(agent: &Agent) -> anyhow::Result<(String, String)> {
+    let kernel = unique("kernel");
+    let created = runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await?;
+        create(&client, "s-bench-policy", &kernel, kernel_config(PYTHON_IMAGE, "1", "536870912"))
+            .await
+            .map_err(anyhow::Error::msg)
+    })?;
+    let container = created_id(&created, "container_id");
+    ensure!(!container.is_empty(), "create_kernels gave no container: {created}");
+    Ok((kernel, container))
+}
+
+/// A listener on the host's bridge address that accepts (and drops) every connection.
+fn listener(host: Ipv4Addr) -> anyhow::Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind((host, 0)).context("bind on docker0")?;
+    let port = listener.local_addr()?.port();
+    let accepting = listener.try_clone()?;
+    std::thread::spawn(move || for _ in accepting.incoming() {});
+    Ok((listener, port))
+}
+
+/// A listener that reads each connection to its end (1 MiB at a time) and reports its bytes.
+fn sink(host: Ipv4Addr) -> anyhow::Result<(TcpListener, mpsc::Receiver<u64>)> {
+    let listener = TcpListener::bind((host, 0)).context("bind on docker0")?;
+    let accepting = listener.try_clone()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; CHUNK];
+        for mut stream in accepting.incoming().flatten() {
+            let mut total = 0u64;
+            while let Ok(n @ 1..) = stream.read(&mut buffer) {
+                total += n as u64;
+            }
+            let _ = tx.send(total);
+        }
+    });
+    Ok((listener, rx))
+}
+
+/// Runs Python in the kernel's container (inside its cgroup, as its own processes run).
+fn python_in(container: &str, code: &str) -> anyhow::Result<String> {
+    let out = Command::new("docker").args(["exec", container, "python3", "-c", code]).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "python in {container} failed: {text}");
+    Ok(text.trim().to_owned())
+}
+
+/// `count` connect+close (RST, so no TIME_WAIT piles up) to `host:port`, all of which must end
+/// in `outcome`; the wall seconds of the loop as Python saw them.
+fn connect_loop(container: &str, host: Ipv4Addr, port: u16, count: u64, outcome: &str) -> anyhow::Result<f64> {
+    let code = format!(
+        "import socket, struct, errno, time\n\
+         linger = struct.pack('ii', 1, 0)\n\
+         outcomes = {{}}\n\
+         start = time.perf_counter()\n\
+         for _ in range({count}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)\n\
+         \x20   try:\n\
+         \x20       s.connect(('{host}', {port})); r = 'ok'\n\
+         \x20   except OSError as e:\n\
+         \x20       r = errno.errorcode.get(e.errno, str(e))\n\
+         \x20   s.close()\n\
+         \x20   outcomes[r] = outcomes.get(r, 0) + 1\n\
+         print(time.perf_counter() - start, *(f'{{k}}={{v}}' for k, v in outcomes.items()))\n"
+    );
+    let out = python_in(container, &code)?;
+    let mut fields = out.split_whitespace();
+    let seconds: f64 = fields.next().and_then(|s| s.parse().ok()).with_context(|| format!("connect loop: {out}"))?;
+    let expected = format!("{outcome}={count}");
+    ensure!(fields.eq([expected.as_str()]), "every connect to port {port} should give {outcome}: {out}");
+    Ok(seconds)
+}
+
+/// Sends `bytes` from the kernel to the sink over one connection; Gbit/s as Python timed it
+/// (from the first `sendall` until the sink closed after reading everything).
+fn send(container: &str, host: Ipv4Addr, port: u16, bytes: u64, received: &mpsc::Receiver<u64>) -> anyhow::Result<f64> {
+    let chunks = bytes / CHUNK as u64;
+    let code = format!(
+        "import socket, time\n\
+         chunk = memoryview(bytearray({CHUNK}))\n\
+         s = socket.create_connection(('{host}', {port}))\n\
+         start = time.perf_counter()\n\
+         for _ in range({chunks}):\n\
+         \x20   s.sendall(chunk)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n\
+         print(time.perf_counter() - start)\n"
+    );
+    let out = python_in(container, &code)?;
+    let seconds: f64 = out.parse().with_context(|| format!("transfer: {out}"))?;
+    let got = received.recv()?;
+    ensure!(got == chunks * CHUNK as u64, "the sink read {got} bytes of {}", chunks * CHUNK as u64);
+    Ok(got as f64 * 8.0 / seconds / 1e9)
+}
+
+/// Run time (ns) and count of one program.
+type Stats = (f64, f64);
+
+/// `policy_connect4`'s statistics as the agent exports them.
+fn policy_stats(agent: &Agent) -> anyhow::Result<Stats> {
+    let (mut time_ns, mut runs) = (None, None);
+    for sample in agent.metrics()? {
+        if sample.labels.get("program").map(String::as_str) != Some(CONNECT4) {
+            continue;
+        }
+        match sample.name.as_str() {
+            "backendai_agent_policy_program_run_time_seconds_total" => time_ns = Some(sample.value * 1e9),
+            "backendai_agent_policy_program_runs_total" => runs = Some(sample.value),
+            _ => {}
+        }
+    }
+    Ok((time_ns.context("no policy_connect4 run time in /metrics")?, runs.context("no policy_connect4 runs")?))
+}
+
+fn baseline_stats(baseline: &PolicyBaseline) -> anyhow::Result<Stats> {
+    let stats = baseline.stats()?;
+    Ok((stats.run_time_ns as f64, stats.run_count as f64))
+}
+
+/// Runs and ns per run between two readings.
+fn per_call(before: Stats, after: Stats, name: &str) -> anyhow::Result<(f64, f64)> {
+    let runs = after.1 - before.1;
+    ensure!(runs > 0.0, "program {name} did not run");
+    Ok((runs, (after.0 - before.0) / runs))
+}
+
+/// Turns `kernel.bpf_stats_enabled` off, and back to what it was when dropped.
+struct BpfStatsOff(String);
+
+impl BpfStatsOff {
+    fn set() -> anyhow::Result<Self> {
+        let previous = std::fs::read_to_string(BPF_STATS)?.trim().to_owned();
+        std::fs::write(BPF_STATS, "0")?;
+        Ok(Self(previous))
+    }
+}
+
+impl Drop for BpfStatsOff {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.0);
+    }
+}
