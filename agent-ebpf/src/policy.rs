@@ -257,6 +257,25 @@ fn port_field(port: u16) -> u32 {
     u32::from(port.to_be())
 }
 
+/// Rewrites a socket address (the `connect` destination, or the peer `getpeername` shows):
+/// `addr` is v4-mapped when the socket is IPv4.
+#[inline(always)]
+fn rewrite_address(ctx: &SockAddrContext, addr: &[u8; 16], port: u16, v6: bool) {
+    // SAFETY: writes of the fields the verifier lets connect and getpeername programs rewrite.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        if v6 {
+            sa.user_ip6[0] = words(addr, 0);
+            sa.user_ip6[1] = words(addr, 1);
+            sa.user_ip6[2] = words(addr, 2);
+            sa.user_ip6[3] = words(addr, 3);
+        } else {
+            sa.user_ip4 = words(addr, 3);
+        }
+        sa.user_port = port_field(port);
+    }
+}
+
 /// Runs the policy on a socket-address hook: 1 lets the call go on, 0 fails it with `EPERM`.
 #[inline(always)]
 fn sock_addr_verdict(ctx: &SockAddrContext, dest: &Destination, at: u8, v6: bool) -> i32 {
@@ -264,19 +283,7 @@ fn sock_addr_verdict(ctx: &SockAddrContext, dest: &Destination, at: u8, v6: bool
         Decision::Allow => 1,
         Decision::Deny => 0,
         Decision::Redirect(node) => {
-            // SAFETY: writes of the fields the verifier lets connect programs rewrite.
-            unsafe {
-                let sa = &mut *ctx.sock_addr;
-                if v6 {
-                    sa.user_ip6[0] = words(&node.redirect_addr, 0);
-                    sa.user_ip6[1] = words(&node.redirect_addr, 1);
-                    sa.user_ip6[2] = words(&node.redirect_addr, 2);
-                    sa.user_ip6[3] = words(&node.redirect_addr, 3);
-                } else {
-                    sa.user_ip4 = words(&node.redirect_addr, 3);
-                }
-                sa.user_port = port_field(node.redirect_port);
-            }
+            rewrite_address(ctx, &node.redirect_addr, node.redirect_port, v6);
             1
         }
     }
@@ -318,19 +325,7 @@ fn hide_redirect(ctx: &SockAddrContext, peer: &Destination, v6: bool) -> i32 {
     {
         return 1;
     }
-    // SAFETY: writes of the fields the verifier lets getpeername programs rewrite.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        if v6 {
-            sa.user_ip6[0] = words(&node.metadata_addr, 0);
-            sa.user_ip6[1] = words(&node.metadata_addr, 1);
-            sa.user_ip6[2] = words(&node.metadata_addr, 2);
-            sa.user_ip6[3] = words(&node.metadata_addr, 3);
-        } else {
-            sa.user_ip4 = words(&node.metadata_addr, 3);
-        }
-        sa.user_port = port_field(node.metadata_port);
-    }
+    rewrite_address(ctx, &node.metadata_addr, node.metadata_port, v6);
     1
 }
 
@@ -368,24 +363,22 @@ pub fn policy_skb_egress(ctx: SkBuffContext) -> i32 {
 /// The destination of a packet the backstop covers, or `None` for any other.
 #[inline(always)]
 fn skb_destination(ctx: &SkBuffContext) -> Option<Destination> {
-    let raw = from_raw_socket(ctx);
     let first: u8 = ctx.load(0).ok()?;
-    let (protocol, addr, l4) = match first >> 4 {
-        4 => {
-            let protocol: u8 = ctx.load(9).ok()?;
-            let daddr: [u8; 4] = ctx.load(16).ok()?;
-            (protocol, v4_mapped(daddr), usize::from(first & 0x0f) * 4)
-        }
-        6 => {
-            let protocol: u8 = ctx.load(6).ok()?;
-            let daddr: [u8; 16] = ctx.load(24).ok()?;
-            (protocol, daddr, 40)
-        }
+    let v4 = match first >> 4 {
+        4 => true,
+        6 => false,
         _ => return None,
     };
-    if !raw && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 {
+    let protocol: u8 = ctx.load(if v4 { 9 } else { 6 }).ok()?;
+    // Most packets leave here, before any address is read.
+    if protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 && !from_raw_socket(ctx) {
         return None;
     }
+    let (addr, l4) = if v4 {
+        (v4_mapped(ctx.load::<[u8; 4]>(16).ok()?), usize::from(first & 0x0f) * 4)
+    } else {
+        (ctx.load::<[u8; 16]>(24).ok()?, 40)
+    };
     let port = if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
         // The destination port follows the source port.
         u16::from_be(ctx.load::<u16>(l4 + 2).unwrap_or(0))
@@ -417,12 +410,4 @@ pub fn baseline_connect4(_ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+mod runtime;

@@ -496,7 +496,7 @@ impl EbpfMonitor {
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
     /// The programs an earlier agent left running count as the same program.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        let mut stats = loaded_program_stats(
+        running_program_stats(
             &self.ebpf,
             &[
                 programs::SCHED_STAT_RUNTIME,
@@ -505,18 +505,8 @@ impl EbpfMonitor {
                 programs::BLOCK_BIO_QUEUE,
                 programs::MARK_VICTIM,
             ],
-        );
-        for (name, fd) in &self.adopted {
-            let Ok(adopted) = kernel_program_stats(name, fd.as_fd()) else { continue };
-            match stats.iter_mut().find(|s| s.name == *name) {
-                Some(own) => {
-                    own.run_time_ns += adopted.run_time_ns;
-                    own.run_count += adopted.run_count;
-                }
-                None => stats.push(adopted),
-            }
-        }
-        stats
+            &self.adopted,
+        )
     }
 
     /// (cgroups in direct slots, cgroups in the overflow map)
@@ -594,6 +584,27 @@ impl BaselinePrograms {
     }
 }
 
+/// The kernel's cost accounting of each named program loaded in `ebpf`, with the programs an
+/// earlier agent left running (`adopted`, by name) counted as the same program.
+pub(crate) fn running_program_stats(
+    ebpf: &Ebpf,
+    names: &[&'static str],
+    adopted: &[(&'static str, OwnedFd)],
+) -> Vec<ProgramStats> {
+    let mut stats = loaded_program_stats(ebpf, names);
+    for (name, fd) in adopted {
+        let Ok(adopted) = kernel_program_stats(name, fd.as_fd()) else { continue };
+        match stats.iter_mut().find(|s| s.name == *name) {
+            Some(own) => {
+                own.run_time_ns += adopted.run_time_ns;
+                own.run_count += adopted.run_count;
+            }
+            None => stats.push(adopted),
+        }
+    }
+    stats
+}
+
 /// The kernel's cost accounting of each named program that is loaded in `ebpf`.
 fn loaded_program_stats(ebpf: &Ebpf, names: &[&'static str]) -> Vec<ProgramStats> {
     names
@@ -620,7 +631,7 @@ pub struct ProgramStats {
 }
 
 /// A program's run time and count (aya 0.14 does not expose them).
-fn kernel_program_stats(name: &'static str, fd: BorrowedFd<'_>) -> std::io::Result<ProgramStats> {
+pub(crate) fn kernel_program_stats(name: &'static str, fd: BorrowedFd<'_>) -> std::io::Result<ProgramStats> {
     let info: bpf_prog_info = object_info(fd)?;
     Ok(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt })
 }

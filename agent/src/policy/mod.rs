@@ -42,8 +42,8 @@ pub enum PolicyError {
     Rules(#[from] RulesError),
     #[error("writing the policy map `{map}`: {reason}")]
     Map { map: &'static str, reason: String },
-    #[error("kernel id `{0}` cannot name a cgroup directory")]
-    KernelId(String),
+    #[error(transparent)]
+    KernelId(#[from] crate::scratch::ScratchError),
 }
 
 /// One kernel's entries in the maps.
@@ -59,6 +59,27 @@ struct State {
     /// Rule id → name, of the node's list.
     node_names: HashMap<u32, String>,
     kernels: HashMap<String, KernelEntry>,
+}
+
+impl State {
+    /// A rule's name in metrics and logs: a built-in verdict's, the node's rule's, or the
+    /// kernel's own rule's (`kernel` is the kernel the verdict is about, if known).
+    fn rule_label(&self, kernel: Option<&KernelEntry>, id: u32) -> String {
+        match id {
+            rule_id::METADATA => "metadata".into(),
+            rule_id::NOT_ALLOWED => "not-allowed".into(),
+            id if id & KERNEL_RULE != 0 => kernel
+                .and_then(|entry| entry.names.get(&id).cloned())
+                .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
+            id => self.node_names.get(&id).cloned().unwrap_or_else(|| format!("rule-{id}")),
+        }
+    }
+}
+
+/// A kernel's list in the rule trie: the low bits of its directory's cgroup id, which are
+/// unique among live cgroups (never 0, the node's list).
+fn kernel_list(cgroup: CgroupId) -> u32 {
+    (cgroup as u32).max(1)
 }
 
 /// One verdict counter, summed over CPUs.
@@ -164,9 +185,7 @@ impl Enforcer {
     /// Makes a kernel's cgroup directory and writes its own rules before its container exists;
     /// returns the cgroup parent the runtime must put the container under.
     pub fn prepare_kernel(&self, kernel_id: &str, lists: &RuleLists) -> Result<String, PolicyError> {
-        if kernel_id.is_empty() || kernel_id.contains('/') || kernel_id.starts_with('.') {
-            return Err(PolicyError::KernelId(kernel_id.to_owned()));
-        }
+        crate::scratch::validate_kernel_id(kernel_id)?;
         let dir = self.kernels_dir.join(kernel_id);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -174,8 +193,7 @@ impl Enforcer {
             Err(source) => return Err(PolicyError::Cgroup { path: dir, source }),
         }
         let cgroup = std::fs::metadata(&dir).map_err(|source| PolicyError::Cgroup { path: dir.clone(), source })?.ino();
-        // The low bits of a cgroup's id are unique among live cgroups.
-        let list = (cgroup as u32).max(1);
+        let list = kernel_list(cgroup);
         let entries = rules::encode(list, lists, KERNEL_RULE)?;
         let mut state = self.state();
         rules::replace_list(&mut state.maps.rules, list, &entries)?;
@@ -192,7 +210,7 @@ impl Enforcer {
 
     /// Removes a kernel's entries, counters and cgroup directories (its container is gone).
     pub fn release_kernel(&self, kernel_id: &str) {
-        if kernel_id.is_empty() || kernel_id.contains('/') || kernel_id.starts_with('.') {
+        if crate::scratch::validate_kernel_id(kernel_id).is_err() {
             return;
         }
         let entry = self.state().kernels.remove(kernel_id);
@@ -200,7 +218,7 @@ impl Enforcer {
             Some(entry) => Some((entry.cgroup, entry.list)),
             None => std::fs::metadata(self.kernels_dir.join(kernel_id))
                 .ok()
-                .map(|meta| (meta.ino(), (meta.ino() as u32).max(1))),
+                .map(|meta| (meta.ino(), kernel_list(meta.ino()))),
         };
         if let Some((cgroup, list)) = cgroup {
             let mut state = self.state();
@@ -273,14 +291,7 @@ impl Enforcer {
         for (key, values) in state.maps.verdicts.iter().flatten() {
             let count: u64 = values.iter().sum();
             let kernel = kernel_of.get(&key.kernel);
-            let rule = match key.rule {
-                rule_id::METADATA => "metadata".to_owned(),
-                rule_id::NOT_ALLOWED => "not-allowed".to_owned(),
-                id if id & KERNEL_RULE != 0 => kernel
-                    .and_then(|(_, entry)| entry.names.get(&id).cloned())
-                    .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
-                id => state.node_names.get(&id).cloned().unwrap_or_else(|| format!("rule-{id}")),
-            };
+            let rule = state.rule_label(kernel.map(|(_, entry)| *entry), key.rule);
             counts.push(VerdictCount {
                 kernel_id: kernel.map(|(id, _)| (*id).to_owned()).unwrap_or_default(),
                 rule,
@@ -319,17 +330,7 @@ impl Enforcer {
     /// A rule's name (for denial reports).
     pub fn rule_name(&self, cgroup: CgroupId, id: u32) -> String {
         let state = self.state();
-        match id {
-            rule_id::METADATA => "metadata".into(),
-            rule_id::NOT_ALLOWED => "not-allowed".into(),
-            id if id & KERNEL_RULE != 0 => state
-                .kernels
-                .values()
-                .find(|entry| entry.cgroup == cgroup)
-                .and_then(|entry| entry.names.get(&id).cloned())
-                .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
-            id => state.node_names.get(&id).cloned().unwrap_or_else(|| format!("rule-{id}")),
-        }
+        state.rule_label(state.kernels.values().find(|entry| entry.cgroup == cgroup), id)
     }
 
     /// The programs' cost as the kernel measures it.

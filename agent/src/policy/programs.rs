@@ -19,11 +19,10 @@ use aya::{
 };
 
 use crate::monitor::{
-    ebpf::ProgramStats,
-    pins::{object_info, same_code_link},
+    ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
+    pins::same_code_link,
 };
 use agent_common::policy::{KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
-use aya_obj::generated::bpf_prog_info;
 
 /// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
@@ -191,27 +190,8 @@ impl PolicyPrograms {
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`),
     /// including the programs an earlier agent left running.
     pub fn stats(&self) -> Vec<ProgramStats> {
-        let mut stats = Vec::new();
-        let mut add = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>| {
-            if let Ok(info) = object_info::<bpf_prog_info>(fd) {
-                match stats.iter_mut().find(|s: &&mut ProgramStats| s.name == name) {
-                    Some(own) => {
-                        own.run_time_ns += info.run_time_ns;
-                        own.run_count += info.run_cnt;
-                    }
-                    None => stats.push(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt }),
-                }
-            }
-        };
-        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS]) {
-            if let Some(fd) = self.ebpf.program(name).and_then(|p| p.fd().ok()) {
-                add(name, fd.as_fd());
-            }
-        }
-        for (name, fd) in &self.adopted {
-            add(name, fd.as_fd());
-        }
-        stats
+        let names: Vec<&'static str> = SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS]).collect();
+        running_program_stats(&self.ebpf, &names, &self.adopted)
     }
 }
 
@@ -262,8 +242,6 @@ impl PolicyBaseline {
     pub fn stats(&self) -> std::io::Result<ProgramStats> {
         let name = programs::BASELINE_CONNECT4;
         let program = self.ebpf.program(name).ok_or_else(|| std::io::Error::other("baseline program missing"))?;
-        let fd = program.fd().map_err(std::io::Error::other)?;
-        let info: bpf_prog_info = object_info(fd.as_fd())?;
-        Ok(ProgramStats { name, run_time_ns: info.run_time_ns, run_count: info.run_cnt })
+        kernel_program_stats(name, program.fd().map_err(std::io::Error::other)?.as_fd())
     }
 }
