@@ -39,6 +39,8 @@ pub enum ProgramsError {
     Map { name: &'static str, reason: String },
     #[error("cannot open the kernels' parent cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("policy program `{name}`: its cgroup link cannot be held as a bpf link: {reason}")]
+    Link { name: &'static str, reason: String },
     #[error("pinning policy program `{name}` at {path}: {reason}")]
     Pin { name: &'static str, path: PathBuf, reason: String },
 }
@@ -118,6 +120,7 @@ impl PolicyPrograms {
 
     fn attach(&mut self, name: &'static str, dir: &File, pins: Option<&Path>, kind: Kind) -> Result<(), ProgramsError> {
         let at = |source| ProgramsError::Program { name, source };
+        let link_error = |err: aya::programs::links::LinkError| ProgramsError::Link { name, reason: err.to_string() };
         let pin = pins.map(|pins| pins.join("links").join(name));
         let program = self.ebpf.program_mut(name).ok_or(ProgramsError::MissingProgram(name))?;
         let link: FdLink = match kind {
@@ -130,9 +133,7 @@ impl PolicyPrograms {
                 }
                 // Links always coexist with other programs on the cgroup; they take no flags.
                 let id = program.attach(dir, CgroupAttachMode::Single).map_err(at)?;
-                program.take_link(id).map_err(at)?.try_into().map_err(|err: aya::programs::links::LinkError| {
-                    ProgramsError::Pin { name, path: PathBuf::new(), reason: err.to_string() }
-                })?
+                program.take_link(id).map_err(at)?.try_into().map_err(link_error)?
             }
             Kind::SkbEgress => {
                 let program: &mut CgroupSkb = program.try_into().map_err(at)?;
@@ -142,9 +143,7 @@ impl PolicyPrograms {
                     return Ok(());
                 }
                 let id = program.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
-                program.take_link(id).map_err(at)?.try_into().map_err(|err: aya::programs::links::LinkError| {
-                    ProgramsError::Pin { name, path: PathBuf::new(), reason: err.to_string() }
-                })?
+                program.take_link(id).map_err(at)?.try_into().map_err(link_error)?
             }
         };
         match pin {
