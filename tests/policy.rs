@@ -359,3 +359,88 @@ fn a_reloaded_node_rule_applies_at_once_with_no_gap() {
         destroy(&client, &kernel).await;
     });
 }
+
+/// What opening each path for reading gives inside the kernel: `ok` or the errno's name.
+fn open_from(container: &str, paths: &[&str]) -> Vec<String> {
+    let list: Vec<String> = paths.iter().map(|path| format!("{path:?}")).collect();
+    let code = format!(
+        "import os, errno\n\
+         for path in [{}]:\n\
+         \x20   try:\n\
+         \x20       os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK)); print('ok')\n\
+         \x20   except OSError as e:\n\
+         \x20       print(errno.errorcode.get(e.errno, str(e)))\n",
+        list.join(", ")
+    );
+    python_in(container, &code).lines().map(str::to_owned).collect()
+}
+
+/// The container's cgroup directory in the v1 `devices` hierarchy (Docker's layer).
+fn v1_devices_dir(agent: &Agent, kernel: &str, container: &str) -> std::path::PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let devices = bai_agent::monitor::cgroup::hierarchy_mounts(&mountinfo)
+        .into_iter()
+        .find(|mount| mount.file_name().is_some_and(|name| name.to_string_lossy().split(',').any(|c| c == "devices")))
+        .expect("this host mounts the v1 devices controller");
+    devices.join("bai-kernels").join(&agent.id).join(kernel).join(container)
+}
+
+/// Device access: a kernel opens the standard container set and the node it was given
+/// (`kernel-devices`), and nothing else. It may make a node for another device (`mknod`, as
+/// Docker allows) but opening it fails with `EPERM`, counted and logged. Our set and Docker's
+/// v1 `devices.list` for the container agree line for line; a grant slipped into the v1 list
+/// behind our back, a `docker update` of the container and `kill -9` of the agent leave the
+/// device denied.
+#[test]
+fn a_kernel_opens_only_the_devices_it_was_given() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = 0\nkernel-devices = [\"/dev/fuse\"]\n",
+        kernel_toml(dir.path(), 24500)
+    );
+    let mut agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let kernel = unique("kernel");
+        let container = create_python(&client, &kernel, "devices", None).await;
+
+        let v1 = v1_devices_dir(&agent, &kernel, &container);
+        let docker_list: std::collections::BTreeSet<String> =
+            std::fs::read_to_string(v1.join("devices.list")).expect("devices.list").lines().map(str::to_owned).collect();
+        let mut ours: std::collections::BTreeSet<String> =
+            bai_agent::policy::devices::STANDARD.iter().map(bai_agent::policy::devices::rule_text).collect();
+        ours.insert("c 10:229 rwm".to_owned());
+        assert_eq!(docker_list, ours, "Docker's v1 list and ours give the same devices");
+
+        let standard = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/fuse"];
+        assert_eq!(open_from(&container, &standard), vec!["ok"; standard.len()], "the standard set and the given");
+        let made = python_in(&container, "import os\nos.mknod('/loop-made', 0o600 | 0o60000, os.makedev(7, 0))\nprint('made')");
+        assert_eq!(made, "made", "mknod stays allowed, as Docker has it");
+        assert_eq!(open_from(&container, &["/loop-made"]), ["EPERM"], "a device it was not given");
+        assert_eq!(verdicts(&agent, &kernel, "device-not-given", "denied"), 1.0, "counted once");
+        wait_until("the denial is logged", Duration::from_secs(5), || {
+            let log = agent.log_text();
+            log.contains("device node it was not given") && log.contains("b 7:0 r")
+        })
+        .expect("the denial names the device");
+
+        // Docker's layer is told to allow it (as a runtime's own update could): ours still denies.
+        std::fs::write(v1.join("devices.allow"), "b 7:0 rwm").expect("grant in the v1 layer");
+        assert_eq!(open_from(&container, &["/loop-made"]), ["EPERM"], "our layer holds on its own");
+        let updated = Command::new("docker")
+            .args(["update", "--cpu-shares", "512", "--pids-limit", "2048", &container])
+            .output()
+            .expect("docker update");
+        assert!(updated.status.success(), "{}", String::from_utf8_lossy(&updated.stderr));
+        assert_eq!(open_from(&container, &["/loop-made"]), ["EPERM"], "docker update does not undo it");
+        assert_eq!(open_from(&container, &["/dev/null", "/dev/fuse"]), ["ok", "ok"]);
+        assert_eq!(verdicts(&agent, &kernel, "device-not-given", "denied"), 3.0);
+        agent.kill_hard().expect("kill -9");
+        assert_eq!(open_from(&container, &["/loop-made", "/dev/fuse"]), ["EPERM", "ok"], "the same with no agent");
+        agent.restart().expect("restart");
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("reconnect");
+        assert_eq!(open_from(&container, &["/loop-made", "/dev/fuse"]), ["EPERM", "ok"], "and after its restart");
+        destroy(&client, &kernel).await;
+    });
+}

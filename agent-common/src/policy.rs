@@ -23,6 +23,9 @@ pub const DENIALS_MAP: &str = "POLICY_DENIALS";
 pub const DENIALS_SEEN_MAP: &str = "POLICY_DENIALS_SEEN";
 /// `PerCpuArray<u64>` of one: denial reports dropped because the ring buffer was full.
 pub const DENIALS_LOST_MAP: &str = "POLICY_DENIALS_LOST";
+/// `HashMap<DeviceKey, u32>`: the device nodes each list gives ([`device_access`] bits); list
+/// 0 is the standard container set every kernel gets, a kernel's own list its given devices.
+pub const DEVICES_MAP: &str = "POLICY_DEVICES";
 
 /// Global the loader sets: the cgroup level of the kernels' own directories
 /// (`{cgroup-parent}/{kernel_id}`; the root is level 0).
@@ -33,6 +36,7 @@ pub const KERNEL_POLICIES_MAX: u32 = 16_384;
 pub const RULES_MAX: u32 = 65_536;
 pub const DENIALS_BYTES: u32 = 64 * 1024;
 pub const DENIALS_SEEN_MAX: u32 = 16_384;
+pub const DEVICES_MAX: u32 = 16_384;
 /// A denied destination is reported at most once per kernel per minute.
 pub const DENIAL_REPORT_NS: u64 = 60_000_000_000;
 
@@ -48,6 +52,7 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "policy_getpeername4";
     pub const GETPEERNAME6: &str = "policy_getpeername6";
     pub const SKB_EGRESS: &str = "policy_skb_egress";
+    pub const DEVICE: &str = "policy_device";
     /// An empty `connect4` program, for the benchmark's baseline.
     pub const BASELINE_CONNECT4: &str = "baseline_connect4";
 }
@@ -68,6 +73,8 @@ pub mod flags {
     pub const ALLOW_LIST: u32 = 1;
     /// The list has rules at all (a list without any is never looked up).
     pub const HAS_RULES: u32 = 2;
+    /// [`KernelPolicy::flags`]: the kernel opens only the device nodes given to it.
+    pub const DEVICES: u32 = 4;
 }
 
 /// The node's settings.
@@ -137,6 +144,8 @@ pub mod rule_id {
     pub const METADATA: u32 = 0xffff_ff00;
     /// A destination no allow rule matched.
     pub const NOT_ALLOWED: u32 = 0xffff_ff01;
+    /// A device node the kernel was not given.
+    pub const DEVICE_NOT_GIVEN: u32 = 0xffff_ff02;
 }
 
 /// [`VerdictKey::verdict`].
@@ -152,6 +161,37 @@ pub mod hook {
     pub const SENDMSG: u8 = 2;
     /// The `cgroup_skb` backstop (raw sockets, ICMP).
     pub const EGRESS: u8 = 3;
+    /// The `cgroup_device` program (a [`Denial`] then holds a [`DeviceKey`]'s type, major and
+    /// minor in `addr` and the access bits in `port`).
+    pub const DEVICE: u8 = 4;
+}
+
+/// [`DeviceKey::kind`], as the kernel's `BPF_DEVCG_DEV_*`.
+pub mod device_kind {
+    pub const BLOCK: u32 = 1;
+    pub const CHAR: u32 = 2;
+}
+
+/// Access bits, as the kernel's `BPF_DEVCG_ACC_*` (`m`, `r`, `w`).
+pub mod device_access {
+    pub const MKNOD: u32 = 1;
+    pub const READ: u32 = 2;
+    pub const WRITE: u32 = 4;
+}
+
+/// Stands for every major or every minor in a [`DeviceKey`].
+pub const DEVICE_ANY: u32 = u32::MAX;
+
+/// A device node (or a family of them) of one list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    pub list: u32,
+    /// [`device_kind`].
+    pub kind: u32,
+    pub major: u32,
+    /// [`DEVICE_ANY`] for every minor of the major.
+    pub minor: u32,
 }
 
 #[repr(C)]
@@ -226,6 +266,7 @@ mod pod {
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for DenialKey {}
     unsafe impl aya::Pod for Denial {}
+    unsafe impl aya::Pod for DeviceKey {}
 }
 
 #[cfg(test)]

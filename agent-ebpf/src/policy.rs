@@ -11,9 +11,9 @@
 use agent_common::{
     CgroupId,
     policy::{
-        DENIAL_REPORT_NS, DENIALS_BYTES, DENIALS_SEEN_MAX, Denial, DenialKey, KERNEL_POLICIES_MAX, KernelPolicy,
-        NodePolicy, RULES_MAX, Rule, RuleKey, VERDICTS_MAX, VerdictKey, action, flags, hook, is_loopback,
-        metadata_mode, rule_id, v4_mapped, verdict,
+        DENIAL_REPORT_NS, DENIALS_BYTES, DENIALS_SEEN_MAX, DEVICE_ANY, DEVICES_MAX, Denial, DenialKey, DeviceKey,
+        KERNEL_POLICIES_MAX, KernelPolicy, NodePolicy, RULES_MAX, Rule, RuleKey, VERDICTS_MAX, VerdictKey, action,
+        flags, hook, is_loopback, metadata_mode, rule_id, v4_mapped, verdict,
     },
 };
 use aya_ebpf::{
@@ -21,9 +21,9 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map},
+    macros::{cgroup_device, cgroup_skb, cgroup_sock_addr, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext},
+    programs::{DeviceContext, SkBuffContext, SockAddrContext},
 };
 
 #[map]
@@ -46,6 +46,9 @@ static POLICY_DENIALS_SEEN: LruHashMap<DenialKey, u64> = LruHashMap::with_max_en
 
 #[map]
 static POLICY_DENIALS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static POLICY_DEVICES: HashMap<DeviceKey, u32> = HashMap::with_max_entries(DEVICES_MAX, 0);
 
 /// The cgroup level of the kernels' own directories (agent_common::policy::KERNEL_LEVEL_GLOBAL).
 #[unsafe(no_mangle)]
@@ -401,6 +404,51 @@ fn from_raw_socket(ctx: &SkBuffContext) -> bool {
         let full = bpf_sk_fullsock(sk);
         !full.is_null() && (*full).type_ == SOCK_RAW
     }
+}
+
+/// Device access: a kernel under device enforcement opens, reads, writes and makes only the
+/// device nodes of the standard container set (list 0) and those given to it (its own list);
+/// anything else fails with `EPERM`. Attached at the kernels' parent, beside any program the
+/// runtime puts on a container's own cgroup (every attached program must allow), so that a
+/// `docker update`, which replaces the runtime's, never touches it.
+#[cgroup_device]
+pub fn policy_device(ctx: DeviceContext) -> i32 {
+    let kernel = current_kernel();
+    // SAFETY: the value is plain data the map owns.
+    let Some(own) = (unsafe { KERNEL_POLICIES.get(&kernel) }) else {
+        return 1;
+    };
+    if own.flags & flags::DEVICES == 0 {
+        return 1;
+    }
+    // SAFETY: fields of the program's own context.
+    let (access_type, major, minor) = unsafe {
+        let dev = &*ctx.device;
+        (dev.access_type, dev.major, dev.minor)
+    };
+    let kind = access_type & 0xffff;
+    let wanted = access_type >> 16;
+    if wanted & !(granted(0, kind, major, minor) | granted(own.list, kind, major, minor)) == 0 {
+        return 1;
+    }
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&kind.to_ne_bytes());
+    addr[4..8].copy_from_slice(&major.to_ne_bytes());
+    addr[8..12].copy_from_slice(&minor.to_ne_bytes());
+    let dest = Destination { addr, port: wanted as u16, protocol: 0 };
+    deny(kernel, &dest, rule_id::DEVICE_NOT_GIVEN, hook::DEVICE);
+    0
+}
+
+/// The access a list gives to a device: its own entry's, its major's, its kind's.
+#[inline(always)]
+fn granted(list: u32, kind: u32, major: u32, minor: u32) -> u32 {
+    let lookup = |major: u32, minor: u32| {
+        let key = DeviceKey { list, kind, major, minor };
+        // SAFETY: the value is a plain u32 the map owns.
+        unsafe { POLICY_DEVICES.get(&key) }.copied().unwrap_or(0)
+    };
+    lookup(major, minor) | lookup(major, DEVICE_ANY) | lookup(DEVICE_ANY, DEVICE_ANY)
 }
 
 /// An empty program on the same hook, loaded only by the benchmark: what any `connect4`

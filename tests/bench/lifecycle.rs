@@ -414,6 +414,7 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         network: None,
         hostname: None,
         cgroup_parent: None,
+        devices: Vec::new(),
     };
     tokio::time::sleep(SETTLE).await;
     let started = Instant::now();

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use bollard::{
     models::{
-        ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkCreateRequest,
-        NetworkingConfig, PortBinding,
+        ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, EndpointSettings, HostConfig,
+        NetworkCreateRequest, NetworkingConfig, PortBinding,
     },
     query_parameters::{CreateContainerOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions},
 };
@@ -44,6 +44,8 @@ pub struct ContainerSpec {
     /// The cgroup the container's own goes under (the kernel's policy directory); `None`:
     /// the engine's default.
     pub cgroup_parent: Option<String>,
+    /// Host device nodes the container gets.
+    pub devices: Vec<crate::config::DeviceMapping>,
 }
 
 /// The label Backend.AI puts on a session's cluster network.
@@ -82,6 +84,16 @@ impl DockerClient {
             init: Some(true),
             network_mode: spec.network.clone(),
             cgroup_parent: spec.cgroup_parent.clone(),
+            devices: Some(
+                spec.devices
+                    .iter()
+                    .map(|device| DeviceMapping {
+                        path_on_host: Some(device.host_path.clone()),
+                        path_in_container: Some(device.container_path.clone()),
+                        cgroup_permissions: Some(device.permissions.clone()),
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         };
         let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {

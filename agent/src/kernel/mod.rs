@@ -208,6 +208,8 @@ pub struct KernelManager {
     commit_root: PathBuf,
     /// The enforcement every kernel is put under before it starts (`None`: policy off).
     policy: Option<Arc<Enforcer>>,
+    /// `[policy] kernel-devices`: device nodes every kernel's container gets.
+    kernel_devices: Vec<crate::config::DeviceMapping>,
 }
 
 /// The image label that declares a kernel's services: `name:protocol:port,…`.
@@ -332,6 +334,7 @@ impl KernelManager {
             usage: UsageHandle::disconnected(),
             commit_root: config.agent.image_commit_path.clone(),
             policy: None,
+            kernel_devices: config.policy.kernel_devices.clone(),
         }
     }
 
@@ -370,7 +373,7 @@ impl KernelManager {
         let rules = crate::policy::kernel_rules(rules_json)
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
         policy
-            .prepare_kernel(kernel_id, &rules)
+            .prepare_kernel(kernel_id, &rules, &self.kernel_devices)
             .map(Some)
             .map_err(|err| failed(kernel_id, format!("applying its network policy: {err}")))
     }
@@ -696,6 +699,7 @@ impl KernelManager {
             network: record.network.clone(),
             hostname: record.cluster_hostname.clone(),
             cgroup_parent: None,
+            devices: self.kernel_devices.clone(),
         }
     }
 

@@ -8,6 +8,7 @@
 //!                                          └── {container id}/  made by the runtime
 //! ```
 
+pub mod devices;
 pub mod metadata;
 pub mod programs;
 mod rules;
@@ -21,13 +22,14 @@ use std::{
 };
 
 use crate::{
-    config::{MetadataMode, PolicySection, RuleLists},
+    config::{DeviceMapping, MetadataMode, PolicySection, RuleLists},
     monitor::ebpf::ProgramStats,
 };
 use agent_common::{
     CgroupId,
-    policy::{KERNEL_RULE, KernelPolicy, NodePolicy, metadata_mode, rule_id, v4_mapped, verdict},
+    policy::{KERNEL_RULE, KernelPolicy, NodePolicy, flags, metadata_mode, rule_id, v4_mapped, verdict},
 };
+pub use devices::{DeviceRule, DevicesError};
 pub use programs::ProgramsError;
 use programs::{PolicyMaps, PolicyPrograms};
 pub use rules::{Entry, RulesError, encode};
@@ -44,6 +46,8 @@ pub enum PolicyError {
     Map { map: &'static str, reason: String },
     #[error(transparent)]
     KernelId(#[from] crate::scratch::ScratchError),
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
 }
 
 /// One kernel's entries in the maps.
@@ -59,6 +63,8 @@ struct State {
     /// Rule id → name, of the node's list.
     node_names: HashMap<u32, String>,
     kernels: HashMap<String, KernelEntry>,
+    /// `[policy] devices`: kernels open only the device nodes given to them.
+    devices_enforced: bool,
 }
 
 impl State {
@@ -68,6 +74,7 @@ impl State {
         match id {
             rule_id::METADATA => "metadata".into(),
             rule_id::NOT_ALLOWED => "not-allowed".into(),
+            rule_id::DEVICE_NOT_GIVEN => "device-not-given".into(),
             id if id & KERNEL_RULE != 0 => kernel
                 .and_then(|entry| entry.names.get(&id).cloned())
                 .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
@@ -121,9 +128,17 @@ impl Enforcer {
         std::fs::create_dir_all(&kernels_dir)
             .map_err(|source| PolicyError::Cgroup { path: kernels_dir.clone(), source })?;
         let pins = pins_root.map(programs::pin_dir);
-        let (programs, maps) = PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref())?;
+        let (programs, mut maps) =
+            PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref())?;
+        devices::replace_list(&mut maps.devices, 0, &devices::STANDARD)?;
         let enforcer = Self {
-            state: Mutex::new(State { maps, programs, node_names: HashMap::new(), kernels: HashMap::new() }),
+            state: Mutex::new(State {
+                maps,
+                programs,
+                node_names: HashMap::new(),
+                kernels: HashMap::new(),
+                devices_enforced: section.devices,
+            }),
             kernels_dir,
             relative,
             hierarchies,
@@ -135,7 +150,8 @@ impl Enforcer {
             metadata_service = %redirect,
             deny = section.deny.len(),
             allow = section.allow.len(),
-            "network policy enforced on every kernel"
+            devices = section.devices,
+            "network policy (and device access) enforced on every kernel"
         );
         Ok(enforcer)
     }
@@ -182,10 +198,17 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Makes a kernel's cgroup directory and writes its own rules before its container exists;
-    /// returns the cgroup parent the runtime must put the container under.
-    pub fn prepare_kernel(&self, kernel_id: &str, lists: &RuleLists) -> Result<String, PolicyError> {
+    /// Makes a kernel's cgroup directory and writes its own rules and the device nodes `given`
+    /// to it before its container exists; returns the cgroup parent the runtime must put the
+    /// container under.
+    pub fn prepare_kernel(
+        &self,
+        kernel_id: &str,
+        lists: &RuleLists,
+        given: &[DeviceMapping],
+    ) -> Result<String, PolicyError> {
         crate::scratch::validate_kernel_id(kernel_id)?;
+        let device_rules = given.iter().map(devices::given).collect::<Result<Vec<_>, _>>()?;
         let dir = self.kernels_dir.join(kernel_id);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -197,7 +220,9 @@ impl Enforcer {
         let entries = rules::encode(list, lists, KERNEL_RULE)?;
         let mut state = self.state();
         rules::replace_list(&mut state.maps.rules, list, &entries)?;
-        let own = KernelPolicy { list, flags: rules::list_flags(lists) };
+        devices::replace_list(&mut state.maps.devices, list, &device_rules)?;
+        let device_flag = if state.devices_enforced { flags::DEVICES } else { 0 };
+        let own = KernelPolicy { list, flags: rules::list_flags(lists) | device_flag };
         state
             .maps
             .kernels
@@ -225,6 +250,9 @@ impl Enforcer {
             let _ = state.maps.kernels.remove(&cgroup);
             if let Err(err) = rules::replace_list(&mut state.maps.rules, list, &[]) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's rules failed");
+            }
+            if let Err(err) = devices::replace_list(&mut state.maps.devices, list, &[]) {
+                tracing::warn!(kernel_id, error = %err, "removing the kernel's devices failed");
             }
             let stale: Vec<_> = state.maps.verdicts.keys().flatten().filter(|key| key.kernel == cgroup).collect();
             for key in stale {
@@ -279,6 +307,7 @@ impl Enforcer {
         for (cgroup, list) in orphans {
             let _ = state.maps.kernels.remove(&cgroup);
             let _ = rules::replace_list(&mut state.maps.rules, list, &[]);
+            let _ = devices::replace_list(&mut state.maps.devices, list, &[]);
         }
     }
 
@@ -382,19 +411,35 @@ pub async fn run_denial_log(
             }
             // SAFETY: the program writes whole `Denial`s; read unaligned from the ring's bytes.
             let denial: agent_common::policy::Denial = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let kernel_id = enforcer.kernel_of(denial.kernel).unwrap_or_default();
-            let rule = enforcer.rule_name(denial.kernel, denial.rule);
-            tracing::warn!(
-                kernel_id,
-                destination = %rules::destination_text(&denial.addr, denial.port),
-                protocol = denial.protocol,
-                hook = rules::hook_name(denial.hook),
-                rule,
-                "policy denied a kernel's connection (logged once per kernel and destination per minute)"
-            );
+            log_denial(&enforcer, &denial);
         }
         guard.clear_ready();
     }
+}
+
+/// One denial, in the log: a destination, or a device node.
+fn log_denial(enforcer: &Enforcer, denial: &agent_common::policy::Denial) {
+    let kernel_id = enforcer.kernel_of(denial.kernel).unwrap_or_default();
+    let rule = enforcer.rule_name(denial.kernel, denial.rule);
+    if denial.hook == agent_common::policy::hook::DEVICE {
+        let word = |i: usize| u32::from_ne_bytes([denial.addr[i], denial.addr[i + 1], denial.addr[i + 2], denial.addr[i + 3]]);
+        let device = DeviceRule { kind: word(0), major: word(4), minor: word(8), access: u32::from(denial.port) };
+        tracing::warn!(
+            kernel_id,
+            device = %devices::rule_text(&device),
+            rule,
+            "policy denied a kernel's access to a device node it was not given (logged once per kernel and device per minute)"
+        );
+        return;
+    }
+    tracing::warn!(
+        kernel_id,
+        destination = %rules::destination_text(&denial.addr, denial.port),
+        protocol = denial.protocol,
+        hook = rules::hook_name(denial.hook),
+        rule,
+        "policy denied a kernel's connection (logged once per kernel and destination per minute)"
+    );
 }
 
 /// A kernel's narrowing of the node's rules, from its creation config

@@ -9,20 +9,22 @@ use std::{
 };
 
 use agent_common::policy::{
-    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP, NODE_POLICY_MAP,
-    POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP, programs,
+    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP,
+    NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupDevice, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, links::FdLink,
+    },
 };
 
 use crate::monitor::{
     ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
     pins::same_code_link,
 };
-use agent_common::policy::{KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
+use agent_common::policy::{DeviceKey, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
 
 /// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
@@ -56,8 +58,16 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map the programs use; all are pinned with the links.
-const PINNED_MAPS: [&str; 7] =
-    [NODE_POLICY_MAP, KERNEL_POLICIES_MAP, RULES_MAP, VERDICTS_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DENIALS_LOST_MAP];
+const PINNED_MAPS: [&str; 8] = [
+    NODE_POLICY_MAP,
+    KERNEL_POLICIES_MAP,
+    RULES_MAP,
+    VERDICTS_MAP,
+    DENIALS_MAP,
+    DENIALS_SEEN_MAP,
+    DENIALS_LOST_MAP,
+    DEVICES_MAP,
+];
 
 /// The maps user space writes and reads.
 pub struct PolicyMaps {
@@ -67,6 +77,7 @@ pub struct PolicyMaps {
     pub verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     pub lost: PerCpuArray<MapData, u64>,
     pub denials: Option<RingBuf<MapData>>,
+    pub devices: BpfHashMap<MapData, DeviceKey, u32>,
 }
 
 /// The loaded programs, attached at the kernels' parent cgroup.
@@ -74,6 +85,7 @@ pub struct PolicyPrograms {
     ebpf: Ebpf,
     /// Links this process owns (no pin directory): dropping them detaches the programs.
     owned: Vec<FdLink>,
+    owned_raw: Vec<OwnedFd>,
     /// Programs an earlier agent left attached (same code), for their statistics.
     adopted: Vec<(&'static str, OwnedFd)>,
 }
@@ -109,11 +121,12 @@ impl PolicyPrograms {
         }
         let ebpf = loader.load(POLICY_OBJECT)?;
         let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
-        let mut programs = Self { ebpf, owned: Vec::new(), adopted: Vec::new() };
+        let mut programs = Self { ebpf, owned: Vec::new(), owned_raw: Vec::new(), adopted: Vec::new() };
         for name in SOCK_ADDR_PROGRAMS {
             programs.attach(name, &dir, pins, Kind::SockAddr)?;
         }
         programs.attach(programs::SKB_EGRESS, &dir, pins, Kind::SkbEgress)?;
+        programs.attach(programs::DEVICE, &dir, pins, Kind::Device)?;
         let maps = programs.take_maps()?;
         Ok((programs, maps))
     }
@@ -145,6 +158,19 @@ impl PolicyPrograms {
                 let id = program.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
                 program.take_link(id).map_err(at)?.try_into().map_err(link_error)?
             }
+            Kind::Device => {
+                let program: &mut CgroupDevice = program.try_into().map_err(at)?;
+                program.load().map_err(at)?;
+                let fd = program.fd().map_err(at)?.as_fd();
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, fd)) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                // aya keeps a device program's link to itself; made here so it can be pinned.
+                let link = raw::cgroup_link(fd, dir.as_fd(), raw::BPF_CGROUP_DEVICE)
+                    .map_err(|err| ProgramsError::Link { name, reason: err.to_string() })?;
+                return self.keep_raw(name, link, pin);
+            }
         };
         match pin {
             Some(pin) => {
@@ -168,6 +194,25 @@ impl PolicyPrograms {
         }
     }
 
+    /// Pins a link made by [`raw::cgroup_link`] as `attach` pins aya's, or keeps it.
+    fn keep_raw(&mut self, name: &'static str, link: OwnedFd, pin: Option<PathBuf>) -> Result<(), ProgramsError> {
+        let Some(pin) = pin else {
+            self.owned_raw.push(link);
+            return Ok(());
+        };
+        let stale = pin.with_extension("stale");
+        if pin.exists() {
+            let _ = std::fs::rename(&pin, &stale);
+        }
+        let pinned = raw::pin(link.as_fd(), &pin).map_err(|err| ProgramsError::Pin {
+            name,
+            path: pin.clone(),
+            reason: err.to_string(),
+        });
+        let _ = std::fs::remove_file(&stale);
+        pinned
+    }
+
     fn take_maps(&mut self) -> Result<PolicyMaps, ProgramsError> {
         fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProgramsError>
         where
@@ -183,13 +228,15 @@ impl PolicyPrograms {
             verdicts: take(&mut self.ebpf, VERDICTS_MAP)?,
             lost: take(&mut self.ebpf, DENIALS_LOST_MAP)?,
             denials: take(&mut self.ebpf, DENIALS_MAP).ok(),
+            devices: take(&mut self.ebpf, DEVICES_MAP)?,
         })
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`),
     /// including the programs an earlier agent left running.
     pub fn stats(&self) -> Vec<ProgramStats> {
-        let names: Vec<&'static str> = SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS]).collect();
+        let names: Vec<&'static str> =
+            SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS, programs::DEVICE]).collect();
         running_program_stats(&self.ebpf, &names, &self.adopted)
     }
 }
@@ -197,6 +244,7 @@ impl PolicyPrograms {
 enum Kind {
     SockAddr,
     SkbEgress,
+    Device,
 }
 
 /// The program of the link pinned at `pin` when it runs the same code as `program`; a pin of
@@ -242,5 +290,47 @@ impl PolicyBaseline {
         let name = programs::BASELINE_CONNECT4;
         let program = self.ebpf.program(name).ok_or_else(|| std::io::Error::other("baseline program missing"))?;
         kernel_program_stats(name, program.fd().map_err(std::io::Error::other)?.as_fd())
+    }
+}
+
+/// The two `bpf()` commands aya does not offer for every program type.
+mod raw {
+    use std::{
+        os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        path::Path,
+    };
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    pub const BPF_CGROUP_DEVICE: u32 = 6;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i64> {
+        // SAFETY: `attr` is a zeroed `union bpf_attr` of 128 bytes, filled for `cmd`.
+        let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+        if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
+    }
+
+    /// `BPF_LINK_CREATE` of `program` on `cgroup`.
+    pub fn cgroup_link(program: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<OwnedFd> {
+        let mut attr = [0u32; 32];
+        attr[0] = program.as_raw_fd() as u32;
+        attr[1] = cgroup.as_raw_fd() as u32;
+        attr[2] = attach_type;
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `BPF_OBJ_PIN` of `fd` at `path` (on a bpffs).
+    pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mut attr = [0u32; 32];
+        // The pointer is a u64 at offset 0, in memory order.
+        let pointer = (c_path.as_ptr() as u64).to_ne_bytes();
+        attr[0] = u32::from_ne_bytes([pointer[0], pointer[1], pointer[2], pointer[3]]);
+        attr[1] = u32::from_ne_bytes([pointer[4], pointer[5], pointer[6], pointer[7]]);
+        attr[2] = fd.as_raw_fd() as u32;
+        bpf(BPF_OBJ_PIN, &mut attr).map(drop)
     }
 }

@@ -122,6 +122,7 @@ pub fn hook_name(at: u8) -> &'static str {
         hook::CONNECT => "connect",
         hook::SENDMSG => "sendmsg",
         hook::EGRESS => "egress",
+        hook::DEVICE => "device",
         _ => "unknown",
     }
 }
