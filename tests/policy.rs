@@ -444,3 +444,145 @@ fn a_kernel_opens_only_the_devices_it_was_given() {
         destroy(&client, &kernel).await;
     });
 }
+
+/// Receives on `port` inside `container` for `secs`, sampling (time, bytes so far) every 0.1 s.
+const RECEIVER: &str = r#"
+import socket, sys, time, json
+port, secs = int(sys.argv[1]), float(sys.argv[2])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(('0.0.0.0', port)); l.listen(1)
+c, _ = l.accept(); c.settimeout(0.2)
+buf = bytearray(1 << 20); total = 0; samples = []; start = time.time(); tick = start
+while time.time() - start < secs:
+    try:
+        n = c.recv_into(buf)
+        if n == 0: break
+        total += n
+    except socket.timeout:
+        pass
+    now = time.time()
+    if now >= tick: samples.append((now, total)); tick += 0.1
+print(json.dumps(samples), flush=True)
+"#;
+
+/// Sends as fast as it can to `host:port` for `secs`.
+const SENDER: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+buf = b'x' * 65536; end = time.time() + float(sys.argv[3])
+while time.time() < end: s.sendall(buf)
+s.close()
+"#;
+
+/// Bits per second received between two moments, from the receiver's samples.
+fn rate_between(samples: &[(f64, u64)], from: f64, to: f64) -> f64 {
+    let at = |t: f64| samples.iter().filter(|(time, _)| *time <= t).last().copied().unwrap_or(samples[0]);
+    let ((t0, b0), (t1, b1)) = (at(from), at(to));
+    (b1 - b0) as f64 * 8.0 / (t1 - t0)
+}
+
+fn kernel_address(container: &str, network: &str) -> String {
+    let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+    let out = Command::new("docker").args(["inspect", "--format", &format, container]).output().expect("inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Egress caps (Earliest Departure Time): on a bridge of the test's own, a kernel created with
+/// `resource_opts.net_egress_bps` sends TCP at its cap (within 10 %), a neighbour sending to the
+/// same receiver at the same time is not held to it, and a cap changed while it sends applies
+/// within a second.
+#[test]
+fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
+    require_environment();
+    const CAP: u64 = 40_000_000;
+    const LOWER: u64 = 16_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Three kernels of one core each on a machine that may have two.
+    let base = kernel_toml(dir.path(), 24540).replace("reserved-cpu = 0\n", "reserved-cpu = 0\ncpu-overcommit = 2\n");
+    let toml = format!("{base}\n[policy]\nmetadata-service-port = 0\n");
+    let agent = Agent::start(&toml).expect("agent starts");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let network = unique("bai-test-net");
+        client.call("create_local_network", vec![network.as_str().into()], vec![]).await.expect("a bridge");
+        let cluster = map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", network.as_str().into())]);
+        let mut containers = Vec::new();
+        let (capped, free, receiver) = (unique("kernel"), unique("kernel"), unique("kernel"));
+        for (kernel, cap) in [(&capped, Some(CAP)), (&free, None), (&receiver, None)] {
+            let mut config = kernel_config(PYTHON_IMAGE, "1", "268435456");
+            if let Some(cap) = cap {
+                config = with_field(config, "resource_opts", map(vec![("net_egress_bps", cap.into())]));
+            }
+            let created = client
+                .call(
+                    "create_kernels",
+                    vec![
+                        "s-policy".into(),
+                        Value::Array(vec![kernel.as_str().into()]),
+                        Value::Array(vec![config]),
+                        cluster.clone(),
+                        map(vec![]),
+                    ],
+                    vec![],
+                )
+                .await
+                .expect("create on the test's bridge");
+            containers.push(created_id(&created, "container_id"));
+        }
+        let target = kernel_address(&containers[2], &network);
+        assert!(!target.is_empty(), "the receiver has an address on the bridge");
+
+        const SECS: f64 = 7.0;
+        let receive = |port: u16| {
+            let container = containers[2].clone();
+            std::thread::spawn(move || {
+                let out = Command::new("docker")
+                    .args(["exec", &container, "python3", "-c", RECEIVER, &port.to_string(), &SECS.to_string()])
+                    .output()
+                    .expect("receiver");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let json = text.lines().last().unwrap_or_default().to_owned();
+                serde_json::from_str::<Vec<(f64, u64)>>(&json)
+                    .unwrap_or_else(|err| panic!("{err}: {text}{}", String::from_utf8_lossy(&out.stderr)))
+            })
+        };
+        let (capped_rx, free_rx) = (receive(5001), receive(5002));
+        std::thread::sleep(Duration::from_secs(1));
+        for (container, port) in [(&containers[0], "5001"), (&containers[1], "5002")] {
+            Command::new("docker")
+                .args(["exec", "-d", container, "python3", "-c", SENDER, &target, port, &SECS.to_string()])
+                .status()
+                .expect("sender");
+        }
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let changed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+        let reply = client
+            .call("set_egress_cap", vec![capped.as_str().into(), LOWER.into()], vec![])
+            .await
+            .expect("set_egress_cap");
+        assert_eq!(field(&reply, "egress_bps").as_u64(), Some(LOWER));
+        let (capped_samples, free_samples) = (capped_rx.join().expect("receiver"), free_rx.join().expect("receiver"));
+
+        let first = capped_samples.first().expect("samples").0;
+        let before = rate_between(&capped_samples, first + 0.5, changed_at);
+        let after = rate_between(&capped_samples, changed_at + 1.0, changed_at + 3.0);
+        let neighbour = rate_between(&free_samples, first + 0.5, changed_at);
+        eprintln!("capped {before:.0} bit/s, then {after:.0} bit/s; neighbour {neighbour:.0} bit/s");
+        assert!((before - CAP as f64).abs() <= CAP as f64 * 0.10, "{before} bit/s against a cap of {CAP}");
+        assert!((after - LOWER as f64).abs() <= LOWER as f64 * 0.10, "{after} bit/s a second after lowering to {LOWER}");
+        assert!(neighbour > 4.0 * CAP as f64, "the neighbour is not held to the cap: {neighbour} bit/s");
+        let caps = agent.metrics().expect("metrics");
+        let gauge = caps
+            .iter()
+            .find(|s| {
+                s.name == "backendai_agent_policy_egress_cap_bits_per_second"
+                    && s.labels.get("kernel_id").map(String::as_str) == Some(capped.as_str())
+            })
+            .map(|s| s.value);
+        assert_eq!(gauge, Some(LOWER as f64));
+        for kernel in [&capped, &free, &receiver] {
+            destroy(&client, kernel).await;
+        }
+        client.call("destroy_local_network", vec![network.as_str().into()], vec![]).await.expect("bridge removed");
+    });
+}

@@ -26,6 +26,8 @@ pub const DENIALS_LOST_MAP: &str = "POLICY_DENIALS_LOST";
 /// `HashMap<DeviceKey, u32>`: the device nodes each list gives ([`device_access`] bits); list
 /// 0 is the standard container set every kernel gets, a kernel's own list its given devices.
 pub const DEVICES_MAP: &str = "POLICY_DEVICES";
+/// `HashMap<CgroupId, EgressCap>`: the kernels whose egress is paced, by their own cgroup.
+pub const EGRESS_CAPS_MAP: &str = "POLICY_EGRESS_CAPS";
 
 /// Global the loader sets: the cgroup level of the kernels' own directories
 /// (`{cgroup-parent}/{kernel_id}`; the root is level 0).
@@ -37,6 +39,10 @@ pub const RULES_MAX: u32 = 65_536;
 pub const DENIALS_BYTES: u32 = 64 * 1024;
 pub const DENIALS_SEEN_MAX: u32 = 16_384;
 pub const DEVICES_MAX: u32 = 16_384;
+pub const EGRESS_CAPS_MAX: u32 = 16_384;
+/// A packet that would leave later than this from now is dropped (with congestion notice)
+/// instead of queued: the queue a capped kernel can build stays bounded.
+pub const EGRESS_HORIZON_NS: u64 = 2_000_000_000;
 /// A denied destination is reported at most once per kernel per minute.
 pub const DENIAL_REPORT_NS: u64 = 60_000_000_000;
 
@@ -75,6 +81,10 @@ pub mod flags {
     pub const HAS_RULES: u32 = 2;
     /// [`KernelPolicy::flags`]: the kernel opens only the device nodes given to it.
     pub const DEVICES: u32 = 4;
+    /// [`NodePolicy::flags`]: some kernel has an egress cap (packets meet [`EGRESS_CAPS_MAP`]).
+    ///
+    /// [`EGRESS_CAPS_MAP`]: super::EGRESS_CAPS_MAP
+    pub const PACING: u32 = 8;
 }
 
 /// The node's settings.
@@ -179,6 +189,16 @@ pub mod device_access {
     pub const WRITE: u32 = 4;
 }
 
+/// A kernel's egress cap and its pacing state (Earliest Departure Time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressCap {
+    /// The cap, in bytes of IP packets per second (never 0 in the map).
+    pub bytes_per_sec: u64,
+    /// When the kernel's last paced packet leaves (monotonic ns); the next leaves after it.
+    pub next_departure_ns: u64,
+}
+
 /// Stands for every major or every minor in a [`DeviceKey`].
 pub const DEVICE_ANY: u32 = u32::MAX;
 
@@ -267,6 +287,7 @@ mod pod {
     unsafe impl aya::Pod for DenialKey {}
     unsafe impl aya::Pod for Denial {}
     unsafe impl aya::Pod for DeviceKey {}
+    unsafe impl aya::Pod for EgressCap {}
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use agent_common::{
     CgroupId,
     policy::{
         DENIAL_REPORT_NS, DENIALS_BYTES, DENIALS_SEEN_MAX, DEVICE_ANY, DEVICES_MAX, Denial, DenialKey, DeviceKey,
+        EGRESS_CAPS_MAX, EGRESS_HORIZON_NS, EgressCap,
         KERNEL_POLICIES_MAX, KernelPolicy, NodePolicy, RULES_MAX, Rule, RuleKey, VERDICTS_MAX, VerdictKey, action,
         flags, hook, is_loopback, metadata_mode, rule_id, v4_mapped, verdict,
     },
@@ -46,6 +47,9 @@ static POLICY_DENIALS_SEEN: LruHashMap<DenialKey, u64> = LruHashMap::with_max_en
 
 #[map]
 static POLICY_DENIALS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static POLICY_EGRESS_CAPS: HashMap<CgroupId, EgressCap> = HashMap::with_max_entries(EGRESS_CAPS_MAX, 0);
 
 #[map]
 static POLICY_DEVICES: HashMap<DeviceKey, u32> = HashMap::with_max_entries(DEVICES_MAX, 0);
@@ -350,17 +354,58 @@ pub fn policy_getpeername6(ctx: SockAddrContext) -> i32 {
 /// `sendmsg` and pass untouched, so replies to inbound connections never meet an allow list.
 #[cgroup_skb(egress)]
 pub fn policy_skb_egress(ctx: SkBuffContext) -> i32 {
-    match skb_destination(&ctx) {
-        Some(dest) => {
-            // SAFETY: the context's skb pointer is what the kernel handed the program.
-            let kernel = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), kernel_level()) };
-            match decide(kernel, &dest, hook::EGRESS) {
-                Decision::Allow => 1,
-                Decision::Deny | Decision::Redirect(_) => 0,
-            }
-        }
-        None => 1,
+    let kernel = || {
+        // SAFETY: the context's skb pointer is what the kernel handed the program.
+        unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), kernel_level()) }
+    };
+    if let Some(dest) = skb_destination(&ctx)
+        && !matches!(decide(kernel(), &dest, hook::EGRESS), Decision::Allow)
+    {
+        return 0;
     }
+    match NODE_POLICY.get(0) {
+        Some(node) if node.flags & flags::PACING != 0 => pace(&ctx, kernel()),
+        _ => 1,
+    }
+}
+
+/// The interface index of loopback in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `cgroup_skb` egress verdicts: let the packet go, or drop it and tell TCP it met congestion.
+const PASS: i32 = 1;
+const DROP_CONGESTED: i32 = 2;
+
+/// Egress caps by Earliest Departure Time: each packet of a capped kernel gets the time it may
+/// leave (the kernel's last departure plus its own length at the cap), which the `fq` qdisc on
+/// the kernel's interfaces holds it to. A packet that would wait past the horizon is dropped.
+/// Loopback is never paced.
+#[inline(always)]
+fn pace(ctx: &SkBuffContext, kernel: CgroupId) -> i32 {
+    let Some(cap) = POLICY_EGRESS_CAPS.get_ptr_mut(&kernel) else {
+        return PASS;
+    };
+    // SAFETY: fields of the program's own context; `cap` is the map's value for this kernel.
+    unsafe {
+        let skb = &mut *ctx.skb.skb;
+        let rate = (*cap).bytes_per_sec;
+        if skb.ifindex == LOOPBACK_IFINDEX || rate == 0 {
+            return PASS;
+        }
+        let now = bpf_ktime_get_ns();
+        let earliest = if skb.tstamp > now { skb.tstamp } else { now };
+        let delay = u64::from(skb.len).wrapping_mul(1_000_000_000) / rate;
+        let next = core::ptr::read_volatile(&(*cap).next_departure_ns) + delay;
+        if next <= earliest {
+            core::ptr::write_volatile(&mut (*cap).next_departure_ns, earliest);
+            return PASS;
+        }
+        if next - now >= EGRESS_HORIZON_NS {
+            return DROP_CONGESTED;
+        }
+        core::ptr::write_volatile(&mut (*cap).next_departure_ns, next);
+        skb.tstamp = next;
+    }
+    PASS
 }
 
 /// The destination of a packet the backstop covers, or `None` for any other.

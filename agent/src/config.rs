@@ -3,7 +3,7 @@
 mod policy;
 mod python;
 
-pub use policy::{DeviceMapping, MetadataHost, MetadataMode, NetworkRule, PolicySection, Protocol, RuleLists};
+pub use policy::{DeviceMapping, EgressShaper, MetadataHost, MetadataMode, NetworkRule, PolicySection, Protocol, RuleLists};
 
 use std::{
     net::SocketAddr,

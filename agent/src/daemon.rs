@@ -369,6 +369,8 @@ async fn reload_policy(
             ("policy.cgroup-parent", fresh.cgroup_parent != running.cgroup_parent),
             ("policy.metadata-service-host", fresh.metadata_service_host != running.metadata_service_host),
             ("policy.metadata-service-port", fresh.metadata_service_port != running.metadata_service_port),
+            ("policy.devices", fresh.devices != running.devices),
+            ("policy.kernel-devices", fresh.kernel_devices != running.kernel_devices),
         ] {
             if changed {
                 tracing::warn!(key, "changed in the file; it takes effect when the agent restarts");
@@ -376,7 +378,13 @@ async fn reload_policy(
         }
         match enforcer.set_node_policy(&fresh, redirect) {
             Ok(()) => {
-                tracing::info!(deny = fresh.deny.len(), allow = fresh.allow.len(), metadata = ?fresh.metadata, "network policy reloaded");
+                tracing::info!(
+                    deny = fresh.deny.len(),
+                    allow = fresh.allow.len(),
+                    metadata = ?fresh.metadata,
+                    egress_bps = fresh.egress_bps,
+                    "network policy reloaded"
+                );
                 running = fresh;
             }
             Err(err) => tracing::error!(error = %err, "reloading the network policy failed; the running policy stays"),

@@ -67,6 +67,13 @@ enum Command {
     List,
     /// `get_logs(kernel_id)`: a kernel's container logs.
     Logs { kernel: String },
+    /// `set_egress_cap(kernel_id, bits_per_sec)`: a running kernel's egress cap (0: the
+    /// node's default alone); prints the cap it is held to now.
+    EgressCap {
+        kernel: String,
+        /// Bits per second.
+        bits_per_sec: u64,
+    },
     /// `destroy_kernel(kernel_id, session_id, reason)`: stop and remove a kernel.
     Destroy {
         kernel: String,
@@ -299,6 +306,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&reply);
             } else {
                 print_kernels(&reply)?;
+            }
+        }
+        Command::EgressCap { kernel, bits_per_sec } => {
+            let bits = i64::try_from(bits_per_sec).map_err(|_| anyhow!("{bits_per_sec} bits per second is too large"))?;
+            let reply = agent.call("set_egress_cap", vec![s(&kernel), Value::from(bits)]).await?;
+            if json {
+                print_json(&reply);
+            } else {
+                let cap = field(&reply, "egress_bps").and_then(Value::as_u64).unwrap_or(0);
+                if cap == 0 {
+                    println!("{kernel}: no egress cap");
+                } else {
+                    println!("{kernel}: egress capped at {cap} bit/s");
+                }
             }
         }
         Command::Logs { kernel } => {

@@ -36,6 +36,20 @@ pub struct PolicySection {
     /// Device nodes every kernel gets, in Docker's `--device` syntax
     /// (`host[:container[:permissions]]`, e.g. `"/dev/fuse"`).
     pub kernel_devices: Vec<DeviceMapping>,
+    /// Every kernel's egress cap in bits per second (0: none); a kernel's own
+    /// (`resource_opts.net_egress_bps`) can only narrow it.
+    pub egress_bps: u64,
+    /// How caps are held: `edt` (departure times and `fq`), `tbf` (a token bucket), or `auto`
+    /// (`edt` where the kernel has `fq`).
+    pub egress_shaper: EgressShaper,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EgressShaper {
+    Auto,
+    Edt,
+    Tbf,
 }
 
 impl Default for PolicySection {
@@ -52,6 +66,8 @@ impl Default for PolicySection {
             allow: Vec::new(),
             devices: true,
             kernel_devices: Vec::new(),
+            egress_bps: 0,
+            egress_shaper: EgressShaper::Auto,
         }
     }
 }

@@ -117,6 +117,10 @@ pub struct KernelRecord {
     /// Its own network rules (`internal_data.network_policy`), re-applied after a restart.
     #[serde(default)]
     pub network_policy: Option<serde_json::Value>,
+    /// Its own egress cap in bits per second (creation's `resource_opts.net_egress_bps`, or as
+    /// last set), re-applied after a restart.
+    #[serde(default)]
+    pub egress_bps: Option<u64>,
 }
 
 impl KernelRecord {
@@ -364,18 +368,43 @@ impl KernelManager {
 
     /// Writes a kernel's policy and returns the cgroup parent of its container; a policy that
     /// cannot be applied stops the kernel from starting.
-    fn apply_policy(
-        &self,
-        kernel_id: &str,
-        rules_json: Option<&serde_json::Value>,
-    ) -> Result<Option<String>, KernelError> {
+    fn apply_policy(&self, record: &KernelRecord) -> Result<Option<String>, KernelError> {
+        let kernel_id = record.kernel_id.as_str();
         let Some(policy) = &self.policy else { return Ok(None) };
-        let rules = crate::policy::kernel_rules(rules_json)
+        let rules = crate::policy::kernel_rules(record.network_policy.as_ref())
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
+        let input = crate::policy::KernelInput {
+            rules: &rules,
+            devices: &self.kernel_devices,
+            egress_bps: record.egress_bps.unwrap_or(0),
+        };
         policy
-            .prepare_kernel(kernel_id, &rules, &self.kernel_devices)
+            .prepare_kernel(kernel_id, input)
             .map(Some)
-            .map_err(|err| failed(kernel_id, format!("applying its network policy: {err}")))
+            .map_err(|err| failed(kernel_id, format!("applying its policy: {err}")))
+    }
+
+    /// Paces a started kernel's egress when it has a cap; a cap that cannot be paced stops it
+    /// (the container is removed by the caller's failure path).
+    fn pace_started(&self, kernel_id: &str) -> Result<(), KernelError> {
+        let Some(policy) = &self.policy else { return Ok(()) };
+        policy.pace_kernel(kernel_id).map_err(|err| failed(kernel_id, format!("applying its egress cap: {err}")))
+    }
+
+    /// Changes a running kernel's own egress cap (bits per second; 0: the node's default
+    /// alone); returns the cap it is held to now. Kept across restarts of kernel and agent.
+    pub async fn set_egress_cap(&self, kernel_id: &str, bits_per_sec: u64) -> Result<u64, KernelError> {
+        let record = self.record(kernel_id).await?;
+        let Some(policy) = &self.policy else {
+            return Err(failed(kernel_id, "egress caps need [policy] enabled"));
+        };
+        if record.state != KernelState::Running {
+            return Err(failed(kernel_id, format!("cannot cap a kernel that is {}", record.state.as_str())));
+        }
+        let cap = policy.set_egress_cap(kernel_id, bits_per_sec).map_err(|err| failed(kernel_id, err))?;
+        let own = (bits_per_sec > 0).then_some(bits_per_sec);
+        self.set_state(kernel_id, KernelState::Running, |record| record.egress_bps = own).await;
+        Ok(cap)
     }
 
     /// Meters kernels' usage through `usage` from now on.
@@ -526,6 +555,7 @@ impl KernelManager {
                 network,
                 cluster_hostname: spec.cluster_hostname.clone(),
                 network_policy: spec.network_policy.clone(),
+                egress_bps: spec.egress_bps,
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -624,8 +654,12 @@ impl KernelManager {
         let launch = self.launch_checked(kernel_id, &labels, record.startup_command.as_deref())?;
         let mut container_spec =
             self.container_spec(&record, &launch, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
-        container_spec.cgroup_parent = self.apply_policy(kernel_id, record.network_policy.as_ref())?;
+        container_spec.cgroup_parent = self.apply_policy(&record)?;
         let container_id = docker.create_and_start(&container_spec).await.map_err(|err| failed(kernel_id, err))?;
+        if let Err(err) = self.pace_started(kernel_id) {
+            let _ = docker.remove_container(&container_id).await;
+            return Err(err);
+        }
         if let Err(err) = kernel_scratch.record_container_id(&container_id) {
             tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
         }
@@ -888,12 +922,21 @@ impl KernelManager {
             .map_err(|err| failed(kernel_id, err))
             .and_then(|labels| self.launch_checked(kernel_id, &labels, record.startup_command.as_deref()))
         {
-            Ok(launch) => match self.apply_policy(kernel_id, record.network_policy.as_ref()) {
+            Ok(launch) => match self.apply_policy(&record) {
                 Ok(cgroup_parent) => {
                     let mut spec =
                         self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
                     spec.cgroup_parent = cgroup_parent;
-                    docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err))
+                    match docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err)) {
+                        Ok(container_id) => match self.pace_started(kernel_id) {
+                            Ok(()) => Ok(container_id),
+                            Err(err) => {
+                                let _ = docker.remove_container(&container_id).await;
+                                Err(err)
+                            }
+                        },
+                        Err(err) => Err(err),
+                    }
                 }
                 Err(err) => Err(err),
             },
@@ -1046,8 +1089,10 @@ impl KernelManager {
                     tracing::error!(kernel_id = %record.kernel_id, error = %err, "reserving the ports failed");
                 }
                 let kernel_id = record.kernel_id.clone();
-                if let Err(err) = self.apply_policy(&kernel_id, record.network_policy.as_ref()) {
+                if let Err(err) = self.apply_policy(&record) {
                     tracing::error!(kernel_id, error = %err, "re-applying the kernel's own network rules failed; the node's still apply");
+                } else if let Err(err) = self.pace_started(&kernel_id) {
+                    tracing::error!(kernel_id, error = %err, "re-applying the kernel's egress cap failed");
                 }
                 let session_id = record.session_id.clone();
                 let info = self.creation_info(&record);

@@ -66,6 +66,8 @@ pub struct KernelSpec {
     /// The kernel's narrowing of the node's network rules (`internal_data.network_policy`,
     /// checked: `{"deny": [...], "allow": [...]}`), as JSON.
     pub network_policy: Option<serde_json::Value>,
+    /// Its own egress cap in bits per second (`resource_opts.net_egress_bps`).
+    pub egress_bps: Option<u64>,
 }
 
 /// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
@@ -159,14 +161,23 @@ impl KernelSpec {
         let slots = ResourceSlots::parse_request(slots_value, registry)
             .map_err(|err| spec_error("resource_slots", err.to_string()))?;
 
-        let shm_bytes = match get("resource_opts") {
-            None => None,
-            Some(Value::Map(opts)) => match map_get(opts, "shmem").filter(|v| !v.is_nil()) {
-                None => None,
-                Some(value) => Some(size(value).ok_or_else(|| {
-                    spec_error("resource_opts.shmem", format!("{value} is not a size (bytes, or e.g. \"64m\")"))
-                })?),
-            },
+        let (shm_bytes, egress_bps) = match get("resource_opts") {
+            None => (None, None),
+            Some(Value::Map(opts)) => {
+                let shm = match map_get(opts, "shmem").filter(|v| !v.is_nil()) {
+                    None => None,
+                    Some(value) => Some(size(value).ok_or_else(|| {
+                        spec_error("resource_opts.shmem", format!("{value} is not a size (bytes, or e.g. \"64m\")"))
+                    })?),
+                };
+                let egress = match map_get(opts, "net_egress_bps").filter(|v| !v.is_nil()) {
+                    None => None,
+                    Some(value) => Some(bits_per_sec(value).ok_or_else(|| {
+                        spec_error("resource_opts.net_egress_bps", format!("{value} is not bits per second"))
+                    })?),
+                };
+                (shm, egress)
+            }
             Some(other) => {
                 return Err(spec_error("resource_opts", format!("must be a map, got {}", type_name(other))));
             }
@@ -248,6 +259,7 @@ impl KernelSpec {
             owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
             cluster_hostname: optional_string("cluster_hostname")?,
             network_policy: network_policy(get("internal_data"))?,
+            egress_bps,
             registry_auth: match get("image") {
                 Some(Value::Map(image)) => image_registry_auth(image),
                 _ => None,
@@ -302,6 +314,25 @@ fn kernel_user<'v>(
         environ.insert("ADDITIONAL_GIDS".into(), listed.join(","));
     }
     Ok(())
+}
+
+/// Bits per second from an integer or a decimal string (`"100000000"`, `"100m"`, `"1g"`: SI).
+fn bits_per_sec(value: &Value) -> Option<u64> {
+    match value {
+        Value::Integer(i) => i.as_u64(),
+        Value::F64(f) if *f >= 0.0 && f.is_finite() => Some(*f as u64),
+        Value::String(s) => {
+            let text = s.as_str()?.trim().to_ascii_lowercase();
+            let (digits, scale) = match text.char_indices().last()? {
+                (at, 'k') => (&text[..at], 1_000),
+                (at, 'm') => (&text[..at], 1_000_000),
+                (at, 'g') => (&text[..at], 1_000_000_000),
+                _ => (text.as_str(), 1),
+            };
+            digits.trim().parse::<u64>().ok()?.checked_mul(scale)
+        }
+        _ => None,
+    }
 }
 
 /// Bytes from an integer or a size string (`"64m"`, `"1g"`, `"1048576"`).
@@ -378,12 +409,13 @@ mod tests {
     #[test]
     fn reads_what_the_agent_uses_and_ignores_the_rest() {
         let mut config = base();
-        config.push(("resource_opts", map(vec![("shmem", Value::from("64m"))])));
+        config.push(("resource_opts", map(vec![("shmem", Value::from("64m")), ("net_egress_bps", Value::from("80m"))])));
         config.push(("environ", map(vec![("A", Value::from("1"))])));
         config.push(("auto_pull", Value::from(true)));
         let spec = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect("valid");
         assert_eq!(spec.image, "bai-test/busybox:latest");
         assert_eq!(spec.shm_bytes, Some(64 << 20));
+        assert_eq!(spec.egress_bps, Some(80_000_000));
         assert_eq!(spec.environ.get("A").map(String::as_str), Some("1"));
         assert!(spec.auto_pull);
         let local = vec![
@@ -402,6 +434,10 @@ mod tests {
 
     #[test]
     fn a_known_field_of_the_wrong_type_is_named() {
+        let mut config = base();
+        config.push(("resource_opts", map(vec![("net_egress_bps", Value::from("fast"))])));
+        let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("bad cap");
+        assert_eq!(err.field, "resource_opts.net_egress_bps");
         let mut config = base();
         config.push(("environ", Value::from("A=1")));
         let err = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect_err("bad environ");

@@ -1,5 +1,6 @@
 //! Enforcement self-metrics: every verdict of the network policy per kernel, rule, verdict and
-//! hook, the kernels under a policy, lost denial reports, and the policy programs' cost.
+//! hook, the kernels under a policy, their egress caps, lost denial reports, and the policy
+//! programs' cost.
 
 use std::sync::Arc;
 
@@ -21,6 +22,11 @@ struct VerdictLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KernelLabels {
+    kernel_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProgramLabels {
     program: &'static str,
 }
@@ -38,7 +44,7 @@ impl Collector for PolicyCollector {
         let enforcer = &self.0;
         let mut verdicts = encoder.encode_descriptor(
             "backendai_agent_policy_verdicts",
-            "Network policy verdicts per kernel, rule (a [policy] rule's name, a kernel rule's, `metadata` or `not-allowed`), verdict (allowed, denied, redirected) and hook (connect, sendmsg, egress). Allowed destinations no rule names are not counted.",
+            "Policy verdicts per kernel, rule (a [policy] rule's name, a kernel rule's, `metadata`, `not-allowed` or `device-not-given`), verdict (allowed, denied, redirected) and hook (connect, sendmsg, egress, device). Allowed destinations no rule names, and allowed devices, are not counted.",
             None,
             MetricType::Counter,
         )?;
@@ -59,6 +65,15 @@ impl Collector for PolicyCollector {
                 MetricType::Gauge,
             )?,
         )?;
+        let mut caps = encoder.encode_descriptor(
+            "backendai_agent_policy_egress_cap_bits_per_second",
+            "The egress cap each capped kernel is held to (the node's default or its own, whichever is narrower).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (kernel_id, bits) in enforcer.egress_caps() {
+            ConstGauge::new(i64::try_from(bits).unwrap_or(i64::MAX)).encode(caps.encode_family(&KernelLabels { kernel_id })?)?;
+        }
         ConstCounter::new(enforcer.lost_reports()).encode(encoder.encode_descriptor(
             "backendai_agent_policy_denial_reports_lost",
             "Denial reports the programs could not hand to the agent (ring buffer full); the verdicts and their counts are never lost.",

@@ -249,7 +249,7 @@ fn kernel_owns(config: &MetadataConfig, kernel_id: &str, peer: SocketAddr, local
 }
 
 /// Calls `visit` with the pids in `root`'s `cgroup.procs` and its descendants' (bounded) until it returns true.
-fn walk_cgroup_pids(root: &Path, mut visit: impl FnMut(u32) -> bool) -> bool {
+pub(super) fn walk_cgroup_pids(root: &Path, mut visit: impl FnMut(u32) -> bool) -> bool {
     let mut stack = vec![(root.to_path_buf(), 0usize)];
     let mut visited = 0usize;
     while let Some((dir, depth)) = stack.pop() {

@@ -10,6 +10,7 @@
 
 pub mod devices;
 pub mod metadata;
+pub mod pacing;
 pub mod programs;
 mod rules;
 
@@ -27,9 +28,10 @@ use crate::{
 };
 use agent_common::{
     CgroupId,
-    policy::{KERNEL_RULE, KernelPolicy, NodePolicy, flags, metadata_mode, rule_id, v4_mapped, verdict},
+    policy::{EgressCap, KERNEL_RULE, KernelPolicy, NodePolicy, flags, metadata_mode, rule_id, v4_mapped, verdict},
 };
 pub use devices::{DeviceRule, DevicesError};
+pub use pacing::PacingError;
 pub use programs::ProgramsError;
 use programs::{PolicyMaps, PolicyPrograms};
 pub use rules::{Entry, RulesError, encode};
@@ -48,6 +50,21 @@ pub enum PolicyError {
     KernelId(#[from] crate::scratch::ScratchError),
     #[error(transparent)]
     Devices(#[from] DevicesError),
+    #[error("pacing the kernel's egress: {0}")]
+    Pacing(#[from] PacingError),
+    #[error("unknown kernel `{0}`")]
+    UnknownKernel(String),
+}
+
+/// What one kernel is held to besides the node's policy.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelInput<'a> {
+    /// Its own network rules (they narrow the node's).
+    pub rules: &'a RuleLists,
+    /// The device nodes its container is given.
+    pub devices: &'a [DeviceMapping],
+    /// Its own egress cap in bits per second (0: the node's default alone).
+    pub egress_bps: u64,
 }
 
 /// One kernel's entries in the maps.
@@ -55,6 +72,10 @@ struct KernelEntry {
     cgroup: CgroupId,
     list: u32,
     names: HashMap<u32, String>,
+    /// Its own egress cap (bits per second; 0: none).
+    egress_bps: u64,
+    /// Its interfaces have our shaper.
+    paced: bool,
 }
 
 struct State {
@@ -65,9 +86,45 @@ struct State {
     kernels: HashMap<String, KernelEntry>,
     /// `[policy] devices`: kernels open only the device nodes given to them.
     devices_enforced: bool,
+    /// The node's settings as last written (the pacing flag is added when writing).
+    node: NodePolicy,
+    /// `[policy] egress-bps`.
+    egress_default_bps: u64,
+    /// How caps are held.
+    shaper: pacing::Shaper,
 }
 
 impl State {
+    /// Writes the node's settings, flagged for pacing while any kernel has a cap.
+    fn write_node(&mut self) -> Result<(), PolicyError> {
+        let mut node = self.node;
+        if self.maps.egress_caps.keys().next().is_some() {
+            node.flags |= flags::PACING;
+        }
+        self.maps.node.set(0, node, 0).map_err(|err| PolicyError::Map { map: "NODE_POLICY", reason: err.to_string() })
+    }
+
+    /// The cap a kernel is held to (bits per second; 0: none).
+    fn effective_cap(&self, entry: &KernelEntry) -> u64 {
+        pacing::effective_cap(self.egress_default_bps, entry.egress_bps)
+    }
+
+    /// Writes (or removes) a kernel's cap for the egress program, keeping its pacing state
+    /// (under the token bucket, the program has nothing to do).
+    fn write_cap(&mut self, cgroup: CgroupId, bits_per_sec: u64) -> Result<(), PolicyError> {
+        let map_error = |err: aya::maps::MapError| PolicyError::Map { map: "POLICY_EGRESS_CAPS", reason: err.to_string() };
+        let bytes_per_sec = if self.shaper == pacing::Shaper::Edt { pacing::bytes_per_sec(bits_per_sec) } else { 0 };
+        if bytes_per_sec == 0 {
+            if self.maps.egress_caps.get(&cgroup, 0).is_ok() {
+                self.maps.egress_caps.remove(&cgroup).map_err(map_error)?;
+            }
+        } else {
+            let next_departure_ns = self.maps.egress_caps.get(&cgroup, 0).map(|cap| cap.next_departure_ns).unwrap_or(0);
+            self.maps.egress_caps.insert(cgroup, EgressCap { bytes_per_sec, next_departure_ns }, 0).map_err(map_error)?;
+        }
+        self.write_node()
+    }
+
     /// A rule's name in metrics and logs: a built-in verdict's, the node's rule's, or the
     /// kernel's own rule's (`kernel` is the kernel the verdict is about, if known).
     fn rule_label(&self, kernel: Option<&KernelEntry>, id: u32) -> String {
@@ -138,6 +195,13 @@ impl Enforcer {
                 node_names: HashMap::new(),
                 kernels: HashMap::new(),
                 devices_enforced: section.devices,
+                node: NodePolicy::default(),
+                egress_default_bps: section.egress_bps,
+                shaper: match section.egress_shaper {
+                    crate::config::EgressShaper::Edt => pacing::Shaper::Edt,
+                    crate::config::EgressShaper::Tbf => pacing::Shaper::Tbf,
+                    crate::config::EgressShaper::Auto => pacing::Shaper::detect(),
+                },
             }),
             kernels_dir,
             relative,
@@ -151,6 +215,7 @@ impl Enforcer {
             deny = section.deny.len(),
             allow = section.allow.len(),
             devices = section.devices,
+            egress_shaper = enforcer.state().shaper.name(),
             "network policy (and device access) enforced on every kernel"
         );
         Ok(enforcer)
@@ -189,26 +254,93 @@ impl Enforcer {
         };
         let mut state = self.state();
         rules::replace_list(&mut state.maps.rules, 0, &entries)?;
-        state
-            .maps
-            .node
-            .set(0, node, 0)
-            .map_err(|err| PolicyError::Map { map: "NODE_POLICY", reason: err.to_string() })?;
+        state.node = node;
+        state.write_node()?;
         state.node_names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
+        state.egress_default_bps = section.egress_bps;
+        let kernels: Vec<(String, CgroupId, u64)> = state
+            .kernels
+            .iter()
+            .map(|(id, entry)| (id.clone(), entry.cgroup, state.effective_cap(entry)))
+            .collect();
+        drop(state);
+        for (kernel_id, cgroup, cap) in kernels {
+            self.state().write_cap(cgroup, cap)?;
+            if let Err(err) = self.pace_kernel(&kernel_id) {
+                tracing::warn!(kernel_id, egress_bps = cap, error = %err, "the kernel's egress shaper cannot be set");
+            }
+        }
         Ok(())
+    }
+
+    /// Sets a kernel's own egress cap (bits per second; 0: the node's default alone); the next
+    /// packet meets it. Returns the cap it is held to now.
+    pub fn set_egress_cap(&self, kernel_id: &str, bits_per_sec: u64) -> Result<u64, PolicyError> {
+        let cap = {
+            let mut state = self.state();
+            let entry = state.kernels.get_mut(kernel_id).ok_or_else(|| PolicyError::UnknownKernel(kernel_id.into()))?;
+            entry.egress_bps = bits_per_sec;
+            let cgroup = entry.cgroup;
+            let cap = pacing::effective_cap(state.egress_default_bps, bits_per_sec);
+            state.write_cap(cgroup, cap)?;
+            cap
+        };
+        self.pace_kernel(kernel_id)?;
+        tracing::info!(kernel_id, egress_bps = cap, "egress cap set");
+        Ok(cap)
+    }
+
+    /// Puts a capped kernel's shaper on the interfaces of its network namespace (after its
+    /// container started: the namespace is the container's): `fq` for EDT, or the token bucket
+    /// at its cap. An uncapped kernel's token bucket is removed; one that never had a cap is
+    /// left as it is.
+    pub fn pace_kernel(&self, kernel_id: &str) -> Result<(), PolicyError> {
+        let (cap, shaper, paced) = {
+            let state = self.state();
+            let entry = state.kernels.get(kernel_id).ok_or_else(|| PolicyError::UnknownKernel(kernel_id.into()))?;
+            (state.effective_cap(entry), state.shaper, entry.paced)
+        };
+        let qdisc = match (cap, shaper) {
+            (0, _) if !paced => return Ok(()),
+            (0, pacing::Shaper::Edt) => return Ok(()),
+            (0, pacing::Shaper::Tbf) => pacing::Qdisc::Default,
+            (_, pacing::Shaper::Edt) => pacing::Qdisc::Fq,
+            (cap, pacing::Shaper::Tbf) => pacing::Qdisc::Tbf { bytes_per_sec: pacing::bytes_per_sec(cap) },
+        };
+        let mut pid = None;
+        metadata::walk_cgroup_pids(&self.kernels_dir.join(kernel_id), |found| {
+            pid = Some(found);
+            true
+        });
+        let pid = pid.ok_or(PacingError::NoProcess)?;
+        let interfaces = pacing::install(Path::new("/proc"), pid, qdisc)?;
+        if let Some(entry) = self.state().kernels.get_mut(kernel_id) {
+            entry.paced = cap > 0;
+        }
+        tracing::info!(kernel_id, egress_bps = cap, shaper = shaper.name(), ?interfaces, "kernel's egress shaper set");
+        Ok(())
+    }
+
+    /// The egress cap each kernel is held to (bits per second), for those with one.
+    pub fn egress_caps(&self) -> Vec<(String, u64)> {
+        let state = self.state();
+        let mut caps: Vec<(String, u64)> = state
+            .kernels
+            .iter()
+            .map(|(id, entry)| (id.clone(), state.effective_cap(entry)))
+            .filter(|(_, cap)| *cap > 0)
+            .collect();
+        caps.sort();
+        caps
     }
 
     /// Makes a kernel's cgroup directory and writes its own rules and the device nodes `given`
     /// to it before its container exists; returns the cgroup parent the runtime must put the
     /// container under.
-    pub fn prepare_kernel(
-        &self,
-        kernel_id: &str,
-        lists: &RuleLists,
-        given: &[DeviceMapping],
-    ) -> Result<String, PolicyError> {
+    pub fn prepare_kernel(&self, kernel_id: &str, input: KernelInput<'_>) -> Result<String, PolicyError> {
         crate::scratch::validate_kernel_id(kernel_id)?;
-        let device_rules = given.iter().map(devices::given).collect::<Result<Vec<_>, _>>()?;
+        let lists = input.rules;
+        let device_rules = input.devices.iter().map(devices::given).collect::<Result<Vec<_>, _>>()?;
         let dir = self.kernels_dir.join(kernel_id);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -229,7 +361,10 @@ impl Enforcer {
             .insert(cgroup, own, 0)
             .map_err(|err| PolicyError::Map { map: "KERNEL_POLICIES", reason: err.to_string() })?;
         let names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
-        state.kernels.insert(kernel_id.to_owned(), KernelEntry { cgroup, list, names });
+        let entry = KernelEntry { cgroup, list, names, egress_bps: input.egress_bps, paced: false };
+        let cap = state.effective_cap(&entry);
+        state.write_cap(cgroup, cap)?;
+        state.kernels.insert(kernel_id.to_owned(), entry);
         Ok(format!("{}/{kernel_id}", self.relative))
     }
 
@@ -253,6 +388,9 @@ impl Enforcer {
             }
             if let Err(err) = devices::replace_list(&mut state.maps.devices, list, &[]) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's devices failed");
+            }
+            if let Err(err) = state.write_cap(cgroup, 0) {
+                tracing::warn!(kernel_id, error = %err, "removing the kernel's egress cap failed");
             }
             let stale: Vec<_> = state.maps.verdicts.keys().flatten().filter(|key| key.kernel == cgroup).collect();
             for key in stale {
@@ -308,6 +446,7 @@ impl Enforcer {
             let _ = state.maps.kernels.remove(&cgroup);
             let _ = rules::replace_list(&mut state.maps.rules, list, &[]);
             let _ = devices::replace_list(&mut state.maps.devices, list, &[]);
+            let _ = state.write_cap(cgroup, 0);
         }
     }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use agent_common::policy::{
-    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP,
+    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, EGRESS_CAPS_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP,
     NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP, programs,
 };
 use aya::{
@@ -24,7 +24,7 @@ use crate::monitor::{
     ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
     pins::same_code_link,
 };
-use agent_common::policy::{DeviceKey, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
+use agent_common::policy::{DeviceKey, EgressCap, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
 
 /// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
@@ -58,7 +58,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map the programs use; all are pinned with the links.
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     NODE_POLICY_MAP,
     KERNEL_POLICIES_MAP,
     RULES_MAP,
@@ -67,6 +67,7 @@ const PINNED_MAPS: [&str; 8] = [
     DENIALS_SEEN_MAP,
     DENIALS_LOST_MAP,
     DEVICES_MAP,
+    EGRESS_CAPS_MAP,
 ];
 
 /// The maps user space writes and reads.
@@ -78,6 +79,7 @@ pub struct PolicyMaps {
     pub lost: PerCpuArray<MapData, u64>,
     pub denials: Option<RingBuf<MapData>>,
     pub devices: BpfHashMap<MapData, DeviceKey, u32>,
+    pub egress_caps: BpfHashMap<MapData, u64, EgressCap>,
 }
 
 /// The loaded programs, attached at the kernels' parent cgroup.
@@ -229,6 +231,7 @@ impl PolicyPrograms {
             lost: take(&mut self.ebpf, DENIALS_LOST_MAP)?,
             denials: take(&mut self.ebpf, DENIALS_MAP).ok(),
             devices: take(&mut self.ebpf, DEVICES_MAP)?,
+            egress_caps: take(&mut self.ebpf, EGRESS_CAPS_MAP)?,
         })
     }
 

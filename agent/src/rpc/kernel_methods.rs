@@ -396,6 +396,18 @@ impl Methods {
         Ok(Value::Nil)
     }
 
+    /// `set_egress_cap(kernel_id, bits_per_sec)` (this agent's own): a running kernel's egress
+    /// cap, 0 for the node's default alone; answers the cap the kernel is held to now.
+    pub(super) async fn set_egress_cap(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "set_egress_cap";
+        args.expect(&["kernel_id", "bits_per_sec"])?;
+        let kernel_id = id_arg(&args, 0, "kernel_id", M)?;
+        let bits = u64::try_from(args.integer(1, "bits_per_sec")?)
+            .map_err(|_| MethodError::Arguments(format!("{M}: bits_per_sec must not be negative")))?;
+        let cap = self.kernels(M)?.set_egress_cap(&kernel_id, bits).await.map_err(|err| kernel_failure(M, err))?;
+        Ok(Value::Map(vec![("egress_bps".into(), cap.into())]))
+    }
+
     pub(super) async fn get_logs(&self, args: Args) -> Result<Value, MethodError> {
         const M: &str = "get_logs";
         args.expect(&["kernel_id"])?;

@@ -277,6 +277,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "get_commit_status",
     "push_image",
     "scan_gpu_alloc_map",
+    "set_egress_cap",
 ];
 
 pub struct Methods {
@@ -355,6 +356,7 @@ impl Methods {
             "get_commit_status" => self.get_commit_status(args).await,
             "push_image" => self.push_image(args).await,
             "scan_gpu_alloc_map" => self.scan_gpu_alloc_map(args),
+            "set_egress_cap" => self.set_egress_cap(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
