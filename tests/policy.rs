@@ -180,8 +180,11 @@ fn deny_mode_kernel_rules_and_the_backstop_hold_across_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_listener, port) = listener();
     let host = bridge_host();
-    let toml =
-        format!("{}\n[policy]\nmetadata-service-port = 0\nmetadata = \"deny\"\n", kernel_toml(dir.path(), 24350));
+    // Raw sockets are let through the guardrail here: the backstop is what is tested.
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = 0\nmetadata = \"deny\"\n[policy.guardrails]\nraw-socket = \"off\"\n",
+        kernel_toml(dir.path(), 24350)
+    );
     let mut agent = Agent::start(&toml).expect("agent starts");
     runtime().block_on(async {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
@@ -406,8 +409,11 @@ fn a_kernel_opens_only_the_devices_it_was_given() {
         let container = create_python(&client, &kernel, "devices", None).await;
 
         let v1 = v1_devices_dir(&agent, &kernel, &container);
-        let docker_list: std::collections::BTreeSet<String> =
-            std::fs::read_to_string(v1.join("devices.list")).expect("devices.list").lines().map(str::to_owned).collect();
+        let docker_list: std::collections::BTreeSet<String> = std::fs::read_to_string(v1.join("devices.list"))
+            .expect("devices.list")
+            .lines()
+            .map(str::to_owned)
+            .collect();
         let mut ours: std::collections::BTreeSet<String> =
             bai_agent::policy::devices::STANDARD.iter().map(bai_agent::policy::devices::rule_text).collect();
         ours.insert("c 10:229 rwm".to_owned());
@@ -415,7 +421,10 @@ fn a_kernel_opens_only_the_devices_it_was_given() {
 
         let standard = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/fuse"];
         assert_eq!(open_from(&container, &standard), vec!["ok"; standard.len()], "the standard set and the given");
-        let made = python_in(&container, "import os\nos.mknod('/loop-made', 0o600 | 0o60000, os.makedev(7, 0))\nprint('made')");
+        let made = python_in(
+            &container,
+            "import os\nos.mknod('/loop-made', 0o600 | 0o60000, os.makedev(7, 0))\nprint('made')",
+        );
         assert_eq!(made, "made", "mknod stays allowed, as Docker has it");
         assert_eq!(open_from(&container, &["/loop-made"]), ["EPERM"], "a device it was not given");
         assert_eq!(verdicts(&agent, &kernel, "device-not-given", "denied"), 1.0, "counted once");
@@ -476,7 +485,7 @@ s.close()
 
 /// Bits per second received between two moments, from the receiver's samples.
 fn rate_between(samples: &[(f64, u64)], from: f64, to: f64) -> f64 {
-    let at = |t: f64| samples.iter().filter(|(time, _)| *time <= t).last().copied().unwrap_or(samples[0]);
+    let at = |t: f64| samples.iter().rfind(|(time, _)| *time <= t).copied().unwrap_or(samples[0]);
     let ((t0, b0), (t1, b1)) = (at(from), at(to));
     (b1 - b0) as f64 * 8.0 / (t1 - t0)
 }
@@ -505,7 +514,8 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let network = unique("bai-test-net");
         client.call("create_local_network", vec![network.as_str().into()], vec![]).await.expect("a bridge");
-        let cluster = map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", network.as_str().into())]);
+        let cluster =
+            map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", network.as_str().into())]);
         let mut containers = Vec::new();
         let (capped, free, receiver) = (unique("kernel"), unique("kernel"), unique("kernel"));
         for (kernel, cap) in [(&capped, Some(CAP)), (&free, None), (&receiver, None)] {
@@ -532,7 +542,7 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         let target = kernel_address(&containers[2], &network);
         assert!(!target.is_empty(), "the receiver has an address on the bridge");
 
-        const SECS: f64 = 7.0;
+        const SECS: f64 = 10.0;
         let receive = |port: u16| {
             let container = containers[2].clone();
             std::thread::spawn(move || {
@@ -555,7 +565,9 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
                 .expect("sender");
         }
         tokio::time::sleep(Duration::from_millis(3500)).await;
-        let changed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+        // Measured from the request: the cap must hold within a second of it.
+        let changed_at =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
         let reply = client
             .call("set_egress_cap", vec![capped.as_str().into(), LOWER.into()], vec![])
             .await
@@ -564,12 +576,17 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         let (capped_samples, free_samples) = (capped_rx.join().expect("receiver"), free_rx.join().expect("receiver"));
 
         let first = capped_samples.first().expect("samples").0;
+        let last = capped_samples.last().expect("samples").0;
+        assert!(last >= changed_at + 3.0, "the receiver ran past the window ({last} < {changed_at} + 3)");
         let before = rate_between(&capped_samples, first + 0.5, changed_at);
         let after = rate_between(&capped_samples, changed_at + 1.0, changed_at + 3.0);
         let neighbour = rate_between(&free_samples, first + 0.5, changed_at);
         eprintln!("capped {before:.0} bit/s, then {after:.0} bit/s; neighbour {neighbour:.0} bit/s");
         assert!((before - CAP as f64).abs() <= CAP as f64 * 0.10, "{before} bit/s against a cap of {CAP}");
-        assert!((after - LOWER as f64).abs() <= LOWER as f64 * 0.10, "{after} bit/s a second after lowering to {LOWER}");
+        assert!(
+            (after - LOWER as f64).abs() <= LOWER as f64 * 0.10,
+            "{after} bit/s a second after lowering to {LOWER}"
+        );
         assert!(neighbour > 4.0 * CAP as f64, "the neighbour is not held to the cap: {neighbour} bit/s");
         let caps = agent.metrics().expect("metrics");
         let gauge = caps
@@ -585,4 +602,178 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         }
         client.call("destroy_local_network", vec![network.as_str().into()], vec![]).await.expect("bridge removed");
     });
+}
+
+/// Does, from inside a kernel's cgroup, each call a guardrail covers and prints what each gave.
+/// It runs in a privileged helper container with the host's pid namespace (so that a process
+/// outside the kernel is there to `ptrace`, and no seccomp profile answers first) and moves
+/// itself into the kernel's cgroup before it starts.
+const GUARDED_CALLS: &str = r#"
+import ctypes, errno, json, os, socket, subprocess, sys
+cgroup, outside = sys.argv[1], int(sys.argv[2])
+with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as f:
+    f.write('0')
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+x86 = os.uname().machine == 'x86_64'
+NR_PERF, NR_BPF = (298, 321) if x86 else (241, 280)
+def result(rc):
+    return 'ok' if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), '?')
+def sock(family, kind, proto=0):
+    try:
+        socket.socket(family, kind, proto).close(); return 'ok'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+out = {}
+out['raw-socket'] = sock(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+out['packet-socket'] = sock(17, socket.SOCK_RAW)
+out['module'] = sock(12, socket.SOCK_SEQPACKET)
+attr = (ctypes.c_uint32 * 18)(2, 4, 4, 1)
+out['bpf'] = result(libc.syscall(NR_BPF, 0, ctypes.byref(attr), ctypes.sizeof(attr)))
+perf = (ctypes.c_uint8 * 128)()
+perf[0] = 1
+perf[4] = 128
+fd = libc.syscall(NR_PERF, ctypes.byref(perf), 0, -1, -1, 0)
+out['perf-event'] = result(fd)
+os.makedirs('/tmp/guarded-mount', exist_ok=True)
+rc = libc.mount(b'none', b'/tmp/guarded-mount', b'tmpfs', 0, None)
+out['mount'] = result(rc)
+if rc == 0:
+    libc.umount2(b'/tmp/guarded-mount', 0)
+out['ptrace-outside'] = result(libc.ptrace(0x4206, outside, 0, 0))
+child = subprocess.Popen(['sleep', '30'])
+out['ptrace-inside'] = result(libc.ptrace(0x4206, child.pid, 0, 0))
+child.kill()
+print(json.dumps(out, sort_keys=True))
+"#;
+
+/// Runs [`GUARDED_CALLS`] in `kernel`'s cgroup against `outside`, a host process.
+fn guarded_calls(cgroup: &std::path::Path, outside: u32) -> serde_json::Value {
+    let mount = format!("{}:/hostcg", cgroup.display());
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--privileged", "--pid", "host", "-v", &mount, PYTHON_IMAGE, "python3", "-c"])
+        .args([GUARDED_CALLS, "/hostcg", &outside.to_string()])
+        .output()
+        .expect("docker run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|err| panic!("{err}: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn guardrail_active(agent: &Agent, guardrail: &str) -> bool {
+    agent.metrics().expect("metrics").iter().any(|s| {
+        s.name == "backendai_agent_policy_guardrails_active"
+            && s.labels.get("guardrail").map(String::as_str) == Some(guardrail)
+            && s.value == 1.0
+    })
+}
+
+/// What opening a raw IPv4 socket and a packet socket gives inside a kernel's container.
+const RAW_AND_PACKET: &str = "import socket, errno\n\
+for family, kind, proto in [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP), (17, socket.SOCK_RAW, 0)]:\n\
+\x20   try:\n\
+\x20       socket.socket(family, kind, proto).close(); print('ok')\n\
+\x20   except OSError as e:\n\
+\x20       print(errno.errorcode.get(e.errno, str(e)))";
+
+/// Guardrails per kernel. Raw sockets (a cgroup socket program, on every host): refused with
+/// `EPERM` under the default, counted and reported; a kernel's own exception lets them through
+/// for it alone; a mode flipped to `monitor` in the file with SIGHUP applies to the next call.
+/// The BPF LSM guardrails, where the host runs BPF LSM: packet sockets, `bpf()`, mounts, module
+/// loading and `ptrace` of a process outside the kernel refused, `perf_event_open` monitored,
+/// `ptrace` inside untouched. Where the host cannot run BPF LSM, the agent says why, reports
+/// them inactive, and refuses to start when they are `required`.
+#[test]
+fn guardrails_enforce_or_monitor_per_kernel_and_a_flip_applies_to_the_next_call() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!("{}\n[policy]\nmetadata-service-port = 0\n", kernel_toml(dir.path(), 24580));
+    let agent = Agent::start(&toml).expect("agent starts");
+    assert!(guardrail_active(&agent, "raw-socket"), "the raw-socket guardrail runs everywhere");
+    let lsm = guardrail_active(&agent, "packet-socket");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let (guarded, excepted) = (unique("kernel"), unique("kernel"));
+        let guarded_container = create_python(&client, &guarded, "guarded", None).await;
+        let config = with_field(
+            kernel_config(PYTHON_IMAGE, "1", "268435456"),
+            "internal_data",
+            map(vec![("guardrails", map(vec![("raw-socket", "off".into())]))]),
+        );
+        let excepted_container =
+            created_id(&create(&client, "s-policy", &excepted, config).await.expect("create"), "container_id");
+
+        // The kernel's own processes, as Docker runs them (CAP_NET_RAW included).
+        let packet = if lsm { "EPERM" } else { "ok" };
+        assert_eq!(python_in(&guarded_container, RAW_AND_PACKET), format!("EPERM\n{packet}"), "raw sockets refused");
+        assert_eq!(python_in(&excepted_container, RAW_AND_PACKET), format!("ok\n{packet}"), "its own exception");
+        assert_eq!(verdicts(&agent, &guarded, "raw-socket", "denied"), 1.0, "counted once");
+        assert_eq!(verdicts(&agent, &excepted, "raw-socket", "denied"), 0.0);
+        wait_until("the refusal is logged", Duration::from_secs(5), || {
+            agent.log_text().lines().any(|line| line.contains("a guardrail saw") && line.contains("raw-socket"))
+        })
+        .expect("logged");
+
+        let mut outside = Command::new("sleep").arg("60").spawn().expect("a process outside the kernel");
+        let cgroup = kernel_cgroup(&agent, &guarded);
+        if lsm {
+            // Everything else, from a process in the kernel's cgroup without seccomp or pid namespace.
+            let calls = guarded_calls(&cgroup, outside.id());
+            for rule in ["raw-socket", "packet-socket", "bpf", "mount", "ptrace-outside"] {
+                assert_eq!(calls[rule], "EPERM", "{rule}: {calls}");
+            }
+            assert_eq!(calls["module"], "EAFNOSUPPORT", "the module was not loaded: {calls}");
+            assert_eq!(calls["perf-event"], "ok", "monitored only: {calls}");
+            assert_eq!(calls["ptrace-inside"], "ok", "{calls}");
+            for (rule, verdict) in [
+                ("packet-socket", "denied"),
+                ("bpf", "denied"),
+                ("mount", "denied"),
+                ("module", "denied"),
+                ("ptrace-outside", "denied"),
+                ("perf-event", "monitored"),
+            ] {
+                assert!(verdicts(&agent, &guarded, rule, verdict) >= 1.0, "{rule} {verdict}");
+            }
+        } else {
+            eprintln!(
+                "NOTE: this host refuses BPF LSM programs; the LSM guardrails are checked for being reported inactive and for `required = true` refusing to start, not for their verdicts"
+            );
+            assert!(
+                agent.log_text().contains("the BPF LSM guardrails cannot run on this host"),
+                "the agent says why: {}",
+                agent.log_text()
+            );
+        }
+
+        // Flipped in the file: raw sockets monitored (and the LSM rules loosened) from the next call.
+        let flipped = format!(
+            "{toml}[policy.guardrails]\nraw-socket = \"monitor\"\nmount = \"monitor\"\nptrace-outside = \"off\"\n"
+        );
+        std::fs::write(agent.config_path(), flipped).expect("rewrite the config");
+        agent.reload().expect("SIGHUP");
+        wait_until("the flip is applied", Duration::from_secs(5), || agent.log_text().contains("network policy reloaded"))
+            .expect("reloaded");
+        assert_eq!(python_in(&guarded_container, RAW_AND_PACKET), format!("ok\n{packet}"), "monitored now");
+        assert_eq!(verdicts(&agent, &guarded, "raw-socket", "monitored"), 1.0);
+        assert_eq!(verdicts(&agent, &guarded, "raw-socket", "denied"), 1.0, "no more denials");
+        if lsm {
+            let calls = guarded_calls(&cgroup, outside.id());
+            assert_eq!((calls["mount"].as_str(), calls["ptrace-outside"].as_str()), (Some("ok"), Some("ok")), "{calls}");
+            assert_eq!(calls["packet-socket"], "EPERM", "the rest stays: {calls}");
+            assert!(verdicts(&agent, &guarded, "mount", "monitored") >= 1.0);
+        }
+        let _ = outside.kill();
+        let _ = outside.wait();
+        for kernel in [&guarded, &excepted] {
+            destroy(&client, kernel).await;
+        }
+    });
+    drop(agent);
+
+    if !lsm {
+        let required = format!("{toml}[policy.guardrails]\nrequired = true\n");
+        let err = Agent::start(&required).err().expect("refuses to start without its guardrails").to_string();
+        assert!(err.contains("the guardrails cannot run") && err.contains("required = true"), "{err}");
+    }
 }

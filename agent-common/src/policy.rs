@@ -29,6 +29,26 @@ pub const DEVICES_MAP: &str = "POLICY_DEVICES";
 /// `HashMap<CgroupId, EgressCap>`: the kernels whose egress is paced, by their own cgroup.
 pub const EGRESS_CAPS_MAP: &str = "POLICY_EGRESS_CAPS";
 
+/// `HashMap<CgroupId, KernelGuards>`: each kernel's guardrail modes (a kernel without an
+/// entry has none).
+pub const KERNEL_GUARDS_MAP: &str = "POLICY_KERNEL_GUARDS";
+/// `HashMap<CgroupId, u32>`: kernels whose first program has been executed (the runtime's
+/// own setup, mounts included, is done); written by the exec tracepoint, removed by user space
+/// when a kernel's container is (re)made.
+pub const GUARDS_ARMED_MAP: &str = "POLICY_GUARDS_ARMED";
+
+/// Globals the loader sets from the running kernel's BTF: where a task's cgroup is.
+pub mod offsets {
+    pub const TASK_CGROUPS: &str = "OFFSET_TASK_CGROUPS";
+    pub const CSS_SET_DFL_CGRP: &str = "OFFSET_CSS_SET_DFL_CGRP";
+    pub const CGROUP_LEVEL: &str = "OFFSET_CGROUP_LEVEL";
+    pub const CGROUP_ANCESTORS: &str = "OFFSET_CGROUP_ANCESTORS";
+    pub const CGROUP_KN: &str = "OFFSET_CGROUP_KN";
+    pub const KERNFS_NODE_ID: &str = "OFFSET_KERNFS_NODE_ID";
+    /// 1 when the offsets above were read; 0 makes the ptrace rule stay out of the way.
+    pub const KNOWN: &str = "OFFSETS_KNOWN";
+}
+
 /// Global the loader sets: the cgroup level of the kernels' own directories
 /// (`{cgroup-parent}/{kernel_id}`; the root is level 0).
 pub const KERNEL_LEVEL_GLOBAL: &str = "KERNEL_CGROUP_LEVEL";
@@ -40,6 +60,7 @@ pub const DENIALS_BYTES: u32 = 64 * 1024;
 pub const DENIALS_SEEN_MAX: u32 = 16_384;
 pub const DEVICES_MAX: u32 = 16_384;
 pub const EGRESS_CAPS_MAX: u32 = 16_384;
+pub const KERNEL_GUARDS_MAX: u32 = 16_384;
 /// A packet that would leave later than this from now is dropped (with congestion notice)
 /// instead of queued: the queue a capped kernel can build stays bounded.
 pub const EGRESS_HORIZON_NS: u64 = 2_000_000_000;
@@ -59,6 +80,18 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "policy_getpeername6";
     pub const SKB_EGRESS: &str = "policy_skb_egress";
     pub const DEVICE: &str = "policy_device";
+    pub const GUARD_SOCK_CREATE: &str = "guard_sock_create";
+    pub const GUARD_SOCKET_CREATE: &str = "guard_socket_create";
+    pub const GUARD_BPF: &str = "guard_bpf";
+    pub const GUARD_PERF_EVENT_OPEN: &str = "guard_perf_event_open";
+    pub const GUARD_SB_MOUNT: &str = "guard_sb_mount";
+    pub const GUARD_MOVE_MOUNT: &str = "guard_move_mount";
+    pub const GUARD_SB_UMOUNT: &str = "guard_sb_umount";
+    pub const GUARD_MODULE_REQUEST: &str = "guard_kernel_module_request";
+    pub const GUARD_READ_FILE: &str = "guard_kernel_read_file";
+    pub const GUARD_PTRACE: &str = "guard_ptrace_access_check";
+    /// The exec tracepoint that arms a kernel's mount guardrail.
+    pub const GUARD_ARM: &str = "guard_arm_on_exec";
     /// An empty `connect4` program, for the benchmark's baseline.
     pub const BASELINE_CONNECT4: &str = "baseline_connect4";
 }
@@ -156,6 +189,47 @@ pub mod rule_id {
     pub const NOT_ALLOWED: u32 = 0xffff_ff01;
     /// A device node the kernel was not given.
     pub const DEVICE_NOT_GIVEN: u32 = 0xffff_ff02;
+    /// Guardrail `n` ([`super::guard`]) is `GUARD_BASE + n`.
+    pub const GUARD_BASE: u32 = 0xffff_fe00;
+}
+
+/// The guardrails, by their index in [`KernelGuards::modes`].
+pub mod guard {
+    /// `socket(AF_INET/AF_INET6, SOCK_RAW, …)`.
+    pub const RAW_SOCKET: usize = 0;
+    /// `socket(AF_PACKET, …)`.
+    pub const PACKET_SOCKET: usize = 1;
+    /// The `bpf()` system call.
+    pub const BPF: usize = 2;
+    /// `perf_event_open()`.
+    pub const PERF_EVENT: usize = 3;
+    /// `mount`, `move_mount`, `umount` (once the kernel's own program runs).
+    pub const MOUNT: usize = 4;
+    /// Loading a kernel module, explicitly or by request (`request_module`).
+    pub const MODULE: usize = 5;
+    /// `ptrace` of a process outside the kernel.
+    pub const PTRACE_OUTSIDE: usize = 6;
+    pub const COUNT: usize = 7;
+    /// Names, as in `[policy.guardrails]` and metrics.
+    pub const NAMES: [&str; COUNT] =
+        ["raw-socket", "packet-socket", "bpf", "perf-event", "mount", "module", "ptrace-outside"];
+}
+
+/// [`KernelGuards::modes`] values.
+pub mod guard_mode {
+    pub const OFF: u8 = 0;
+    /// Counted and logged; the call goes on.
+    pub const MONITOR: u8 = 1;
+    /// Denied with `EPERM`, counted and logged.
+    pub const ENFORCE: u8 = 2;
+}
+
+/// A kernel's guardrails.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelGuards {
+    /// [`guard_mode`] per [`guard`] index (the last byte is unused).
+    pub modes: [u8; 8],
 }
 
 /// [`VerdictKey::verdict`].
@@ -163,6 +237,8 @@ pub mod verdict {
     pub const ALLOWED: u8 = 1;
     pub const DENIED: u8 = 2;
     pub const REDIRECTED: u8 = 3;
+    /// A guardrail in monitor mode saw the call (and let it go on).
+    pub const MONITORED: u8 = 4;
 }
 
 /// [`VerdictKey::hook`].
@@ -174,6 +250,9 @@ pub mod hook {
     /// The `cgroup_device` program (a [`Denial`] then holds a [`DeviceKey`]'s type, major and
     /// minor in `addr` and the access bits in `port`).
     pub const DEVICE: u8 = 4;
+    /// A guardrail (a [`Denial`] then holds what was asked in `port`: the socket family and
+    /// type as `family << 8 | type`, or the `bpf()` command, or the `ptrace` mode).
+    pub const GUARD: u8 = 5;
 }
 
 /// [`DeviceKey::kind`], as the kernel's `BPF_DEVCG_DEV_*`.
@@ -288,6 +367,7 @@ mod pod {
     unsafe impl aya::Pod for Denial {}
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for EgressCap {}
+    unsafe impl aya::Pod for KernelGuards {}
 }
 
 #[cfg(test)]

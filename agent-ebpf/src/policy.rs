@@ -12,9 +12,9 @@ use agent_common::{
     CgroupId,
     policy::{
         DENIAL_REPORT_NS, DENIALS_BYTES, DENIALS_SEEN_MAX, DEVICE_ANY, DEVICES_MAX, Denial, DenialKey, DeviceKey,
-        EGRESS_CAPS_MAX, EGRESS_HORIZON_NS, EgressCap,
-        KERNEL_POLICIES_MAX, KernelPolicy, NodePolicy, RULES_MAX, Rule, RuleKey, VERDICTS_MAX, VerdictKey, action,
-        flags, hook, is_loopback, metadata_mode, rule_id, v4_mapped, verdict,
+        EGRESS_CAPS_MAX, EGRESS_HORIZON_NS, EgressCap, KERNEL_POLICIES_MAX, KernelPolicy, NodePolicy, RULES_MAX, Rule,
+        RuleKey, VERDICTS_MAX, VerdictKey, action, flags, hook, is_loopback, metadata_mode, rule_id, v4_mapped,
+        verdict,
     },
 };
 use aya_ebpf::{
@@ -503,4 +503,5 @@ pub fn baseline_connect4(_ctx: SockAddrContext) -> i32 {
     1
 }
 
+mod guard;
 mod runtime;

@@ -3,7 +3,10 @@
 mod policy;
 mod python;
 
-pub use policy::{DeviceMapping, EgressShaper, MetadataHost, MetadataMode, NetworkRule, PolicySection, Protocol, RuleLists};
+pub use policy::{
+    DeviceMapping, EgressShaper, GuardMode, GuardrailsSection, MetadataHost, MetadataMode, NetworkRule, PolicySection,
+    Protocol, RuleLists,
+};
 
 use std::{
     net::SocketAddr,

@@ -309,7 +309,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::EgressCap { kernel, bits_per_sec } => {
-            let bits = i64::try_from(bits_per_sec).map_err(|_| anyhow!("{bits_per_sec} bits per second is too large"))?;
+            let bits =
+                i64::try_from(bits_per_sec).map_err(|_| anyhow!("{bits_per_sec} bits per second is too large"))?;
             let reply = agent.call("set_egress_cap", vec![s(&kernel), Value::from(bits)]).await?;
             if json {
                 print_json(&reply);

@@ -42,6 +42,59 @@ pub struct PolicySection {
     /// How caps are held: `edt` (departure times and `fq`), `tbf` (a token bucket), or `auto`
     /// (`edt` where the kernel has `fq`).
     pub egress_shaper: EgressShaper,
+    /// `[policy.guardrails]`: calls that reach past a container's walls.
+    pub guardrails: GuardrailsSection,
+}
+
+/// What a guardrail does with a call it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardMode {
+    Off,
+    /// Counted and logged; the call goes on.
+    Monitor,
+    /// Denied with `EPERM`, counted and logged.
+    Enforce,
+}
+
+/// Each guardrail's mode for every kernel (a kernel's own `internal_data.guardrails` can
+/// change it for that kernel), and whether a host without BPF LSM may run kernels.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct GuardrailsSection {
+    /// Refuse to start when the guardrails cannot run (no BPF LSM: `bpf` missing from
+    /// `/sys/kernel/security/lsm`, or a kernel without `lsm_cgroup`); otherwise that is
+    /// logged and `backendai_agent_policy_guardrails_active` reads 0.
+    pub required: bool,
+    pub raw_socket: GuardMode,
+    pub packet_socket: GuardMode,
+    pub bpf: GuardMode,
+    pub perf_event: GuardMode,
+    pub mount: GuardMode,
+    pub module: GuardMode,
+    pub ptrace_outside: GuardMode,
+}
+
+impl Default for GuardrailsSection {
+    fn default() -> Self {
+        Self {
+            required: false,
+            raw_socket: GuardMode::Enforce,
+            packet_socket: GuardMode::Enforce,
+            bpf: GuardMode::Enforce,
+            perf_event: GuardMode::Monitor,
+            mount: GuardMode::Enforce,
+            module: GuardMode::Enforce,
+            ptrace_outside: GuardMode::Enforce,
+        }
+    }
+}
+
+impl GuardrailsSection {
+    /// The modes in the order of `agent_common::policy::guard::NAMES`.
+    pub fn modes(&self) -> [GuardMode; 7] {
+        [self.raw_socket, self.packet_socket, self.bpf, self.perf_event, self.mount, self.module, self.ptrace_outside]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -68,6 +121,7 @@ impl Default for PolicySection {
             kernel_devices: Vec::new(),
             egress_bps: 0,
             egress_shaper: EgressShaper::Auto,
+            guardrails: GuardrailsSection::default(),
         }
     }
 }

@@ -121,6 +121,9 @@ pub struct KernelRecord {
     /// last set), re-applied after a restart.
     #[serde(default)]
     pub egress_bps: Option<u64>,
+    /// Its own guardrail modes (`internal_data.guardrails`), re-applied after a restart.
+    #[serde(default)]
+    pub guardrails: Option<serde_json::Value>,
 }
 
 impl KernelRecord {
@@ -373,10 +376,13 @@ impl KernelManager {
         let Some(policy) = &self.policy else { return Ok(None) };
         let rules = crate::policy::kernel_rules(record.network_policy.as_ref())
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
+        let guards = crate::policy::guards::kernel_exceptions(record.guardrails.as_ref())
+            .map_err(|message| failed(kernel_id, format!("its guardrails: {message}")))?;
         let input = crate::policy::KernelInput {
             rules: &rules,
             devices: &self.kernel_devices,
             egress_bps: record.egress_bps.unwrap_or(0),
+            guards: &guards,
         };
         policy
             .prepare_kernel(kernel_id, input)
@@ -556,6 +562,7 @@ impl KernelManager {
                 cluster_hostname: spec.cluster_hostname.clone(),
                 network_policy: spec.network_policy.clone(),
                 egress_bps: spec.egress_bps,
+                guardrails: spec.guardrails.clone(),
                 created_at: unix_now(),
                 ..Default::default()
             };
@@ -927,6 +934,10 @@ impl KernelManager {
                     let mut spec =
                         self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
                     spec.cgroup_parent = cgroup_parent;
+                    // The new container's runtime mounts before its first program runs.
+                    if let Some(policy) = &self.policy {
+                        policy.disarm(kernel_id);
+                    }
                     match docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err)) {
                         Ok(container_id) => match self.pace_started(kernel_id) {
                             Ok(()) => Ok(container_id),

@@ -23,14 +23,27 @@ fn spec_error(field: &str, message: impl Into<String>) -> SpecError {
     SpecError { field: field.to_owned(), message: message.into() }
 }
 
+/// `internal_data.{key}` as JSON, checked by `check`.
+fn internal_json(
+    internal_data: Option<&Value>,
+    key: &str,
+    check: impl Fn(&serde_json::Value) -> Result<(), String>,
+) -> Result<Option<serde_json::Value>, SpecError> {
+    let Some(Value::Map(data)) = internal_data else { return Ok(None) };
+    let Some(value) = map_get(data, key).filter(|v| !v.is_nil()) else { return Ok(None) };
+    let json = crate::msgpack_json::to_json(value);
+    check(&json).map_err(|message| spec_error(&format!("internal_data.{key}"), message))?;
+    Ok(Some(json))
+}
+
 /// `internal_data.network_policy`, checked against the rule syntax.
 fn network_policy(internal_data: Option<&Value>) -> Result<Option<serde_json::Value>, SpecError> {
-    let field = "internal_data.network_policy";
-    let Some(Value::Map(data)) = internal_data else { return Ok(None) };
-    let Some(value) = map_get(data, "network_policy").filter(|v| !v.is_nil()) else { return Ok(None) };
-    let json = crate::msgpack_json::to_json(value);
-    crate::policy::kernel_rules(Some(&json)).map_err(|message| spec_error(field, message))?;
-    Ok(Some(json))
+    internal_json(internal_data, "network_policy", |json| crate::policy::kernel_rules(Some(json)).map(drop))
+}
+
+/// `internal_data.guardrails`: the kernel's own guardrail modes, checked.
+fn guardrails(internal_data: Option<&Value>) -> Result<Option<serde_json::Value>, SpecError> {
+    internal_json(internal_data, "guardrails", |json| crate::policy::guards::kernel_exceptions(Some(json)).map(drop))
 }
 
 /// A vfolder mount as the manager sends it.
@@ -68,6 +81,8 @@ pub struct KernelSpec {
     pub network_policy: Option<serde_json::Value>,
     /// Its own egress cap in bits per second (`resource_opts.net_egress_bps`).
     pub egress_bps: Option<u64>,
+    /// Its own guardrail modes (`internal_data.guardrails`: `{"raw-socket": "off"}`), as JSON.
+    pub guardrails: Option<serde_json::Value>,
 }
 
 /// The name Docker knows an image config (`ImageConfig`: `canonical`, `registry.name`,
@@ -259,6 +274,7 @@ impl KernelSpec {
             owner_project_id: optional_string("owner_project_id")?.unwrap_or_default(),
             cluster_hostname: optional_string("cluster_hostname")?,
             network_policy: network_policy(get("internal_data"))?,
+            guardrails: guardrails(get("internal_data"))?,
             egress_bps,
             registry_auth: match get("image") {
                 Some(Value::Map(image)) => image_registry_auth(image),
@@ -409,7 +425,8 @@ mod tests {
     #[test]
     fn reads_what_the_agent_uses_and_ignores_the_rest() {
         let mut config = base();
-        config.push(("resource_opts", map(vec![("shmem", Value::from("64m")), ("net_egress_bps", Value::from("80m"))])));
+        config
+            .push(("resource_opts", map(vec![("shmem", Value::from("64m")), ("net_egress_bps", Value::from("80m"))])));
         config.push(("environ", map(vec![("A", Value::from("1"))])));
         config.push(("auto_pull", Value::from(true)));
         let spec = KernelSpec::parse(&map(config), None, &SlotRegistry::intrinsic()).expect("valid");

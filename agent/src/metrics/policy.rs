@@ -22,6 +22,11 @@ struct VerdictLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GuardLabels {
+    guardrail: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KernelLabels {
     kernel_id: String,
 }
@@ -44,7 +49,7 @@ impl Collector for PolicyCollector {
         let enforcer = &self.0;
         let mut verdicts = encoder.encode_descriptor(
             "backendai_agent_policy_verdicts",
-            "Policy verdicts per kernel, rule (a [policy] rule's name, a kernel rule's, `metadata`, `not-allowed` or `device-not-given`), verdict (allowed, denied, redirected) and hook (connect, sendmsg, egress, device). Allowed destinations no rule names, and allowed devices, are not counted.",
+            "Policy verdicts per kernel, rule (a [policy] rule's name, a kernel rule's, `metadata`, `not-allowed`, `device-not-given` or a guardrail's), verdict (allowed, denied, redirected, monitored) and hook (connect, sendmsg, egress, device, lsm). Allowed destinations no rule names, and allowed devices, are not counted.",
             None,
             MetricType::Counter,
         )?;
@@ -56,6 +61,15 @@ impl Collector for PolicyCollector {
                 hook: count.hook,
             };
             ConstCounter::new(count.count).encode(verdicts.encode_family(&labels)?)?;
+        }
+        let mut active = encoder.encode_descriptor(
+            "backendai_agent_policy_guardrails_active",
+            "1 for each guardrail that runs on this host; 0 where the host cannot run it (no BPF LSM: see the agent's log).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (guardrail, running) in enforcer.guards_active() {
+            ConstGauge::new(i64::from(running)).encode(active.encode_family(&GuardLabels { guardrail })?)?;
         }
         ConstGauge::new(i64::try_from(enforcer.kernel_count()).unwrap_or(i64::MAX)).encode(
             encoder.encode_descriptor(
@@ -72,7 +86,8 @@ impl Collector for PolicyCollector {
             MetricType::Gauge,
         )?;
         for (kernel_id, bits) in enforcer.egress_caps() {
-            ConstGauge::new(i64::try_from(bits).unwrap_or(i64::MAX)).encode(caps.encode_family(&KernelLabels { kernel_id })?)?;
+            ConstGauge::new(i64::try_from(bits).unwrap_or(i64::MAX))
+                .encode(caps.encode_family(&KernelLabels { kernel_id })?)?;
         }
         ConstCounter::new(enforcer.lost_reports()).encode(encoder.encode_descriptor(
             "backendai_agent_policy_denial_reports_lost",

@@ -8,7 +8,9 @@
 //!                                          └── {container id}/  made by the runtime
 //! ```
 
+pub mod btf;
 pub mod devices;
+pub mod guards;
 pub mod metadata;
 pub mod pacing;
 pub mod programs;
@@ -54,6 +56,8 @@ pub enum PolicyError {
     Pacing(#[from] PacingError),
     #[error("unknown kernel `{0}`")]
     UnknownKernel(String),
+    #[error("the guardrails cannot run: {0} ([policy.guardrails] required = true)")]
+    Guardrails(String),
 }
 
 /// What one kernel is held to besides the node's policy.
@@ -65,6 +69,8 @@ pub struct KernelInput<'a> {
     pub devices: &'a [DeviceMapping],
     /// Its own egress cap in bits per second (0: the node's default alone).
     pub egress_bps: u64,
+    /// Its own guardrail modes (`internal_data.guardrails`).
+    pub guards: &'a guards::Exceptions,
 }
 
 /// One kernel's entries in the maps.
@@ -76,6 +82,7 @@ struct KernelEntry {
     egress_bps: u64,
     /// Its interfaces have our shaper.
     paced: bool,
+    guard_exceptions: guards::Exceptions,
 }
 
 struct State {
@@ -92,6 +99,10 @@ struct State {
     egress_default_bps: u64,
     /// How caps are held.
     shaper: pacing::Shaper,
+    /// `[policy.guardrails]`.
+    guard_node: crate::config::GuardrailsSection,
+    /// The guardrail programs run on this host.
+    guards_active: bool,
 }
 
 impl State {
@@ -104,6 +115,25 @@ impl State {
         self.maps.node.set(0, node, 0).map_err(|err| PolicyError::Map { map: "NODE_POLICY", reason: err.to_string() })
     }
 
+    /// Writes a kernel's guardrail modes (the node's with its own exceptions).
+    fn write_guards(&mut self, cgroup: CgroupId, exceptions: &guards::Exceptions) -> Result<(), PolicyError> {
+        let modes = guards::kernel_modes(&self.guard_node, exceptions);
+        self.maps
+            .guards
+            .insert(cgroup, modes, 0)
+            .map_err(|err| PolicyError::Map { map: "POLICY_KERNEL_GUARDS", reason: err.to_string() })
+    }
+
+    /// Removes a kernel's guardrail entries (modes and armed state).
+    fn forget_guards(&mut self, cgroup: CgroupId) {
+        if self.maps.guards.get(&cgroup, 0).is_ok() {
+            let _ = self.maps.guards.remove(&cgroup);
+        }
+        if self.maps.armed.get(&cgroup, 0).is_ok() {
+            let _ = self.maps.armed.remove(&cgroup);
+        }
+    }
+
     /// The cap a kernel is held to (bits per second; 0: none).
     fn effective_cap(&self, entry: &KernelEntry) -> u64 {
         pacing::effective_cap(self.egress_default_bps, entry.egress_bps)
@@ -112,7 +142,8 @@ impl State {
     /// Writes (or removes) a kernel's cap for the egress program, keeping its pacing state
     /// (under the token bucket, the program has nothing to do).
     fn write_cap(&mut self, cgroup: CgroupId, bits_per_sec: u64) -> Result<(), PolicyError> {
-        let map_error = |err: aya::maps::MapError| PolicyError::Map { map: "POLICY_EGRESS_CAPS", reason: err.to_string() };
+        let map_error =
+            |err: aya::maps::MapError| PolicyError::Map { map: "POLICY_EGRESS_CAPS", reason: err.to_string() };
         let bytes_per_sec = if self.shaper == pacing::Shaper::Edt { pacing::bytes_per_sec(bits_per_sec) } else { 0 };
         if bytes_per_sec == 0 {
             if self.maps.egress_caps.get(&cgroup, 0).is_ok() {
@@ -120,7 +151,10 @@ impl State {
             }
         } else {
             let next_departure_ns = self.maps.egress_caps.get(&cgroup, 0).map(|cap| cap.next_departure_ns).unwrap_or(0);
-            self.maps.egress_caps.insert(cgroup, EgressCap { bytes_per_sec, next_departure_ns }, 0).map_err(map_error)?;
+            self.maps
+                .egress_caps
+                .insert(cgroup, EgressCap { bytes_per_sec, next_departure_ns }, 0)
+                .map_err(map_error)?;
         }
         self.write_node()
     }
@@ -132,6 +166,7 @@ impl State {
             rule_id::METADATA => "metadata".into(),
             rule_id::NOT_ALLOWED => "not-allowed".into(),
             rule_id::DEVICE_NOT_GIVEN => "device-not-given".into(),
+            id if guards::name_of(id).is_some() => guards::name_of(id).unwrap_or_default().into(),
             id if id & KERNEL_RULE != 0 => kernel
                 .and_then(|entry| entry.names.get(&id).cloned())
                 .unwrap_or_else(|| format!("kernel-rule-{}", id & !KERNEL_RULE)),
@@ -185,9 +220,12 @@ impl Enforcer {
         std::fs::create_dir_all(&kernels_dir)
             .map_err(|source| PolicyError::Cgroup { path: kernels_dir.clone(), source })?;
         let pins = pins_root.map(programs::pin_dir);
-        let (programs, mut maps) =
-            PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref())?;
+        let wants_guards = section.guardrails.modes().iter().any(|mode| *mode != crate::config::GuardMode::Off);
+        let offsets = if wants_guards { read_offsets() } else { None };
+        let (mut programs, mut maps) =
+            PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref(), offsets)?;
         devices::replace_list(&mut maps.devices, 0, &devices::STANDARD)?;
+        let guards_active = wants_guards && start_guards(&mut programs, &kernels_dir, pins.as_deref(), section)?;
         let enforcer = Self {
             state: Mutex::new(State {
                 maps,
@@ -202,6 +240,8 @@ impl Enforcer {
                     crate::config::EgressShaper::Tbf => pacing::Shaper::Tbf,
                     crate::config::EgressShaper::Auto => pacing::Shaper::detect(),
                 },
+                guard_node: section.guardrails.clone(),
+                guards_active,
             }),
             kernels_dir,
             relative,
@@ -258,11 +298,14 @@ impl Enforcer {
         state.write_node()?;
         state.node_names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
         state.egress_default_bps = section.egress_bps;
-        let kernels: Vec<(String, CgroupId, u64)> = state
-            .kernels
-            .iter()
-            .map(|(id, entry)| (id.clone(), entry.cgroup, state.effective_cap(entry)))
-            .collect();
+        state.guard_node = section.guardrails.clone();
+        let rewrites: Vec<(CgroupId, guards::Exceptions)> =
+            state.kernels.values().map(|entry| (entry.cgroup, entry.guard_exceptions.clone())).collect();
+        for (cgroup, exceptions) in rewrites {
+            state.write_guards(cgroup, &exceptions)?;
+        }
+        let kernels: Vec<(String, CgroupId, u64)> =
+            state.kernels.iter().map(|(id, entry)| (id.clone(), entry.cgroup, state.effective_cap(entry))).collect();
         drop(state);
         for (kernel_id, cgroup, cap) in kernels {
             self.state().write_cap(cgroup, cap)?;
@@ -361,9 +404,17 @@ impl Enforcer {
             .insert(cgroup, own, 0)
             .map_err(|err| PolicyError::Map { map: "KERNEL_POLICIES", reason: err.to_string() })?;
         let names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
-        let entry = KernelEntry { cgroup, list, names, egress_bps: input.egress_bps, paced: false };
+        let entry = KernelEntry {
+            cgroup,
+            list,
+            names,
+            egress_bps: input.egress_bps,
+            paced: false,
+            guard_exceptions: input.guards.clone(),
+        };
         let cap = state.effective_cap(&entry);
         state.write_cap(cgroup, cap)?;
+        state.write_guards(cgroup, input.guards)?;
         state.kernels.insert(kernel_id.to_owned(), entry);
         Ok(format!("{}/{kernel_id}", self.relative))
     }
@@ -392,6 +443,7 @@ impl Enforcer {
             if let Err(err) = state.write_cap(cgroup, 0) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's egress cap failed");
             }
+            state.forget_guards(cgroup);
             let stale: Vec<_> = state.maps.verdicts.keys().flatten().filter(|key| key.kernel == cgroup).collect();
             for key in stale {
                 let _ = state.maps.verdicts.remove(&key);
@@ -447,6 +499,7 @@ impl Enforcer {
             let _ = rules::replace_list(&mut state.maps.rules, list, &[]);
             let _ = devices::replace_list(&mut state.maps.devices, list, &[]);
             let _ = state.write_cap(cgroup, 0);
+            state.forget_guards(cgroup);
         }
     }
 
@@ -467,6 +520,7 @@ impl Enforcer {
                     verdict::ALLOWED => "allowed",
                     verdict::DENIED => "denied",
                     verdict::REDIRECTED => "redirected",
+                    verdict::MONITORED => "monitored",
                     _ => "unknown",
                 },
                 hook: rules::hook_name(key.hook),
@@ -483,6 +537,28 @@ impl Enforcer {
     pub fn lost_reports(&self) -> u64 {
         let state = self.state();
         state.maps.lost.get(&0, 0).map(|values| values.iter().sum()).unwrap_or(0)
+    }
+
+    /// Each guardrail and whether it runs on this host: raw sockets always (a cgroup socket
+    /// program), the rest when BPF LSM does.
+    pub fn guards_active(&self) -> Vec<(&'static str, bool)> {
+        let lsm = self.state().guards_active;
+        agent_common::policy::guard::NAMES
+            .iter()
+            .enumerate()
+            .map(|(index, name)| (*name, lsm || index == agent_common::policy::guard::RAW_SOCKET))
+            .collect()
+    }
+
+    /// A kernel's cgroup made anew for a new container: its mount guardrail waits for the
+    /// container's first program again.
+    pub fn disarm(&self, kernel_id: &str) {
+        let mut state = self.state();
+        if let Some(cgroup) = state.kernels.get(kernel_id).map(|entry| entry.cgroup)
+            && state.maps.armed.get(&cgroup, 0).is_ok()
+        {
+            let _ = state.maps.armed.remove(&cgroup);
+        }
     }
 
     /// Kernels with a policy entry.
@@ -509,6 +585,45 @@ impl Enforcer {
     /// The denial ring buffer, for [`run_denial_log`] (once).
     pub fn take_denials(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         self.state().maps.denials.take()
+    }
+}
+
+/// Where a task's cgroup is, from the kernel's BTF; `None` (logged) leaves the ptrace rule
+/// out of the way.
+fn read_offsets() -> Option<btf::CgroupOffsets> {
+    match btf::KernelBtf::from_sys_fs().and_then(|btf| btf::CgroupOffsets::read(&btf)) {
+        Ok(offsets) => Some(offsets),
+        Err(err) => {
+            tracing::warn!(error = %err, "the ptrace-outside guardrail cannot follow tasks to their cgroups; it allows");
+            None
+        }
+    }
+}
+
+/// Attaches the guardrail programs; `Ok(false)` when this host cannot run them and they are
+/// not required (logged).
+fn start_guards(
+    programs: &mut PolicyPrograms,
+    parent: &Path,
+    pins: Option<&Path>,
+    section: &PolicySection,
+) -> Result<bool, PolicyError> {
+    let outcome = match guards::unavailable_reason() {
+        Some(reason) => Err(reason),
+        None => programs
+            .attach_guards(parent, pins)
+            .map_err(|err| format!("this kernel refuses BPF LSM programs ({err}); only the raw-socket guardrail runs")),
+    };
+    match outcome {
+        Ok(()) => Ok(true),
+        Err(reason) if section.guardrails.required => Err(PolicyError::Guardrails(reason)),
+        Err(reason) => {
+            tracing::error!(
+                reason,
+                "the BPF LSM guardrails cannot run on this host; kernels run without them (see backendai_agent_policy_guardrails_active)"
+            );
+            Ok(false)
+        }
     }
 }
 
@@ -561,13 +676,25 @@ fn log_denial(enforcer: &Enforcer, denial: &agent_common::policy::Denial) {
     let kernel_id = enforcer.kernel_of(denial.kernel).unwrap_or_default();
     let rule = enforcer.rule_name(denial.kernel, denial.rule);
     if denial.hook == agent_common::policy::hook::DEVICE {
-        let word = |i: usize| u32::from_ne_bytes([denial.addr[i], denial.addr[i + 1], denial.addr[i + 2], denial.addr[i + 3]]);
+        let word =
+            |i: usize| u32::from_ne_bytes([denial.addr[i], denial.addr[i + 1], denial.addr[i + 2], denial.addr[i + 3]]);
         let device = DeviceRule { kind: word(0), major: word(4), minor: word(8), access: u32::from(denial.port) };
         tracing::warn!(
             kernel_id,
             device = %devices::rule_text(&device),
             rule,
             "policy denied a kernel's access to a device node it was not given (logged once per kernel and device per minute)"
+        );
+        return;
+    }
+    if denial.hook == agent_common::policy::hook::GUARD {
+        let outcome = if denial.protocol == verdict::MONITORED { "monitored" } else { "denied" };
+        tracing::warn!(
+            kernel_id,
+            guardrail = rule,
+            outcome,
+            detail = denial.port,
+            "a guardrail saw a kernel's call (logged once per kernel, guardrail and call per minute)"
         );
         return;
     }

@@ -102,7 +102,8 @@ pub fn install(proc_root: &Path, pid: u32, qdisc: Qdisc) -> Result<Vec<String>, 
                 if index == LOOPBACK_INDEX || name == "lo" {
                     continue;
                 }
-                set_root_qdisc(index, &qdisc).map_err(|source| PacingError::Qdisc { interface: name.clone(), source })?;
+                set_root_qdisc(index, &qdisc)
+                    .map_err(|source| PacingError::Qdisc { interface: name.clone(), source })?;
                 done.push(name);
             }
             Ok(done)
@@ -154,7 +155,7 @@ fn attribute(message: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     message.extend_from_slice(&length.to_ne_bytes());
     message.extend_from_slice(&kind.to_ne_bytes());
     message.extend_from_slice(payload);
-    while message.len() % 4 != 0 {
+    while !message.len().is_multiple_of(4) {
         message.push(0);
     }
 }

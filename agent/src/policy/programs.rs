@@ -9,22 +9,25 @@ use std::{
 };
 
 use agent_common::policy::{
-    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, EGRESS_CAPS_MAP, KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP,
-    NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP, programs,
+    DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, EGRESS_CAPS_MAP, GUARDS_ARMED_MAP, KERNEL_GUARDS_MAP,
+    KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP, NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP,
+    programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupDevice, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, links::FdLink,
+        BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        LsmCgroup, ProgramError, links::FdLink,
     },
 };
 
+use super::btf::CgroupOffsets;
 use crate::monitor::{
     ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
     pins::same_code_link,
 };
-use agent_common::policy::{DeviceKey, EgressCap, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
+use agent_common::policy::{DeviceKey, EgressCap, KernelGuards, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
 
 /// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
@@ -58,7 +61,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map the programs use; all are pinned with the links.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 11] = [
     NODE_POLICY_MAP,
     KERNEL_POLICIES_MAP,
     RULES_MAP,
@@ -68,6 +71,21 @@ const PINNED_MAPS: [&str; 9] = [
     DENIALS_LOST_MAP,
     DEVICES_MAP,
     EGRESS_CAPS_MAP,
+    KERNEL_GUARDS_MAP,
+    GUARDS_ARMED_MAP,
+];
+
+/// The guardrail programs and the LSM hook each is attached to.
+const GUARD_PROGRAMS: [(&str, &str); 9] = [
+    (programs::GUARD_SOCKET_CREATE, "socket_create"),
+    (programs::GUARD_BPF, "bpf"),
+    (programs::GUARD_PERF_EVENT_OPEN, "perf_event_open"),
+    (programs::GUARD_SB_MOUNT, "sb_mount"),
+    (programs::GUARD_MOVE_MOUNT, "move_mount"),
+    (programs::GUARD_SB_UMOUNT, "sb_umount"),
+    (programs::GUARD_MODULE_REQUEST, "kernel_module_request"),
+    (programs::GUARD_READ_FILE, "kernel_read_file"),
+    (programs::GUARD_PTRACE, "ptrace_access_check"),
 ];
 
 /// The maps user space writes and reads.
@@ -80,6 +98,8 @@ pub struct PolicyMaps {
     pub denials: Option<RingBuf<MapData>>,
     pub devices: BpfHashMap<MapData, DeviceKey, u32>,
     pub egress_caps: BpfHashMap<MapData, u64, EgressCap>,
+    pub guards: BpfHashMap<MapData, u64, KernelGuards>,
+    pub armed: BpfHashMap<MapData, u64, u32>,
 }
 
 /// The loaded programs, attached at the kernels' parent cgroup.
@@ -90,6 +110,8 @@ pub struct PolicyPrograms {
     owned_raw: Vec<OwnedFd>,
     /// Programs an earlier agent left attached (same code), for their statistics.
     adopted: Vec<(&'static str, OwnedFd)>,
+    /// The guardrail programs are attached.
+    guards: bool,
 }
 
 /// `{pins}/policy-v{N}`: maps and links of the enforcement object.
@@ -102,9 +124,35 @@ impl PolicyPrograms {
     /// (reusing pinned ones: the policy of running kernels stays), and attaches every program to
     /// `parent`, adopting pinned links of the same code. A new program is attached before an
     /// old one's pin is removed, so there is no moment without a policy.
-    pub fn load(kernel_level: u32, parent: &Path, pins: Option<&Path>) -> Result<(Self, PolicyMaps), ProgramsError> {
+    pub fn load(
+        kernel_level: u32,
+        parent: &Path,
+        pins: Option<&Path>,
+        offsets: Option<CgroupOffsets>,
+    ) -> Result<(Self, PolicyMaps), ProgramsError> {
         let mut loader = EbpfLoader::new();
         loader.override_global(KERNEL_LEVEL_GLOBAL, &kernel_level, true);
+        let known = offsets.is_some() as u32;
+        let offsets = offsets.unwrap_or(CgroupOffsets {
+            task_cgroups: 0,
+            css_set_dfl_cgrp: 0,
+            cgroup_level: 0,
+            cgroup_ancestors: 0,
+            cgroup_kn: 0,
+            kernfs_node_id: 0,
+        });
+        let globals = [
+            (agent_common::policy::offsets::TASK_CGROUPS, offsets.task_cgroups),
+            (agent_common::policy::offsets::CSS_SET_DFL_CGRP, offsets.css_set_dfl_cgrp),
+            (agent_common::policy::offsets::CGROUP_LEVEL, offsets.cgroup_level),
+            (agent_common::policy::offsets::CGROUP_ANCESTORS, offsets.cgroup_ancestors),
+            (agent_common::policy::offsets::CGROUP_KN, offsets.cgroup_kn),
+            (agent_common::policy::offsets::KERNFS_NODE_ID, offsets.kernfs_node_id),
+            (agent_common::policy::offsets::KNOWN, known),
+        ];
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
         if let Some(pins) = pins {
             let maps = pins.join("maps");
             std::fs::create_dir_all(&maps).map_err(|err| ProgramsError::Pin {
@@ -123,17 +171,37 @@ impl PolicyPrograms {
         }
         let ebpf = loader.load(POLICY_OBJECT)?;
         let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
-        let mut programs = Self { ebpf, owned: Vec::new(), owned_raw: Vec::new(), adopted: Vec::new() };
+        let mut programs = Self { ebpf, owned: Vec::new(), owned_raw: Vec::new(), adopted: Vec::new(), guards: false };
         for name in SOCK_ADDR_PROGRAMS {
             programs.attach(name, &dir, pins, Kind::SockAddr)?;
         }
         programs.attach(programs::SKB_EGRESS, &dir, pins, Kind::SkbEgress)?;
         programs.attach(programs::DEVICE, &dir, pins, Kind::Device)?;
+        programs.attach(programs::GUARD_SOCK_CREATE, &dir, pins, Kind::SockCreate)?;
         let maps = programs.take_maps()?;
         Ok((programs, maps))
     }
 
-    fn attach(&mut self, name: &'static str, dir: &File, pins: Option<&Path>, kind: Kind) -> Result<(), ProgramsError> {
+    /// Attaches the guardrail programs (BPF LSM, per cgroup) at `parent`, and the exec
+    /// tracepoint that arms the mount rule. Fails on kernels without `lsm_cgroup`.
+    pub fn attach_guards(&mut self, parent: &Path, pins: Option<&Path>) -> Result<(), ProgramsError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|err| ProgramsError::Map { name: "btf", reason: err.to_string() })?;
+        let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
+        for (name, hook) in GUARD_PROGRAMS {
+            self.attach(name, &dir, pins, Kind::Lsm { hook, btf: &btf })?;
+        }
+        self.attach(programs::GUARD_ARM, &dir, pins, Kind::ExecTracepoint { btf: &btf })?;
+        self.guards = true;
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        name: &'static str,
+        dir: &File,
+        pins: Option<&Path>,
+        kind: Kind<'_>,
+    ) -> Result<(), ProgramsError> {
         let at = |source| ProgramsError::Program { name, source };
         let link_error = |err: aya::programs::links::LinkError| ProgramsError::Link { name, reason: err.to_string() };
         let pin = pins.map(|pins| pins.join("links").join(name));
@@ -160,16 +228,42 @@ impl PolicyPrograms {
                 let id = program.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(at)?;
                 program.take_link(id).map_err(at)?.try_into().map_err(link_error)?
             }
-            Kind::Device => {
-                let program: &mut CgroupDevice = program.try_into().map_err(at)?;
-                program.load().map_err(at)?;
-                let fd = program.fd().map_err(at)?.as_fd();
+            Kind::Lsm { hook, btf } => {
+                let program: &mut LsmCgroup = program.try_into().map_err(at)?;
+                program.load(hook, btf).map_err(at)?;
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, program.fd().ok()?.as_fd())) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                let id = program.attach(dir).map_err(at)?;
+                program.take_link(id).map_err(at)?.into()
+            }
+            Kind::ExecTracepoint { btf } => {
+                let program: &mut BtfTracePoint = program.try_into().map_err(at)?;
+                program.load("sched_process_exec", btf).map_err(at)?;
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, program.fd().ok()?.as_fd())) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                let id = program.attach().map_err(at)?;
+                program.take_link(id).map_err(at)?.into()
+            }
+            Kind::Device | Kind::SockCreate => {
+                let (fd, attach_type) = if matches!(kind, Kind::Device) {
+                    let program: &mut CgroupDevice = program.try_into().map_err(at)?;
+                    program.load().map_err(at)?;
+                    (program.fd().map_err(at)?.as_fd(), raw::BPF_CGROUP_DEVICE)
+                } else {
+                    let program: &mut CgroupSock = program.try_into().map_err(at)?;
+                    program.load().map_err(at)?;
+                    (program.fd().map_err(at)?.as_fd(), raw::BPF_CGROUP_INET_SOCK_CREATE)
+                };
                 if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, fd)) {
                     self.adopted.push((name, running));
                     return Ok(());
                 }
-                // aya keeps a device program's link to itself; made here so it can be pinned.
-                let link = raw::cgroup_link(fd, dir.as_fd(), raw::BPF_CGROUP_DEVICE)
+                // aya keeps these programs' links to itself; made here so they can be pinned.
+                let link = raw::cgroup_link(fd, dir.as_fd(), attach_type)
                     .map_err(|err| ProgramsError::Link { name, reason: err.to_string() })?;
                 return self.keep_raw(name, link, pin);
             }
@@ -232,22 +326,33 @@ impl PolicyPrograms {
             denials: take(&mut self.ebpf, DENIALS_MAP).ok(),
             devices: take(&mut self.ebpf, DEVICES_MAP)?,
             egress_caps: take(&mut self.ebpf, EGRESS_CAPS_MAP)?,
+            guards: take(&mut self.ebpf, KERNEL_GUARDS_MAP)?,
+            armed: take(&mut self.ebpf, GUARDS_ARMED_MAP)?,
         })
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`),
     /// including the programs an earlier agent left running.
     pub fn stats(&self) -> Vec<ProgramStats> {
-        let names: Vec<&'static str> =
-            SOCK_ADDR_PROGRAMS.into_iter().chain([programs::SKB_EGRESS, programs::DEVICE]).collect();
+        let mut names: Vec<&'static str> = SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([programs::SKB_EGRESS, programs::DEVICE, programs::GUARD_SOCK_CREATE])
+            .collect();
+        if self.guards {
+            names.extend(GUARD_PROGRAMS.iter().map(|(name, _)| *name));
+            names.push(programs::GUARD_ARM);
+        }
         running_program_stats(&self.ebpf, &names, &self.adopted)
     }
 }
 
-enum Kind {
+enum Kind<'a> {
     SockAddr,
     SkbEgress,
     Device,
+    SockCreate,
+    Lsm { hook: &'static str, btf: &'a aya::Btf },
+    ExecTracepoint { btf: &'a aya::Btf },
 }
 
 /// The program of the link pinned at `pin` when it runs the same code as `program`; a pin of
@@ -305,6 +410,7 @@ mod raw {
 
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
     pub const BPF_CGROUP_DEVICE: u32 = 6;
 
     fn bpf(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i64> {

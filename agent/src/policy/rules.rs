@@ -123,6 +123,7 @@ pub fn hook_name(at: u8) -> &'static str {
         hook::SENDMSG => "sendmsg",
         hook::EGRESS => "egress",
         hook::DEVICE => "device",
+        hook::GUARD => "lsm",
         _ => "unknown",
     }
 }
