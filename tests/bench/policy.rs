@@ -4,10 +4,15 @@
 //!    and N to a denied one (`EPERM`), with 21 node deny rules in the trie. The kernel's own
 //!    accounting (`kernel.bpf_stats_enabled=1`: run time and count) of `policy_connect4` is set
 //!    against an empty `connect4` program attached to the kernel's cgroup ([`PolicyBaseline`]).
+//!    The other hooks' programs, from the same kernel and statistics: `sendmsg4` and the skb
+//!    egress program (UDP datagrams), `getpeername4`, the device program (opening /dev/null)
+//!    and the raw-socket guardrail (`socket()`).
 //! 2. Allowed TCP throughput: a kernel of an agent with the policy and one of an agent without
 //!    it (`enabled = false`) each send the same bytes over one connection to a sink on the
 //!    host's docker0 address, in alternating rounds (with `kernel.bpf_stats_enabled=0`, as in
 //!    production).
+//! 3. The egress cap's accuracy: one kernel, its cap set through `set_egress_cap` to each of
+//!    several rates, sends to the sink; the rate the sink saw against the cap.
 
 use std::{
     io::Read,
@@ -16,7 +21,7 @@ use std::{
     sync::mpsc,
 };
 
-use agent_common::policy::programs::CONNECT4;
+use agent_common::policy::programs::{CONNECT4, DEVICE, GETPEERNAME4, GUARD_SOCK_CREATE, SENDMSG4, SKB_EGRESS};
 use anyhow::{Context, bail, ensure};
 use bai_agent::{
     config::MetadataHost, monitor::CgroupLayout, policy::programs::PolicyBaseline, rpc::client::RpcClient,
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     // Per-packet programs pay two clock reads per run while statistics are on: off, as in production.
     let _stats_off = BpfStatsOff::set()?;
     throughput(host, (gib * (1u64 << 30) as f64) as u64)?;
+    cap_accuracy(host)?;
     Ok(())
 }
 
@@ -99,6 +105,61 @@ fn connect_cost(host: Ipv4Addr, connects: u64) -> anyhow::Result<()> {
         );
     }
     println!();
+    let floor = {
+        let before = baseline_stats(&baseline)?;
+        connect_loop(&container, host, allowed, connects / 4, "ok")?;
+        per_call(before, baseline_stats(&baseline)?, "baseline_connect4")?.1
+    };
+    other_hooks(&agent, &container, host, allowed, connects, floor)?;
+    Ok(())
+}
+
+/// The other programs' cost per run, each driven by its own loop in the kernel; `floor` is the
+/// empty program's ns per run (what the statistics themselves add to any program).
+fn other_hooks(
+    agent: &Agent,
+    container: &str,
+    host: Ipv4Addr,
+    port: u16,
+    count: u64,
+    floor: f64,
+) -> anyhow::Result<()> {
+    let udp = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range({count}):\n\x20   s.sendto(b'x' * 64, ('{host}', {port}))\nprint('done')"
+    );
+    let peer = format!(
+        "import socket\ns = socket.create_connection(('{host}', {port}))\n\
+         for _ in range({count}):\n\x20   s.getpeername()\nprint('done')"
+    );
+    let device = format!(
+        "import os\nfor _ in range({count}):\n\x20   os.close(os.open('/dev/null', os.O_RDONLY))\nprint('done')"
+    );
+    let sockets = format!(
+        "import socket\nfor _ in range({count}):\n\x20   socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\nprint('done')"
+    );
+    println!("### Cost per run of the other programs\n");
+    println!(
+        "{count} calls per workload from the same kernel. For scale: the empty connect4 program measures {floor:.1} ns/run, \
+         mostly what the statistics themselves add to a run; a hook's own floor differs a little.\n"
+    );
+    println!("| program | hook | workload | runs | ns/run |");
+    println!("|---|---|---|---:|---:|");
+    let workloads: [(&str, &str, &[(&str, &str)]); 4] = [
+        ("UDP `sendto` of 64 bytes (one packet each)", &udp, &[(SENDMSG4, "cgroup/sendmsg4"), (SKB_EGRESS, "cgroup_skb/egress")]),
+        ("`getpeername` on a connected socket", &peer, &[(GETPEERNAME4, "cgroup/getpeername4")]),
+        ("`open` of /dev/null", &device, &[(DEVICE, "cgroup/dev")]),
+        ("`socket(AF_INET, SOCK_DGRAM)`", &sockets, &[(GUARD_SOCK_CREATE, "cgroup/sock_create")]),
+    ];
+    for (workload, code, programs) in workloads {
+        let before = programs.iter().map(|(program, _)| program_stats(agent, program)).collect::<Result<Vec<_>, _>>()?;
+        python_in(container, code)?;
+        for ((program, hook), before) in programs.iter().zip(before) {
+            let (runs, ns) = per_call(before, program_stats(agent, program)?, program)?;
+            println!("| {program} | {hook} | {workload} | {runs} | {ns:.1} |");
+        }
+    }
+    println!();
     Ok(())
 }
 
@@ -136,6 +197,45 @@ fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
         println!("| {name} | {:.2} | {:.2} | {:.2} |", rates[i][0], medians[i], rates[i][ROUNDS - 1]);
     }
     println!("\nMedian with the policy against without: {:+.2} %", (medians[0] / medians[1] - 1.0) * 100.0);
+    Ok(())
+}
+
+/// Part 3: the rate a capped kernel sends at, against its cap, for several caps.
+fn cap_accuracy(host: Ipv4Addr) -> anyhow::Result<()> {
+    const SECONDS: f64 = 4.0;
+    let (sink, received) = sink(host)?;
+    let port = sink.local_addr()?.port();
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::start(&format!("{}\n[policy]\nmetadata-service-port = 0\n", kernel_toml(dir.path(), 24600)))?;
+    let (kernel, container) = create_python(&agent)?;
+    let shaper = if agent.log_text().contains("no fq qdisc") { "tbf (this kernel has no fq)" } else { "edt" };
+    println!("### Egress cap accuracy
+");
+    println!(
+        "One TCP connection from a capped kernel to the host's docker0 address, {SECONDS} s of data at the cap per round; \
+         shaper: {shaper}. The cap counts whole frames: TCP payload at 1500-byte frames is at most 1448/1514 = 95.6 % of it.\n"
+    );
+    println!("| cap Mbit/s | payload Mbit/s | payload / cap | payload / (cap × 0.956) |");
+    println!("|---:|---:|---:|---:|");
+    for cap in [20_000_000u64, 100_000_000, 400_000_000] {
+        runtime().block_on(async {
+            let client = RpcClient::connect(&agent.rpc_addr).await?;
+            client
+                .call("set_egress_cap", vec![kernel.as_str().into(), cap.into()], vec![])
+                .await
+                .map_err(|err| anyhow::anyhow!("set_egress_cap: {err:?}"))
+        })?;
+        let bytes = ((cap as f64 / 8.0 * SECONDS) as u64 / CHUNK as u64).max(1) * CHUNK as u64;
+        let gbit = send(&container, host, port, bytes, &received)?;
+        let mbit = gbit * 1000.0;
+        let capped = cap as f64 / 1e6;
+        println!(
+            "| {capped:.0} | {mbit:.2} | {:.3} | {:.3} |",
+            mbit / capped,
+            mbit / (capped * 1448.0 / 1514.0)
+        );
+    }
+    println!();
     Ok(())
 }
 
@@ -242,9 +342,14 @@ type Stats = (f64, f64);
 
 /// `policy_connect4`'s statistics as the agent exports them.
 fn policy_stats(agent: &Agent) -> anyhow::Result<Stats> {
+    program_stats(agent, CONNECT4)
+}
+
+/// A policy program's statistics as the agent exports them.
+fn program_stats(agent: &Agent, program: &str) -> anyhow::Result<Stats> {
     let (mut time_ns, mut runs) = (None, None);
     for sample in agent.metrics()? {
-        if sample.labels.get("program").map(String::as_str) != Some(CONNECT4) {
+        if sample.labels.get("program").map(String::as_str) != Some(program) {
             continue;
         }
         match sample.name.as_str() {
@@ -253,7 +358,10 @@ fn policy_stats(agent: &Agent) -> anyhow::Result<Stats> {
             _ => {}
         }
     }
-    Ok((time_ns.context("no policy_connect4 run time in /metrics")?, runs.context("no policy_connect4 runs")?))
+    Ok((
+        time_ns.with_context(|| format!("no {program} run time in /metrics"))?,
+        runs.with_context(|| format!("no {program} runs in /metrics"))?,
+    ))
 }
 
 fn baseline_stats(baseline: &PolicyBaseline) -> anyhow::Result<Stats> {
