@@ -69,6 +69,8 @@ fn the_redis_address_in_etcd_takes_effect_and_the_node_is_registered_while_the_a
     let rt = runtime();
     let mut client = rt.block_on(etcd_client(&etcd)).expect("etcd client");
     rt.block_on(put(&mut client, &format!("/sorna/{ns}/config/redis/addr"), &redis));
+    let rules = r#"["192.0.2.0/24", {"cidr": "198.51.100.0/24", "ports": "22", "name": "no-ssh"}]"#;
+    rt.block_on(put(&mut client, &format!("/sorna/{ns}/config/policy/deny"), rules));
 
     // No [redis] in the file: only etcd says where the manager's Redis is.
     let collector = EventCollector::start(&redis, EVENTS_DB, &id).expect("collector");
@@ -82,6 +84,24 @@ fn the_redis_address_in_etcd_takes_effect_and_the_node_is_registered_while_the_a
     assert_eq!(field(field(&local, "redis"), "addr"), &Value::from(redis.as_str()));
     assert_eq!(field(field(&local, "etcd"), "namespace"), &Value::from(ns.as_str()));
     assert!(agent.log_text().contains("configured from etcd"), "{}", agent.log_text());
+    // Fields are coloured in the log: drop the escape sequences before matching `deny=2`.
+    let plain = |line: &str| {
+        let mut text = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                chars.by_ref().find(|c| *c == 'm');
+            } else {
+                text.push(c);
+            }
+        }
+        text
+    };
+    let enforced = agent
+        .log_text()
+        .lines()
+        .any(|line| line.contains("enforced on every kernel") && plain(line).contains("deny=2"));
+    assert!(enforced, "the node's deny rules came from etcd: {}", agent.log_text());
 
     // Registered: Backend.AI's status value and the `ip` the manager reads, under one lease.
     let (status, lease) = rt

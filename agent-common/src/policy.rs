@@ -13,8 +13,12 @@ pub const NODE_POLICY_MAP: &str = "NODE_POLICY";
 /// `HashMap<CgroupId, KernelPolicy>` by the id of a kernel's own cgroup directory
 /// (`{cgroup-parent}/{kernel_id}`); a kernel without an entry gets the node's policy alone.
 pub const KERNEL_POLICIES_MAP: &str = "KERNEL_POLICIES";
-/// `LpmTrie<RuleKey, Rule>`: the CIDR rules of every list (list 0: the node's).
+/// `LpmTrie<RuleKey, Rule>`: the CIDR rules of every list (list 0: the node's) for IPv6
+/// destinations that are not v4-mapped.
 pub const RULES_MAP: &str = "POLICY_RULES";
+/// `LpmTrie<RuleKey4, Rule>`: the same lists for IPv4 destinations (and v4-mapped IPv6 ones):
+/// a key of 64 bits, not 160, is what a `connect` to an IPv4 address walks.
+pub const RULES4_MAP: &str = "POLICY_RULES4";
 /// `PerCpuHashMap<VerdictKey, u64>`: verdicts per kernel, rule, verdict and hook.
 pub const VERDICTS_MAP: &str = "POLICY_VERDICTS";
 /// `RingBuf` of [`Denial`]s, at most one per kernel and destination per [`DENIAL_REPORT_NS`].
@@ -155,6 +159,28 @@ pub struct KernelPolicy {
 pub struct RuleKey {
     pub list: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// Key data of [`RULES4_MAP`]: the list (big-endian), then the IPv4 address; the prefix
+/// length is 32 + the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKey4 {
+    pub list: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Whether an address is v4-mapped (`::ffff:a.b.c.d`): it meets the IPv4 rules.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[10] == 0xff && addr[11] == 0xff
 }
 
 /// [`Rule::action`].
@@ -361,6 +387,7 @@ mod pod {
     unsafe impl aya::Pod for NodePolicy {}
     unsafe impl aya::Pod for KernelPolicy {}
     unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleKey4 {}
     unsafe impl aya::Pod for Rule {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for DenialKey {}

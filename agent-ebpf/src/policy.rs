@@ -13,8 +13,8 @@ use agent_common::{
     policy::{
         DENIAL_REPORT_NS, DENIALS_BYTES, DENIALS_SEEN_MAX, DEVICE_ANY, DEVICES_MAX, Denial, DenialKey, DeviceKey,
         EGRESS_CAPS_MAX, EGRESS_HORIZON_NS, EgressCap, KERNEL_POLICIES_MAX, KernelPolicy, NodePolicy, RULES_MAX, Rule,
-        RuleKey, VERDICTS_MAX, VerdictKey, action, flags, hook, is_loopback, metadata_mode, rule_id, v4_mapped,
-        verdict,
+        RuleKey, RuleKey4, VERDICTS_MAX, VerdictKey, action, flags, hook, is_loopback, is_v4_mapped, metadata_mode,
+        rule_id, v4_mapped, verdict,
     },
 };
 use aya_ebpf::{
@@ -35,6 +35,9 @@ static KERNEL_POLICIES: HashMap<CgroupId, KernelPolicy> = HashMap::with_max_entr
 
 #[map]
 static POLICY_RULES: LpmTrie<RuleKey, Rule> = LpmTrie::with_max_entries(RULES_MAX, 0);
+
+#[map]
+static POLICY_RULES4: LpmTrie<RuleKey4, Rule> = LpmTrie::with_max_entries(RULES_MAX, 0);
 
 #[map]
 static POLICY_VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::with_max_entries(VERDICTS_MAX, 0);
@@ -137,8 +140,12 @@ fn deny(kernel: CgroupId, dest: &Destination, rule: u32, at: u8) -> Decision {
 /// protocol are the destination's too.
 #[inline(always)]
 fn matching_rule(list: u32, dest: &Destination) -> Option<&'static Rule> {
-    let key = Key::new(32 + 128, RuleKey { list: list.to_be_bytes(), addr: dest.addr });
-    let rule = POLICY_RULES.get(&key)?;
+    let rule = if is_v4_mapped(&dest.addr) {
+        let addr = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
+        POLICY_RULES4.get(&Key::new(32 + 32, RuleKey4 { list: list.to_be_bytes(), addr }))?
+    } else {
+        POLICY_RULES.get(&Key::new(32 + 128, RuleKey { list: list.to_be_bytes(), addr: dest.addr }))?
+    };
     let port_matches = rule.port_lo <= dest.port && dest.port <= rule.port_hi;
     let protocol_matches = rule.protocol == 0 || rule.protocol == dest.protocol;
     if port_matches && protocol_matches { Some(rule) } else { None }

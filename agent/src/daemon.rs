@@ -339,6 +339,19 @@ async fn start_policy(
     Ok(Some((Arc::new(enforcer), listener, redirect)))
 }
 
+/// The file's `[policy]`, where lists the file leaves unset keep what they had (etcd's, read at
+/// start).
+fn keep_unset_lists(config: Config, running: &crate::config::PolicySection) -> crate::config::PolicySection {
+    let mut fresh = config.policy;
+    if !config.explicit_keys.contains("policy.deny") {
+        fresh.deny = running.deny.clone();
+    }
+    if !config.explicit_keys.contains("policy.allow") {
+        fresh.allow = running.allow.clone();
+    }
+    fresh
+}
+
 /// Applies the file's `[policy]` rules and metadata mode on each reload request; a file that
 /// does not parse, or a change that needs a restart, is logged and the running policy stays.
 async fn reload_policy(
@@ -358,7 +371,7 @@ async fn reload_policy(
             continue;
         };
         let fresh = match Config::from_file(path) {
-            Ok(config) => config.policy,
+            Ok(config) => keep_unset_lists(config, &running),
             Err(err) => {
                 tracing::error!(error = %err, "not reloading: the configuration is invalid; the running policy stays");
                 continue;

@@ -10,6 +10,7 @@
 //! | `config/redis/password` (empty = none) | `redis.password` |
 //! | `volumes/_mount` (or `volumes/mount`; an absolute path) | `container.mount-root` |
 //! | `config/watcher/token` | `watcher.token` |
+//! | `config/policy/deny`, `config/policy/allow` (a JSON array of rules in `[policy]`'s syntax) | `policy.deny`, `policy.allow` |
 //!
 //! An etcd value fills a key only when `agent.toml` did not set that key itself: the file
 //! wins over etcd, etcd wins over the built-in defaults. A key the file set is not read from
@@ -103,6 +104,19 @@ pub fn overlay(config: &mut Config, keys: &BTreeMap<String, String>) -> Result<A
         }
         config.container.mount_root = path;
         applied.push(("container.mount-root", key));
+    }
+    for (config_key, etcd_key) in [("policy.deny", "config/policy/deny"), ("policy.allow", "config/policy/allow")] {
+        if let Some((key, value)) = lookup(config_key, &[etcd_key]) {
+            let rules: Vec<crate::config::NetworkRule> = serde_json::from_str(&value)
+                .map_err(|err| invalid(&key, format!("expected a JSON array of network rules: {err}")))?;
+            if config_key == "policy.deny" {
+                config.policy.deny = rules;
+                applied.push(("policy.deny", key));
+            } else {
+                config.policy.allow = rules;
+                applied.push(("policy.allow", key));
+            }
+        }
     }
     if let Some((key, value)) = lookup("watcher.token", &["config/watcher/token"]) {
         if value.is_empty() {
@@ -381,15 +395,18 @@ mod tests {
                 ("volumes/_mount", "/mnt/vfroot"),
                 ("config/watcher/token", "tok"),
                 ("config/docker/registry/cr.backend.ai", "https://cr.backend.ai"),
+                ("config/policy/deny", r#"["10.0.0.0/8", {"cidr": "192.0.2.0/24", "ports": "22", "name": "ssh"}]"#),
             ]),
         )
         .expect("valid values");
+        assert_eq!(config.policy.deny.len(), 2);
+        assert_eq!(config.policy.deny[1].name, "ssh");
         assert_eq!(config.redis.addr, Some(RedisAddr { host: "redis.internal".into(), port: 6380 }));
         assert_eq!(config.redis.password.as_deref(), Some("s3cret"));
         assert_eq!(config.container.mount_root, Path::new("/mnt/vfroot"));
         assert_eq!(config.watcher.token.as_deref(), Some("tok"));
         let names: Vec<&str> = applied.iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["redis.addr", "redis.password", "container.mount-root", "watcher.token"]);
+        assert_eq!(names, ["redis.addr", "redis.password", "container.mount-root", "policy.deny", "watcher.token"]);
         assert_eq!(applied[0].1, "/sorna/local/config/redis/addr");
     }
 
@@ -428,6 +445,8 @@ mod tests {
             ("config/redis/addr", "redis:port"),
             ("volumes/_mount", "relative/dir"),
             ("config/watcher/token", ""),
+            ("config/policy/deny", "10.0.0.0/8"),
+            ("config/policy/allow", r#"["10.0.0.0/99"]"#),
         ] {
             let mut config = config("[etcd]\naddr = \"127.0.0.1:2379\"\nnamespace = \"prod\"\n");
             let err = overlay(&mut config, &keys(&[(key, value)])).expect_err(value);
@@ -500,7 +519,9 @@ mod tests {
             assert_eq!(config.etcd.namespace, "local");
         }
         let sample = Config::from_file(&root.join("agent.sample.toml")).expect("sample");
-        for key in ["redis.addr", "redis.password", "container.mount-root", "watcher.token"] {
+        for key in
+            ["redis.addr", "redis.password", "container.mount-root", "watcher.token", "policy.deny", "policy.allow"]
+        {
             assert!(!sample.explicit_keys.contains(key), "agent.sample.toml sets {key}, so etcd could not fill it");
         }
         assert_eq!(sample.container.mount_root, Path::new("/var/lib/backend.ai/vfolders"));

@@ -146,13 +146,18 @@ fn other_hooks(
     println!("| program | hook | workload | runs | ns/run |");
     println!("|---|---|---|---:|---:|");
     let workloads: [(&str, &str, &[(&str, &str)]); 4] = [
-        ("UDP `sendto` of 64 bytes (one packet each)", &udp, &[(SENDMSG4, "cgroup/sendmsg4"), (SKB_EGRESS, "cgroup_skb/egress")]),
+        (
+            "UDP `sendto` of 64 bytes (one packet each)",
+            &udp,
+            &[(SENDMSG4, "cgroup/sendmsg4"), (SKB_EGRESS, "cgroup_skb/egress")],
+        ),
         ("`getpeername` on a connected socket", &peer, &[(GETPEERNAME4, "cgroup/getpeername4")]),
         ("`open` of /dev/null", &device, &[(DEVICE, "cgroup/dev")]),
         ("`socket(AF_INET, SOCK_DGRAM)`", &sockets, &[(GUARD_SOCK_CREATE, "cgroup/sock_create")]),
     ];
     for (workload, code, programs) in workloads {
-        let before = programs.iter().map(|(program, _)| program_stats(agent, program)).collect::<Result<Vec<_>, _>>()?;
+        let before =
+            programs.iter().map(|(program, _)| program_stats(agent, program)).collect::<Result<Vec<_>, _>>()?;
         python_in(container, code)?;
         for ((program, hook), before) in programs.iter().zip(before) {
             let (runs, ns) = per_call(before, program_stats(agent, program)?, program)?;
@@ -209,8 +214,10 @@ fn cap_accuracy(host: Ipv4Addr) -> anyhow::Result<()> {
     let agent = Agent::start(&format!("{}\n[policy]\nmetadata-service-port = 0\n", kernel_toml(dir.path(), 24600)))?;
     let (kernel, container) = create_python(&agent)?;
     let shaper = if agent.log_text().contains("no fq qdisc") { "tbf (this kernel has no fq)" } else { "edt" };
-    println!("### Egress cap accuracy
-");
+    println!(
+        "### Egress cap accuracy
+"
+    );
     println!(
         "One TCP connection from a capped kernel to the host's docker0 address, {SECONDS} s of data at the cap per round; \
          shaper: {shaper}. The cap counts whole frames: TCP payload at 1500-byte frames is at most 1448/1514 = 95.6 % of it.\n"
@@ -229,11 +236,7 @@ fn cap_accuracy(host: Ipv4Addr) -> anyhow::Result<()> {
         let gbit = send(&container, host, port, bytes, &received)?;
         let mbit = gbit * 1000.0;
         let capped = cap as f64 / 1e6;
-        println!(
-            "| {capped:.0} | {mbit:.2} | {:.3} | {:.3} |",
-            mbit / capped,
-            mbit / (capped * 1448.0 / 1514.0)
-        );
+        println!("| {capped:.0} | {mbit:.2} | {:.3} | {:.3} |", mbit / capped, mbit / (capped * 1448.0 / 1514.0));
     }
     println!();
     Ok(())

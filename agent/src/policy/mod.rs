@@ -293,7 +293,7 @@ impl Enforcer {
             _pad: 0,
         };
         let mut state = self.state();
-        rules::replace_list(&mut state.maps.rules, 0, &entries)?;
+        rules::replace_list(state.maps.tries(), 0, &entries)?;
         state.node = node;
         state.write_node()?;
         state.node_names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
@@ -394,7 +394,7 @@ impl Enforcer {
         let list = kernel_list(cgroup);
         let entries = rules::encode(list, lists, KERNEL_RULE)?;
         let mut state = self.state();
-        rules::replace_list(&mut state.maps.rules, list, &entries)?;
+        rules::replace_list(state.maps.tries(), list, &entries)?;
         devices::replace_list(&mut state.maps.devices, list, &device_rules)?;
         let device_flag = if state.devices_enforced { flags::DEVICES } else { 0 };
         let own = KernelPolicy { list, flags: rules::list_flags(lists) | device_flag };
@@ -434,7 +434,7 @@ impl Enforcer {
         if let Some((cgroup, list)) = cgroup {
             let mut state = self.state();
             let _ = state.maps.kernels.remove(&cgroup);
-            if let Err(err) = rules::replace_list(&mut state.maps.rules, list, &[]) {
+            if let Err(err) = rules::replace_list(state.maps.tries(), list, &[]) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's rules failed");
             }
             if let Err(err) = devices::replace_list(&mut state.maps.devices, list, &[]) {
@@ -496,7 +496,7 @@ impl Enforcer {
             .collect();
         for (cgroup, list) in orphans {
             let _ = state.maps.kernels.remove(&cgroup);
-            let _ = rules::replace_list(&mut state.maps.rules, list, &[]);
+            let _ = rules::replace_list(state.maps.tries(), list, &[]);
             let _ = devices::replace_list(&mut state.maps.devices, list, &[]);
             let _ = state.write_cap(cgroup, 0);
             state.forget_guards(cgroup);

@@ -10,8 +10,8 @@ use std::{
 
 use agent_common::policy::{
     DENIALS_LOST_MAP, DENIALS_MAP, DENIALS_SEEN_MAP, DEVICES_MAP, EGRESS_CAPS_MAP, GUARDS_ARMED_MAP, KERNEL_GUARDS_MAP,
-    KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP, NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, VERDICTS_MAP,
-    programs,
+    KERNEL_LEVEL_GLOBAL, KERNEL_POLICIES_MAP, NODE_POLICY_MAP, POLICY_LAYOUT_VERSION, RULES_MAP, RULES4_MAP,
+    VERDICTS_MAP, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -27,7 +27,9 @@ use crate::monitor::{
     ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
     pins::same_code_link,
 };
-use agent_common::policy::{DeviceKey, EgressCap, KernelGuards, KernelPolicy, NodePolicy, Rule, RuleKey, VerdictKey};
+use agent_common::policy::{
+    DeviceKey, EgressCap, KernelGuards, KernelPolicy, NodePolicy, Rule, RuleKey, RuleKey4, VerdictKey,
+};
 
 /// The object built by `agent/build.rs` from `agent-ebpf/src/policy.rs`.
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-policy.o"));
@@ -61,10 +63,11 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map the programs use; all are pinned with the links.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     NODE_POLICY_MAP,
     KERNEL_POLICIES_MAP,
     RULES_MAP,
+    RULES4_MAP,
     VERDICTS_MAP,
     DENIALS_MAP,
     DENIALS_SEEN_MAP,
@@ -93,6 +96,7 @@ pub struct PolicyMaps {
     pub node: Array<MapData, NodePolicy>,
     pub kernels: BpfHashMap<MapData, u64, KernelPolicy>,
     pub rules: LpmTrie<MapData, RuleKey, Rule>,
+    pub rules4: LpmTrie<MapData, RuleKey4, Rule>,
     pub verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     pub lost: PerCpuArray<MapData, u64>,
     pub denials: Option<RingBuf<MapData>>,
@@ -100,6 +104,13 @@ pub struct PolicyMaps {
     pub egress_caps: BpfHashMap<MapData, u64, EgressCap>,
     pub guards: BpfHashMap<MapData, u64, KernelGuards>,
     pub armed: BpfHashMap<MapData, u64, u32>,
+}
+
+impl PolicyMaps {
+    /// Both rule tries, for [`super::rules::replace_list`].
+    pub fn tries(&mut self) -> super::rules::Tries<'_> {
+        super::rules::Tries { v4: &mut self.rules4, v6: &mut self.rules }
+    }
 }
 
 /// The loaded programs, attached at the kernels' parent cgroup.
@@ -321,6 +332,7 @@ impl PolicyPrograms {
             node: take(&mut self.ebpf, NODE_POLICY_MAP)?,
             kernels: take(&mut self.ebpf, KERNEL_POLICIES_MAP)?,
             rules: take(&mut self.ebpf, RULES_MAP)?,
+            rules4: take(&mut self.ebpf, RULES4_MAP)?,
             verdicts: take(&mut self.ebpf, VERDICTS_MAP)?,
             lost: take(&mut self.ebpf, DENIALS_LOST_MAP)?,
             denials: take(&mut self.ebpf, DENIALS_MAP).ok(),
