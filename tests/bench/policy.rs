@@ -145,7 +145,9 @@ fn other_hooks(
     );
     println!("| program | hook | workload | runs | ns/run |");
     println!("|---|---|---|---:|---:|");
-    let workloads: [(&str, &str, &[(&str, &str)]); 4] = [
+    // (what the kernel does, its Python, the programs it runs: name and hook)
+    type Workload<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let workloads: [Workload; 4] = [
         (
             "UDP `sendto` of 64 bytes (one packet each)",
             &udp,
