@@ -112,6 +112,9 @@ fn the_redis_address_in_etcd_takes_effect_and_the_node_is_registered_while_the_a
     assert_ne!(lease, 0, "the node key must be under a lease");
     let (ip, ip_lease) = rt.block_on(etcd_get(&mut client, &format!("{node}/ip"))).expect("get").expect("ip key");
     assert_eq!((ip.as_str(), ip_lease), ("127.0.0.1", lease));
+    let (port, port_lease) =
+        rt.block_on(etcd_get(&mut client, &format!("{node}/watcher_port"))).expect("get").expect("watcher_port");
+    assert_eq!((port.as_str(), port_lease), ("6009", lease), "where the manager finds the watcher");
     let ttl = rt.block_on(client.lease_time_to_live(lease, None)).expect("lease info");
     assert_eq!(ttl.granted_ttl(), bai_agent::etcd::LEASE_TTL_SECS);
 

@@ -90,16 +90,57 @@ impl std::fmt::Debug for EtcdSection {
     }
 }
 
-/// The watcher side daemon (`X-BackendAI-Watcher-Token`); etcd's `config/watcher/token` fills it.
-#[derive(Clone, Default, Deserialize)]
+/// The watcher side daemon `bai-watcher` (Backend.AI's, port 6009).
+#[derive(Clone, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct WatcherSection {
+    /// What `X-BackendAI-Watcher-Token` must carry; etcd's `config/watcher/token` fills it,
+    /// and without either it is Backend.AI's `insecure` (logged).
     pub token: Option<String>,
+    /// Where the watcher listens; the agent registers its port in etcd
+    /// (`nodes/agents/{id}/watcher_port`) for the manager.
+    pub service_addr: SocketAddr,
+    /// The agent's systemd unit.
+    pub target_service: String,
+    /// `POST /soft-reset` (`systemctl reload`) is served.
+    pub soft_reset_available: bool,
+    /// The service manager's command (`systemctl`; a stand-in where there is no systemd).
+    pub systemctl: Vec<String>,
+    /// What `POST /shutdown` runs after stopping the agent.
+    pub shutdown_command: Vec<String>,
+    /// The fstab `GET /fstab` reads and mounts may edit.
+    pub fstab_path: PathBuf,
+    /// The engine's unit, restarted by `POST /hard-reset`.
+    pub docker_service: String,
+}
+
+impl Default for WatcherSection {
+    fn default() -> Self {
+        Self {
+            token: None,
+            service_addr: SocketAddr::from(([0, 0, 0, 0], 6009)),
+            target_service: "backendai-agent.service".into(),
+            soft_reset_available: false,
+            systemctl: vec!["systemctl".into()],
+            shutdown_command: vec!["shutdown".into(), "-h".into(), "now".into()],
+            fstab_path: PathBuf::from("/etc/fstab"),
+            docker_service: "docker.service".into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for WatcherSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WatcherSection").field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+        f.debug_struct("WatcherSection")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("service_addr", &self.service_addr)
+            .field("target_service", &self.target_service)
+            .field("soft_reset_available", &self.soft_reset_available)
+            .field("systemctl", &self.systemctl)
+            .field("shutdown_command", &self.shutdown_command)
+            .field("fstab_path", &self.fstab_path)
+            .field("docker_service", &self.docker_service)
+            .finish()
     }
 }
 
@@ -1111,7 +1152,9 @@ enabled = false
         assert_eq!(config.container.mount_root, Path::new("/etc/backend.ai/./vfroot/local"));
         assert_eq!((config.resource.reserved_cpu, config.resource.reserved_mem), (Some(1), 1 << 30));
         assert_eq!(config.logging.level, "info");
-        for key in ["agent.mode", "container.kernel-uid", "watcher.service-addr", "pyroscope", "otel", "debug.coredump"]
+        assert_eq!(config.watcher.service_addr.to_string(), "127.0.0.1:6009");
+        assert_eq!(config.watcher.target_service, "backendai-agent.service");
+        for key in ["agent.mode", "container.kernel-uid", "watcher.ssl-enabled", "pyroscope", "otel", "debug.coredump"]
         {
             assert!(config.python_keys.iter().any(|k| k == key), "{key} in {:?}", config.python_keys);
         }

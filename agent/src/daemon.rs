@@ -164,7 +164,8 @@ pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationTok
     let kernels = Arc::new(kernel_manager);
     let _ = capacity_source.set(kernels.clone());
     let ip = events::heartbeat::AgentIdentity::from_config(&config).ip;
-    let registration = etcd.map(|etcd| etcd.register(&config.agent.id, &ip, shutdown.clone()));
+    let registration =
+        etcd.map(|etcd| etcd.register(&config.agent.id, &ip, config.watcher.service_addr.port(), shutdown.clone()));
 
     let (events_tx, events_rx) = mpsc::channel(1024);
     let (exits_tx, exits_rx) = mpsc::channel(1024);

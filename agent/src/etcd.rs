@@ -25,9 +25,11 @@
 //! |---|---|
 //! | `nodes/agents/{agent_id}` | `running` (Backend.AI's node status) |
 //! | `nodes/agents/{agent_id}/ip` | the host the manager reaches this node by (the heartbeat's `ip`) |
+//! | `nodes/agents/{agent_id}/watcher_port` | `watcher.service-addr`'s port (`bai-watcher`) |
 //!
-//! Backend.AI's managers read `nodes/agents/{agent_id}/ip` (and `watcher_port`, which this
-//! agent does not write: it has no watcher address yet).
+//! Backend.AI's managers read `nodes/agents/{agent_id}/ip` and `watcher_port`. `bai-watcher`
+//! writes `config/watcher/token` from its own `watcher.token` when etcd has none (the manager
+//! reads the token there).
 //!
 //! etcd unreachable at startup, when `etcd.addr` is set, is an error naming `etcd.addr`: the
 //! shared configuration (the manager's Redis, the vfolder mount root) is only known from etcd,
@@ -207,6 +209,29 @@ impl Etcd {
         Ok(keys)
     }
 
+    /// Writes `value` at `key` (relative to the namespace) unless the key exists; returns the
+    /// value etcd holds afterwards.
+    pub async fn put_if_absent(&self, key: &str, value: &str) -> Result<String, EtcdError> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+        let full = format!("{}{key}", self.prefix);
+        let txn = Txn::new()
+            .when([Compare::version(full.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(full.clone(), value, None)])
+            .or_else([TxnOp::get(full.clone(), None)]);
+        let mut client = self.client.clone();
+        let response = within(client.txn(txn))
+            .await
+            .map_err(|reason| EtcdError::Unreachable { addr: self.addr.clone(), reason })?;
+        if response.succeeded() {
+            return Ok(value.to_owned());
+        }
+        let held = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        Ok(held.unwrap_or_default())
+    }
+
     /// Reads the shared keys and lays them over `config` (see [`overlay`]), logging what came
     /// from etcd (names only: some values are secrets).
     pub async fn apply_shared_config(&self, config: &mut Config) -> Result<(), EtcdError> {
@@ -222,12 +247,17 @@ impl Etcd {
         Ok(())
     }
 
-    /// Registers the node (`nodes/agents/{agent_id}` = [`NODE_STATUS`] and `…/ip`) under a
-    /// lease and keeps it alive until `shutdown`, then revokes it. Runs as a task: an etcd
-    /// outage is retried (the lease renewed, the keys written again) and never ends it.
-    pub fn register(&self, agent_id: &str, ip: &str, shutdown: CancellationToken) -> JoinHandle<()> {
+    /// Registers the node (`nodes/agents/{agent_id}` = [`NODE_STATUS`], `…/ip` and
+    /// `…/watcher_port`, where the manager finds the watcher) under a lease and keeps it alive
+    /// until `shutdown`, then revokes it. Runs as a task: an etcd outage is retried (the lease
+    /// renewed, the keys written again) and never ends it.
+    pub fn register(&self, agent_id: &str, ip: &str, watcher_port: u16, shutdown: CancellationToken) -> JoinHandle<()> {
         let node = format!("{}{}", self.prefix, node_key(agent_id));
-        let values = vec![(node.clone(), NODE_STATUS.to_owned()), (format!("{node}/ip"), ip.to_owned())];
+        let values = vec![
+            (node.clone(), NODE_STATUS.to_owned()),
+            (format!("{node}/ip"), ip.to_owned()),
+            (format!("{node}/watcher_port"), watcher_port.to_string()),
+        ];
         let registration = Registration { etcd: self.clone(), node, values, lease: None, keeper: None };
         tokio::spawn(registration.run(shutdown))
     }

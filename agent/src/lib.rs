@@ -22,3 +22,4 @@ pub mod resources;
 pub mod rpc;
 pub mod scratch;
 pub mod usage;
+pub mod watcher;

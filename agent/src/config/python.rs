@@ -50,12 +50,9 @@ const UNUSED: &[&str] = &[
     "container.advertised-host",
     "container.advertised-port-range",
     "container.use-host-network",
-    "watcher.service-addr",
     "watcher.ssl-enabled",
     "watcher.ssl-cert",
     "watcher.ssl-privkey",
-    "watcher.target-service",
-    "watcher.soft-reset-available",
     "logging.drivers",
     "logging.pkg-ns",
     "logging.console",
@@ -101,7 +98,8 @@ const RENAMED: &[(&str, &str)] = &[
 ];
 
 /// Addresses the Python agent writes as `{ host = "…", port = … }`.
-const ADDRESSES: &[&str] = &["agent.rpc-listen-addr", "agent.internal-addr", "etcd.addr", "redis.addr"];
+const ADDRESSES: &[&str] =
+    &["agent.rpc-listen-addr", "agent.internal-addr", "etcd.addr", "redis.addr", "watcher.service-addr"];
 
 /// Rewrites `table` in place into bai-agent's keys; returns the keys set aside, sorted.
 pub fn translate(table: &mut Table) -> Vec<String> {

@@ -178,7 +178,7 @@ pub fn v1_entry<'a>(proc_cgroup: &'a str, controller: &str) -> Option<&'a str> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mount_path(raw: &str) -> PathBuf {
+pub fn unescape_mount_path(raw: &str) -> PathBuf {
     let mut out = String::with_capacity(raw.len());
     let mut chars = raw.chars().peekable();
     while let Some(c) = chars.next() {
