@@ -201,3 +201,64 @@ fn exec_streams_output_answers_input_and_exits_with_the_codes_status() {
     assert!(failure(&bad).contains("no-such-kernel"));
     ok(&agent, &["destroy", &kernel]);
 }
+
+/// `bai-agentctl top` under tmux: the live table lists the node's kernels with the busy one
+/// first by CPU, `m` re-sorts by memory, `q` quits; off a terminal it prints plain tables.
+#[test]
+fn top_shows_the_kernels_live_sorts_on_a_key_and_prints_plain_off_a_terminal() {
+    use std::time::Duration;
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 24750)).expect("agent starts");
+    let create = || {
+        let created =
+            json(&agent, &["create", "--image", bai_agent_tests::BUSYBOX_IMAGE, "--cpu", "1", "--mem", "256m"]);
+        (
+            created[0]["id"].as_str().expect("id").to_owned(),
+            created[0]["container_id"].as_str().expect("container").to_owned(),
+        )
+    };
+    let (busy, busy_container) = create();
+    let (idle, _) = create();
+    let spin = Command::new("docker")
+        .args(["exec", "-d", &busy_container, "sh", "-c", "while :; do :; done"])
+        .status()
+        .expect("docker exec");
+    assert!(spin.success());
+
+    // Plain, off a terminal: two tables, no escape sequences.
+    let plain = ok(&agent, &["top", "--iterations", "2", "--interval", "1"]);
+    assert_eq!(plain.matches("KERNEL").count(), 2, "{plain}");
+    assert!(!plain.contains('\u{1b}'), "{plain:?}");
+    let first_row = plain.lines().nth(2).expect("a row");
+    assert!(first_row.starts_with(&busy), "the busy kernel first by CPU: {plain}");
+    assert!(plain.contains(&idle) && plain.contains("running"), "{plain}");
+
+    // Live, under tmux.
+    let socket = bai_agent_tests::unique("top");
+    let tmux = |args: &[&str]| Command::new("tmux").args(["-L", &socket]).args(args).output().expect("tmux");
+    let command =
+        format!("{} --agent tcp://{} top --interval 1", bai_agent_tests::agentctl_binary().display(), agent.rpc_addr);
+    assert!(tmux(&["new-session", "-d", "-s", "top", "-x", "200", "-y", "30", &command]).status.success());
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned();
+    bai_agent_tests::wait_until("the live table", Duration::from_secs(15), || {
+        let text = screen();
+        text.contains("sorted by cpu") && text.contains(&busy) && text.contains(&idle)
+    })
+    .unwrap_or_else(|err| panic!("{err}: {}", screen()));
+    let text = screen();
+    let row = text.lines().find(|line| line.starts_with(&busy)).expect("the busy kernel's row");
+    let cpu: f64 = row.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("CPU%");
+    assert!(cpu > 50.0, "the spinning kernel uses a CPU: {row}");
+    assert!(tmux(&["send-keys", "-t", "top", "m"]).status.success());
+    bai_agent_tests::wait_until("sorted by memory", Duration::from_secs(10), || screen().contains("sorted by mem"))
+        .unwrap_or_else(|err| panic!("{err}: {}", screen()));
+    assert!(tmux(&["send-keys", "-t", "top", "q"]).status.success());
+    bai_agent_tests::wait_until("top quits on q", Duration::from_secs(10), || {
+        !tmux(&["has-session", "-t", "top"]).status.success()
+    })
+    .unwrap_or_else(|err| panic!("{err}: {}", screen()));
+    for kernel in [&busy, &idle] {
+        ok(&agent, &["destroy", kernel]);
+    }
+}

@@ -21,5 +21,6 @@ pub mod ports;
 pub mod resources;
 pub mod rpc;
 pub mod scratch;
+pub mod top;
 pub mod usage;
 pub mod watcher;

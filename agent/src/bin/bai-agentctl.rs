@@ -141,6 +141,25 @@ enum Command {
         #[arg(long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// A live view of the node's kernels: CPU, memory against its limit, network and disk
+    /// rates (from the agent's /metrics, read every interval), state and owner (`list_kernels`).
+    /// On a terminal it redraws until `q`; keys c, m, n, d, k sort by CPU, memory, network,
+    /// disk, kernel id. Elsewhere it prints the table --iterations times (default once).
+    Top {
+        /// The agent's /metrics address (default: its `agent.internal-addr`, from
+        /// `get_local_config`).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<String>,
+        /// Seconds between readings.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        interval: f64,
+        /// The column to sort by (largest first).
+        #[arg(long, value_enum, default_value = "cpu")]
+        sort: bai_agent::top::SortKey,
+        /// How many tables to print, then exit (default: until `q` on a terminal, once elsewhere).
+        #[arg(long, value_name = "N")]
+        iterations: Option<u32>,
+    },
     /// `start_service(kernel_id, service, {})` / `shutdown_service(kernel_id, service)`.
     Service {
         #[arg(value_parser = ["start", "stop"])]
@@ -229,6 +248,9 @@ fn main() -> ExitCode {
 }
 
 /// One connection and the options every call uses.
+#[path = "bai-agentctl/top.rs"]
+mod top;
+
 struct Agent {
     client: RpcClient,
     options: CallOptions,
@@ -418,6 +440,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Exec(args) => return exec(&agent, &args, json).await,
         Command::Usage { .. } => unreachable!("answered before connecting"),
+        Command::Top { metrics, interval, sort, iterations } => {
+            return top::run(&agent, &cli.agent, metrics, interval, sort, iterations).await;
+        }
         Command::Interrupt { kernel } => {
             let reply = agent.call("interrupt_kernel", vec![s(&kernel)]).await?;
             if json {
