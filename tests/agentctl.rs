@@ -262,3 +262,46 @@ fn top_shows_the_kernels_live_sorts_on_a_key_and_prints_plain_off_a_terminal() {
         ok(&agent, &["destroy", kernel]);
     }
 }
+
+/// `bai-agentctl create --auto-pull` of an image the engine lacks shows the pull's progress
+/// (layers and bytes, from the agent's `image_pull_progress`) while `create_kernels` runs.
+#[test]
+fn create_shows_the_image_pulls_progress() {
+    require_environment();
+    let registry = bai_agent_tests::LocalRegistry::start().expect("registry starts");
+    let image = format!("{}/bai-test/pull-progress:{}", registry.addr, bai_agent_tests::unique("tag"));
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().expect("docker");
+        assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // A layer of its own (random bytes), so that the pull really downloads something.
+    let context = tempfile::tempdir().expect("build context");
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM {}\nRUN dd if=/dev/urandom of=/blob bs=1M count=96\n", bai_agent_tests::BUSYBOX_IMAGE),
+    )
+    .expect("Dockerfile");
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", &image])
+        .arg(context.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    registry.docker(&["push", &image]).expect("push");
+    docker(&["rmi", &image]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&bai_agent_tests::kernels::kernel_toml(dir.path(), 24790)).expect("agent starts");
+    let out = agentctl(&agent, &["--json", "create", "--image", &image, "--auto-pull", "--cpu", "1", "--mem", "256m"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}\n{}", agent.log_text());
+    let created: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let lines: Vec<&str> = stderr.lines().filter(|line| line.starts_with(&format!("pulling {image}: "))).collect();
+    assert!(!lines.is_empty(), "the pull's progress is shown: {stderr:?}");
+    let last = lines.last().expect("a line");
+    assert!(last.contains("layers") && last.contains("MiB"), "{last}");
+    assert!(!last.contains("/0.0 MiB"), "the pull's size is known: {last}");
+    let kernel = created[0]["id"].as_str().expect("a kernel id").to_owned();
+    ok(&agent, &["destroy", &kernel]);
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+}

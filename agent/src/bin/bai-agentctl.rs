@@ -303,9 +303,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hwinfo => show(&agent.call("gather_hwinfo", vec![]).await?, json),
         Command::Config => show(&agent.call("get_local_config", vec![]).await?, json),
         Command::Health => show(&agent.call("health", vec![]).await?, json),
-        Command::Create(_) => {
+        Command::Create(create_args) => {
             let (session_id, kernel_ids, args) = create.expect("built above");
-            let reply = agent.call("create_kernels", args).await?;
+            // A pull happens inside create_kernels: its progress comes over a second connection.
+            let progress = create_args.auto_pull.then(|| {
+                tokio::spawn(show_pull_progress(cli.agent.clone(), create_args.image.clone(), agent.options.clone()))
+            });
+            let reply = agent.call("create_kernels", args).await;
+            if let Some(progress) = progress {
+                progress.abort();
+                let _ = progress.await;
+            }
+            let reply = reply?;
             if json {
                 print_json(&reply);
             } else {
@@ -675,6 +684,52 @@ async fn find_session(agent: &Agent, kernel: &str) -> Option<String> {
 
 /// `create_kernels`' positional arguments: session id, kernel ids, configs, cluster info,
 /// image refs; with the session and kernel ids for printing.
+/// Polls `image_pull_progress` and writes the pull's progress to stderr: one line redrawn on
+/// a terminal, a line per change elsewhere. Runs until aborted.
+async fn show_pull_progress(addr: String, image: String, options: CallOptions) {
+    let Ok(client) = RpcClient::connect(&addr).await else { return };
+    let terminal = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let _newline = PullLine(terminal);
+    loop {
+        let reply =
+            client.call_with("image_pull_progress", vec![Value::from(image.as_str())], Vec::new(), &options).await;
+        if let Ok(Value::Map(entries)) = reply {
+            let number = |key: &str| {
+                entries.iter().find(|(k, _)| k.as_str() == Some(key)).and_then(|(_, v)| v.as_u64()).unwrap_or(0)
+            };
+            let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+            let line = format!(
+                "pulling {image}: {}/{} layers, {:.1}/{:.1} MiB",
+                number("done_layers"),
+                number("layers"),
+                mib(number("current_bytes")),
+                mib(number("total_bytes"))
+            );
+            if line != last {
+                if terminal {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+                last = line;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Ends a redrawn progress line when the progress task stops.
+struct PullLine(bool);
+
+impl Drop for PullLine {
+    fn drop(&mut self) {
+        if self.0 {
+            eprintln!();
+        }
+    }
+}
+
 fn create_request(args: &CreateArgs) -> anyhow::Result<(String, Vec<String>, Vec<Value>)> {
     let count = usize::try_from(args.count)?;
     if args.kernel_ids.len() > count && args.count != 1 {

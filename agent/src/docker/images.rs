@@ -91,20 +91,21 @@ impl DockerClient {
         &self,
         image: &str,
         auth: Option<&RegistryAuth>,
-        mut progress: impl FnMut(&str),
+        mut progress: impl FnMut(&PullProgress),
     ) -> Result<(), DockerError> {
         let (name, tag) = split_image_tag(image);
         let options =
             CreateImageOptions { from_image: Some(name.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
         let engine = self.engine().clone().with_timeout(LONG_OPERATION);
         let mut stream = engine.create_image(Some(options), None, auth.map(RegistryAuth::credentials));
+        let mut pulled = PullProgress::default();
         while let Some(item) = stream.next().await {
             let info = item.map_err(|source| DockerError::Request { what: format!("pull {image}"), source })?;
-            if let Some(error) = info.error_detail.and_then(|detail| detail.message) {
+            if let Some(error) = info.error_detail.as_ref().and_then(|detail| detail.message.clone()) {
                 return Err(DockerError::Refused { what: format!("pull {image}"), message: error });
             }
-            if let Some(status) = info.status.as_deref() {
-                progress(status);
+            if pulled.update(&info) {
+                progress(&pulled);
             }
         }
         Ok(())
@@ -279,6 +280,68 @@ pub fn split_image_tag(image: &str) -> (&str, &str) {
     match image[name_start..].rfind(':') {
         Some(colon) => (&image[..name_start + colon], &image[name_start + colon + 1..]),
         None => (image, "latest"),
+    }
+}
+
+/// How far an image's pull has come, from the engine's pull stream: each layer's bytes
+/// downloaded and whether it is in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullProgress {
+    /// The engine's last status line (`Downloading`, `Pull complete`, `Digest: …`).
+    pub status: String,
+    layers: std::collections::BTreeMap<String, LayerProgress>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct LayerProgress {
+    current: u64,
+    total: u64,
+    done: bool,
+}
+
+impl PullProgress {
+    /// Takes one item of the pull stream; whether anything changed.
+    pub fn update(&mut self, info: &bollard::models::CreateImageInfo) -> bool {
+        let Some(status) = info.status.as_deref() else { return false };
+        self.status = status.to_owned();
+        let Some(id) = info.id.as_deref().filter(|_| !status.starts_with("Pulling from")) else { return true };
+        let layer = self.layers.entry(id.to_owned()).or_default();
+        let detail = info.progress_detail.as_ref();
+        let number = |value: Option<i64>| value.and_then(|v| u64::try_from(v).ok());
+        match status {
+            "Downloading" => {
+                if let Some(total) = number(detail.and_then(|d| d.total)) {
+                    layer.total = total;
+                }
+                if let Some(current) = number(detail.and_then(|d| d.current)) {
+                    layer.current = current;
+                }
+            }
+            "Download complete" | "Verifying Checksum" => layer.current = layer.total,
+            "Pull complete" | "Already exists" => {
+                layer.current = layer.total;
+                layer.done = true;
+            }
+            _ => {}
+        }
+        true
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn done_layers(&self) -> usize {
+        self.layers.values().filter(|layer| layer.done).count()
+    }
+
+    /// Bytes downloaded, of the layers whose size is known.
+    pub fn current_bytes(&self) -> u64 {
+        self.layers.values().map(|layer| layer.current).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.layers.values().map(|layer| layer.total).sum()
     }
 }
 

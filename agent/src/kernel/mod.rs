@@ -23,7 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    docker::{ContainerEvent, DockerClient, DockerError, containers::ContainerSpec, images::RegistryAuth, labels},
+    docker::{
+        ContainerEvent, DockerClient, DockerError,
+        containers::ContainerSpec,
+        images::{PullProgress, RegistryAuth},
+        labels,
+    },
     events::EventBus,
     metrics::MetricsState,
     msgpack_json::map,
@@ -209,6 +214,8 @@ pub struct KernelManager {
     ready: std::sync::atomic::AtomicBool,
     /// Images being pulled for `check_and_pull`, by the name Docker knows them by.
     pulling: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// How far each image being pulled has come (either kind of pull).
+    pulls: PullBoard,
     /// Tells the usage meter when kernels start and end.
     usage: UsageHandle,
     /// `agent.image-commit-path`: where commits write files and their lock files.
@@ -338,6 +345,7 @@ impl KernelManager {
             state_counts: std::sync::Mutex::new([0; KernelState::ALL.len()]),
             ready: std::sync::atomic::AtomicBool::new(false),
             pulling: Arc::default(),
+            pulls: PullBoard::default(),
             usage: UsageHandle::disconnected(),
             commit_root: config.agent.image_commit_path.clone(),
             policy: None,
@@ -594,15 +602,24 @@ impl KernelManager {
             self.set_state(kernel_id, KernelState::Pulling, |_| {}).await;
             self.emit("kernel_pulling", vec![kernel_id.into(), session_id.into(), spec.image.as_str().into()]);
             let events = self.events.clone();
-            docker
-                .pull_image(&spec.image, spec.registry_auth.as_ref(), |status: &str| {
+            let pulls = self.pulls.clone();
+            let pulled = docker
+                .pull_image(&spec.image, spec.registry_auth.as_ref(), |progress| {
+                    pulls.record(&spec.image, progress);
                     events.emit(
                         "kernel_pull_progress",
-                        vec![kernel_id.into(), session_id.into(), Value::Nil, Value::Nil, status.into()],
+                        vec![
+                            kernel_id.into(),
+                            session_id.into(),
+                            (progress.current_bytes() as f64).into(),
+                            (progress.total_bytes() as f64).into(),
+                            progress.status.as_str().into(),
+                        ],
                     );
                 })
-                .await
-                .map_err(|err| failed(kernel_id, format!("pulling `{}`: {err}", spec.image)))?;
+                .await;
+            self.pulls.finish(&spec.image);
+            pulled.map_err(|err| failed(kernel_id, format!("pulling `{}`: {err}", spec.image)))?;
         }
         self.set_state(kernel_id, KernelState::Creating, |_| {}).await;
         self.emit("kernel_creating", vec![kernel_id.into(), session_id.into()]);
@@ -982,11 +999,16 @@ impl KernelManager {
             // A background task id, as Python's `uuid4().hex`.
             let task_id = uuid::Uuid::new_v4().simple().to_string();
             tasks.push((image.canonical.clone(), task_id));
-            let (docker, events, agent_id, pulling) =
-                (docker.clone(), self.events.clone(), self.agent_id.clone(), self.pulling.clone());
-            tokio::spawn(async move { pull_if_missing(&docker, &events, &agent_id, &pulling, image).await });
+            let (docker, events, agent_id, pulling, pulls) =
+                (docker.clone(), self.events.clone(), self.agent_id.clone(), self.pulling.clone(), self.pulls.clone());
+            tokio::spawn(async move { pull_if_missing(&docker, &events, &agent_id, (&pulling, &pulls), image).await });
         }
         Ok(tasks)
+    }
+
+    /// How far the pull of `image` (by the name Docker knows it by) has come, while it runs.
+    pub fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        self.pulls.get(image)
     }
 
     /// `check_pulling`: whether `check_and_pull` is pulling the image now.
@@ -1261,12 +1283,34 @@ pub struct ImagePull {
     pub auth: Option<RegistryAuth>,
 }
 
+/// Images being pulled now, with how far each has come (for `image_pull_progress`).
+#[derive(Debug, Clone, Default)]
+struct PullBoard(Arc<std::sync::Mutex<HashMap<String, PullProgress>>>);
+
+impl PullBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PullProgress>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, image: &str, progress: &PullProgress) {
+        self.lock().insert(image.to_owned(), progress.clone());
+    }
+
+    fn finish(&self, image: &str) {
+        self.lock().remove(image);
+    }
+
+    fn get(&self, image: &str) -> Option<PullProgress> {
+        self.lock().get(image).cloned()
+    }
+}
+
 /// The background step of `check_and_pull` for one image.
 async fn pull_if_missing(
     docker: &DockerClient,
     events: &EventBus,
     agent_id: &str,
-    pulling: &std::sync::Mutex<HashSet<String>>,
+    (pulling, pulls): (&std::sync::Mutex<HashSet<String>>, &PullBoard),
     image: ImagePull,
 ) {
     let now =
@@ -1292,7 +1336,10 @@ async fn pull_if_missing(
         return;
     }
     events.emit("image_pull_started", vec![image.canonical.as_str().into(), agent_id.into(), now().into(), Value::Nil]);
-    let pulled = docker.pull_image(&image.run_name, image.auth.as_ref(), |_| {}).await;
+    let pulled = docker
+        .pull_image(&image.run_name, image.auth.as_ref(), |progress| pulls.record(&image.run_name, progress))
+        .await;
+    pulls.finish(&image.run_name);
     pulling.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&image.run_name);
     match pulled {
         Ok(()) => {

@@ -360,6 +360,23 @@ impl Methods {
         Ok(self.kernels(M)?.is_pulling(&image).into())
     }
 
+    /// `image_pull_progress(image_name)` (this agent's own): how far the pull of an image (by
+    /// the name the engine knows it by) has come, or nil when it is not being pulled.
+    pub(super) async fn image_pull_progress(&self, args: Args) -> Result<Value, MethodError> {
+        const M: &str = "image_pull_progress";
+        args.expect(&["image_name"])?;
+        let image = args.string(0, "image_name")?;
+        let Some(progress) = self.kernels(M)?.pull_progress(&image) else { return Ok(Value::Nil) };
+        Ok(Value::Map(vec![
+            ("image".into(), image.as_str().into()),
+            ("status".into(), progress.status.as_str().into()),
+            ("layers".into(), (progress.layers() as u64).into()),
+            ("done_layers".into(), (progress.done_layers() as u64).into()),
+            ("current_bytes".into(), progress.current_bytes().into()),
+            ("total_bytes".into(), progress.total_bytes().into()),
+        ]))
+    }
+
     /// `check_creating(kernel_id)` → whether the kernel is being created or exists.
     pub(super) async fn check_creating(&self, args: Args) -> Result<Value, MethodError> {
         const M: &str = "check_creating";

@@ -278,6 +278,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "push_image",
     "scan_gpu_alloc_map",
     "set_egress_cap",
+    "image_pull_progress",
 ];
 
 pub struct Methods {
@@ -357,6 +358,7 @@ impl Methods {
             "push_image" => self.push_image(args).await,
             "scan_gpu_alloc_map" => self.scan_gpu_alloc_map(args),
             "set_egress_cap" => self.set_egress_cap(args).await,
+            "image_pull_progress" => self.image_pull_progress(args).await,
             _ => Err(MethodError::UnknownMethod(method.to_owned())),
         }
     }
