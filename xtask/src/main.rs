@@ -1,6 +1,7 @@
-//! `cargo xtask`: the developer entry point of bai-agent (setup, eBPF build, run, test, bench).
+//! `cargo xtask`: the developer entry point of bai-agent (setup, eBPF build, run, test, bench, dist).
 
 mod cmd;
+mod dist;
 mod docker;
 mod krunner;
 mod services;
@@ -24,7 +25,7 @@ const EBPF_TARGET: &str = "bpfel-unknown-none";
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Developer tasks for bai-agent: machine setup, eBPF build, run, test, bench",
+    about = "Developer tasks for bai-agent: machine setup, eBPF build, run, test, bench, dist",
     long_about = "Developer tasks for bai-agent.\n\n\
         `cargo xtask setup` makes a fresh machine (Debian, root) ready; `run`, `test` and `bench` \
         run it first, so on a new machine `cargo xtask test` is all it takes."
@@ -113,6 +114,23 @@ enum Task {
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
+
+    /// Build the operator's packages under target/dist/: `bai-agent-{version}-{arch}.tar.gz`
+    /// and `bai-agent_{version}_{debarch}.deb` (dpkg-deb), with the binaries (debug info
+    /// stripped), the static bai-krunner, /etc/backend.ai/agent.toml (the annotated sample), the
+    /// systemd units (config/systemd/), sysctl and limits files and the Prometheus rules.
+    ///
+    /// Needs what `cargo xtask setup` installs (it does not run it): the nightly toolchain and
+    /// bpf-linker for the agent's eBPF, the musl target for the runner. See docs/DEPLOYMENT.md.
+    Dist {
+        /// Cargo profile of bai-agent, bai-agentctl and bai-watcher: `release`, or `dev` for a
+        /// quick package to test (bai-krunner is always release).
+        #[arg(long, default_value = "release", value_name = "PROFILE")]
+        profile: String,
+        /// Where the packages go (default: target/dist).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Where things are.
@@ -166,6 +184,9 @@ fn main() -> ExitCode {
             test(&ctx, &["-p", "bai-agent-tests", "--test", "backendai_e2e"], &args).map(|()| ExitCode::SUCCESS)
         }
         Task::Bench { args } => bench(&ctx, &args),
+        Task::Dist { profile, out_dir } => {
+            dist::dist(&ctx, &dist::DistOptions { profile, out_dir }).map(|()| ExitCode::SUCCESS)
+        }
     });
     match result {
         Ok(code) => code,

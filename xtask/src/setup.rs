@@ -37,6 +37,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // The Backend.AI manager's database and the end-to-end stack's probes.
     "postgresql",
     "curl",
+    // systemd-analyze, with which tests/dist.rs verifies the packaged units (config/systemd/).
+    // Installing it starts nothing: on a machine or container without systemd running it only
+    // adds the files.
+    "systemd",
 ];
 
 /// The LLVM inside the nightly toolchain that bpf-linker links against:
