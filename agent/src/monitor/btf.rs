@@ -130,23 +130,20 @@ impl KernelBtf {
         })
     }
 
-    /// Byte offset of a member path such as `["se", "sum_exec_runtime"]` in `strukt`.
+    /// Byte offset of a member path such as `["se", "sum_exec_runtime"]` in `strukt`; a member
+    /// inside an anonymous struct or union (as randomized layouts put them) is found too.
     pub fn member_offset(&self, strukt: &str, path: &[&str]) -> Result<u64, BtfError> {
         let mut id = self.struct_id(strukt).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
         let mut bits = 0u64;
         let mut owner = strukt.to_owned();
         for member in path {
-            let composite = self
-                .composites
-                .get(id as usize)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| BtfError::NoStruct(owner.clone()))?;
-            let &(_, member_type, offset) = composite
-                .members
-                .iter()
-                .find(|(name, _, _)| self.name(*name) == member.as_bytes())
+            if self.composites.get(id as usize).and_then(Option::as_ref).is_none() {
+                return Err(BtfError::NoStruct(owner));
+            }
+            let (member_type, offset) = self
+                .find_member(id, member, 0)
                 .ok_or_else(|| BtfError::NoMember { strukt: owner.clone(), member: (*member).to_owned() })?;
-            bits += u64::from(offset);
+            bits += offset;
             id = self.resolve(member_type);
             owner = (*member).to_owned();
         }
@@ -154,6 +151,24 @@ impl KernelBtf {
             return Err(BtfError::Malformed("member is a bitfield"));
         }
         Ok(bits / 8)
+    }
+
+    /// A member of composite `id` by name, directly or inside its anonymous members: its type
+    /// and bit offset.
+    fn find_member(&self, id: u32, name: &str, depth: usize) -> Option<(u32, u64)> {
+        let composite = self.composites.get(id as usize)?.as_ref()?;
+        if let Some(&(_, member_type, offset)) =
+            composite.members.iter().find(|(member, _, _)| *member != 0 && self.name(*member) == name.as_bytes())
+        {
+            return Some((member_type, u64::from(offset)));
+        }
+        if depth >= 8 {
+            return None;
+        }
+        composite.members.iter().filter(|(member, _, _)| *member == 0).find_map(|&(_, member_type, offset)| {
+            let (found, inner) = self.find_member(self.resolve(member_type), name, depth + 1)?;
+            Some((found, u64::from(offset) + inner))
+        })
     }
 }
 

@@ -1,9 +1,13 @@
 //! Guardrails in user space: whether this host can run them (BPF LSM), each kernel's modes
-//! (the node's, changed by the kernel's own `internal_data.guardrails`) and their names.
+//! (the node's, changed by the kernel's own `internal_data.guardrails`), their names, and where
+//! a task's cgroup is for the ptrace rule (from the kernel's BTF).
 
 use agent_common::policy::{KernelGuards, guard, guard_mode};
 
-use crate::config::{GuardMode, GuardrailsSection};
+use crate::{
+    config::{GuardMode, GuardrailsSection},
+    monitor::btf::{BtfError, KernelBtf},
+};
 
 /// Where the kernel lists its active security modules.
 const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
@@ -60,6 +64,35 @@ pub fn kernel_modes(node: &GuardrailsSection, exceptions: &Exceptions) -> Kernel
     KernelGuards { modes }
 }
 
+/// Where the ptrace rule finds a task's cgroup: `task->cgroups->dfl_cgrp`, that cgroup's
+/// `level` and `ancestors[]`, and a cgroup's id (`cgrp->kn->id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_level: u32,
+    pub cgroup_ancestors: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+}
+
+impl CgroupOffsets {
+    pub fn read(btf: &KernelBtf) -> Result<Self, BtfError> {
+        let offset = |strukt: &str, member: &str| {
+            btf.member_offset(strukt, &[member])
+                .and_then(|bytes| u32::try_from(bytes).map_err(|_| BtfError::Malformed("offset beyond 4 GiB")))
+        };
+        Ok(Self {
+            task_cgroups: offset("task_struct", "cgroups")?,
+            css_set_dfl_cgrp: offset("css_set", "dfl_cgrp")?,
+            cgroup_level: offset("cgroup", "level")?,
+            cgroup_ancestors: offset("cgroup", "ancestors")?,
+            cgroup_kn: offset("cgroup", "kn")?,
+            kernfs_node_id: offset("kernfs_node", "id")?,
+        })
+    }
+}
+
 /// The guardrail a verdict's rule id names, if any.
 pub fn name_of(rule: u32) -> Option<&'static str> {
     let index = rule.checked_sub(agent_common::policy::rule_id::GUARD_BASE)? as usize;
@@ -83,5 +116,12 @@ mod tests {
         let err = kernel_exceptions(Some(&serde_json::json!({"bpf": "sometimes"}))).unwrap_err();
         assert!(err.contains("sometimes"), "{err}");
         assert_eq!(name_of(agent_common::policy::rule_id::GUARD_BASE + 6), Some("ptrace-outside"));
+    }
+
+    #[test]
+    fn the_running_kernels_cgroup_fields_are_found() {
+        let btf = KernelBtf::from_sys_fs().expect("this host has kernel BTF");
+        let offsets = CgroupOffsets::read(&btf).expect("offsets");
+        assert!(offsets.task_cgroups > 0 && offsets.cgroup_ancestors > offsets.cgroup_level);
     }
 }

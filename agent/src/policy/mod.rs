@@ -8,7 +8,6 @@
 //!                                          └── {container id}/  made by the runtime
 //! ```
 
-pub mod btf;
 pub mod devices;
 pub mod guards;
 pub mod metadata;
@@ -590,8 +589,8 @@ impl Enforcer {
 
 /// Where a task's cgroup is, from the kernel's BTF; `None` (logged) leaves the ptrace rule
 /// out of the way.
-fn read_offsets() -> Option<btf::CgroupOffsets> {
-    match btf::KernelBtf::from_sys_fs().and_then(|btf| btf::CgroupOffsets::read(&btf)) {
+fn read_offsets() -> Option<guards::CgroupOffsets> {
+    match crate::monitor::btf::KernelBtf::from_sys_fs().and_then(|btf| guards::CgroupOffsets::read(&btf)) {
         Ok(offsets) => Some(offsets),
         Err(err) => {
             tracing::warn!(error = %err, "the ptrace-outside guardrail cannot follow tasks to their cgroups; it allows");

@@ -22,7 +22,7 @@ use aya::{
     },
 };
 
-use super::btf::CgroupOffsets;
+use super::guards::CgroupOffsets;
 use crate::monitor::{
     ebpf::{ProgramStats, kernel_program_stats, running_program_stats},
     pins::same_code_link,
