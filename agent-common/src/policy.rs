@@ -122,6 +122,9 @@ pub mod flags {
     ///
     /// [`EGRESS_CAPS_MAP`]: super::EGRESS_CAPS_MAP
     pub const PACING: u32 = 8;
+    /// [`NodePolicy::flags`]: some kernel has network rules of its own (without it, a
+    /// `connect` never looks its kernel up).
+    pub const KERNEL_RULES: u32 = 16;
 }
 
 /// The node's settings.

@@ -185,8 +185,13 @@ fn decide(kernel: CgroupId, dest: &Destination, at: u8) -> Decision {
         return Decision::Allow;
     }
     let node_rule = if node.flags & flags::HAS_RULES != 0 { matching_rule(0, dest) } else { None };
-    // SAFETY: the value is plain data the map owns.
-    let own = unsafe { KERNEL_POLICIES.get(&kernel) };
+    // Most nodes give no kernel rules of its own: then no kernel is looked up.
+    let own = if node.flags & flags::KERNEL_RULES != 0 {
+        // SAFETY: the value is plain data the map owns.
+        unsafe { KERNEL_POLICIES.get(&kernel) }
+    } else {
+        None
+    };
     let kernel_rule = match own {
         Some(own) if own.flags & flags::HAS_RULES != 0 => matching_rule(own.list, dest),
         _ => None,

@@ -111,6 +111,11 @@ impl State {
         if self.maps.egress_caps.keys().next().is_some() {
             node.flags |= flags::PACING;
         }
+        // From the map, not from this agent's records: kernels an earlier agent left keep
+        // their rules until recovery rewrites them.
+        if self.maps.kernels.iter().flatten().any(|(_, own)| own.flags & flags::HAS_RULES != 0) {
+            node.flags |= flags::KERNEL_RULES;
+        }
         self.maps.node.set(0, node, 0).map_err(|err| PolicyError::Map { map: "NODE_POLICY", reason: err.to_string() })
     }
 
@@ -402,6 +407,8 @@ impl Enforcer {
             .kernels
             .insert(cgroup, own, 0)
             .map_err(|err| PolicyError::Map { map: "KERNEL_POLICIES", reason: err.to_string() })?;
+        // The kernel's rules are in place before the node says some kernel has rules.
+        state.write_node()?;
         let names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
         let entry = KernelEntry {
             cgroup,
@@ -433,6 +440,9 @@ impl Enforcer {
         if let Some((cgroup, list)) = cgroup {
             let mut state = self.state();
             let _ = state.maps.kernels.remove(&cgroup);
+            if let Err(err) = state.write_node() {
+                tracing::warn!(kernel_id, error = %err, "rewriting the node's flags failed");
+            }
             if let Err(err) = rules::replace_list(state.maps.tries(), list, &[]) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's rules failed");
             }
