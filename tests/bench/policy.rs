@@ -35,14 +35,16 @@ use bai_agent_tests::{
 };
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+/// Throughput rounds unless the third argument says otherwise.
 const ROUNDS: usize = 5;
 const CHUNK: usize = 1 << 20;
 
 fn main() -> anyhow::Result<()> {
-    let usage = "usage: bench-policy [CONNECTS] [GIB]";
+    let usage = "usage: bench-policy [CONNECTS] [GIB] [ROUNDS]";
     let mut args = std::env::args().skip(1);
     let connects: u64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(20_000);
     let gib: f64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(2.0);
+    let rounds: usize = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(ROUNDS).max(1);
     require_environment();
     if std::fs::read_to_string(BPF_STATS).unwrap_or_default().trim() != "1" {
         bail!("kernel.bpf_stats_enabled is not 1; run through `cargo xtask bench -- policy`, which sets it");
@@ -57,12 +59,12 @@ fn main() -> anyhow::Result<()> {
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_owned();
     println!("Machine: nproc {nproc}, kernel {kernel} ({})\n", machine_description()?);
-    println!("Command: `cargo xtask bench -- policy {connects} {gib}`\n");
+    println!("Command: `cargo xtask bench -- policy {connects} {gib} {rounds}`\n");
 
     connect_cost(host, connects)?;
     // Per-packet programs pay two clock reads per run while statistics are on: off, as in production.
     let _stats_off = BpfStatsOff::set()?;
-    throughput(host, (gib * (1u64 << 30) as f64) as u64)?;
+    throughput(host, (gib * (1u64 << 30) as f64) as u64, rounds)?;
     cap_accuracy(host)?;
     Ok(())
 }
@@ -171,7 +173,7 @@ fn other_hooks(
 }
 
 /// Part 2: Gbit/s of one TCP connection from a kernel with and one without the policy.
-fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
+fn throughput(host: Ipv4Addr, bytes: u64, rounds: usize) -> anyhow::Result<()> {
     let (sink, received) = sink(host)?;
     let port = sink.local_addr()?.port();
     let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
@@ -183,7 +185,7 @@ fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
         send(container, host, port, 64 * CHUNK as u64, &received)?;
     }
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         // Alternate which goes first, so that neither always follows the other.
         for i in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
             rates[i].push(send(&kernels[i].1, host, port, bytes, &received)?);
@@ -191,7 +193,7 @@ fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
     }
     println!("### Allowed TCP throughput, one connection to the host's docker0 address\n");
     println!(
-        "{:.2} GiB per transfer in 1 MiB `sendall`s, {ROUNDS} rounds alternating; each kernel cpu 1, mem 512 MiB; \
+        "{:.2} GiB per transfer in 1 MiB `sendall`s, {rounds} rounds alternating; each kernel cpu 1, mem 512 MiB; \
          kernel.bpf_stats_enabled=0.\n",
         bytes as f64 / (1u64 << 30) as f64
     );
@@ -200,8 +202,8 @@ fn throughput(host: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
     let mut medians = [0.0; 2];
     for (i, (name, _)) in kernels.iter().enumerate() {
         rates[i].sort_by(f64::total_cmp);
-        medians[i] = rates[i][ROUNDS / 2];
-        println!("| {name} | {:.2} | {:.2} | {:.2} |", rates[i][0], medians[i], rates[i][ROUNDS - 1]);
+        medians[i] = rates[i][rounds / 2];
+        println!("| {name} | {:.2} | {:.2} | {:.2} |", rates[i][0], medians[i], rates[i][rounds - 1]);
     }
     println!("\nMedian with the policy against without: {:+.2} %", (medians[0] / medians[1] - 1.0) * 100.0);
     Ok(())
