@@ -249,7 +249,7 @@ fn top_shows_the_kernels_live_sorts_on_a_key_and_prints_plain_off_a_terminal() {
     let text = screen();
     let row = text.lines().find(|line| line.starts_with(&busy)).expect("the busy kernel's row");
     let cpu: f64 = row.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("CPU%");
-    assert!(cpu > 50.0, "the spinning kernel uses a CPU: {row}");
+    assert!(cpu > 20.0, "the spinning kernel is busy: {row}");
     assert!(tmux(&["send-keys", "-t", "top", "m"]).status.success());
     bai_agent_tests::wait_until("sorted by memory", Duration::from_secs(10), || screen().contains("sorted by mem"))
         .unwrap_or_else(|err| panic!("{err}: {}", screen()));
