@@ -41,6 +41,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // Installing it starts nothing: on a machine or container without systemd running it only
     // adds the files.
     "systemd",
+    // A terminal for `bai-agentctl top`'s test (tests/agentctl.rs drives it with send-keys).
+    "tmux",
 ];
 
 /// The LLVM inside the nightly toolchain that bpf-linker links against:
