@@ -478,6 +478,10 @@ pub struct ResourceSection {
     pub mem_overcommit: f64,
     /// How cores are picked: `fill` (lowest-numbered first) or `evenly` (least-loaded first).
     pub allocation_strategy: crate::resources::AllocationStrategy,
+    /// Mock accelerators instead of real ones: a file in the format of Backend.AI's
+    /// `backend.ai-accelerator-mock` plugin (`mock-accelerator.toml`). For nodes without any;
+    /// measured as idle.
+    pub mock_accelerator: Option<PathBuf>,
 }
 
 /// Kernel containers: scratch directories, published ports, vfolder mounts.
@@ -538,6 +542,7 @@ impl Default for ResourceSection {
             cpu_overcommit: 1.0,
             mem_overcommit: 1.0,
             allocation_strategy: crate::resources::AllocationStrategy::Fill,
+            mock_accelerator: None,
         }
     }
 }

@@ -180,7 +180,8 @@ pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationTok
         shutdown.clone(),
     ));
     let node = NodeReader::new(&[config.container.scratch_root.as_path()]);
-    let accelerators = compute::detect(config.debug.fake_cuda_devices);
+    let accelerators = compute::detect(config.debug.fake_cuda_devices, config.resource.mock_accelerator.as_deref())
+        .map_err(|err| DaemonError::Resources(format!("resource.mock-accelerator: {err}")))?;
     let monitor = tokio::spawn(monitor::run_monitor(
         ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators)
             .with_cpu_check(cpu_check)

@@ -1,7 +1,9 @@
 //! Compute plugins: accelerators behind one trait, so the monitor measures every device
-//! the same way whatever its vendor. [`cuda`] is NVIDIA's, through NVML loaded at run time.
+//! the same way whatever its vendor. [`cuda`] is NVIDIA's, through NVML loaded at run time;
+//! [`mock`] reads Backend.AI's mock-accelerator format, for nodes without accelerators.
 
 pub mod cuda;
+pub mod mock;
 
 use cuda::Nvml;
 
@@ -40,16 +42,31 @@ pub trait ComputePlugin: Send {
     fn measure(&mut self) -> Result<DeviceReadings, ComputeError>;
 }
 
-/// The plugins this node has: each one whose library and devices are present.
-pub fn detect(fake_cuda_devices: u32) -> Vec<Box<dyn ComputePlugin>> {
+/// The plugins this node has: each one whose library and devices are present, or the mock
+/// devices of `mock_config` (Backend.AI's `mock-accelerator.toml` format) when it is given.
+pub fn detect(
+    fake_cuda_devices: u32,
+    mock_config: Option<&std::path::Path>,
+) -> Result<Vec<Box<dyn ComputePlugin>>, ComputeError> {
     let mut plugins: Vec<Box<dyn ComputePlugin>> = Vec::new();
+    if let Some(path) = mock_config {
+        let config = mock::MockConfig::load(path)?;
+        tracing::warn!(
+            path = %path.display(),
+            slot = %config.slot_name,
+            devices = config.devices.len(),
+            "using mock accelerators (resource.mock-accelerator); never in production"
+        );
+        plugins.push(Box::new(mock::MockPlugin::new(config)));
+        return Ok(plugins);
+    }
     if fake_cuda_devices > 0 {
         tracing::warn!(
             devices = fake_cuda_devices,
             "using a fake NVML ([debug] fake-cuda-devices); never in production"
         );
         plugins.push(Box::new(cuda::CudaPlugin::new(cuda::FakeNvml::new(fake_cuda_devices))));
-        return plugins;
+        return Ok(plugins);
     }
     match cuda::RealNvml::load() {
         Ok(nvml) => {
@@ -58,5 +75,5 @@ pub fn detect(fake_cuda_devices: u32) -> Vec<Box<dyn ComputePlugin>> {
         }
         Err(err) => tracing::info!(reason = %err, "no NVIDIA devices: NVML is not available on this node"),
     }
-    plugins
+    Ok(plugins)
 }
