@@ -588,6 +588,22 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         let after = rate_between(&capped_samples, changed_at + 1.0, last);
         let neighbour = rate_between(&free_samples, first + 0.5, changed_at);
         eprintln!("capped {before:.0} bit/s, then {after:.0} bit/s; neighbour {neighbour:.0} bit/s");
+        if (after - LOWER as f64).abs() > LOWER as f64 * 0.10 {
+            // What the capped kernel's qdisc and sockets looked like, for the failure's reader.
+            let pid = Command::new("docker").args(["inspect", "--format", "{{.State.Pid}}", &containers[0]]).output();
+            let pid = pid.map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned()).unwrap_or_default();
+            for what in [&["tc", "-s", "qdisc", "show"][..], &["ss", "-tin"][..]] {
+                let out = Command::new("nsenter").args(["-t", &pid, "-n"]).args(what).output();
+                eprintln!(
+                    "{what:?}: {}",
+                    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+                );
+            }
+            eprintln!(
+                "capped samples after the change: {:?}",
+                capped_samples.iter().filter(|(t, _)| *t >= changed_at - 0.5).collect::<Vec<_>>()
+            );
+        }
         assert!((before - CAP as f64).abs() <= CAP as f64 * 0.10, "{before} bit/s against a cap of {CAP}");
         assert!(
             (after - LOWER as f64).abs() <= LOWER as f64 * 0.10,

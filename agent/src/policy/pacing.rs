@@ -160,10 +160,15 @@ fn attribute(message: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     }
 }
 
+/// The smallest bucket: larger than any packet the stack hands a qdisc (a 64 KiB GSO
+/// segment and its headers). A packet larger than the bucket can never leave: after a cap is
+/// lowered, one queued under the old, larger bucket would block its queue for good.
+const MIN_BURST: u64 = 128 * 1024;
+
 /// The bucket and queue of a token bucket at `bytes_per_sec`: a burst of 10 ms of the rate
-/// (at least 32 KiB, so that a TCP burst of GSO segments fits) and a queue of 100 ms more.
+/// (at least [`MIN_BURST`]) and a queue of 100 ms more.
 fn tbf_options(bytes_per_sec: u64) -> Vec<u8> {
-    let burst = (bytes_per_sec / 100).max(32 * 1024).min(u64::from(u32::MAX)) as u32;
+    let burst = (bytes_per_sec / 100).max(MIN_BURST).min(u64::from(u32::MAX)) as u32;
     let limit = (bytes_per_sec / 10 + u64::from(burst)).min(u64::from(u32::MAX)) as u32;
     // struct tc_ratespec: cell_log, linklayer, overhead, cell_align, mpu, rate (bytes/s).
     let mut ratespec = vec![0u8, LINKLAYER_ETHERNET, 0, 0, 0, 0, 0, 0];
