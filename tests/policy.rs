@@ -85,6 +85,26 @@ async fn create_python(client: &RpcClient, kernel: &str, greeting: &str, network
     created_id(&created, "container_id")
 }
 
+/// Creates a kernel on a network of its own choosing (`cluster_info.network_name`: a bridge,
+/// or `none`); its container id.
+async fn create_on_network(client: &RpcClient, kernel: &str, config: Value, network: &str) -> String {
+    let created = client
+        .call(
+            "create_kernels",
+            vec![
+                "s-policy".into(),
+                Value::Array(vec![kernel.into()]),
+                Value::Array(vec![config]),
+                map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", network.into())]),
+                map(vec![]),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|err| panic!("create {kernel} on network {network}: {err:?}"));
+    created_id(&created, "container_id")
+}
+
 async fn destroy(client: &RpcClient, kernel: &str) {
     client
         .call("destroy_kernel", vec![kernel.into(), "s-policy".into(), "user-requested".into()], vec![])
@@ -190,21 +210,7 @@ fn deny_mode_kernel_rules_and_the_backstop_hold_across_kill_9() {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let isolated = unique("kernel");
         let config = kernel_config(PYTHON_IMAGE, "1", "268435456");
-        let created = client
-            .call(
-                "create_kernels",
-                vec![
-                    "s-policy".into(),
-                    Value::Array(vec![isolated.as_str().into()]),
-                    Value::Array(vec![config]),
-                    map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", "none".into())]),
-                    map(vec![]),
-                ],
-                vec![],
-            )
-            .await
-            .expect("create a --network none kernel");
-        let isolated_container = created_id(&created, "container_id");
+        let isolated_container = create_on_network(&client, &isolated, config, "none").await;
         assert_eq!(
             connect_from(&isolated_container, &[("169.254.169.254", 80), ("192.0.2.1", 80)]),
             ["EPERM", "ENETUNREACH"],
@@ -519,8 +525,6 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let network = unique("bai-test-net");
         client.call("create_local_network", vec![network.as_str().into()], vec![]).await.expect("a bridge");
-        let cluster =
-            map(vec![("mode", "single-node".into()), ("size", 1.into()), ("network_name", network.as_str().into())]);
         let mut containers = Vec::new();
         let (capped, free, receiver) = (unique("kernel"), unique("kernel"), unique("kernel"));
         for (kernel, cap) in [(&capped, Some(CAP)), (&free, None), (&receiver, None)] {
@@ -528,21 +532,7 @@ fn egress_caps_hold_a_kernel_to_its_rate_and_change_within_a_second() {
             if let Some(cap) = cap {
                 config = with_field(config, "resource_opts", map(vec![("net_egress_bps", cap.into())]));
             }
-            let created = client
-                .call(
-                    "create_kernels",
-                    vec![
-                        "s-policy".into(),
-                        Value::Array(vec![kernel.as_str().into()]),
-                        Value::Array(vec![config]),
-                        cluster.clone(),
-                        map(vec![]),
-                    ],
-                    vec![],
-                )
-                .await
-                .expect("create on the test's bridge");
-            containers.push(created_id(&created, "container_id"));
+            containers.push(create_on_network(&client, kernel, config, &network).await);
         }
         let target = kernel_address(&containers[2], &network);
         assert!(!target.is_empty(), "the receiver has an address on the bridge");

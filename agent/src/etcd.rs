@@ -141,14 +141,15 @@ pub fn relative_keys<'a>(
         .filter_map(|(key, value)| {
             let key = String::from_utf8_lossy(key);
             let rest = key.strip_prefix(prefix)?;
-            let rest = rest.split('/').map(unquote).collect::<Vec<_>>().join("/");
+            let rest = rest.split('/').map(percent_decode).collect::<Vec<_>>().join("/");
             Some((rest, String::from_utf8_lossy(value).into_owned()))
         })
         .collect()
 }
 
-/// Percent-decoding of one key component (`%2F` → `/`); a malformed escape stays as it is.
-fn unquote(component: &str) -> String {
+/// Percent-decoding (`%2F` → `/`), as of an etcd key component Backend.AI quoted or a URL's
+/// query value; a malformed escape stays as it is.
+pub fn percent_decode(component: &str) -> String {
     let bytes = component.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -514,7 +515,7 @@ mod tests {
             ["config/docker/registry/cr.backend.ai:443", "config/redis/addr", "volumes/_mount"]
         );
         assert_eq!(map["config/redis/addr"], "127.0.0.1:6379");
-        assert_eq!(unquote("a%2Fb%zz%4"), "a/b%zz%4");
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 
     #[test]

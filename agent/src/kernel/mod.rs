@@ -398,11 +398,31 @@ impl KernelManager {
             .map_err(|err| failed(kernel_id, format!("applying its policy: {err}")))
     }
 
-    /// Paces a started kernel's egress when it has a cap; a cap that cannot be paced stops it
-    /// (the container is removed by the caller's failure path).
+    /// Paces a started kernel's egress when it has a cap.
     fn pace_started(&self, kernel_id: &str) -> Result<(), KernelError> {
         let Some(policy) = &self.policy else { return Ok(()) };
         policy.pace_kernel(kernel_id).map_err(|err| failed(kernel_id, format!("applying its egress cap: {err}")))
+    }
+
+    /// Creates and starts a kernel's container under its policy (made by [`Self::apply_policy`]):
+    /// its mount guardrail waits for the container's first program, and its egress is paced
+    /// once it runs; a container whose cap cannot be paced is removed again.
+    async fn start_container(
+        &self,
+        docker: &DockerClient,
+        kernel_id: &str,
+        spec: &ContainerSpec,
+    ) -> Result<String, KernelError> {
+        // The new container's runtime mounts before its first program runs.
+        if let Some(policy) = &self.policy {
+            policy.disarm(kernel_id);
+        }
+        let container_id = docker.create_and_start(spec).await.map_err(|err| failed(kernel_id, err))?;
+        if let Err(err) = self.pace_started(kernel_id) {
+            let _ = docker.remove_container(&container_id).await;
+            return Err(err);
+        }
+        Ok(container_id)
     }
 
     /// Changes a running kernel's own egress cap (bits per second; 0: the node's default
@@ -679,11 +699,7 @@ impl KernelManager {
         let mut container_spec =
             self.container_spec(&record, &launch, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
         container_spec.cgroup_parent = self.apply_policy(&record)?;
-        let container_id = docker.create_and_start(&container_spec).await.map_err(|err| failed(kernel_id, err))?;
-        if let Err(err) = self.pace_started(kernel_id) {
-            let _ = docker.remove_container(&container_id).await;
-            return Err(err);
-        }
+        let container_id = self.start_container(&docker, kernel_id, &container_spec).await?;
         if let Err(err) = kernel_scratch.record_container_id(&container_id) {
             tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
         }
@@ -951,20 +967,7 @@ impl KernelManager {
                     let mut spec =
                         self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
                     spec.cgroup_parent = cgroup_parent;
-                    // The new container's runtime mounts before its first program runs.
-                    if let Some(policy) = &self.policy {
-                        policy.disarm(kernel_id);
-                    }
-                    match docker.create_and_start(&spec).await.map_err(|err| failed(kernel_id, err)) {
-                        Ok(container_id) => match self.pace_started(kernel_id) {
-                            Ok(()) => Ok(container_id),
-                            Err(err) => {
-                                let _ = docker.remove_container(&container_id).await;
-                                Err(err)
-                            }
-                        },
-                        Err(err) => Err(err),
-                    }
+                    self.start_container(&docker, kernel_id, &spec).await
                 }
                 Err(err) => Err(err),
             },

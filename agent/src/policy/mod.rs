@@ -144,7 +144,8 @@ impl State {
     }
 
     /// Writes (or removes) a kernel's cap for the egress program, keeping its pacing state
-    /// (under the token bucket, the program has nothing to do).
+    /// (under the token bucket, the program has nothing to do); the caller writes the node's
+    /// flags after its caps.
     fn write_cap(&mut self, cgroup: CgroupId, bits_per_sec: u64) -> Result<(), PolicyError> {
         let map_error =
             |err: aya::maps::MapError| PolicyError::Map { map: "POLICY_EGRESS_CAPS", reason: err.to_string() };
@@ -160,7 +161,7 @@ impl State {
                 .insert(cgroup, EgressCap { bytes_per_sec, next_departure_ns }, 0)
                 .map_err(map_error)?;
         }
-        self.write_node()
+        Ok(())
     }
 
     /// A rule's name in metrics and logs: a built-in verdict's, the node's rule's, or the
@@ -311,8 +312,11 @@ impl Enforcer {
         let kernels: Vec<(String, CgroupId, u64)> =
             state.kernels.iter().map(|(id, entry)| (id.clone(), entry.cgroup, state.effective_cap(entry))).collect();
         drop(state);
-        for (kernel_id, cgroup, cap) in kernels {
-            self.state().write_cap(cgroup, cap)?;
+        for (_, cgroup, cap) in &kernels {
+            self.state().write_cap(*cgroup, *cap)?;
+        }
+        self.state().write_node()?;
+        for (kernel_id, _, cap) in kernels {
             if let Err(err) = self.pace_kernel(&kernel_id) {
                 tracing::warn!(kernel_id, egress_bps = cap, error = %err, "the kernel's egress shaper cannot be set");
             }
@@ -330,6 +334,7 @@ impl Enforcer {
             let cgroup = entry.cgroup;
             let cap = pacing::effective_cap(state.egress_default_bps, bits_per_sec);
             state.write_cap(cgroup, cap)?;
+            state.write_node()?;
             cap
         };
         self.pace_kernel(kernel_id)?;
@@ -407,8 +412,6 @@ impl Enforcer {
             .kernels
             .insert(cgroup, own, 0)
             .map_err(|err| PolicyError::Map { map: "KERNEL_POLICIES", reason: err.to_string() })?;
-        // The kernel's rules are in place before the node says some kernel has rules.
-        state.write_node()?;
         let names = entries.iter().map(|entry| (entry.rule.id, entry.name.clone())).collect();
         let entry = KernelEntry {
             cgroup,
@@ -420,6 +423,8 @@ impl Enforcer {
         };
         let cap = state.effective_cap(&entry);
         state.write_cap(cgroup, cap)?;
+        // The kernel's rules and cap are in place before the node's flags say they exist.
+        state.write_node()?;
         state.write_guards(cgroup, input.guards)?;
         state.kernels.insert(kernel_id.to_owned(), entry);
         Ok(format!("{}/{kernel_id}", self.relative))
@@ -440,9 +445,6 @@ impl Enforcer {
         if let Some((cgroup, list)) = cgroup {
             let mut state = self.state();
             let _ = state.maps.kernels.remove(&cgroup);
-            if let Err(err) = state.write_node() {
-                tracing::warn!(kernel_id, error = %err, "rewriting the node's flags failed");
-            }
             if let Err(err) = rules::replace_list(state.maps.tries(), list, &[]) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's rules failed");
             }
@@ -451,6 +453,9 @@ impl Enforcer {
             }
             if let Err(err) = state.write_cap(cgroup, 0) {
                 tracing::warn!(kernel_id, error = %err, "removing the kernel's egress cap failed");
+            }
+            if let Err(err) = state.write_node() {
+                tracing::warn!(kernel_id, error = %err, "rewriting the node's flags failed");
             }
             state.forget_guards(cgroup);
             let stale: Vec<_> = state.maps.verdicts.keys().flatten().filter(|key| key.kernel == cgroup).collect();
@@ -509,6 +514,9 @@ impl Enforcer {
             let _ = devices::replace_list(&mut state.maps.devices, list, &[]);
             let _ = state.write_cap(cgroup, 0);
             state.forget_guards(cgroup);
+        }
+        if let Err(err) = state.write_node() {
+            tracing::warn!(error = %err, "rewriting the node's flags failed");
         }
     }
 

@@ -280,20 +280,7 @@ impl PolicyPrograms {
             }
         };
         match pin {
-            Some(pin) => {
-                // The new link runs before the old pin (another build's) goes: no gap.
-                let stale = pin.with_extension("stale");
-                if pin.exists() {
-                    let _ = std::fs::rename(&pin, &stale);
-                }
-                let pinned = link.pin(&pin).map(drop).map_err(|err| ProgramsError::Pin {
-                    name,
-                    path: pin.clone(),
-                    reason: err.to_string(),
-                });
-                let _ = std::fs::remove_file(&stale);
-                pinned
-            }
+            Some(pin) => replace_pin(name, &pin, |path| link.pin(path).map(drop).map_err(|err| err.to_string())),
             None => {
                 self.owned.push(link);
                 Ok(())
@@ -303,21 +290,13 @@ impl PolicyPrograms {
 
     /// Pins a link made by [`raw::cgroup_link`] as `attach` pins aya's, or keeps it.
     fn keep_raw(&mut self, name: &'static str, link: OwnedFd, pin: Option<PathBuf>) -> Result<(), ProgramsError> {
-        let Some(pin) = pin else {
-            self.owned_raw.push(link);
-            return Ok(());
-        };
-        let stale = pin.with_extension("stale");
-        if pin.exists() {
-            let _ = std::fs::rename(&pin, &stale);
+        match pin {
+            Some(pin) => replace_pin(name, &pin, |path| raw::pin(link.as_fd(), path).map_err(|err| err.to_string())),
+            None => {
+                self.owned_raw.push(link);
+                Ok(())
+            }
         }
-        let pinned = raw::pin(link.as_fd(), &pin).map_err(|err| ProgramsError::Pin {
-            name,
-            path: pin.clone(),
-            reason: err.to_string(),
-        });
-        let _ = std::fs::remove_file(&stale);
-        pinned
     }
 
     fn take_maps(&mut self) -> Result<PolicyMaps, ProgramsError> {
@@ -365,6 +344,22 @@ enum Kind<'a> {
     SockCreate,
     Lsm { hook: &'static str, btf: &'a aya::Btf },
     ExecTracepoint { btf: &'a aya::Btf },
+}
+
+/// Pins a new link at `pin` with `pin_with`, the old pin there (another build's) moved aside
+/// first and removed after: the new link runs before the old one goes, so there is no gap.
+fn replace_pin(
+    name: &'static str,
+    pin: &Path,
+    pin_with: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), ProgramsError> {
+    let stale = pin.with_extension("stale");
+    if pin.exists() {
+        let _ = std::fs::rename(pin, &stale);
+    }
+    let pinned = pin_with(pin).map_err(|reason| ProgramsError::Pin { name, path: pin.to_path_buf(), reason });
+    let _ = std::fs::remove_file(&stale);
+    pinned
 }
 
 /// The program of the link pinned at `pin` when it runs the same code as `program`; a pin of

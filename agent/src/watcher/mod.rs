@@ -218,27 +218,9 @@ async fn fstab(State(watcher): State<Arc<Watcher>>, uri: Uri) -> Response {
     }
 }
 
+/// A query value: `+` is a space, then percent-decoding.
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    out.push((high * 16 + low) as u8);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            b'+' => out.push(b' '),
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::etcd::percent_decode(&text.replace('+', " "))
 }
 
 async fn list_mounts(State(watcher): State<Arc<Watcher>>) -> Response {

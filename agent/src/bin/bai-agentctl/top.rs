@@ -13,7 +13,7 @@ use anyhow::{Context, anyhow, bail};
 use bai_agent::top::{self, Listed, Reading, SortKey};
 use rmpv::Value;
 
-use super::Agent;
+use super::{Agent, field};
 
 pub async fn run(
     agent: &Agent,
@@ -89,10 +89,6 @@ async fn metrics_addr(agent: &Agent, agent_addr: &str, given: Option<String>) ->
     }
     let host = agent_addr.trim_start_matches("tcp://").rsplit_once(':').map_or("127.0.0.1", |(host, _)| host);
     Ok(format!("{host}:{}", addr.port()))
-}
-
-fn field<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
-    value.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
 }
 
 async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<BTreeMap<String, Reading>> {
