@@ -27,13 +27,16 @@ pub async fn run(
         bail!("--interval must be at least 0.2 seconds, got {interval}");
     }
     let url = format!("http://{}/metrics", metrics_addr(agent, agent_addr, metrics).await?);
+    // The agent's counters move once per monitor pass: two readings closer than that can show
+    // no change at all, so readings are never closer.
+    let interval = interval.max(monitor_interval(agent).await.as_secs_f64());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let live = std::io::stdout().is_terminal() && iterations.is_none();
     let _raw = if live { Some(RawTerminal::enter()?) } else { None };
     let mut before = scrape(&http, &url).await?;
     let mut taken = Instant::now();
     // The first table needs a second reading for its rates.
-    let mut wait = Duration::from_secs_f64(interval.min(1.0));
+    let mut wait = Duration::from_secs_f64(interval);
     let mut printed = 0u32;
     loop {
         if live {
@@ -89,6 +92,18 @@ async fn metrics_addr(agent: &Agent, agent_addr: &str, given: Option<String>) ->
     }
     let host = agent_addr.trim_start_matches("tcp://").rsplit_once(':').map_or("127.0.0.1", |(host, _)| host);
     Ok(format!("{host}:{}", addr.port()))
+}
+
+/// The agent's `monitor.interval` (from `get_local_config`; nothing when it does not say).
+async fn monitor_interval(agent: &Agent) -> Duration {
+    let config = agent.call("get_local_config", vec![]).await.ok();
+    config
+        .as_ref()
+        .and_then(|config| field(config, "monitor"))
+        .and_then(|section| field(section, "interval"))
+        .and_then(Value::as_str)
+        .and_then(|text| humantime::parse_duration(text).ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<BTreeMap<String, Reading>> {
