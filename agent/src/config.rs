@@ -49,6 +49,8 @@ pub struct Config {
     pub watcher: WatcherSection,
     pub usage: UsageSection,
     pub policy: PolicySection,
+    /// Per accelerator plugin (`[accelerators.cuda]`): how its devices are handed out.
+    pub accelerators: std::collections::BTreeMap<String, AcceleratorSettings>,
     /// The `section.key` paths the TOML file set itself (e.g. `redis.addr`); the etcd overlay
     /// never replaces these.
     #[serde(skip)]
@@ -482,6 +484,61 @@ pub struct ResourceSection {
     /// `backend.ai-accelerator-mock` plugin (`mock-accelerator.toml`). For nodes without any;
     /// measured as idle.
     pub mock_accelerator: Option<PathBuf>,
+}
+
+/// How one accelerator plugin's devices are handed out (`[accelerators.<plugin>]`; the keys
+/// of Backend.AI's `config/plugins/accelerator/<plugin>/…`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct AcceleratorSettings {
+    /// `discrete` (`{plugin}.device`, whole devices) or `fractional` (`{plugin}.shares`).
+    pub allocation_mode: crate::resources::AllocationMode,
+    /// The smallest share a device gives (fractional).
+    #[serde(deserialize_with = "decimal")]
+    pub quantum_size: rust_decimal::Decimal,
+    /// Device memory one share stands for (fractional).
+    #[serde(deserialize_with = "byte_size")]
+    pub unit_mem: u64,
+    /// Processing units (multiprocessors) one share stands for (fractional).
+    pub unit_proc: u32,
+    /// Device ids the node keeps for itself: never handed out.
+    pub device_mask: Vec<String>,
+    /// Device memory kept back from a shared device's kernels (`CUDA_RESERVED_MEMORY`).
+    #[serde(deserialize_with = "byte_size")]
+    pub reserved_memory: u64,
+}
+
+impl Default for AcceleratorSettings {
+    fn default() -> Self {
+        Self {
+            allocation_mode: crate::resources::AllocationMode::Discrete,
+            quantum_size: rust_decimal::Decimal::new(1, 2),
+            unit_mem: 2 << 30,
+            unit_proc: 8,
+            device_mask: Vec::new(),
+            reserved_memory: 64 << 20,
+        }
+    }
+}
+
+/// A positive decimal, written as a string (`"0.01"`) or a number.
+fn decimal<'de, D: Deserializer<'de>>(de: D) -> Result<rust_decimal::Decimal, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Float(f64),
+        Int(i64),
+    }
+    let value = match Raw::deserialize(de)? {
+        Raw::Text(text) => text.trim().parse::<rust_decimal::Decimal>().map_err(serde::de::Error::custom)?,
+        Raw::Float(f) => rust_decimal::Decimal::try_from(f).map_err(serde::de::Error::custom)?,
+        Raw::Int(i) => rust_decimal::Decimal::from(i),
+    };
+    if value <= rust_decimal::Decimal::ZERO {
+        return Err(serde::de::Error::custom(format!("{value} must be positive")));
+    }
+    Ok(value.normalize())
 }
 
 /// Kernel containers: scratch directories, published ports, vfolder mounts.

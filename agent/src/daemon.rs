@@ -144,7 +144,18 @@ pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationTok
     // `event_service.bus()`, an `events::EventBus`. Every heartbeat, the first included,
     // advertises what the allocator can give kernels (reserved resources and overcommit
     // applied): the manager schedules against it from the first one.
-    let allocator = node_allocator(&config)?;
+    let detected = compute::detect(&compute::DetectOptions {
+        fake_cuda_devices: config.debug.fake_cuda_devices,
+        mock_config: config.resource.mock_accelerator.as_deref(),
+        mock_node_dir: &config.agent.journal_dir.join("mock-devices"),
+        settings: &config.accelerators,
+    })
+    .map_err(|err| {
+        let source =
+            if config.resource.mock_accelerator.is_some() { "resource.mock-accelerator" } else { "accelerators" };
+        DaemonError::Resources(format!("{source}: {err}"))
+    })?;
+    let allocator = node_allocator(&config, &detected.accelerators)?;
     let first_capacity = allocator.capacity().to_string_map();
     let capacity_source: Arc<std::sync::OnceLock<Arc<KernelManager>>> = Arc::default();
     let slots_source = capacity_source.clone();
@@ -152,11 +163,18 @@ pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationTok
         Some(kernels) => kernels.allocator.capacity().to_string_map(),
         None => first_capacity.clone(),
     });
-    let mut event_service = EventService::start(EventSettings::from_config(&config), slots, &shutdown)?;
+    let mut event_settings = EventSettings::from_config(&config);
+    event_settings.identity.plugin_info = detected
+        .accelerators
+        .iter()
+        .map(|accelerator| (accelerator.key.clone(), accelerator.extra_info.clone()))
+        .collect();
+    let mut event_service = EventService::start(event_settings, slots, &shutdown)?;
 
     let metrics_state = Arc::new(MetricsState::default());
     let mut usage_service = UsageService::start(UsageSettings::from_config(&config), metrics_state.subscribe())?;
     let mut kernel_manager = kernel_manager(&config, allocator, event_service.bus(), metrics_state.clone())?;
+    kernel_manager.set_accelerators(detected.accelerators);
     kernel_manager.set_usage(usage_service.handle());
     if let Some((enforcer, _, _)) = &policy {
         kernel_manager.set_policy(enforcer.clone());
@@ -180,10 +198,8 @@ pub async fn run(mut config: Config, reloads: Reloads, shutdown: CancellationTok
         shutdown.clone(),
     ));
     let node = NodeReader::new(&[config.container.scratch_root.as_path()]);
-    let accelerators = compute::detect(config.debug.fake_cuda_devices, config.resource.mock_accelerator.as_deref())
-        .map_err(|err| DaemonError::Resources(format!("resource.mock-accelerator: {err}")))?;
     let monitor = tokio::spawn(monitor::run_monitor(
-        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, accelerators)
+        ContainerMonitor::new(ebpf, layout, config.monitor.gone_series_grace, node, detected.plugins)
             .with_cpu_check(cpu_check)
             .with_node_every(node_every(&config)),
         events_rx,
@@ -432,11 +448,15 @@ fn release_freed_memory() {
 
 /// The kernel manager over this node's resources, port pool and scratch root.
 /// The allocator of the node's capacity for kernels (`[resource]`: reserved, overcommit).
-fn node_allocator(config: &Config) -> Result<ResourceAllocator, DaemonError> {
+/// Accelerators' devices are handed out by their alloc maps, near the kernel's cores.
+fn node_allocator(config: &Config, accelerators: &[compute::Accelerator]) -> Result<ResourceAllocator, DaemonError> {
     let host = HostResources::detect().map_err(|err| DaemonError::Resources(err.to_string()))?;
     let capacity = NodeCapacity::compute(&host, &CapacityPolicy::from(&config.resource))
         .map_err(|err| DaemonError::Resources(format!("[resource]: {err}")))?;
-    Ok(ResourceAllocator::new(capacity, config.resource.allocation_strategy))
+    let strategy = config.resource.allocation_strategy;
+    let maps = accelerators.iter().map(|accelerator| accelerator.alloc_map(strategy)).collect();
+    let numa = crate::resources::capacity::numa_nodes_of_cores(std::path::Path::new("/sys/devices/system/node"));
+    Ok(ResourceAllocator::new(capacity, strategy).with_devices(maps).with_numa(numa))
 }
 
 fn kernel_manager(

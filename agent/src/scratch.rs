@@ -379,7 +379,12 @@ mod tests {
     fn spec() -> KernelResourceSpec {
         let slots: ResourceSlots =
             [("cpu", SlotAmount::from_u64(1)), ("mem", SlotAmount::from_u64(1 << 30))].into_iter().collect();
-        KernelResourceSpec::for_allocation(&Allocation { cpuset: vec![1], mem_bytes: 1 << 30, slots })
+        KernelResourceSpec::for_allocation(&Allocation {
+            cpuset: vec![1],
+            mem_bytes: 1 << 30,
+            slots,
+            devices: Default::default(),
+        })
     }
 
     fn contents() -> ScratchContents {

@@ -415,6 +415,7 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         hostname: None,
         cgroup_parent: None,
         devices: Vec::new(),
+        device_requests: Vec::new(),
     };
     tokio::time::sleep(SETTLE).await;
     let started = Instant::now();

@@ -320,18 +320,46 @@ fn creation_info(arg: &Args, info: &[(Value, Value)]) -> Result<Json, WireError>
     }))
 }
 
-/// `UsedDevices` from the slots the kernel holds (`resource_spec.slots`): each slot under the
-/// device it names (`cuda.shares` → `cuda`), on one unit (`root`), as the Python agent reports
-/// intrinsic slots; the manager sums them into the kernel's occupied slots.
+/// `UsedDevices` from what the kernel holds: each accelerator device it was given (the
+/// creation info's `attached_devices`) as a unit of its own with the model, the slot's amount,
+/// processing units and memory, as the Python agent reports them; every other slot
+/// (`resource_spec.slots`) under the device it names (`cpu` → `cpu`) on one unit (`root`), as
+/// the Python agent reports intrinsic slots. The manager sums them into the kernel's occupied
+/// slots.
 fn used_devices(info: &[(Value, Value)]) -> Json {
     let mut units: Map<String, Json> = Map::new();
+    let mut by_device: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for (key, devices) in field(info, "attached_devices").and_then(Value::as_map).into_iter().flatten() {
+        let Some(key) = key.as_str() else { continue };
+        for device in devices.as_array().into_iter().flatten() {
+            let Some(device) = device.as_map() else { continue };
+            let text = |name: &str| field(device, name).and_then(Value::as_str).map(str::to_owned);
+            let (Some(id), Some(slot), Some(amount)) = (text("device_id"), text("slot"), text("amount")) else {
+                continue;
+            };
+            let data = field(device, "data").and_then(Value::as_map);
+            let number = |name: &str| data.and_then(|data| field(data, name)).and_then(Value::as_u64);
+            let unit = units.entry(key.to_owned()).or_insert_with(|| json!({}));
+            unit[id.as_str()] = json!({
+                "model_name": text("model_name"),
+                "used": { slot.as_str(): amount },
+                "processing_units": number("smp"),
+                "memory_size": number("mem"),
+            });
+            by_device.insert(slot);
+        }
+    }
     let slots = field(info, "resource_spec").and_then(Value::as_map).and_then(|spec| field(spec, "slots"));
     for (slot, amount) in slots.and_then(Value::as_map).into_iter().flatten() {
         let (Some(slot), Some(amount)) = (slot.as_str(), amount_text(amount)) else { continue };
+        if by_device.contains(slot) {
+            continue;
+        }
         let device = slot.split('.').next().unwrap_or(slot);
-        let unit = units.entry(device.to_owned()).or_insert_with(
-            || json!({ "root": { "model_name": null, "used": {}, "processing_units": null, "memory_size": null } }),
-        );
+        let unit = units.entry(device.to_owned()).or_insert_with(|| json!({}));
+        if unit.get("root").is_none() {
+            unit["root"] = json!({ "model_name": null, "used": {}, "processing_units": null, "memory_size": null });
+        }
         if let Some(used) = unit.pointer_mut("/root/used").and_then(Json::as_object_mut) {
             used.insert(slot.to_owned(), Json::String(amount));
         }
@@ -482,5 +510,41 @@ mod tests {
         let devices = used_devices(&info);
         assert_eq!(devices["units"]["cpu"]["root"]["used"], json!({"cpu": "1"}));
         assert_eq!(devices["units"]["cuda"]["root"]["used"], json!({"cuda.shares": "0.5"}));
+    }
+
+    #[test]
+    fn used_devices_name_each_accelerator_device() {
+        let device = |id: &str, amount: &str| {
+            Value::Map(vec![
+                (s("device_id"), s(id)),
+                (s("model_name"), s("CUDA GPU")),
+                (s("slot"), s("cuda.shares")),
+                (s("amount"), s(amount)),
+                (s("data"), Value::Map(vec![(s("smp"), Value::from(4)), (s("mem"), Value::from(1u64 << 30))])),
+            ])
+        };
+        let info = vec![
+            (
+                s("resource_spec"),
+                Value::Map(vec![(
+                    s("slots"),
+                    Value::Map(vec![(s("cpu"), s("1")), (s("mem"), s("268435456")), (s("cuda.shares"), s("0.75"))]),
+                )]),
+            ),
+            (
+                s("attached_devices"),
+                Value::Map(vec![(s("cuda"), Value::Array(vec![device("a", "0.5"), device("b", "0.25")]))]),
+            ),
+        ];
+        let devices = used_devices(&info);
+        let cuda = &devices["units"]["cuda"];
+        assert_eq!(cuda["a"]["used"], json!({"cuda.shares": "0.5"}));
+        assert_eq!(cuda["b"]["used"], json!({"cuda.shares": "0.25"}));
+        assert_eq!(
+            (cuda["a"]["model_name"].clone(), cuda["a"]["memory_size"].clone()),
+            (json!("CUDA GPU"), json!(1u64 << 30))
+        );
+        assert!(cuda.get("root").is_none(), "the slot is not counted twice: {cuda}");
+        assert_eq!(devices["units"]["mem"]["root"]["used"], json!({"mem": "268435456"}));
     }
 }

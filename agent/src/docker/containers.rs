@@ -46,6 +46,16 @@ pub struct ContainerSpec {
     pub cgroup_parent: Option<String>,
     /// Host device nodes the container gets.
     pub devices: Vec<crate::config::DeviceMapping>,
+    /// Devices a runtime hook provides (`DeviceRequests`: the NVIDIA runtime's GPUs).
+    pub device_requests: Vec<RuntimeDeviceRequest>,
+}
+
+/// One `DeviceRequests` entry: devices the driver's runtime hook gives the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeDeviceRequest {
+    pub driver: String,
+    pub device_ids: Vec<String>,
+    pub capabilities: Vec<String>,
 }
 
 /// The label Backend.AI puts on a session's cluster network.
@@ -94,6 +104,17 @@ impl DockerClient {
                     })
                     .collect(),
             ),
+            device_requests: (!spec.device_requests.is_empty()).then(|| {
+                spec.device_requests
+                    .iter()
+                    .map(|request| bollard::models::DeviceRequest {
+                        driver: Some(request.driver.clone()),
+                        device_ids: Some(request.device_ids.clone()),
+                        capabilities: Some(vec![request.capabilities.clone()]),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             ..Default::default()
         };
         let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {

@@ -51,6 +51,8 @@ pub struct AgentIdentity {
     pub scaling_group: String,
     pub version: String,
     pub architecture: String,
+    /// Each accelerator plugin's `compute_plugins` entry besides `version` (`cuda_support`, …).
+    pub plugin_info: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl AgentIdentity {
@@ -69,6 +71,7 @@ impl AgentIdentity {
             scaling_group: config.agent.scaling_group.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             architecture: architecture().to_owned(),
+            plugin_info: BTreeMap::new(),
         }
     }
 }
@@ -146,8 +149,22 @@ pub fn agent_info(identity: &AgentIdentity, slots: &BTreeMap<String, String>, se
     let units = slots.keys().map(|slot| (s(slot), s(slot_unit(slot)))).collect();
     let mut devices: Vec<&str> = slots.keys().map(|slot| slot.split('.').next().unwrap_or(slot)).collect();
     devices.dedup();
-    let plugins =
-        devices.into_iter().map(|device| (s(device), map(vec![(s("version"), s(&identity.version))]))).collect();
+    let plugins = devices
+        .into_iter()
+        .map(|device| {
+            let mut entry = vec![(s("version"), s(&identity.version))];
+            for (key, value) in identity.plugin_info.get(device).into_iter().flatten() {
+                // Backend.AI's plugins report `{key}_support` as a boolean.
+                let value = match value.as_str() {
+                    "true" => Value::Boolean(true),
+                    "false" => Value::Boolean(false),
+                    _ => s(value),
+                };
+                entry.push((s(key), value));
+            }
+            (s(device), map(entry))
+        })
+        .collect();
     map(vec![
         (s("ip"), s(&identity.ip)),
         (s("region"), s(&identity.region)),
@@ -213,6 +230,7 @@ mod tests {
             scaling_group: "default".into(),
             version: "0.1.0".into(),
             architecture: "x86_64".into(),
+            plugin_info: BTreeMap::new(),
         }
     }
 

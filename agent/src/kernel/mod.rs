@@ -129,6 +129,10 @@ pub struct KernelRecord {
     /// Its own guardrail modes (`internal_data.guardrails`), re-applied after a restart.
     #[serde(default)]
     pub guardrails: Option<serde_json::Value>,
+    /// Accelerator slot → the devices it holds and how much of each (decimal strings); the
+    /// copy of `resource.txt`'s `<SLOT>_SHARES` lines a restart falls back on.
+    #[serde(default)]
+    pub devices: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl KernelRecord {
@@ -150,7 +154,15 @@ impl KernelRecord {
             .iter()
             .filter_map(|(slot, amount)| Some((slot.clone(), amount.parse::<SlotAmount>().ok()?)))
             .collect::<ResourceSlots>();
-        Allocation { cpuset: self.cpuset.clone(), mem_bytes: self.mem_bytes, slots }
+        let devices = self
+            .devices
+            .iter()
+            .map(|(slot, per_device)| {
+                let parsed = per_device.iter().filter_map(|(id, amount)| Some((id.clone(), amount.parse().ok()?)));
+                (slot.clone(), parsed.collect())
+            })
+            .collect();
+        Allocation { cpuset: self.cpuset.clone(), mem_bytes: self.mem_bytes, slots, devices }
     }
 }
 
@@ -193,6 +205,8 @@ pub struct KernelManager {
     pub ports: PortPool,
     scratch: ScratchRoot,
     slot_registry: SlotRegistry,
+    /// The accelerators whose devices kernels are given (their slots are in `slot_registry`).
+    accelerators: Vec<crate::resources::compute::Accelerator>,
     events: EventBus,
     store: KernelStore,
     kernels: Mutex<BTreeMap<String, KernelRecord>>,
@@ -327,6 +341,7 @@ impl KernelManager {
             ports,
             scratch,
             slot_registry: SlotRegistry::intrinsic(),
+            accelerators: Vec::new(),
             events,
             store: KernelStore::new(&config.agent.journal_dir),
             kernels: Mutex::new(BTreeMap::new()),
@@ -372,6 +387,73 @@ impl KernelManager {
         self.environs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(kernel_id).cloned()
     }
 
+    /// Hands out these accelerators' devices: their slots are accepted in requests from now on
+    /// (the allocator holds their maps).
+    pub fn set_accelerators(&mut self, accelerators: Vec<crate::resources::compute::Accelerator>) {
+        for accelerator in &accelerators {
+            if let Err(err) = self.slot_registry.register(&accelerator.slot(), crate::resources::SlotType::Count) {
+                tracing::error!(slot = %accelerator.slot(), error = %err, "an accelerator slot could not be registered");
+            }
+        }
+        self.accelerators = accelerators;
+    }
+
+    /// The accelerators whose devices kernels are given.
+    pub fn accelerators(&self) -> &[crate::resources::compute::Accelerator] {
+        &self.accelerators
+    }
+
+    /// What a kernel holding `allocation`'s devices gets in its container, every accelerator's
+    /// together.
+    fn container_devices(
+        &self,
+        devices: &BTreeMap<String, crate::resources::PerDevice>,
+    ) -> crate::resources::compute::ContainerDevices {
+        let mut all = crate::resources::compute::ContainerDevices::default();
+        for accelerator in &self.accelerators {
+            let Some(per_device) = devices.get(&accelerator.slot()) else { continue };
+            let given = accelerator.container_devices(per_device);
+            all.env.extend(given.env);
+            all.nodes.extend(given.nodes);
+            all.allowed_only.extend(given.allowed_only);
+            all.device_requests.extend(given.device_requests);
+            all.resource_data.extend(given.resource_data);
+        }
+        all
+    }
+
+    /// `attached_devices` of `create_kernels`' result: per accelerator key, each device the
+    /// kernel holds as Backend.AI's plugins report it (`device_id`, `model_name`, `data`
+    /// with `smp` and `mem`), plus the slot and amount it holds (for `used_devices`).
+    fn attached_devices_value(&self, record: &KernelRecord) -> Value {
+        let devices = record.allocation().devices;
+        let by_key = self
+            .accelerators
+            .iter()
+            .filter_map(|accelerator| {
+                let per_device = devices.get(&accelerator.slot())?;
+                let entries = accelerator
+                    .attached_devices(per_device)
+                    .into_iter()
+                    .map(|device| {
+                        map(vec![
+                            ("device_id", device.device_id.as_str().into()),
+                            ("model_name", device.model_name.as_str().into()),
+                            ("slot", device.slot.as_str().into()),
+                            ("amount", device.amount.normalize().to_string().into()),
+                            (
+                                "data",
+                                map(vec![("smp", device.processing_units.into()), ("mem", device.memory_bytes.into())]),
+                            ),
+                        ])
+                    })
+                    .collect();
+                Some((Value::from(accelerator.key.as_str()), Value::Array(entries)))
+            })
+            .collect();
+        Value::Map(by_key)
+    }
+
     /// Puts every kernel created from now on (and every recovered one) under `policy`.
     pub fn set_policy(&mut self, policy: Arc<Enforcer>) {
         self.policy = Some(policy);
@@ -386,9 +468,12 @@ impl KernelManager {
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
         let guards = crate::policy::guards::kernel_exceptions(record.guardrails.as_ref())
             .map_err(|message| failed(kernel_id, format!("its guardrails: {message}")))?;
+        let given = self.container_devices(&record.allocation().devices);
+        let devices: Vec<crate::config::DeviceMapping> =
+            self.kernel_devices.iter().cloned().chain(given.nodes).chain(given.allowed_only).collect();
         let input = crate::policy::KernelInput {
             rules: &rules,
-            devices: &self.kernel_devices,
+            devices: &devices,
             egress_bps: record.egress_bps.unwrap_or(0),
             guards: &guards,
         };
@@ -671,6 +756,13 @@ impl KernelManager {
             record.mem_bytes = record_allocation.mem_bytes;
             record.slots =
                 record_allocation.slots.iter().map(|(slot, amount)| (slot.to_owned(), amount.to_string())).collect();
+            record.devices = record_allocation
+                .devices
+                .iter()
+                .map(|(slot, per_device)| {
+                    (slot.clone(), per_device.iter().map(|(id, amount)| (id.clone(), amount.to_string())).collect())
+                })
+                .collect();
             record.host_ports = ports_taken.clone();
             record.repl_in_port = ports_taken[0];
             record.repl_out_port = ports_taken[1];
@@ -688,8 +780,12 @@ impl KernelManager {
         })
         .await;
 
-        let mut contents = ScratchContents::new(KernelResourceSpec::for_allocation(&allocation));
+        let given = self.container_devices(&allocation.devices);
+        let mut resource_spec = KernelResourceSpec::for_allocation(&allocation);
+        resource_spec.extra.extend(given.resource_data);
+        let mut contents = ScratchContents::new(resource_spec);
         contents.environ = spec.environ.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        contents.environ.extend(given.env);
         contents.bootstrap_script = spec.bootstrap_script.clone().filter(|script| !script.trim().is_empty());
         contents.intrinsic_ports = intrinsic;
         let kernel_scratch = self.scratch.prepare(kernel_id, &contents).map_err(|err| failed(kernel_id, err))?;
@@ -749,7 +845,10 @@ impl KernelManager {
             (labels::OWNER_PROJECT_ID.to_owned(), record.owner_project_id.clone()),
         ]);
         labels.insert("ai.backend.internal.block-service-ports".into(), "0".into());
-        let env: Vec<String> = self.container_environ(record).iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let given = self.container_devices(&record.allocation().devices);
+        let mut environ = self.container_environ(record);
+        environ.extend(given.env);
+        let env: Vec<String> = environ.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut binds =
             vec![format!("{}:/home/work", work.display()), format!("{}:/home/config:ro", config_dir.display())];
         binds.extend(record.binds.iter().cloned());
@@ -773,7 +872,16 @@ impl KernelManager {
             network: record.network.clone(),
             hostname: record.cluster_hostname.clone(),
             cgroup_parent: None,
-            devices: self.kernel_devices.clone(),
+            devices: self.kernel_devices.iter().cloned().chain(given.nodes).collect(),
+            device_requests: given
+                .device_requests
+                .into_iter()
+                .map(|request| crate::docker::containers::RuntimeDeviceRequest {
+                    driver: request.driver,
+                    device_ids: request.device_ids,
+                    capabilities: request.capabilities,
+                })
+                .collect(),
         }
     }
 
@@ -807,6 +915,30 @@ impl KernelManager {
         Ok(self.docker().await?.remove_network(name).await?)
     }
 
+    /// What a running kernel holds, for restoring after a restart: its record's cores and
+    /// memory, and the devices its `resource.txt` names (the record's copy when that file
+    /// cannot be read).
+    fn held_allocation(&self, record: &KernelRecord) -> Allocation {
+        let mut allocation = record.allocation();
+        let from_file = self
+            .scratch
+            .existing(&record.kernel_id)
+            .map_err(|err| err.to_string())
+            .and_then(|scratch| scratch.ok_or_else(|| "its scratch directory is gone".to_owned()))
+            .and_then(|scratch| scratch.read_resource_spec().map_err(|err| err.to_string()))
+            .and_then(|spec| spec.allocation().map_err(|err| err.to_string()));
+        match from_file {
+            Ok(held) => allocation.devices = held.devices,
+            Err(reason) if !allocation.devices.is_empty() => tracing::warn!(
+                kernel_id = %record.kernel_id,
+                reason,
+                "resource.txt unreadable; restoring the kernel's devices from its record"
+            ),
+            Err(_) => {}
+        }
+        allocation
+    }
+
     /// The per-kernel result of `create_kernels`, in Backend.AI's shape.
     fn creation_info(&self, record: &KernelRecord) -> Value {
         let service_ports = record
@@ -838,7 +970,7 @@ impl KernelManager {
                     ("container_id", record.container_id.as_deref().unwrap_or_default().into()),
                 ]),
             ),
-            ("attached_devices", Value::Map(Vec::new())),
+            ("attached_devices", self.attached_devices_value(record)),
             ("agent_addr", self.agent_addr.as_str().into()),
             ("scaling_group", self.scaling_group.as_str().into()),
         ])
@@ -1116,7 +1248,7 @@ impl KernelManager {
                 record.container_id = Some(container_id.clone());
             }
             if alive {
-                let restored = self.allocator.restore(&record.kernel_id, record.allocation());
+                let restored = self.allocator.restore(&record.kernel_id, self.held_allocation(&record));
                 let reserved = self.ports.reserve(&record.host_ports);
                 if let Err(err) = &restored {
                     tracing::error!(kernel_id = %record.kernel_id, error = %err, "restoring the allocation failed");

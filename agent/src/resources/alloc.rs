@@ -1,5 +1,5 @@
 //! The node's allocation map: which cores each kernel is pinned to, how much memory and
-//! accelerator capacity it holds, and what is left.
+//! which accelerator devices it holds, and what is left.
 //!
 //! [`ResourceAllocator`] is thread-safe: it keeps its state behind a `std::sync::Mutex`
 //! and every method takes `&self`, so share it with an `Arc`. No method blocks on I/O.
@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::{
     capacity::NodeCapacity,
+    devices::{DeviceAllocError, DeviceAllocMap, PerDevice},
     slots::{ResourceSlots, SlotAmount},
 };
 
@@ -36,6 +37,9 @@ pub struct Allocation {
     pub mem_bytes: u64,
     /// The slots as requested (and accounted).
     pub slots: ResourceSlots,
+    /// Accelerator slot → the devices it was given and how much of each (`cuda.device` →
+    /// `[("0", 1)]`); empty without accelerators.
+    pub devices: BTreeMap<String, PerDevice>,
 }
 
 impl Allocation {
@@ -81,6 +85,8 @@ pub enum AllocationError {
     AlreadyAllocated { kernel_id: String },
     #[error("cannot restore kernel {kernel_id}: {reason}")]
     BadRestore { kernel_id: String, reason: String },
+    #[error(transparent)]
+    Devices(#[from] DeviceAllocError),
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +96,23 @@ struct State {
     cpu_used: u64,
     mem_used: u64,
     extra_used: BTreeMap<String, SlotAmount>,
+    /// One map per accelerator slot this node hands out by device.
+    device_maps: Vec<DeviceAllocMap>,
     kernels: HashMap<String, Allocation>,
+}
+
+impl State {
+    fn device_map(&mut self, slot: &str) -> Option<&mut DeviceAllocMap> {
+        self.device_maps.iter_mut().find(|map| map.slot() == slot)
+    }
+
+    fn free_devices(&mut self, devices: &BTreeMap<String, PerDevice>) {
+        for (slot, per_device) in devices {
+            if let Some(map) = self.device_map(slot) {
+                map.free(per_device);
+            }
+        }
+    }
 }
 
 /// Hands out cores, memory and accelerator amounts against a [`NodeCapacity`].
@@ -98,13 +120,38 @@ struct State {
 pub struct ResourceAllocator {
     capacity: NodeCapacity,
     strategy: AllocationStrategy,
+    /// Core → NUMA node, where the host has more than one node (devices near a kernel's
+    /// cores are preferred).
+    numa_of_core: BTreeMap<u32, u32>,
     state: Mutex<State>,
 }
 
 impl ResourceAllocator {
     pub fn new(capacity: NodeCapacity, strategy: AllocationStrategy) -> ResourceAllocator {
         let core_load = capacity.cores.iter().map(|core| (*core, 0)).collect();
-        ResourceAllocator { capacity, strategy, state: Mutex::new(State { core_load, ..State::default() }) }
+        ResourceAllocator {
+            capacity,
+            strategy,
+            numa_of_core: BTreeMap::new(),
+            state: Mutex::new(State { core_load, ..State::default() }),
+        }
+    }
+
+    /// Hands out accelerator slots by device through `maps` (each map's slot gets its
+    /// capacity); other accelerator slots stay plain amounts.
+    pub fn with_devices(mut self, maps: Vec<DeviceAllocMap>) -> ResourceAllocator {
+        for map in &maps {
+            let capacity = SlotAmount::from_decimal(map.capacity()).unwrap_or_default();
+            self.capacity.extra.insert(map.slot(), capacity);
+        }
+        self.state.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).device_maps = maps;
+        self
+    }
+
+    /// Which NUMA node each core is on (see [`super::capacity::numa_nodes_of_cores`]).
+    pub fn with_numa(mut self, numa_of_core: BTreeMap<u32, u32>) -> ResourceAllocator {
+        self.numa_of_core = numa_of_core;
+        self
     }
 
     pub fn node_capacity(&self) -> &NodeCapacity {
@@ -164,9 +211,13 @@ impl ResourceAllocator {
             });
         }
 
-        // Everything else: a plain amount against the slot's capacity (none if unknown here).
+        // Everything else: a plain amount against the slot's capacity (none if unknown here);
+        // device slots are checked by their maps below.
         let mut extra_after = Vec::new();
-        for (slot, requested) in request.iter().filter(|(slot, amount)| !is_intrinsic(slot) && !amount.is_zero()) {
+        let by_device = |slot: &str| state.device_maps.iter().any(|map| map.slot() == slot);
+        for (slot, requested) in
+            request.iter().filter(|(slot, amount)| !is_intrinsic(slot) && !amount.is_zero() && !by_device(slot))
+        {
             let capacity = self.capacity.extra.amount(slot);
             let used = state.extra_used.get(slot).copied().unwrap_or_default();
             let available = capacity.checked_sub(used).unwrap_or_default();
@@ -179,6 +230,9 @@ impl ResourceAllocator {
             extra_after.push((slot.to_string(), after));
         }
 
+        // Devices last, near the kernel's cores: all of them or none.
+        let devices = self.allocate_devices(&mut state, request, &cpuset)?;
+
         // Every check passed: take it.
         for core in &cpuset {
             *state.core_load.entry(*core).or_default() += 1;
@@ -186,9 +240,34 @@ impl ResourceAllocator {
         state.cpu_used += u64::from(cores_wanted);
         state.mem_used += mem_bytes;
         state.extra_used.extend(extra_after);
-        let allocation = Allocation { cpuset, mem_bytes, slots: request.clone() };
+        let allocation = Allocation { cpuset, mem_bytes, slots: request.clone(), devices };
         state.kernels.insert(kernel_id.to_string(), allocation.clone());
         Ok(allocation)
+    }
+
+    /// Takes every device slot of `request` from its map; on a refusal gives back what the
+    /// earlier slots took.
+    fn allocate_devices(
+        &self,
+        state: &mut State,
+        request: &ResourceSlots,
+        cpuset: &[u32],
+    ) -> Result<BTreeMap<String, PerDevice>, AllocationError> {
+        let numa_nodes = cpuset.iter().filter_map(|core| self.numa_of_core.get(core).copied()).collect();
+        let mut taken: BTreeMap<String, PerDevice> = BTreeMap::new();
+        for (slot, requested) in request.iter().filter(|(_, amount)| !amount.is_zero()) {
+            let Some(map) = state.device_map(slot) else { continue };
+            match map.allocate(requested.as_decimal(), &numa_nodes) {
+                Ok(per_device) => {
+                    taken.insert(slot.to_owned(), per_device);
+                }
+                Err(err) => {
+                    state.free_devices(&taken);
+                    return Err(err.into());
+                }
+            }
+        }
+        Ok(taken)
     }
 
     fn pick_cores(&self, state: &State, wanted: u32) -> Result<Vec<u32>, AllocationError> {
@@ -228,7 +307,10 @@ impl ResourceAllocator {
         }
         state.cpu_used = state.cpu_used.saturating_sub(allocation.cpuset.len() as u64);
         state.mem_used = state.mem_used.saturating_sub(allocation.mem_bytes);
-        for (slot, amount) in allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot)) {
+        state.free_devices(&allocation.devices);
+        for (slot, amount) in
+            allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot) && !allocation.devices.contains_key(*slot))
+        {
             if let Some(used) = state.extra_used.get_mut(slot) {
                 *used = used.checked_sub(amount).unwrap_or_default();
             }
@@ -254,7 +336,8 @@ impl ResourceAllocator {
             });
         }
         let mut extra_after = Vec::new();
-        for (slot, amount) in allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot)) {
+        let by_device = |slot: &str| state.device_maps.iter().any(|map| map.slot() == slot);
+        for (slot, amount) in allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot) && !by_device(slot)) {
             let used = state.extra_used.get(slot).copied().unwrap_or_default();
             let after = used.checked_add(amount).ok_or_else(|| AllocationError::BadRestore {
                 kernel_id: kernel_id.to_string(),
@@ -281,6 +364,16 @@ impl ResourceAllocator {
             );
         }
         state.extra_used.extend(extra_after);
+        for (slot, per_device) in &allocation.devices {
+            match state.device_map(slot) {
+                Some(map) => map.apply(per_device),
+                None => tracing::warn!(
+                    kernel_id,
+                    slot,
+                    "a restored kernel holds devices of a slot this node no longer hands out"
+                ),
+            }
+        }
         state.kernels.insert(kernel_id.to_string(), Allocation { cpuset, ..allocation });
         Ok(())
     }
@@ -296,6 +389,9 @@ impl ResourceAllocator {
         let mut used: ResourceSlots = self.capacity.extra.iter().map(|(slot, _)| (slot, SlotAmount::ZERO)).collect();
         for (slot, amount) in &state.extra_used {
             used.insert(slot.clone(), *amount);
+        }
+        for map in &state.device_maps {
+            used.insert(map.slot(), SlotAmount::from_decimal(map.used()).unwrap_or_default());
         }
         used.insert("cpu", SlotAmount::from_u64(state.cpu_used));
         used.insert("mem", SlotAmount::from_u64(state.mem_used));
@@ -314,6 +410,21 @@ impl ResourceAllocator {
         ids
     }
 
+    /// Every device map's devices: `(slot, device id, held, capacity)`.
+    pub fn device_usage(&self) -> Vec<(String, String, SlotAmount, SlotAmount)> {
+        let state = self.lock();
+        let amount = |value| SlotAmount::from_decimal(value).unwrap_or_default();
+        state
+            .device_maps
+            .iter()
+            .flat_map(|map| {
+                map.per_device()
+                    .into_iter()
+                    .map(|(id, held, capacity)| (map.slot().to_owned(), id, amount(held), amount(capacity)))
+            })
+            .collect()
+    }
+
     /// Kernels pinned to each core, ascending by core.
     pub fn core_loads(&self) -> Vec<(u32, u32)> {
         self.lock().core_load.iter().map(|(core, load)| (*core, *load)).collect()
@@ -329,7 +440,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::resources::slots::{SlotAmount, SlotType};
+    use crate::resources::{
+        devices::{AllocationMode, DeviceCapacity},
+        slots::{SlotAmount, SlotType},
+    };
 
     const GIB: u64 = 1 << 30;
 
@@ -490,7 +604,8 @@ mod tests {
     #[test]
     fn restore_accounts_and_refuses_doubles() {
         let alloc = allocator(&[0, 1, 2], 4 * GIB, AllocationStrategy::Fill);
-        let restored = Allocation { cpuset: vec![1, 0], mem_bytes: GIB, slots: request("2", GIB) };
+        let restored =
+            Allocation { cpuset: vec![1, 0], mem_bytes: GIB, slots: request("2", GIB), devices: BTreeMap::new() };
         alloc.restore("a", restored.clone()).expect("restores");
         assert_eq!(alloc.allocation("a").expect("held").cpuset, vec![0, 1]);
         assert_eq!(alloc.used(), request("2", GIB));
@@ -498,7 +613,10 @@ mod tests {
         assert!(matches!(err, AllocationError::AlreadyAllocated { .. }), "{err}");
         assert_eq!(alloc.allocate("b", &request("1", GIB)).expect("fits").cpuset, vec![2]);
         let err = alloc
-            .restore("c", Allocation { cpuset: vec![1, 1], mem_bytes: 0, slots: request("2", 0) })
+            .restore(
+                "c",
+                Allocation { cpuset: vec![1, 1], mem_bytes: 0, slots: request("2", 0), devices: BTreeMap::new() },
+            )
             .expect_err("a core twice");
         assert!(err.to_string().contains("names a core twice"), "{err}");
         assert!(alloc.allocation("c").is_none());
@@ -509,7 +627,15 @@ mod tests {
         let alloc = allocator(&[1], GIB, AllocationStrategy::Fill);
         // Pinned to a core this node no longer hands out (reserved-cpu changed).
         alloc
-            .restore("a", Allocation { cpuset: vec![0], mem_bytes: 2 * GIB, slots: request("1", 2 * GIB) })
+            .restore(
+                "a",
+                Allocation {
+                    cpuset: vec![0],
+                    mem_bytes: 2 * GIB,
+                    slots: request("1", 2 * GIB),
+                    devices: BTreeMap::new(),
+                },
+            )
             .expect("ok");
         assert_eq!(alloc.used(), request("1", 2 * GIB));
         let err = alloc.allocate("b", &request("1", 0)).expect_err("cpu capacity is used up");
@@ -530,6 +656,117 @@ mod tests {
         let granted = handles.into_iter().map(|h| h.join().expect("thread")).filter(|ok| *ok).count();
         assert_eq!(granted, 8);
         assert!(alloc.core_loads().iter().all(|(_, load)| *load == 1));
+    }
+
+    fn gpus(alloc: ResourceAllocator, slot: &str, mode: AllocationMode, numa: &[Option<u32>]) -> ResourceAllocator {
+        let devices = numa
+            .iter()
+            .enumerate()
+            .map(|(index, numa_node)| DeviceCapacity {
+                id: format!("gpu{index}"),
+                numa_node: *numa_node,
+                capacity: rust_decimal::Decimal::ONE,
+            })
+            .collect();
+        let quantum = rust_decimal::Decimal::new(1, 2);
+        alloc.with_devices(vec![DeviceAllocMap::new(slot, mode, AllocationStrategy::Fill, quantum, devices)])
+    }
+
+    fn with_slot(mut slots: ResourceSlots, slot: &str, amount: &str) -> ResourceSlots {
+        slots.insert(slot, SlotAmount::parse_str(amount, SlotType::Count, slot).expect("amount"));
+        slots
+    }
+
+    #[test]
+    fn devices_are_reserved_with_cores_and_memory() {
+        let alloc = gpus(
+            allocator(&[0, 1], 4 * GIB, AllocationStrategy::Fill),
+            "cuda.device",
+            AllocationMode::Discrete,
+            &[None, None],
+        );
+        assert_eq!(alloc.capacity().amount("cuda.device").to_string(), "2");
+        let a = alloc.allocate("a", &with_slot(request("1", GIB), "cuda.device", "1")).expect("fits");
+        assert_eq!(a.devices["cuda.device"], vec![("gpu0".to_string(), SlotAmount::from_u64(1))]);
+        // Cores and memory fit, the devices do not: nothing is taken.
+        let before = (alloc.used(), alloc.core_loads(), alloc.device_usage());
+        let err = alloc.allocate("b", &with_slot(request("1", GIB), "cuda.device", "2")).expect_err("one device left");
+        assert_eq!(err.to_string(), "insufficient cuda.device: requested 2, available 1 of 2");
+        assert_eq!((alloc.used(), alloc.core_loads(), alloc.device_usage()), before);
+        // The other mode's slot is not offered here.
+        let err = alloc.allocate("b", &with_slot(request("1", GIB), "cuda.shares", "0.5")).expect_err("no shares");
+        assert_eq!(err.to_string(), "insufficient cuda.shares: requested 0.5, available 0 of 0");
+        alloc.free("a");
+        assert_eq!(alloc.used().amount("cuda.device"), SlotAmount::ZERO);
+        let b = alloc.allocate("b", &with_slot(request("1", GIB), "cuda.device", "2")).expect("both free again");
+        assert_eq!(b.devices["cuda.device"].len(), 2);
+    }
+
+    #[test]
+    fn restored_devices_are_held() {
+        let alloc = gpus(
+            allocator(&[0, 1], 4 * GIB, AllocationStrategy::Fill),
+            "cuda.shares",
+            AllocationMode::Fractional,
+            &[None],
+        );
+        let held = Allocation {
+            cpuset: vec![0],
+            mem_bytes: GIB,
+            slots: with_slot(request("1", GIB), "cuda.shares", "0.75"),
+            devices: BTreeMap::from([(
+                "cuda.shares".to_string(),
+                vec![("gpu0".to_string(), SlotAmount::parse_str("0.75", SlotType::Count, "x").expect("amount"))],
+            )]),
+        };
+        alloc.restore("a", held).expect("restores");
+        assert_eq!(alloc.used().amount("cuda.shares").to_string(), "0.75");
+        let err = alloc.allocate("b", &with_slot(request("1", GIB), "cuda.shares", "0.5")).expect_err("0.25 left");
+        assert_eq!(err.to_string(), "insufficient cuda.shares: requested 0.5, available 0.25 of 1");
+        alloc.allocate("b", &with_slot(request("1", GIB), "cuda.shares", "0.25")).expect("the rest fits");
+    }
+
+    #[test]
+    fn devices_near_the_kernels_cores_come_first() {
+        let alloc = gpus(
+            allocator(&[0, 1], 4 * GIB, AllocationStrategy::Fill),
+            "cuda.device",
+            AllocationMode::Discrete,
+            &[Some(0), Some(1)],
+        )
+        .with_numa(BTreeMap::from([(0, 0), (1, 1)]));
+        // The first kernel gets core 0 (node 0), the second core 1 (node 1) and its device.
+        let a = alloc.allocate("a", &request("1", GIB)).expect("fits");
+        assert_eq!(a.cpuset, vec![0]);
+        let b = alloc.allocate("b", &with_slot(request("1", GIB), "cuda.device", "1")).expect("fits");
+        assert_eq!(b.cpuset, vec![1]);
+        assert_eq!(b.devices["cuda.device"][0].0, "gpu1");
+    }
+
+    #[test]
+    fn concurrent_device_requests_never_over_allocate() {
+        let mut capacity = NodeCapacity::fixed(vec![0, 1], 64 * GIB);
+        capacity.kernels_per_core = 64;
+        capacity.cpu = 128;
+        let alloc = Arc::new(gpus(
+            ResourceAllocator::new(capacity, AllocationStrategy::Fill),
+            "cuda.shares",
+            AllocationMode::Fractional,
+            &[None, None],
+        ));
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let alloc = alloc.clone();
+                std::thread::spawn(move || {
+                    alloc.allocate(&format!("k{i}"), &with_slot(request("1", GIB), "cuda.shares", "0.3")).is_ok()
+                })
+            })
+            .collect();
+        let granted = handles.into_iter().map(|h| h.join().expect("thread")).filter(|ok| *ok).count();
+        assert_eq!(granted, 6, "two devices hold three 0.3 shares each");
+        for (_, id, held, capacity) in alloc.device_usage() {
+            assert!(held <= capacity, "{id}: {held} of {capacity}");
+        }
     }
 
     #[test]

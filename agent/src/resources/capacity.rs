@@ -64,6 +64,28 @@ impl HostResources {
     }
 }
 
+/// Core → NUMA node from `/sys/devices/system/node/node*/cpulist` (`root` is that directory).
+/// Empty when the host does not say or has one node: then no device is nearer than another.
+pub fn numa_nodes_of_cores(root: &Path) -> std::collections::BTreeMap<u32, u32> {
+    let mut map = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(root) else { return map };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(node) = name.to_str().and_then(|name| name.strip_prefix("node")).and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("cpulist")) else { continue };
+        for core in parse_cpu_list(&text).unwrap_or_default() {
+            map.insert(core, node);
+        }
+    }
+    if map.values().collect::<std::collections::BTreeSet<_>>().len() < 2 {
+        map.clear();
+    }
+    map
+}
+
 /// Parses the kernel's CPU list format (`0-3,5,7-8`) into ascending, distinct ids.
 /// `None` when the text is not such a list or names no CPU.
 pub fn parse_cpu_list(text: &str) -> Option<Vec<u32>> {
@@ -207,6 +229,20 @@ fn factor(value: f64, key: &'static str) -> Result<Decimal, CapacityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numa_nodes_come_from_each_nodes_cpulist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (node, list) in [("node0", "0-1\n"), ("node1", "2,3\n")] {
+            std::fs::create_dir(dir.path().join(node)).expect("mkdir");
+            std::fs::write(dir.path().join(node).join("cpulist"), list).expect("write");
+        }
+        std::fs::create_dir(dir.path().join("power")).expect("mkdir");
+        let map = numa_nodes_of_cores(dir.path());
+        assert_eq!(map.into_iter().collect::<Vec<_>>(), vec![(0, 0), (1, 0), (2, 1), (3, 1)]);
+        std::fs::remove_dir_all(dir.path().join("node1")).expect("rm");
+        assert!(numa_nodes_of_cores(dir.path()).is_empty(), "one node: no preference");
+    }
 
     const GIB: u64 = 1 << 30;
 

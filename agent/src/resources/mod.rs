@@ -5,16 +5,19 @@
 //! - [`slots`]: slot names and types, exact amounts, the `resource_slots` request parser.
 //! - [`capacity`]: what the host has (online cores, `MemTotal`) and what kernels may get.
 //! - [`alloc`]: [`ResourceAllocator`], pinning whole cores (FILL / EVENLY) and counting bytes.
+//! - [`devices`]: accelerator alloc maps (whole devices or shares), held by the allocator.
 //! - [`spec`]: [`KernelResourceSpec`] and Backend.AI's `resource.txt` format.
 //! - [`compute`]: accelerator plugins (CUDA through NVML) behind one trait.
 
 pub mod alloc;
 pub mod capacity;
 pub mod compute;
+pub mod devices;
 pub mod slots;
 pub mod spec;
 
 pub use alloc::{Allocation, AllocationError, AllocationStrategy, ResourceAllocator, format_cpuset};
 pub use capacity::{CapacityError, CapacityPolicy, HostResources, NodeCapacity};
+pub use devices::{AllocationMode, DeviceAllocMap, DeviceCapacity, PerDevice};
 pub use slots::{ResourceSlots, SlotAmount, SlotError, SlotRegistry, SlotType, format_binary_size, parse_binary_size};
 pub use spec::{KernelResourceSpec, MountPermission, MountSpec, RESOURCE_TXT, ResourceFileError};

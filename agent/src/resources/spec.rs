@@ -114,12 +114,15 @@ impl KernelResourceSpec {
             allocations.insert("cpu".to_string(), cores);
         }
         allocations.insert("mem".to_string(), vec![("root".to_string(), SlotAmount::from_u64(allocation.mem_bytes))]);
+        for (slot, per_device) in &allocation.devices {
+            allocations.insert(slot.clone(), per_device.clone());
+        }
         KernelResourceSpec { slots: allocation.slots.clone(), allocations, ..KernelResourceSpec::default() }
     }
 
     /// What to hand [`ResourceAllocator::restore`](super::ResourceAllocator::restore): the
-    /// cores of `CPU_SHARES`, the memory of `SLOTS` (exact; else the `MEM_SHARES` sum) and
-    /// the slots.
+    /// cores of `CPU_SHARES`, the memory of `SLOTS` (exact; else the `MEM_SHARES` sum), the
+    /// slots, and every other `<SLOT>_SHARES` line as the devices of an accelerator slot.
     pub fn allocation(&self) -> Result<Allocation, ResourceFileError> {
         let mut cpuset = Vec::new();
         for (device, amount) in self.allocations.get("cpu").map(Vec::as_slice).unwrap_or_default() {
@@ -146,7 +149,15 @@ impl KernelResourceSpec {
         let mem_bytes = mem
             .to_u64()
             .ok_or_else(|| ResourceFileError::NotRestorable { reason: format!("mem = {mem} is not a byte count") })?;
-        Ok(Allocation { cpuset, mem_bytes, slots: self.slots.clone() })
+        let devices = self
+            .allocations
+            .iter()
+            .filter(|(slot, per_device)| slot.as_str() != "cpu" && slot.as_str() != "mem" && !per_device.is_empty())
+            .map(|(slot, per_device)| {
+                (slot.clone(), per_device.iter().filter(|(_, amount)| !amount.is_zero()).cloned().collect())
+            })
+            .collect();
+        Ok(Allocation { cpuset, mem_bytes, slots: self.slots.clone(), devices })
     }
 
     /// The file's text. Fails when a value cannot be written in this format (a mount path
@@ -394,7 +405,8 @@ mod tests {
     }
 
     fn sample() -> KernelResourceSpec {
-        let allocation = Allocation { cpuset: vec![0, 1], mem_bytes: GIB, slots: slots(2, GIB) };
+        let allocation =
+            Allocation { cpuset: vec![0, 1], mem_bytes: GIB, slots: slots(2, GIB), devices: BTreeMap::new() };
         let mut spec = KernelResourceSpec::for_allocation(&allocation);
         spec.mounts = vec![
             MountSpec {
@@ -435,7 +447,10 @@ mod tests {
         let back = KernelResourceSpec::parse(&spec.to_resource_txt().expect("writable")).expect("parses");
         assert_eq!(back, spec);
         let allocation = back.allocation().expect("restorable");
-        assert_eq!(allocation, Allocation { cpuset: vec![0, 1], mem_bytes: GIB, slots: slots(2, GIB) });
+        assert_eq!(
+            allocation,
+            Allocation { cpuset: vec![0, 1], mem_bytes: GIB, slots: slots(2, GIB), devices: BTreeMap::new() }
+        );
     }
 
     #[test]
@@ -452,6 +467,12 @@ mod tests {
         assert_eq!(allocation.cpuset, vec![3]);
         assert_eq!(allocation.mem_bytes, 1_000_000_000, "exact bytes from SLOTS, not the rounded MEM_SHARES");
         assert_eq!(allocation.slots.amount("cuda.shares").to_string(), "0.5");
+        assert_eq!(
+            allocation.devices["cuda.shares"],
+            vec![("GPU-abc".to_string(), "0.5".parse().expect("amount"))],
+            "the devices a restarted agent gives back to the kernel"
+        );
+        assert!(!allocation.devices.contains_key("cpu") && !allocation.devices.contains_key("mem"));
     }
 
     #[test]

@@ -343,13 +343,31 @@ impl Methods {
         Ok(Value::Map(vec![("bgtask_id".into(), task.into()), ("canonical".into(), canonical.into())]))
     }
 
-    /// `scan_gpu_alloc_map()` → `{device id: allocated amount}` over this agent's kernels, as
-    /// decimal strings. This agent allocates no accelerator devices to kernels (its
-    /// accelerators are measured, not handed out), so the map is empty, as the Python agent's
-    /// is on a node without accelerator plugins.
+    /// `scan_gpu_alloc_map(agent_id=None)` → `{device id: share of it allocated}`: per CUDA
+    /// device some kernel holds, what kernels hold of it over what it has (`"0.5"` for half
+    /// a device, `"1"` for a whole one), four decimals, as strings. From the allocator, which
+    /// a restarted agent refills from the kernels' `resource.txt`.
     pub(super) fn scan_gpu_alloc_map(&self, args: Args) -> Result<Value, MethodError> {
-        args.expect(&[])?;
-        Ok(Value::Map(Vec::new()))
+        const M: &str = "scan_gpu_alloc_map";
+        args.expect(&["agent_id"])?;
+        self.positional_agent_id(&args, M)?;
+        let kernels = self.kernels(M)?;
+        let mut ratios: std::collections::BTreeMap<String, rust_decimal::Decimal> = Default::default();
+        for (slot, device, held, capacity) in kernels.allocator.device_usage() {
+            if !slot.starts_with("cuda.") || held.is_zero() {
+                continue;
+            }
+            let (held, capacity) = (held.as_decimal(), capacity.as_decimal());
+            // A device only restored kernels name counts as wholly allocated.
+            let ratio = if capacity.is_zero() { rust_decimal::Decimal::ONE } else { held / capacity };
+            *ratios.entry(device).or_default() += ratio;
+        }
+        Ok(Value::Map(
+            ratios
+                .into_iter()
+                .map(|(device, ratio)| (device.into(), ratio.round_dp(4).normalize().to_string().into()))
+                .collect(),
+        ))
     }
 
     /// `check_pulling(image_name)` → whether `check_and_pull` is pulling it now.

@@ -364,7 +364,7 @@ impl Methods {
     }
 
     /// An `agent_id` given as the first positional argument: it must be this agent's.
-    fn positional_agent_id(&self, args: &Args, method: &str) -> Result<(), MethodError> {
+    pub(super) fn positional_agent_id(&self, args: &Args, method: &str) -> Result<(), MethodError> {
         match args.optional_string(0, "agent_id")? {
             Some(requested) if requested != self.config.agent.id => Err(MethodError::WrongAgent {
                 method: method.to_owned(),
@@ -434,14 +434,44 @@ impl Methods {
     }
 
     /// `gather_hwinfo(agent_id=None)` → `{device: {status, status_info, metadata}}` for the
-    /// intrinsic devices, read from `/proc`. Metadata values are strings, as Backend.AI's
-    /// compute plugins report them.
+    /// intrinsic devices, read from `/proc`, and each accelerator the node hands out.
+    /// Metadata values are strings, as Backend.AI's compute plugins report them.
     async fn gather_hwinfo(&self, args: Args) -> Result<Value, MethodError> {
         args.expect(&["agent_id"])?;
         self.positional_agent_id(&args, "gather_hwinfo")?;
         let cpu = tokio::fs::read_to_string("/proc/cpuinfo").await.map(|text| cpu_metadata(&text));
         let mem = tokio::fs::read_to_string("/proc/meminfo").await.map(|text| mem_metadata(&text));
-        Ok(map(vec![("cpu", hw_entry(cpu, "/proc/cpuinfo")), ("mem", hw_entry(mem, "/proc/meminfo"))]))
+        let mut entries = vec![
+            ("cpu".to_owned(), hw_entry(cpu, "/proc/cpuinfo")),
+            ("mem".to_owned(), hw_entry(mem, "/proc/meminfo")),
+        ];
+        for accelerator in self.kernels.iter().flat_map(|kernels| kernels.accelerators()) {
+            let mut metadata: Vec<(String, String)> = vec![
+                ("slot".into(), accelerator.slot()),
+                ("devices".into(), accelerator.devices.len().to_string()),
+                (
+                    "models".into(),
+                    accelerator
+                        .devices
+                        .iter()
+                        .map(|d| d.model.as_str())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                ("mock".into(), (accelerator.passthrough == crate::resources::compute::Passthrough::Mock).to_string()),
+            ];
+            metadata.extend(
+                accelerator
+                    .extra_info
+                    .iter()
+                    .filter(|(key, _)| !key.ends_with("_support"))
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            entries.push((accelerator.key.clone(), hw_entry(Ok(metadata), &accelerator.key)));
+        }
+        Ok(Value::Map(entries.into_iter().map(|(key, value)| (key.into(), value)).collect()))
     }
 
     /// `debug_sleep(seconds, tag=None)` → `tag`, after sleeping (at most a minute). Only
@@ -512,12 +542,15 @@ impl Methods {
 }
 
 /// One `HardwareMetadata` entry: healthy with its metadata, or unavailable with the reason.
-fn hw_entry(metadata: std::io::Result<Vec<(&'static str, String)>>, source: &str) -> Value {
+fn hw_entry<K: AsRef<str>>(metadata: std::io::Result<Vec<(K, String)>>, source: &str) -> Value {
     match metadata {
         Ok(fields) => map(vec![
             ("status", Value::from("healthy")),
             ("status_info", Value::Nil),
-            ("metadata", map(fields.into_iter().map(|(k, v)| (k, Value::from(v))).collect())),
+            (
+                "metadata",
+                Value::Map(fields.into_iter().map(|(k, v)| (Value::from(k.as_ref()), Value::from(v))).collect()),
+            ),
         ]),
         Err(err) => map(vec![
             ("status", Value::from("unavailable")),

@@ -31,6 +31,37 @@ impl RealNvml {
     }
 }
 
+impl RealNvml {
+    /// Every device as allocation sees it: index as id, model, memory, NUMA node (from its PCI
+    /// address), processing units (NVML's core count over 64 per multiprocessor when it says,
+    /// else 0) and its `/dev/nvidia{minor}` node.
+    pub fn inventory(&self) -> Result<Vec<super::AcceleratorDevice>, String> {
+        let count = self.0.device_count().map_err(|err| err.to_string())?;
+        let mut devices = Vec::new();
+        for index in 0..count {
+            let device = self.0.device_by_index(index).map_err(|err| format!("device {index}: {err}"))?;
+            let memory = device.memory_info().map_err(|err| format!("device {index}: {err}"))?;
+            let minor = device.minor_number().unwrap_or(index);
+            let node = format!("/dev/nvidia{minor}");
+            devices.push(super::AcceleratorDevice {
+                id: index.to_string(),
+                model: device.name().unwrap_or_else(|_| "NVIDIA GPU".to_owned()),
+                numa_node: device.pci_info().ok().and_then(|pci| super::accelerator::pci_numa_node(&pci.bus_id)),
+                memory_bytes: memory.total,
+                processing_units: device.num_cores().map(|cores| cores / 64).unwrap_or(0),
+                host_node: Some(std::path::PathBuf::from(&node)),
+                container_node: node,
+            });
+        }
+        Ok(devices)
+    }
+
+    /// The driver's version, for the heartbeat.
+    pub fn driver_version(&self) -> Option<String> {
+        self.0.sys_driver_version().ok()
+    }
+}
+
 impl Nvml for RealNvml {
     fn device_count(&self) -> Result<u32, String> {
         self.0.device_count().map_err(|err| err.to_string())

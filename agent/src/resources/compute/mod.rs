@@ -1,9 +1,15 @@
 //! Compute plugins: accelerators behind one trait, so the monitor measures every device
 //! the same way whatever its vendor. [`cuda`] is NVIDIA's, through NVML loaded at run time;
-//! [`mock`] reads Backend.AI's mock-accelerator format, for nodes without accelerators.
+//! [`mock`] reads Backend.AI's mock-accelerator format, for nodes without accelerators;
+//! [`accelerator`] describes the devices a node hands out to kernels and what a kernel given
+//! some of them gets.
 
+pub mod accelerator;
 pub mod cuda;
 pub mod mock;
+pub mod rocm;
+
+pub use accelerator::{Accelerator, AcceleratorDevice, AttachedDevice, ContainerDevices, DeviceRequest, Passthrough};
 
 use cuda::Nvml;
 
@@ -42,14 +48,32 @@ pub trait ComputePlugin: Send {
     fn measure(&mut self) -> Result<DeviceReadings, ComputeError>;
 }
 
+/// What [`detect`] found: plugins to measure devices (for the monitor) and accelerators to
+/// hand out (for the allocator and kernel creation).
+pub struct Detected {
+    pub plugins: Vec<Box<dyn ComputePlugin>>,
+    pub accelerators: Vec<Accelerator>,
+}
+
+/// Where [`detect`] looks and how devices are handed out.
+pub struct DetectOptions<'a> {
+    /// `[debug] fake-cuda-devices`: measured only, never handed out.
+    pub fake_cuda_devices: u32,
+    /// `[resource] mock-accelerator`.
+    pub mock_config: Option<&'a std::path::Path>,
+    /// Where the mock's stand-in device nodes are made.
+    pub mock_node_dir: &'a std::path::Path,
+    /// `[accelerators.<plugin>]`.
+    pub settings: &'a std::collections::BTreeMap<String, crate::config::AcceleratorSettings>,
+}
+
 /// The plugins this node has: each one whose library and devices are present, or the mock
 /// devices of `mock_config` (Backend.AI's `mock-accelerator.toml` format) when it is given.
-pub fn detect(
-    fake_cuda_devices: u32,
-    mock_config: Option<&std::path::Path>,
-) -> Result<Vec<Box<dyn ComputePlugin>>, ComputeError> {
+pub fn detect(options: &DetectOptions<'_>) -> Result<Detected, ComputeError> {
     let mut plugins: Vec<Box<dyn ComputePlugin>> = Vec::new();
-    if let Some(path) = mock_config {
+    let mut accelerators = Vec::new();
+    let settings = |key: &str| options.settings.get(key).cloned().unwrap_or_default();
+    if let Some(path) = options.mock_config {
         let config = mock::MockConfig::load(path)?;
         tracing::warn!(
             path = %path.display(),
@@ -57,23 +81,36 @@ pub fn detect(
             devices = config.devices.len(),
             "using mock accelerators (resource.mock-accelerator); never in production"
         );
+        accelerators.push(Accelerator::mock(&config, settings(&config.slot_name), options.mock_node_dir)?);
         plugins.push(Box::new(mock::MockPlugin::new(config)));
-        return Ok(plugins);
+        return Ok(Detected { plugins, accelerators });
     }
+    let fake_cuda_devices = options.fake_cuda_devices;
     if fake_cuda_devices > 0 {
         tracing::warn!(
             devices = fake_cuda_devices,
             "using a fake NVML ([debug] fake-cuda-devices); never in production"
         );
         plugins.push(Box::new(cuda::CudaPlugin::new(cuda::FakeNvml::new(fake_cuda_devices))));
-        return Ok(plugins);
+        return Ok(Detected { plugins, accelerators });
     }
     match cuda::RealNvml::load() {
         Ok(nvml) => {
             tracing::info!(devices = ?nvml.device_count(), "NVML loaded; measuring NVIDIA devices");
+            match nvml.inventory() {
+                Ok(devices) => accelerators.push(Accelerator::nvidia(devices, settings("cuda"), nvml.driver_version())),
+                Err(err) => tracing::error!(error = %err, "listing NVIDIA devices failed; none is handed out"),
+            }
             plugins.push(Box::new(cuda::CudaPlugin::new(nvml)));
         }
         Err(err) => tracing::info!(reason = %err, "no NVIDIA devices: NVML is not available on this node"),
     }
-    Ok(plugins)
+    match rocm::RocmSmi::load() {
+        Ok(smi) => {
+            tracing::warn!(devices = ?smi.device_count(), "ROCm SMI loaded; measuring AMD devices (not yet handed out to kernels)");
+            plugins.push(Box::new(rocm::RocmPlugin(smi)));
+        }
+        Err(err) => tracing::info!(reason = %err, "no AMD devices: ROCm SMI is not available on this node"),
+    }
+    Ok(Detected { plugins, accelerators })
 }
