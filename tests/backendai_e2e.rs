@@ -12,7 +12,10 @@
 //! Prometheus it queries, scraping the agent) and its stats in Redis coming from the agent;
 //! the kernel lifecycle's broadcast copies on `events_all`; `session commit` (the kernel saved
 //! as a file on the node) and `session convert-to-image` (committed, pushed to a registry with
-//! a login, rescanned by the manager), both waiting on the agent's background-task events.
+//! a login, rescanned by the manager), both waiting on the agent's background-task events;
+//! GPU sessions on two more agents with mock accelerators: `cuda.device=1` and
+//! `cuda.shares=0.5` scheduled onto them and seeing exactly their devices, twenty concurrent
+//! share requests never over-allocating a device, and whole devices held across `kill -9`.
 
 use std::{process::Command, time::Duration};
 
@@ -118,6 +121,7 @@ fn a_real_backendai_manager_runs_sessions_on_bai_agent() {
     batch_sessions_end_with_their_commands_result(&plane);
     a_session_becomes_an_image_in_a_registry(&plane, &agent);
     a_session_lives_through_a_kill_9_of_the_agent(&plane, &mut agent);
+    gpu_sessions_get_their_own_mock_devices(&plane);
 }
 
 fn the_agent_is_alive_with_its_slots(plane: &ControlPlane, agent: &Agent) {
@@ -556,4 +560,244 @@ fn a_session_lives_through_a_kill_9_of_the_agent(plane: &ControlPlane, agent: &m
     let after = plane.cli(&["run", "-t", name, &image, "-c", "print('after restart', x + 1)"]);
     assert!(after.success && after.stdout.contains("after restart 42"), "the kernel kept its state: {}", after.text());
     destroy_session(plane, name);
+}
+
+/// Two mock devices (Backend.AI's sample): 40 GiB and 108 multiprocessors each, so 13.5 shares
+/// each when shared.
+const MOCK_GPUS: &str = r#"slot_name = "cuda"
+device_plugin_name = "CUDADevice"
+devices = [
+  { mother_uuid = "f0000000-0000-4000-8000-000000000001", model_name = "CUDA GPU", numa_node = 0, subproc_count = 108, memory_size = "40G", is_mig_device = false },
+  { mother_uuid = "f0000000-0000-4000-8000-000000000002", model_name = "CUDA GPU", numa_node = 0, subproc_count = 108, memory_size = "40G", is_mig_device = false },
+]
+
+[attributes]
+nvidia_driver = "450.0.0"
+"#;
+
+/// An agent with the mock devices, handed out `mode`; cores overcommitted so that CPU is
+/// never what limits the GPU sessions.
+fn start_gpu_agent(plane: &ControlPlane, mode: &str, first_port: u16) -> Agent {
+    let mock = plane.path(&format!("mock-{mode}.toml"));
+    std::fs::write(&mock, MOCK_GPUS).expect("mock accelerator file");
+    let toml = agent_toml(plane, first_port).replace(
+        "[resource]\n",
+        &format!(
+            "[resource]\nmock-accelerator = \"{}\"\ncpu-overcommit = 10.0\nmem-overcommit = 4.0\n",
+            mock.display()
+        ),
+    ) + &format!("\n[accelerators.cuda]\nallocation-mode = \"{mode}\"\n");
+    let id = unique(&format!("i-gpu-{mode}"));
+    let agent = Agent::start_with_journal(&id, &plane.path(&format!("agent-state-{mode}")), &toml)
+        .expect("the GPU agent starts");
+    plane
+        .wait_for_sql(&format!("select status from agents where id = '{id}'"), "ALIVE", Duration::from_secs(60))
+        .unwrap_or_else(|err| panic!("{err}\n{}", agent_log_tail(&agent)));
+    agent
+}
+
+/// The manager's capacity of `slot` on `agent` (`agent_resources`).
+fn agent_capacity(plane: &ControlPlane, agent: &Agent, slot: &str) -> String {
+    plane
+        .sql(&format!("select capacity from agent_resources where agent_id = '{}' and slot_name = '{slot}'", agent.id))
+        .unwrap_or_default()
+}
+
+/// The devices Docker gave a session's kernel container, as the kernel sees them: its
+/// `/dev/nvidia*` nodes and `BACKENDAI_MOCK_CUDA_DEVICES`.
+fn devices_inside(plane: &ControlPlane, session: &str) -> (String, String) {
+    let kernel = session_kernel(plane, session);
+    let container = kernel_containers(&kernel);
+    let nodes = docker(&["exec", &container, "sh", "-c", "ls /dev | grep '^nvidia[0-9]' | sort | tr '\\n' ' '"]);
+    let ids = docker(&["exec", &container, "printenv", "BACKENDAI_MOCK_CUDA_DEVICES"]);
+    (nodes.trim().to_owned(), ids)
+}
+
+fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
+    let image = image_ref();
+    let mut whole = start_gpu_agent(plane, "discrete", 22200);
+    let shared = start_gpu_agent(plane, "fractional", 22300);
+    assert_eq!(agent_capacity(plane, &whole, "cuda.device").parse::<f64>().ok(), Some(2.0));
+    assert_eq!(agent_capacity(plane, &shared, "cuda.shares").parse::<f64>().ok(), Some(27.0));
+
+    // One whole device: the session runs on the discrete agent with one device of its own.
+    let created = plane.cli(&[
+        "session",
+        "create",
+        "-t",
+        "e2e-gpu-a",
+        "-r",
+        "cpu=1",
+        "-r",
+        "mem=2g",
+        "-r",
+        "cuda.device=1",
+        &image,
+    ]);
+    assert!(
+        created.success,
+        "cuda.device session: {}\n{}\nmanager log:\n{}",
+        created.text(),
+        agent_log_tail(&whole),
+        plane.log_tail("manager", 60)
+    );
+    let (nodes_a, ids_a) = devices_inside(plane, "e2e-gpu-a");
+    assert_eq!(nodes_a, "nvidia0", "one device node");
+    assert_eq!(ids_a, "f0000000-0000-4000-8000-000000000001");
+    let attached = plane
+        .sql("select k.attached_devices::text from kernels k join sessions s on k.session_id = s.id where s.name = 'e2e-gpu-a'")
+        .expect("attached devices");
+    assert!(attached.contains(&ids_a), "the manager records the kernel's device: {attached}");
+    // The device moved from reserved to used in the manager's books (it reads `used_devices`).
+    let used = plane
+        .sql(&format!("select used from agent_resources where agent_id = '{}' and slot_name = 'cuda.device'", whole.id))
+        .expect("agent_resources");
+    assert_eq!(used.parse::<f64>().ok(), Some(1.0), "the manager counts one device used: {used}");
+
+    // kill -9 of the agent: the restarted agent still holds the first device for the running
+    // session and gives the next session the other one; a third waits in the manager's queue.
+    whole.kill_hard().expect("kill -9");
+    std::thread::sleep(Duration::from_secs(2));
+    whole.restart().expect("the GPU agent starts again");
+    let created = plane.cli(&[
+        "session",
+        "create",
+        "-t",
+        "e2e-gpu-b",
+        "-r",
+        "cpu=1",
+        "-r",
+        "mem=2g",
+        "-r",
+        "cuda.device=1",
+        &image,
+    ]);
+    assert!(created.success, "second cuda.device session: {}\n{}", created.text(), agent_log_tail(&whole));
+    let (nodes_b, ids_b) = devices_inside(plane, "e2e-gpu-b");
+    assert_eq!(
+        (nodes_b.as_str(), ids_b.as_str()),
+        ("nvidia1", "f0000000-0000-4000-8000-000000000002"),
+        "the free device"
+    );
+    assert_eq!(session_status(plane, "e2e-gpu-a"), "RUNNING");
+    let queued = plane.cli(&[
+        "session",
+        "create",
+        "--enqueue-only",
+        "-t",
+        "e2e-gpu-c",
+        "-r",
+        "cpu=1",
+        "-r",
+        "mem=2g",
+        "-r",
+        "cuda.device=1",
+        &image,
+    ]);
+    assert!(queued.success, "enqueue: {}", queued.text());
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(session_status(plane, "e2e-gpu-c"), "PENDING", "no device left for a third session");
+    for name in ["e2e-gpu-a", "e2e-gpu-b"] {
+        destroy_session(plane, name);
+    }
+    plane
+        .wait_for_sql("select status from sessions where name = 'e2e-gpu-c'", "RUNNING", Duration::from_secs(120))
+        .unwrap_or_else(|err| {
+            panic!("the queued session runs once a device is free: {err}\n{}", agent_log_tail(&whole))
+        });
+    destroy_session(plane, "e2e-gpu-c");
+
+    // Half a device: the fractional agent.
+    let created = plane.cli(&[
+        "session",
+        "create",
+        "-t",
+        "e2e-gpu-half",
+        "-r",
+        "cpu=1",
+        "-r",
+        "mem=2g",
+        "-r",
+        "cuda.shares=0.5",
+        &image,
+    ]);
+    assert!(created.success, "cuda.shares session: {}\n{}", created.text(), agent_log_tail(&shared));
+    let (nodes, ids) = devices_inside(plane, "e2e-gpu-half");
+    assert_eq!((nodes.as_str(), ids.as_str()), ("nvidia0", "f0000000-0000-4000-8000-000000000001"));
+    destroy_session(plane, "e2e-gpu-half");
+
+    // Twenty at once, 2.5 shares each: the manager and the agent agree on ten. (The example
+    // keypair may run five sessions at a time; devices are what should limit here.)
+    plane
+        .sql("update keypair_resource_policies set max_concurrent_sessions = 40 where name = 'default'")
+        .expect("raise the session limit");
+    let names: Vec<String> = (0..20).map(|i| format!("e2e-gpu-many-{i}")).collect();
+    std::thread::scope(|scope| {
+        for name in &names {
+            let image = image.as_str();
+            scope.spawn(move || {
+                let queued = plane.cli(&[
+                    "session",
+                    "create",
+                    "--enqueue-only",
+                    "-t",
+                    name,
+                    "-r",
+                    "cpu=1",
+                    "-r",
+                    "mem=2g",
+                    "-r",
+                    "cuda.shares=2.5",
+                    image,
+                ]);
+                assert!(queued.success, "enqueue {name}: {}", queued.text());
+            });
+        }
+    });
+    let count = |status: &str| {
+        plane
+            .sql(&format!("select count(*) from sessions where name like 'e2e-gpu-many-%' and status = '{status}'"))
+            .unwrap_or_default()
+    };
+    bai_agent_tests::wait_until("ten of twenty run", Duration::from_secs(300), || count("RUNNING") == "10")
+        .unwrap_or_else(|err| {
+            panic!(
+                "{err}: running {}, pending {}, error {}\n{}",
+                count("RUNNING"),
+                count("PENDING"),
+                count("ERROR"),
+                agent_log_tail(&shared)
+            )
+        });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        (count("RUNNING"), count("ERROR")),
+        ("10".to_owned(), "0".to_owned()),
+        "no more, and none refused by the agent"
+    );
+    // Docker's truth: what each running kernel's resource.txt holds, summed per device.
+    let mut per_device: std::collections::BTreeMap<String, f64> = Default::default();
+    for name in &names {
+        if session_status(plane, name) != "RUNNING" {
+            continue;
+        }
+        let container = kernel_containers(&session_kernel(plane, name));
+        let text = docker(&["exec", &container, "cat", "/home/config/resource.txt"]);
+        let line =
+            text.lines().find_map(|line| line.strip_prefix("CUDA.SHARES_SHARES=")).unwrap_or_default().to_owned();
+        for piece in line.split(',').filter(|piece| !piece.is_empty()) {
+            let (device, amount) = piece.split_once(':').expect("device:amount");
+            *per_device.entry(device.to_owned()).or_default() += amount.parse::<f64>().expect("an amount");
+        }
+    }
+    let total: f64 = per_device.values().sum();
+    assert!((total - 25.0).abs() < 1e-9, "ten kernels hold 2.5 each: {per_device:?}");
+    assert!(per_device.values().all(|held| *held <= 13.5 + 1e-9), "no device past its 13.5 shares: {per_device:?}");
+    std::thread::scope(|scope| {
+        for name in &names {
+            scope.spawn(move || {
+                let _ = plane.cli(&["session", "destroy", name]);
+            });
+        }
+    });
 }
