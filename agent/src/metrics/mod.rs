@@ -68,6 +68,8 @@ pub struct MonitorSnapshot {
     pub node: NodeReadings,
     /// Accelerators, per compute plugin.
     pub devices: Vec<DeviceReadings>,
+    /// Each running kernel's use of each device (from its processes), read with `devices`.
+    pub accelerator_use: Vec<crate::monitor::accel::KernelDeviceUse>,
     /// Whether `node` and `devices` were read in this pass (else they are the last readings).
     pub node_fresh: bool,
     pub attached_cgroups: usize,
@@ -93,6 +95,7 @@ impl Default for MonitorSnapshot {
             containers: Vec::new(),
             node: NodeReadings::default(),
             devices: Vec::new(),
+            accelerator_use: Vec::new(),
             node_fresh: true,
             attached_cgroups: 0,
             programs: Vec::new(),
