@@ -416,16 +416,34 @@ impl Drop for UsageService {
 }
 
 fn observe(meter: &mut Meter, snapshot: &MonitorSnapshot) -> Vec<UsageLine> {
+    // Per container, its accelerator utilisation per type, summed over the devices it uses.
+    let accel: Vec<Vec<(&'static str, u64)>> = snapshot
+        .containers
+        .iter()
+        .map(|sample| {
+            let mut per_type: Vec<(&'static str, u64)> = Vec::new();
+            for used in snapshot.accelerator_use.iter().filter(|u| u.kernel.container_id == sample.kernel.container_id)
+            {
+                match per_type.iter_mut().find(|(kind, _)| *kind == used.plugin) {
+                    Some((_, pct)) => *pct += u64::from(used.utilization_pct),
+                    None => per_type.push((used.plugin, u64::from(used.utilization_pct))),
+                }
+            }
+            per_type
+        })
+        .collect();
     let observations: Vec<meter::Observation<'_>> = snapshot
         .containers
         .iter()
-        .map(|sample| meter::Observation {
+        .zip(&accel)
+        .map(|(sample, accel)| meter::Observation {
             kernel_id: &sample.kernel.kernel_id,
             container_id: &sample.kernel.container_id,
             cgroup_id: sample.cgroup_id,
             totals: Counts::from(&sample.readings.counters),
             run: Counts::from(&sample.run),
             mem_bytes: sample.readings.memory.working_set,
+            accel_util_pct: accel,
         })
         .collect();
     let ended: Vec<(u64, Counts)> = snapshot.ended_runs.iter().map(|(id, c)| (*id, Counts::from(c))).collect();
