@@ -140,10 +140,15 @@ pub fn sample(
     if plugins.is_empty() || kernels.is_empty() {
         return Vec::new();
     }
+    // The kernels' processes, for a plugin that wants them; their kernel is then known (they
+    // were listed in its cgroup), so only the other pids are looked up in /proc/<pid>/cgroup.
     let mut candidates = Vec::new();
+    let mut listed: HashMap<u32, usize> = HashMap::new();
     if plugins.iter().any(|plugin| plugin.wants_candidates()) {
-        for kernel in kernels {
+        for (index, kernel) in kernels.iter().enumerate() {
+            let from = candidates.len();
             cgroup_pids(&kernel.path, buf, &mut candidates);
+            listed.extend(candidates[from..].iter().map(|pid| (*pid, index)));
         }
     }
     let mut uses = Vec::with_capacity(plugins.len());
@@ -157,7 +162,10 @@ pub fn sample(
         }
     }
     let index = CgroupIndex::new(unified_root, kernels);
-    attribute(&uses, kernels, |pid| index.kernel_of(read_proc_cgroup(pid, buf)?))
+    attribute(&uses, kernels, |pid| match listed.get(&pid) {
+        Some(index) => Some(*index),
+        None => index.kernel_of(read_proc_cgroup(pid, buf)?),
+    })
 }
 
 #[cfg(test)]
