@@ -81,7 +81,9 @@ pub fn attribute(
     mut kernel_of: impl FnMut(u32) -> Option<usize>,
 ) -> Vec<KernelDeviceUse> {
     let mut pids: HashMap<u32, Option<usize>> = HashMap::new();
-    let mut sums: BTreeMap<(&str, &'static str, &str), (usize, u64, u64, u32)> = BTreeMap::new();
+    // (kernel id, plugin, device) → (kernel index, memory, utilisation, processes).
+    type Sum = (usize, u64, u64, u32);
+    let mut sums: BTreeMap<(&str, &'static str, &str), Sum> = BTreeMap::new();
     for (plugin, processes) in uses {
         for process in processes {
             let found = *pids.entry(process.pid).or_insert_with(|| kernel_of(process.pid));
@@ -121,7 +123,7 @@ pub fn cgroup_pids(path: &Path, buf: &mut Vec<u8>, out: &mut Vec<u32>) {
 }
 
 /// Reads `/proc/<pid>/cgroup` into `buf`; None when the process is gone.
-fn read_proc_cgroup<'a>(pid: u32, buf: &'a mut Vec<u8>) -> Option<&'a str> {
+fn read_proc_cgroup(pid: u32, buf: &mut Vec<u8>) -> Option<&str> {
     buf.clear();
     let mut file = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
     std::io::Read::read_to_end(&mut file, buf).ok()?;
