@@ -89,7 +89,7 @@ fn accelerator_definitions(plugin: &'static str) -> (Definition, Definition) {
 /// A kernel's use of one plugin's devices at a sample: (utilisation summed over the devices
 /// its processes use, 100 × their number, memory its processes hold on them, those devices'
 /// memory), as Backend.AI's CUDA plugin shapes `cuda_util` / `cuda_mem` per container.
-pub fn kernel_accelerator_measure(
+fn kernel_accelerator_measure(
     readings: &crate::resources::compute::DeviceReadings,
     uses: &[&crate::monitor::accel::KernelDeviceUse],
 ) -> (f64, f64, f64, f64) {
