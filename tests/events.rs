@@ -396,6 +396,9 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
         public_host: "10.0.0.5".into(),
         version: "26.9.6".into(),
         architecture: "x86_64".into(),
+        plugin_info: [("cuda".to_owned(), [("cuda_support".to_owned(), "true".to_owned())].into_iter().collect())]
+            .into_iter()
+            .collect(),
     };
     let slots = [("cpu", "2"), ("mem", "4294967296"), ("cuda.device", "1")]
         .into_iter()
@@ -421,11 +424,23 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
         (
             "resource_spec",
             map(vec![
-                ("slots", map(vec![("cpu", s("1")), ("mem", s("268435456"))])),
+                ("slots", map(vec![("cpu", s("1")), ("mem", s("268435456")), ("cuda.device", s("1"))])),
                 ("container_id", s("0123456789ab")),
             ]),
         ),
-        ("attached_devices", Value::Map(Vec::new())),
+        (
+            "attached_devices",
+            map(vec![(
+                "cuda",
+                Value::Array(vec![map(vec![
+                    ("device_id", s("0")),
+                    ("model_name", s("CUDA GPU")),
+                    ("slot", s("cuda.device")),
+                    ("amount", s("1")),
+                    ("data", map(vec![("smp", Value::from(108)), ("mem", Value::from(42949672960u64))])),
+                ])]),
+            )]),
+        ),
     ]);
     let kernel = "0b8a9a1e-9d3f-4b55-8d3c-0f7e0c3a5d11";
     let session = "5d2f0e77-2b1c-4c1e-9a57-4d3c2b1a0f99";
@@ -505,6 +520,8 @@ fn every_event_in_the_26_9_format_passes_backend_ais_own_models() {
     assert!(seen.contains(r#""resource_type":"mem","quantity":"4294967296""#), "{seen}");
     assert!(seen.contains(r#""reason":"self-terminated","exit_code":137"#), "{seen}");
     assert!(seen.contains(r#""used":{"cpu":"1"}"#), "{seen}");
+    // An accelerator device is a unit of its own, with its model, as the manager reads it.
+    assert!(seen.contains(r#""model_name":"CUDA GPU""#) && seen.contains(r#""used":{"cuda.device":"1"}"#), "{seen}");
 }
 
 /// A running agent in the default (26.9) format: its stream entries carry `name`, `source`

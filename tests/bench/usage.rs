@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
                 totals: counts,
                 run: counts,
                 mem_bytes: 1 << 30,
+                accel_util_pct: &[],
             })
             .collect();
         let started = Instant::now();

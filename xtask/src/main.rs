@@ -99,18 +99,20 @@ enum Task {
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
     /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-policy` (the network
     /// policy's cost per `connect`, with kernel.bpf_stats_enabled=1 too, and on TCP throughput,
-    /// which it measures with the setting off), then `bench-usage`, then `bench-cpu` (CPU time per
+    /// which it measures with the setting off), then `bench-usage`, then `bench-gpu` (per-kernel
+    /// GPU accounting per sample: processes read and mapped to kernels), then `bench-cpu` (CPU time per
     /// shape of work against the kernel's accounting), then `bench-backendai` (bai-agent against
     /// the Python agent 26.9.6 on a real manager).
     ///
-    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `policy`, `usage`, `cpu` or
+    /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `policy`, `usage`, `gpu`, `cpu` or
     /// `backendai` runs that one alone with the arguments that follow it (`cargo xtask bench --
     /// ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`,
     /// `cargo xtask bench -- accounting 100 30 2`, `cargo xtask bench -- policy 20000 2`, `cargo
+    /// xtask bench -- gpu 100 10 200`, `cargo
     /// xtask bench -- cpu /path/to/an/earlier/bai-agent`, `cargo xtask bench -- backendai 10`);
     /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).
     Bench {
-        /// `[ebpf|lifecycle|exec|accounting|policy|usage|cpu|backendai] [ARGS…]`, after `--`.
+        /// `[ebpf|lifecycle|exec|accounting|policy|usage|gpu|cpu|backendai] [ARGS…]`, after `--`.
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
@@ -301,7 +303,7 @@ impl Drop for BpfStats {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [&str; 8] = ["ebpf", "lifecycle", "exec", "accounting", "policy", "usage", "cpu", "backendai"];
+const BENCHES: [&str; 9] = ["ebpf", "lifecycle", "exec", "accounting", "policy", "usage", "gpu", "cpu", "backendai"];
 /// The benchmarks that read the kernel's per-program statistics (they cost every eBPF
 /// program two clock reads per run, so the others run without them).
 const BENCHES_WITH_BPF_STATS: [&str; 3] = ["ebpf", "accounting", "policy"];
@@ -397,6 +399,7 @@ mod tests {
                 ("accounting", args(&[])),
                 ("policy", args(&[])),
                 ("usage", args(&[])),
+                ("gpu", args(&[])),
                 ("cpu", args(&[])),
                 ("backendai", args(&[]))
             ]
@@ -410,6 +413,7 @@ mod tests {
                 ("accounting", args(&[])),
                 ("policy", args(&[])),
                 ("usage", args(&[])),
+                ("gpu", args(&[])),
                 ("cpu", args(&[])),
                 ("backendai", args(&[]))
             ]
@@ -422,6 +426,7 @@ mod tests {
         assert_eq!(bench_plan(&args(&["lifecycle"])), [("lifecycle", args(&[]))]);
         assert_eq!(bench_plan(&args(&["cpu", "/old/bai-agent"])), [("cpu", args(&["/old/bai-agent"]))]);
         assert_eq!(bench_plan(&args(&["backendai", "10"])), [("backendai", args(&["10"]))]);
+        assert_eq!(bench_plan(&args(&["gpu", "8", "2"])), [("gpu", args(&["8", "2"]))]);
     }
 
     #[test]

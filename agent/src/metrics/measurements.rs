@@ -67,6 +67,43 @@ const CUDA_MEM: Definition = Definition { key: "cuda_mem", unit_hint: "bytes", c
 const CUDA_UTIL: Definition =
     Definition { key: "cuda_util", unit_hint: "percent", current: Current::Raw, stats: &["avg", "max"] };
 
+/// A compute plugin's per-kernel metrics, `{key}_util` and `{key}_mem` (`cuda_util`,
+/// `cuda_mem`), shaped as [`CUDA_UTIL`] and [`CUDA_MEM`]. Plugins are made once at start, so
+/// the few keys other than `cuda` are made once and kept.
+fn accelerator_definitions(plugin: &'static str) -> (Definition, Definition) {
+    if plugin == "cuda" {
+        return (CUDA_UTIL, CUDA_MEM);
+    }
+    static MADE: std::sync::Mutex<Vec<(&'static str, Definition, Definition)>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, util, mem)) = made.iter().find(|(key, _, _)| *key == plugin) {
+        return (*util, *mem);
+    }
+    let leak = |suffix: &str| -> &'static str { Box::leak(format!("{plugin}_{suffix}").into_boxed_str()) };
+    let util = Definition { key: leak("util"), ..CUDA_UTIL };
+    let mem = Definition { key: leak("mem"), ..CUDA_MEM };
+    made.push((plugin, util, mem));
+    (util, mem)
+}
+
+/// A kernel's use of one plugin's devices at a sample: (utilisation summed over the devices
+/// its processes use, 100 × their number, memory its processes hold on them, those devices'
+/// memory), as Backend.AI's CUDA plugin shapes `cuda_util` / `cuda_mem` per container.
+fn kernel_accelerator_measure(
+    readings: &crate::resources::compute::DeviceReadings,
+    uses: &[&crate::monitor::accel::KernelDeviceUse],
+) -> (f64, f64, f64, f64) {
+    let (mut util, mut util_capacity, mut mem, mut mem_capacity) = (0.0, 0.0, 0.0, 0.0);
+    for used in uses.iter().filter(|u| u.plugin == readings.plugin) {
+        util += f64::from(used.utilization_pct);
+        util_capacity += 100.0;
+        mem += used.mem_used_bytes as f64;
+        mem_capacity +=
+            readings.devices.iter().find(|d| d.id == used.device_id).map_or(0.0, |d| d.mem_total_bytes as f64);
+    }
+    (util, util_capacity, mem, mem_capacity)
+}
+
 /// A kernel's `cpu_util` capacity: 1000 ms of CPU per second, one core (as Backend.AI).
 const ONE_CORE_MS: f64 = 1000.0;
 
@@ -383,6 +420,12 @@ impl Measurements {
     /// in between only a kernel that just stopped is, so that its final numbers are there at
     /// once (`destroy_kernel` returns them).
     pub fn update_at(&mut self, snapshot: &MonitorSnapshot, at: Instant) {
+        // Per container, its use of the node's accelerators.
+        let mut accelerator_use: rustc_hash::FxHashMap<&str, Vec<&crate::monitor::accel::KernelDeviceUse>> =
+            rustc_hash::FxHashMap::default();
+        for used in &snapshot.accelerator_use {
+            accelerator_use.entry(used.kernel.container_id.as_str()).or_default().push(used);
+        }
         for sample in &snapshot.containers {
             let stopped = sample.cgroup_id.is_none();
             if !(snapshot.node_fresh || stopped) {
@@ -413,6 +456,18 @@ impl Measurements {
             set.update(IO_WRITE, r.counters.io_write_bytes as f64, None, true, at);
             set.update(NET_RX, r.counters.rx_bytes as f64, None, true, at);
             set.update(NET_TX, r.counters.tx_bytes as f64, None, true, at);
+            // On a node with accelerators every kernel has their metrics (0 while its
+            // processes use none; a stopped kernel's processes use none).
+            let uses = match (stopped, accelerator_use.get(sample.kernel.container_id.as_str())) {
+                (false, Some(uses)) => uses.as_slice(),
+                _ => &[],
+            };
+            for readings in &snapshot.devices {
+                let (util_def, mem_def) = accelerator_definitions(readings.plugin);
+                let (util, util_capacity, mem, mem_capacity) = kernel_accelerator_measure(readings, uses);
+                set.update(util_def, util, Some(util_capacity), false, at);
+                set.update(mem_def, mem, Some(mem_capacity), false, at);
+            }
         }
         if !snapshot.node_fresh {
             return;
@@ -725,6 +780,57 @@ mod tests {
         measurements.update_at(&MonitorSnapshot::default(), t0 + Duration::from_secs(3));
         assert!(measurements.latest_kernels().is_empty());
         assert!(measurements.kernel("k-a").is_some());
+    }
+
+    /// Kernels `a` (busy on device 0 when `util` is given) and `b` (idle) on a node with two
+    /// 1000-byte CUDA devices.
+    fn gpu_sample(util: Option<u32>) -> MonitorSnapshot {
+        use crate::{
+            monitor::accel::KernelDeviceUse,
+            resources::compute::{DeviceMeasure, DeviceReadings},
+        };
+        let device = |id: &str| DeviceMeasure { id: id.into(), mem_total_bytes: 1000, ..DeviceMeasure::default() };
+        let mut snapshot = sample(0, 0, 1);
+        let mut b = snapshot.containers[0].clone();
+        b.kernel = kernel("b");
+        snapshot.containers.push(b);
+        snapshot.devices = vec![DeviceReadings { plugin: "cuda", devices: vec![device("0"), device("1")] }];
+        snapshot.accelerator_use = util
+            .map(|util| KernelDeviceUse {
+                kernel: kernel("a"),
+                plugin: "cuda",
+                device_id: "0".into(),
+                mem_used_bytes: 100,
+                utilization_pct: util,
+                processes: 1,
+            })
+            .into_iter()
+            .collect();
+        snapshot
+    }
+
+    #[test]
+    fn a_kernels_accelerator_use_is_its_processes_on_the_devices_they_use() {
+        let mut measurements = Measurements::default();
+        let t0 = Instant::now();
+        measurements.update_at(&gpu_sample(Some(70)), t0);
+        let a = measurements.kernel("k-a").expect("a");
+        let (util, mem) = (get(&a, "cuda_util"), get(&a, "cuda_mem"));
+        assert_eq!((text(util, "current"), text(util, "capacity"), text(util, "pct")), ("70", "100", "70"));
+        assert_eq!((text(mem, "current"), text(mem, "capacity"), text(mem, "pct")), ("100", "1000", "10"));
+        assert_eq!((text(util, "unit_hint"), text(mem, "unit_hint")), ("percent", "bytes"));
+        let b = measurements.kernel("k-b").expect("b");
+        let util = get(&b, "cuda_util");
+        assert_eq!((text(util, "current"), text(util, "capacity"), text(util, "pct")), ("0", "0", "0.00"));
+        // The process ended: nothing counts any more, and the statistics remember it.
+        measurements.update_at(&gpu_sample(None), t0 + Duration::from_secs(1));
+        let a = measurements.kernel("k-a").expect("a");
+        let util = get(&a, "cuda_util");
+        assert_eq!((text(util, "current"), text(util, "stats.max"), text(util, "stats.avg")), ("0", "70", "35"));
+        // Without accelerators on the node there are no such metrics.
+        let mut plain = Measurements::default();
+        plain.update_at(&sample(0, 0, 1), t0);
+        assert!(!keys(&plain.kernel("k-a").expect("a")).contains(&"cuda_util"));
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! names and the agreed labels, encoded on scrape from the latest snapshot), Backend.AI's
 //! measurements for the manager, and the agent's own health numbers.
 //!
-//! - [`containers`]: the per-container series; [`node`]: the node's and devices' series.
+//! - [`containers`]: the per-container series; [`node`]: the node's and devices' series;
+//!   [`accelerators`]: devices under DCGM's names and each kernel's use of each device.
 //! - [`agent`], [`kernels`], [`rpc`]: the agent's self-metrics.
 //! - [`usage`]: the usage meter's backlog and deliveries.
 //! - [`measurements`]: Backend.AI's `current/capacity/pct` shape with moving statistics;
 //!   [`stats`] writes it to Redis for the manager.
 //! - [`server`]: `/metrics`, `/health`, `/livez`, `/readyz`.
 
+pub mod accelerators;
 pub mod agent;
 pub mod containers;
 pub mod events;
@@ -68,6 +70,8 @@ pub struct MonitorSnapshot {
     pub node: NodeReadings,
     /// Accelerators, per compute plugin.
     pub devices: Vec<DeviceReadings>,
+    /// Each running kernel's use of each device (from its processes), read with `devices`.
+    pub accelerator_use: Vec<crate::monitor::accel::KernelDeviceUse>,
     /// Whether `node` and `devices` were read in this pass (else they are the last readings).
     pub node_fresh: bool,
     pub attached_cgroups: usize,
@@ -93,6 +97,7 @@ impl Default for MonitorSnapshot {
             containers: Vec::new(),
             node: NodeReadings::default(),
             devices: Vec::new(),
+            accelerator_use: Vec::new(),
             node_fresh: true,
             attached_cgroups: 0,
             programs: Vec::new(),
@@ -190,6 +195,7 @@ pub fn registry(state: Arc<MetricsState>, agent_id: &str) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(containers::ContainerCollector(state.clone())));
     registry.register_collector(Box::new(node::NodeCollector(state.clone())));
+    registry.register_collector(Box::new(accelerators::AcceleratorCollector::new(state.clone())));
     registry.register_collector(Box::new(measurements::UtilizationCollector {
         state: state.clone(),
         agent_id: agent_id.to_owned(),

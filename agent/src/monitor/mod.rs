@@ -2,6 +2,7 @@
 //! their cgroups as Docker reports them, and sampling eBPF counters and cgroup files
 //! every interval (with the node's own totals).
 
+pub mod accel;
 pub mod btf;
 pub mod cgroup;
 pub mod counters;
@@ -138,6 +139,8 @@ pub struct ContainerMonitor {
     node_every: u64,
     last_node: node::NodeReadings,
     last_devices: Vec<crate::resources::compute::DeviceReadings>,
+    /// Per kernel and device, the accelerator use of its processes, read with the devices.
+    last_accel_use: Vec<accel::KernelDeviceUse>,
 }
 
 /// Without `kernel.bpf_stats_enabled` the kernel does not advance the programs' run time and
@@ -173,6 +176,7 @@ impl ContainerMonitor {
             node_every: 1,
             last_node: node::NodeReadings::default(),
             last_devices: Vec::new(),
+            last_accel_use: Vec::new(),
         }
     }
 
@@ -184,15 +188,35 @@ impl ContainerMonitor {
         self
     }
 
-    /// The node's and devices' readings, read afresh when this pass is one of their turn;
-    /// `true` when they are fresh.
-    fn node_and_devices(&mut self) -> (node::NodeReadings, Vec<crate::resources::compute::DeviceReadings>, bool) {
+    /// The node's and devices' readings (with the kernels' use of the devices), read afresh
+    /// when this pass is one of their turn; `true` when they are fresh.
+    #[allow(clippy::type_complexity)]
+    fn node_and_devices(
+        &mut self,
+    ) -> (node::NodeReadings, Vec<crate::resources::compute::DeviceReadings>, Vec<accel::KernelDeviceUse>, bool) {
         let fresh = self.passes.is_multiple_of(self.node_every);
         if fresh {
             self.last_node = self.node.read(&mut self.buf);
+            // Processes first: the mock's device readings are the sums over its processes.
+            self.last_accel_use = self.kernel_accelerator_use();
             self.last_devices = self.measure_accelerators();
         }
-        (self.last_node.clone(), self.last_devices.clone(), fresh)
+        (self.last_node.clone(), self.last_devices.clone(), self.last_accel_use.clone(), fresh)
+    }
+
+    /// Each running kernel's use of each device, from the processes of its cgroup.
+    fn kernel_accelerator_use(&mut self) -> Vec<accel::KernelDeviceUse> {
+        if self.accelerators.is_empty() {
+            return Vec::new();
+        }
+        let kernels: Vec<accel::KernelCgroup> = self
+            .tracked
+            .values()
+            .filter_map(|t| {
+                Some(accel::KernelCgroup { kernel: t.kernel.clone(), path: t.cgroup.as_ref()?.path.clone() })
+            })
+            .collect();
+        accel::sample(&mut self.accelerators, &self.layout.unified_root, &kernels, &mut self.buf)
     }
 
     /// The programs' cost: read every pass while `kernel.bpf_stats_enabled=1` (when it moves),
@@ -444,7 +468,7 @@ impl ContainerMonitor {
     pub fn snapshot(&mut self, now: Instant) -> MonitorSnapshot {
         let (direct, overflow) = self.ebpf.occupancy();
         let (direct_capacity, overflow_capacity) = self.ebpf.capacity();
-        let (node, devices, node_fresh) = self.node_and_devices();
+        let (node, devices, accelerator_use, node_fresh) = self.node_and_devices();
         MonitorSnapshot {
             taken_at: std::time::SystemTime::now(),
             synced: self.synced,
@@ -452,6 +476,7 @@ impl ContainerMonitor {
             containers: self.sample(now),
             node,
             devices,
+            accelerator_use,
             node_fresh,
             attached_cgroups: self.ebpf.attached_count(),
             programs: self.program_stats(),

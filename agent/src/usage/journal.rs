@@ -165,6 +165,7 @@ mod tests {
             totals: counts,
             run: counts,
             mem_bytes: u64::MAX / 2,
+            accel_util_pct: &[],
         };
         meter.observe(at, &[observation], &[], true)
     }

@@ -9,7 +9,7 @@
 //! last counters (the monitor hands them over) minus the mark. Nothing is counted twice and
 //! nothing in between is lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,10 @@ pub struct Checkpoint {
     pub totals: Totals,
     /// Memory in use at the boundary (held until the next reading).
     pub mem_bytes: u64,
+    /// Per accelerator type, the utilisation in use at the boundary, percent summed over
+    /// devices (held until the next reading, like `mem_bytes`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accel_util_pct: BTreeMap<String, u64>,
     pub run: Option<RunMark>,
     /// The final record was written: nothing more for this kernel.
     #[serde(default)]
@@ -68,6 +72,9 @@ pub struct Observation<'a> {
     /// What its current cgroup counted (pinned counters included).
     pub run: Counts,
     pub mem_bytes: u64,
+    /// Per accelerator type (`cuda`), the utilisation of the devices its processes use,
+    /// percent summed over those devices (two devices at 70 % are 140).
+    pub accel_util_pct: &'a [(&'static str, u64)],
 }
 
 #[derive(Debug)]
@@ -80,6 +87,8 @@ struct Metered {
     mem_bytes: u64,
     mem_at_ns: u64,
     mem_peak: u64,
+    /// Per accelerator type, the utilisation held since `mem_at_ns` (see [`Observation`]).
+    accel_pct: BTreeMap<String, u64>,
     /// Per container: its totals when last seen in this process.
     seen: HashMap<String, Counts>,
     /// The checkpoint's running container, until it is seen again or known ended.
@@ -94,11 +103,12 @@ impl Metered {
             meta,
             seq: checkpoint.next_seq,
             window_start_ns: checkpoint.window_start_ns,
-            base: checkpoint.totals,
+            base: checkpoint.totals.clone(),
             now: checkpoint.totals,
             mem_bytes: checkpoint.mem_bytes,
             mem_at_ns: checkpoint.window_start_ns,
             mem_peak: checkpoint.mem_bytes,
+            accel_pct: checkpoint.accel_util_pct,
             seen: HashMap::new(),
             run: checkpoint.run.clone(),
             resume: checkpoint.run,
@@ -110,17 +120,23 @@ impl Metered {
         Checkpoint {
             next_seq: self.seq,
             window_start_ns: self.window_start_ns,
-            totals: self.now,
+            totals: self.now.clone(),
             mem_bytes: self.mem_bytes,
+            accel_util_pct: self.accel_pct.clone(),
             run: self.run.clone(),
             closed,
         }
     }
 
-    /// Integrates memory up to `at_ns` with the reading held since the last one.
+    /// Integrates memory and accelerator utilisation up to `at_ns` with the readings held
+    /// since the last one.
     fn hold_memory_until(&mut self, at_ns: u64) {
         let span = u128::from(at_ns.saturating_sub(self.mem_at_ns));
         self.now.mem_byte_ns = self.now.mem_byte_ns.saturating_add(u128::from(self.mem_bytes) * span);
+        for (kind, pct) in &self.accel_pct {
+            let busy = self.now.accel_busy_pct_ns.entry(kind.clone()).or_default();
+            *busy = busy.saturating_add(u128::from(*pct) * span);
+        }
         self.mem_at_ns = self.mem_at_ns.max(at_ns);
     }
 
@@ -180,6 +196,7 @@ impl Meter {
             window_start_ns: at_ns,
             totals: Totals::default(),
             mem_bytes: 0,
+            accel_util_pct: BTreeMap::new(),
             run: None,
             closed: false,
         };
@@ -235,6 +252,7 @@ impl Meter {
             let mine = &by_kernel[first..first + count];
             metered.hold_memory_until(at_ns);
             let mut running_mem = 0u64;
+            let mut running_accel: BTreeMap<String, u64> = BTreeMap::new();
             let mut run = None;
             for observation in mine {
                 let increment = match metered.seen.get(observation.container_id) {
@@ -245,6 +263,10 @@ impl Meter {
                 metered.seen.insert(observation.container_id.to_owned(), observation.totals);
                 if let Some(cgroup_id) = observation.cgroup_id {
                     running_mem = running_mem.saturating_add(observation.mem_bytes);
+                    for (kind, pct) in observation.accel_util_pct {
+                        let held = running_accel.entry((*kind).to_owned()).or_default();
+                        *held = held.saturating_add(*pct);
+                    }
                     run.get_or_insert_with(|| RunMark {
                         container_id: observation.container_id.to_owned(),
                         cgroup_id,
@@ -262,6 +284,7 @@ impl Meter {
             if !mine.is_empty() || synced {
                 metered.mem_bytes = running_mem;
                 metered.mem_peak = metered.mem_peak.max(running_mem);
+                metered.accel_pct = running_accel;
                 metered.run = run;
             }
             let ending = metered.ending.as_ref().filter(|(_, deadline)| {
@@ -352,11 +375,12 @@ fn close_window(
         counts: metered.now.counts.minus(&metered.base.counts),
         mem_byte_ns: metered.now.mem_byte_ns.saturating_sub(metered.base.mem_byte_ns),
         mem_peak_bytes: metered.mem_peak,
+        accel_busy_pct_ns: metered.now.accel_busy_since(&metered.base),
     };
     let event = CloudEvent::usage(agent_id, UsageData::new(&metered.meta, &window, exit_reason));
     metered.seq += 1;
     metered.window_start_ns = end_ns;
-    metered.base = metered.now;
+    metered.base = metered.now.clone();
     metered.mem_peak = metered.mem_bytes;
     UsageLine {
         kernel_id: kernel_id.to_owned(),
@@ -391,7 +415,15 @@ mod tests {
     }
 
     fn running<'a>(kernel_id: &'a str, container_id: &'a str, cgroup: u64, c: Counts, mem: u64) -> Observation<'a> {
-        Observation { kernel_id, container_id, cgroup_id: Some(cgroup), totals: c, run: c, mem_bytes: mem }
+        Observation {
+            kernel_id,
+            container_id,
+            cgroup_id: Some(cgroup),
+            totals: c,
+            run: c,
+            mem_bytes: mem,
+            accel_util_pct: &[],
+        }
     }
 
     /// An open window at T0 whose running container `(id, cgroup, counters)` was marked.
@@ -399,8 +431,9 @@ mod tests {
         Checkpoint {
             next_seq,
             window_start_ns: T0,
-            totals: Totals { counts: totals, mem_byte_ns: 0 },
+            totals: Totals { counts: totals, ..Totals::default() },
             mem_bytes,
+            accel_util_pct: BTreeMap::new(),
             run: Some(RunMark { container_id: run.0.into(), cgroup_id: run.1, counters: run.2 }),
             closed: false,
         }
@@ -468,6 +501,49 @@ mod tests {
             "{}",
             records[1].mem_peak_bytes
         );
+    }
+
+    #[test]
+    fn accelerator_busy_time_is_utilisation_held_over_time_and_survives_a_restart() {
+        const BUSY: &[(&str, u64)] = &[("cuda", 70)];
+        let observe = |meter: &mut Meter, step: u64, busy: bool| {
+            let accel_util_pct: &'static [(&'static str, u64)] = if busy { BUSY } else { &[] };
+            let observations = [
+                Observation { accel_util_pct, ..running("busy", "c1", 9, counts(step, step), 0) },
+                running("idle", "c2", 10, counts(step, step), 0),
+            ];
+            meter.observe(T0 + step * SEC, &observations, &[], true)
+        };
+        let busy_seconds = |lines: &[UsageLine], kernel: &str| -> Vec<Option<String>> {
+            data(lines)
+                .iter()
+                .filter(|r| r.kernel_id == kernel)
+                .map(|r| r.accel_busy_seconds.get("cuda").cloned())
+                .collect()
+        };
+        let mut meter = Meter::new("i-a", 10 * SEC);
+        meter.start(meta("busy"), T0);
+        meter.start(meta("idle"), T0);
+        let mut lines = Vec::new();
+        for step in 1..=12 {
+            lines.extend(observe(&mut meter, step, true));
+        }
+        // Seen busy from 1 s: 9 s at 70 % in the first window.
+        assert_eq!(busy_seconds(&lines, "busy"), [Some("6.3".to_owned())]);
+        assert_eq!(busy_seconds(&lines, "idle"), [None], "an idle kernel has no busy time");
+        let checkpoint = lines.iter().find(|l| l.kernel_id == "busy").expect("a line").checkpoint.clone();
+        assert_eq!(checkpoint.accel_util_pct, BTreeMap::from([("cuda".to_owned(), 70)]));
+        // The agent dies at 12 s; the next one resumes from the 10 s checkpoint, the last
+        // reading held while no agent ran (as memory is).
+        let json = serde_json::to_string(&checkpoint).expect("json");
+        let mut meter = Meter::new("i-a", 10 * SEC);
+        meter.resume([(meta("busy"), serde_json::from_str(&json).expect("parses"))]);
+        let mut lines = Vec::new();
+        for step in 13..=30 {
+            lines.extend(observe(&mut meter, step, step <= 20));
+        }
+        // 10 s at 70 %, then the process ended: its last reading held one more second.
+        assert_eq!(busy_seconds(&lines, "busy"), [Some("7".to_owned()), Some("0.7".to_owned())]);
     }
 
     #[test]

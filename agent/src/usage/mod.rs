@@ -416,16 +416,33 @@ impl Drop for UsageService {
 }
 
 fn observe(meter: &mut Meter, snapshot: &MonitorSnapshot) -> Vec<UsageLine> {
+    // Per container, its accelerator utilisation per type, summed over the devices it uses.
+    let mut per_container: std::collections::HashMap<&str, Vec<(&'static str, u64)>> = std::collections::HashMap::new();
+    for used in &snapshot.accelerator_use {
+        let per_type = per_container.entry(used.kernel.container_id.as_str()).or_default();
+        match per_type.iter_mut().find(|(kind, _)| *kind == used.plugin) {
+            Some((_, pct)) => *pct += u64::from(used.utilization_pct),
+            None => per_type.push((used.plugin, u64::from(used.utilization_pct))),
+        }
+    }
+    let none: Vec<(&'static str, u64)> = Vec::new();
+    let accel: Vec<&Vec<(&'static str, u64)>> = snapshot
+        .containers
+        .iter()
+        .map(|sample| per_container.get(sample.kernel.container_id.as_str()).unwrap_or(&none))
+        .collect();
     let observations: Vec<meter::Observation<'_>> = snapshot
         .containers
         .iter()
-        .map(|sample| meter::Observation {
+        .zip(&accel)
+        .map(|(sample, accel)| meter::Observation {
             kernel_id: &sample.kernel.kernel_id,
             container_id: &sample.kernel.container_id,
             cgroup_id: sample.cgroup_id,
             totals: Counts::from(&sample.readings.counters),
             run: Counts::from(&sample.run),
             mem_bytes: sample.readings.memory.working_set,
+            accel_util_pct: accel,
         })
         .collect();
     let ended: Vec<(u64, Counts)> = snapshot.ended_runs.iter().map(|(id, c)| (*id, Counts::from(c))).collect();

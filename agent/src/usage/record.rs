@@ -78,7 +78,7 @@ impl Counts {
 }
 
 /// What a kernel used since it started, as the meter counts it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     #[serde(flatten)]
     pub counts: Counts,
@@ -86,6 +86,44 @@ pub struct Totals {
     /// it outgrows 64 bits, and JSON readers lose digits past 53).
     #[serde(serialize_with = "u128_text", deserialize_with = "u128_from_text")]
     pub mem_byte_ns: u128,
+    /// Per accelerator type (`cuda`): its devices' utilisation integrated over time, in
+    /// percent-nanoseconds (decimal strings in JSON; absent in journals of earlier versions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "u128_map_text")]
+    pub accel_busy_pct_ns: BTreeMap<String, u128>,
+}
+
+impl Totals {
+    /// Per accelerator type, `self - base` (0 where `base` is larger).
+    pub fn accel_busy_since(&self, base: &Totals) -> BTreeMap<String, u128> {
+        self.accel_busy_pct_ns
+            .iter()
+            .map(|(kind, now)| {
+                let then = base.accel_busy_pct_ns.get(kind).copied().unwrap_or(0);
+                (kind.clone(), now.saturating_sub(then))
+            })
+            .collect()
+    }
+}
+
+mod u128_map_text {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<String, u128>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(map.iter().map(|(k, v)| (k, v.to_string())))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, u128>, D::Error> {
+        let texts = BTreeMap::<String, String>::deserialize(deserializer)?;
+        texts
+            .into_iter()
+            .map(|(k, v)| match v.parse() {
+                Ok(n) => Ok((k, n)),
+                Err(_) => Err(serde::de::Error::custom(format!("{v:?} is not a whole number"))),
+            })
+            .collect()
+    }
 }
 
 fn u128_text<S: serde::Serializer>(value: &u128, serializer: S) -> Result<S::Ok, S::Error> {
@@ -124,6 +162,10 @@ pub struct UsageData {
     pub net_tx_bytes: u64,
     /// Per accelerator type (`cuda`): allocated devices (or shares) × window seconds.
     pub accel_device_seconds: BTreeMap<String, String>,
+    /// Per accelerator type (`cuda`): Σ over the devices its processes use of utilisation/100
+    /// × seconds, i.e. device-seconds of busy compute (exact decimal strings).
+    #[serde(default)]
+    pub accel_busy_seconds: BTreeMap<String, String>,
     #[serde(rename = "final")]
     pub is_final: bool,
     /// Why the kernel ended; only on the final record.
@@ -164,7 +206,7 @@ impl CloudEvent {
 }
 
 /// One closed window of a kernel, before it becomes [`UsageData`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Window {
     pub seq: u64,
     pub start_ns: u64,
@@ -172,6 +214,8 @@ pub struct Window {
     pub counts: Counts,
     pub mem_byte_ns: u128,
     pub mem_peak_bytes: u64,
+    /// Per accelerator type, utilisation × time in percent-nanoseconds.
+    pub accel_busy_pct_ns: BTreeMap<String, u128>,
 }
 
 impl UsageData {
@@ -213,6 +257,11 @@ impl UsageData {
             net_rx_bytes: window.counts.net_rx_bytes,
             net_tx_bytes: window.counts.net_tx_bytes,
             accel_device_seconds: accel_device_seconds.into_iter().map(|(k, v)| (k, decimal_text(v))).collect(),
+            accel_busy_seconds: window
+                .accel_busy_pct_ns
+                .iter()
+                .map(|(k, v)| (k.clone(), fraction_text(*v, 11)))
+                .collect(),
             is_final: exit_reason.is_some(),
             exit_reason: exit_reason.map(str::to_owned),
         }
@@ -231,11 +280,18 @@ pub fn decimal_text(value: Decimal) -> String {
 
 /// `nanos / 10⁹` as an exact decimal string.
 pub fn nanos_text(nanos: u128) -> String {
-    let (whole, frac) = (nanos / 1_000_000_000, nanos % 1_000_000_000);
+    fraction_text(nanos, 9)
+}
+
+/// `value / 10^digits` as an exact decimal string without trailing zeros (percent-nanoseconds
+/// are seconds at 11 digits).
+pub fn fraction_text(value: u128, digits: u32) -> String {
+    let scale = 10u128.pow(digits);
+    let (whole, frac) = (value / scale, value % scale);
     if frac == 0 {
         whole.to_string()
     } else {
-        let frac = format!("{frac:09}");
+        let frac = format!("{frac:0width$}", width = digits as usize);
         format!("{whole}.{}", frac.trim_end_matches('0'))
     }
 }
@@ -276,6 +332,9 @@ mod tests {
         assert_eq!(nanos_text(60_000_000_000), "60");
         assert_eq!(nanos_text(12_500_000_000), "12.5");
         assert_eq!(nanos_text(u128::from(u64::MAX) * 1_000_000), "18446744073709551.615");
+        assert_eq!(fraction_text(70 * 1_000_000_000, 11), "0.7");
+        assert_eq!(fraction_text(100 * 1_000_000_000, 11), "1");
+        assert_eq!(fraction_text(1, 11), "0.00000000001");
         assert_eq!(rfc3339(1_764_590_400_000_000_001), "2025-12-01T12:00:00.000000001Z");
     }
 
@@ -294,6 +353,8 @@ mod tests {
             },
             mem_byte_ns: 3 * 1_000_000_000 + 7,
             mem_peak_bytes: 1 << 20,
+            // 70 % of one device for 60 s and a bit.
+            accel_busy_pct_ns: BTreeMap::from([("cuda".to_owned(), 70 * 60_000_000_123)]),
         };
         let event = CloudEvent::usage("i-node", UsageData::new(&meta(), &window, None));
         let json = serde_json::to_value(&event).expect("json");
@@ -311,6 +372,7 @@ mod tests {
         assert_eq!(data["slot_seconds"]["cpu"], "30.0000000615");
         assert_eq!(data["slot_seconds"]["mem"], "16106127393.017561088");
         assert_eq!(data["accel_device_seconds"]["cuda"], "120.000000246");
+        assert_eq!(data["accel_busy_seconds"]["cuda"], "42.0000000861");
         assert_eq!(data["cpu_seconds"], "1.500000001");
         assert_eq!(data["mem_byte_seconds"], "3.000000007");
         assert_eq!(data["mem_peak_bytes"], 1 << 20);
@@ -340,6 +402,7 @@ mod tests {
             "net_rx_bytes",
             "net_tx_bytes",
             "accel_device_seconds",
+            "accel_busy_seconds",
             "final",
             "exit_reason",
         ] {

@@ -1,12 +1,64 @@
 //! The mock accelerator: devices described in the format of Backend.AI's
-//! `backend.ai-accelerator-mock` plugin (`mock-accelerator.toml`), measured as idle, so that
-//! the agent's accelerator paths run on a node without any.
+//! `backend.ai-accelerator-mock` plugin (`mock-accelerator.toml`), so that the agent's
+//! accelerator paths run on a node without any.
+//!
+//! Backend.AI's mock has no per-process statistics; this one reads a synthetic load from the
+//! environment of the kernels' processes (docs/ACCELERATORS.md): a process is on the mock
+//! devices listed in `BACKENDAI_MOCK_{SLOT}_DEVICES` (comma-separated device ids, what
+//! Backend.AI's mock sets for a kernel given devices) when it also has
+//! `BAI_MOCK_GPU_UTIL=<0-100>`, the utilisation it claims on each of them; its device memory
+//! is `BAI_MOCK_GPU_MEM=<bytes>`, or else its resident set. A device's own readings are the
+//! sums over its processes (idle without any).
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ComputeError, ComputePlugin, DeviceMeasure, DeviceReadings};
+use super::{ComputeError, ComputePlugin, DeviceMeasure, DeviceReadings, ProcessUse};
+
+/// The variable with a process's claimed utilisation (0–100) on its mock devices.
+pub const UTIL_VAR: &str = "BAI_MOCK_GPU_UTIL";
+/// The variable with a process's claimed device memory in bytes (else its resident set).
+pub const MEM_VAR: &str = "BAI_MOCK_GPU_MEM";
+
+/// The variable listing a process's mock devices for a slot (`BACKENDAI_MOCK_CUDA_DEVICES`).
+pub fn devices_var(slot_name: &str) -> String {
+    format!("BACKENDAI_MOCK_{}_DEVICES", slot_name.to_ascii_uppercase())
+}
+
+/// What a process claims, from its environment (`/proc/<pid>/environ`: `NAME=value\0…`):
+/// (device ids, utilisation, memory if given). None when it is on no device.
+pub fn synthetic_load(environ: &[u8], devices_var: &str) -> Option<(Vec<String>, u32, Option<u64>)> {
+    let (mut devices, mut util, mut mem) = (None, None, None);
+    for entry in environ.split(|b| *b == 0) {
+        let Ok(entry) = std::str::from_utf8(entry) else { continue };
+        let Some((name, value)) = entry.split_once('=') else { continue };
+        if name == devices_var {
+            devices = Some(value);
+        } else if name == UTIL_VAR {
+            util = value.trim().parse::<u32>().ok().filter(|pct| *pct <= 100);
+        } else if name == MEM_VAR {
+            mem = value.trim().parse::<u64>().ok();
+        }
+    }
+    let devices: Vec<String> =
+        devices?.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_owned).collect();
+    if devices.is_empty() {
+        return None;
+    }
+    Some((devices, util?, mem))
+}
+
+/// A process's resident set in bytes (`/proc/<pid>/statm`'s second field × the page size).
+fn resident_bytes(pid: u32, buf: &mut Vec<u8>) -> Option<u64> {
+    buf.clear();
+    let mut file = std::fs::File::open(format!("/proc/{pid}/statm")).ok()?;
+    std::io::Read::read_to_end(&mut file, buf).ok()?;
+    let pages: u64 = std::str::from_utf8(buf).ok()?.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    Some(pages * page)
+}
 
 /// The file, as the Python plugin reads it (`slot_name`, `device_plugin_name`, `devices`,
 /// `attributes`, `formats`); keys it does not check are let through, as it does.
@@ -97,17 +149,45 @@ impl MockDevice {
     }
 }
 
-/// The mock devices as a compute plugin: always idle, memory as configured.
+/// The mock devices as a compute plugin: memory total as configured, use from the synthetic
+/// load of the last [`ComputePlugin::processes`] read.
 pub struct MockPlugin {
     /// The slot name, kept for the process's life (plugins are made once, at start).
     key: &'static str,
     config: MockConfig,
+    ids: Vec<String>,
+    devices_var: String,
+    /// The processes of the last read, for the devices' own readings.
+    last: Vec<ProcessUse>,
+    buf: Vec<u8>,
 }
 
 impl MockPlugin {
     pub fn new(config: MockConfig) -> MockPlugin {
         let key: &'static str = Box::leak(config.slot_name.clone().into_boxed_str());
-        MockPlugin { key, config }
+        let ids = config.device_ids();
+        let devices_var = devices_var(&config.slot_name);
+        MockPlugin { key, config, ids, devices_var, last: Vec::new(), buf: Vec::with_capacity(4096) }
+    }
+
+    /// The uses of one process from its environment; none when it claims no device of ours.
+    fn process_uses(&mut self, pid: u32, out: &mut Vec<ProcessUse>) {
+        self.buf.clear();
+        let read = std::fs::File::open(format!("/proc/{pid}/environ"))
+            .and_then(|mut file| std::io::Read::read_to_end(&mut file, &mut self.buf));
+        if let Err(err) = read {
+            // Usually a process that exited since its cgroup was listed.
+            tracing::debug!(pid, error = %err, "cannot read a process's environment; skipped");
+            return;
+        }
+        let Some((devices, util, mem)) = synthetic_load(&self.buf, &self.devices_var) else { return };
+        let mem = match mem {
+            Some(mem) => mem,
+            None => resident_bytes(pid, &mut self.buf).unwrap_or(0),
+        };
+        for device in devices.into_iter().filter(|id| self.ids.contains(id)) {
+            out.push(ProcessUse { pid, device_id: device, mem_used_bytes: mem, sm_util_pct: util });
+        }
     }
 }
 
@@ -121,16 +201,38 @@ impl ComputePlugin for MockPlugin {
             .config
             .devices
             .iter()
-            .zip(self.config.device_ids())
-            .map(|(device, id)| DeviceMeasure {
-                id,
-                model: device.model_name.clone(),
-                mem_used_bytes: 0,
-                mem_total_bytes: device.memory_bytes().unwrap_or(0),
-                utilization_pct: 0,
+            .zip(&self.ids)
+            .map(|(device, id)| {
+                let on = self.last.iter().filter(|p| p.device_id == *id);
+                let (mem, util) = on.fold((0u64, 0u32), |(m, u), p| {
+                    (m.saturating_add(p.mem_used_bytes), u.saturating_add(p.sm_util_pct))
+                });
+                let total = device.memory_bytes().unwrap_or(0);
+                DeviceMeasure {
+                    id: id.clone(),
+                    model: device.model_name.clone(),
+                    uuid: device.mother_uuid.clone(),
+                    mem_used_bytes: mem.min(total),
+                    mem_total_bytes: total,
+                    utilization_pct: util.min(100),
+                }
             })
             .collect();
         Ok(DeviceReadings { plugin: self.key, devices })
+    }
+
+    fn wants_candidates(&self) -> bool {
+        true
+    }
+
+    fn processes(&mut self, candidates: &[u32]) -> Result<Vec<ProcessUse>, ComputeError> {
+        let mut uses = Vec::new();
+        for pid in candidates {
+            self.process_uses(*pid, &mut uses);
+        }
+        uses.sort_by(|a, b| (a.pid, &a.device_id).cmp(&(b.pid, &b.device_id)));
+        self.last = uses.clone();
+        Ok(uses)
     }
 }
 
@@ -177,6 +279,53 @@ number_format = { binary = false, round_length = 0 }
         assert_eq!(readings.devices.len(), 2);
         assert_eq!(readings.devices[0].mem_total_bytes, 40 << 30);
         assert_eq!((readings.devices[0].mem_used_bytes, readings.devices[0].utilization_pct), (0, 0));
+    }
+
+    #[test]
+    fn the_synthetic_load_is_read_from_the_environment() {
+        let var = devices_var("cuda");
+        assert_eq!(var, "BACKENDAI_MOCK_CUDA_DEVICES");
+        let env = |text: &str| text.replace(' ', "\0").into_bytes();
+        assert_eq!(
+            synthetic_load(&env("PATH=/bin BACKENDAI_MOCK_CUDA_DEVICES=a,b BAI_MOCK_GPU_UTIL=70"), &var),
+            Some((vec!["a".to_owned(), "b".to_owned()], 70, None))
+        );
+        assert_eq!(
+            synthetic_load(&env("BAI_MOCK_GPU_MEM=1024 BACKENDAI_MOCK_CUDA_DEVICES=a BAI_MOCK_GPU_UTIL=0"), &var),
+            Some((vec!["a".to_owned()], 0, Some(1024)))
+        );
+        // Devices without a utilisation, a utilisation without devices, or one out of range: on no device.
+        assert_eq!(synthetic_load(&env("BACKENDAI_MOCK_CUDA_DEVICES=a"), &var), None);
+        assert_eq!(synthetic_load(&env("BAI_MOCK_GPU_UTIL=70"), &var), None);
+        assert_eq!(synthetic_load(&env("BACKENDAI_MOCK_CUDA_DEVICES=a BAI_MOCK_GPU_UTIL=101"), &var), None);
+        assert_eq!(synthetic_load(&env("BACKENDAI_MOCK_CUDA_DEVICES= BAI_MOCK_GPU_UTIL=5"), &var), None);
+    }
+
+    #[test]
+    fn a_child_with_the_variables_is_on_its_devices_and_the_device_readings_follow() {
+        let (_dir, path) = write(SAMPLE);
+        let mut plugin = MockPlugin::new(MockConfig::load(&path).expect("loads"));
+        let id = plugin.ids[0].clone();
+        let mut busy = std::process::Command::new("sleep")
+            .arg("30")
+            .env("BACKENDAI_MOCK_CUDA_DEVICES", format!("{id},not-ours"))
+            .env(UTIL_VAR, "70")
+            .env(MEM_VAR, "4096")
+            .spawn()
+            .expect("sleep");
+        let mut idle = std::process::Command::new("sleep")
+            .arg("30")
+            .env("BACKENDAI_MOCK_CUDA_DEVICES", &id)
+            .spawn()
+            .expect("sleep");
+        assert!(plugin.wants_candidates());
+        let uses = plugin.processes(&[busy.id(), idle.id(), u32::MAX]).expect("reads");
+        let _ = (busy.kill(), idle.kill(), busy.wait(), idle.wait());
+        assert_eq!(uses, [ProcessUse { pid: busy.id(), device_id: id, mem_used_bytes: 4096, sm_util_pct: 70 }]);
+        let readings = plugin.measure().expect("measures");
+        assert_eq!((readings.devices[0].utilization_pct, readings.devices[0].mem_used_bytes), (70, 4096));
+        assert_eq!((readings.devices[1].utilization_pct, readings.devices[1].mem_used_bytes), (0, 0));
+        assert_eq!(readings.devices[0].uuid, "c59395cd-ac91-4cd3-a1b0-3d2568aa2d01");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! the same way whatever its vendor. [`cuda`] is NVIDIA's, through NVML loaded at run time;
 //! [`mock`] reads Backend.AI's mock-accelerator format, for nodes without accelerators;
 //! [`accelerator`] describes the devices a node hands out to kernels and what a kernel given
-//! some of them gets.
+//! some of them gets. Besides each device, a plugin reports the processes using each device
+//! ([`ProcessUse`]), which the monitor maps to kernels through their cgroups (per-kernel
+//! accounting).
 
 pub mod accelerator;
 pub mod cuda;
@@ -19,6 +21,8 @@ pub struct DeviceMeasure {
     /// The device id Backend.AI uses: its index on the node, as a string.
     pub id: String,
     pub model: String,
+    /// The device's UUID (NVML's `GPU-…`, the mock's `mother_uuid`); empty when unknown.
+    pub uuid: String,
     pub mem_used_bytes: u64,
     pub mem_total_bytes: u64,
     /// Share of the last sampling period the device was busy, 0–100.
@@ -31,6 +35,19 @@ pub struct DeviceReadings {
     /// The plugin's key (`cuda`), also the prefix of its slots (`cuda.device`).
     pub plugin: &'static str,
     pub devices: Vec<DeviceMeasure>,
+}
+
+/// One process's use of one device at one sample.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessUse {
+    /// The process id in the host's pid namespace (the agent's).
+    pub pid: u32,
+    /// The device's id, as [`DeviceMeasure::id`].
+    pub device_id: String,
+    /// Device memory the process holds.
+    pub mem_used_bytes: u64,
+    /// Share of the device's compute (SMs) the process kept busy since the last read, 0–100.
+    pub sm_util_pct: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +63,21 @@ pub trait ComputePlugin: Send {
 
     /// Reads every device once.
     fn measure(&mut self) -> Result<DeviceReadings, ComputeError>;
+
+    /// Whether [`ComputePlugin::processes`] must be told which processes to look at (the
+    /// processes of the kernels' cgroups). A plugin whose driver lists the processes on its
+    /// devices (NVML) does not; the mock, which reads processes' environments, does.
+    fn wants_candidates(&self) -> bool {
+        false
+    }
+
+    /// The processes using each device now, one entry per (process, device). `candidates`
+    /// are the processes of the kernels' cgroups, given only to a plugin that
+    /// [wants them](ComputePlugin::wants_candidates) (empty otherwise). A plugin that cannot
+    /// tell reports none.
+    fn processes(&mut self, _candidates: &[u32]) -> Result<Vec<ProcessUse>, ComputeError> {
+        Ok(Vec::new())
+    }
 }
 
 /// What [`detect`] found: plugins to measure devices (for the monitor) and accelerators to

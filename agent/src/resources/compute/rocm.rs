@@ -98,6 +98,7 @@ impl RocmSmi {
         };
         Ok(DeviceMeasure {
             id: index.to_string(),
+            uuid: String::new(),
             model,
             mem_used_bytes: used,
             mem_total_bytes: total,
