@@ -11,6 +11,7 @@
 //! | `volumes/_mount` (or `volumes/mount`; an absolute path) | `container.mount-root` |
 //! | `config/watcher/token` | `watcher.token` |
 //! | `config/policy/deny`, `config/policy/allow` (a JSON array of rules in `[policy]`'s syntax) | `policy.deny`, `policy.allow` |
+//! | `config/plugins/accelerator/{plugin}/{allocation_mode, quantum_size, unit_mem, unit_proc, device_mask, reserved_memory}` (Backend.AI's plugin settings; `device_mask` comma-separated) | `accelerators.{plugin}.*`, when the file has no `[accelerators.{plugin}]` |
 //!
 //! An etcd value fills a key only when `agent.toml` did not set that key itself: the file
 //! wins over etcd, etcd wins over the built-in defaults. A key the file set is not read from
@@ -120,6 +121,7 @@ pub fn overlay(config: &mut Config, keys: &BTreeMap<String, String>) -> Result<A
             }
         }
     }
+    overlay_accelerators(config, keys, &prefix, &explicit, &mut applied)?;
     if let Some((key, value)) = lookup("watcher.token", &["config/watcher/token"]) {
         if value.is_empty() {
             return Err(invalid(&key, "must not be empty".into()));
@@ -128,6 +130,55 @@ pub fn overlay(config: &mut Config, keys: &BTreeMap<String, String>) -> Result<A
         applied.push(("watcher.token", key));
     }
     Ok(applied)
+}
+
+/// Backend.AI's accelerator plugin settings (`config/plugins/accelerator/{plugin}/{field}`),
+/// for each plugin the file has no `[accelerators.{plugin}]` table for.
+fn overlay_accelerators(
+    config: &mut Config,
+    keys: &BTreeMap<String, String>,
+    prefix: &str,
+    explicit: &std::collections::BTreeSet<String>,
+    applied: &mut Applied,
+) -> Result<(), EtcdError> {
+    const ROOT: &str = "config/plugins/accelerator/";
+    let mut tables: BTreeMap<&str, toml::Table> = BTreeMap::new();
+    for (name, value) in keys.range(ROOT.to_owned()..).take_while(|(name, _)| name.starts_with(ROOT)) {
+        let Some((plugin, field)) = name[ROOT.len()..].split_once('/') else { continue };
+        if explicit.contains(&format!("accelerators.{plugin}")) {
+            continue;
+        }
+        let value = value.trim();
+        // Each field as the file would have it, checked by the same parser below.
+        let toml_value = match field {
+            "allocation_mode" | "quantum_size" | "unit_mem" | "reserved_memory" => {
+                toml::Value::String(value.to_owned())
+            }
+            "unit_proc" => toml::Value::Integer(value.parse().map_err(|_| EtcdError::InvalidValue {
+                key: format!("{prefix}{name}"),
+                message: format!("{value:?} is not a count"),
+            })?),
+            "device_mask" => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty())
+                    .map(|id| toml::Value::String(id.to_owned()))
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        tables.entry(plugin).or_default().insert(field.replace('_', "-"), toml_value);
+    }
+    for (plugin, table) in tables {
+        let key = format!("{prefix}{ROOT}{plugin}/");
+        let settings: crate::config::AcceleratorSettings = table.try_into().map_err(|err: toml::de::Error| {
+            EtcdError::InvalidValue { key: key.clone(), message: err.message().to_owned() }
+        })?;
+        config.accelerators.insert(plugin.to_owned(), settings);
+        applied.push(("accelerators", key));
+    }
+    Ok(())
 }
 
 /// The keys of `pairs` under `prefix`, relative to it with each path component unquoted
@@ -413,6 +464,34 @@ mod tests {
 
     fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn accelerator_settings_come_from_backend_ais_plugin_keys_unless_the_file_has_them() {
+        let mut settings = config("[etcd]\naddr = \"127.0.0.1:2379\"\n");
+        let shared = keys(&[
+            ("config/plugins/accelerator/cuda/allocation_mode", "fractional"),
+            ("config/plugins/accelerator/cuda/quantum_size", "0.05"),
+            ("config/plugins/accelerator/cuda/device_mask", "GPU-a, GPU-b"),
+            ("config/plugins/accelerator/cuda/unit_proc", "16"),
+            ("config/plugins/accelerator/cuda/something_else", "ignored"),
+        ]);
+        overlay(&mut settings, &shared).expect("applies");
+        let cuda = &settings.accelerators["cuda"];
+        assert_eq!(cuda.allocation_mode, crate::resources::AllocationMode::Fractional);
+        assert_eq!(cuda.quantum_size.to_string(), "0.05");
+        assert_eq!(cuda.device_mask, vec!["GPU-a".to_owned(), "GPU-b".to_owned()]);
+        assert_eq!((cuda.unit_proc, cuda.unit_mem), (16, 2 << 30), "unset fields keep their defaults");
+
+        let mut pinned = config("[accelerators.cuda]\nallocation-mode = \"discrete\"\n");
+        overlay(&mut pinned, &shared).expect("applies");
+        assert_eq!(pinned.accelerators["cuda"].allocation_mode, crate::resources::AllocationMode::Discrete);
+
+        let mut broken = config("");
+        let err = overlay(&mut broken, &keys(&[("config/plugins/accelerator/cuda/allocation_mode", "halves")]))
+            .expect_err("not a mode")
+            .to_string();
+        assert!(err.contains("config/plugins/accelerator/cuda/") && err.contains("halves"), "{err}");
     }
 
     #[test]
