@@ -21,7 +21,7 @@ use std::{process::Command, time::Duration};
 
 use bai_agent_tests::{
     Agent, BroadcastCollector, LocalRegistry, PYTHON_IMAGE, PrometheusServer,
-    backendai::{ControlPlane, REGISTRY_PROJECT},
+    backendai::{CliOutput, ControlPlane, REGISTRY_PROJECT},
     require_environment, unique,
 };
 
@@ -613,27 +613,26 @@ fn devices_inside(plane: &ControlPlane, session: &str) -> (String, String) {
     (nodes.trim().to_owned(), ids)
 }
 
-fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
+/// `session create` of the test image with one core, 2 GiB and `accelerator` (`cuda.device=1`);
+/// with `enqueue_only`, it returns once the manager queued it.
+fn gpu_session(plane: &ControlPlane, name: &str, accelerator: &str, enqueue_only: bool) -> CliOutput {
     let image = image_ref();
+    let mut args = vec!["session", "create", "-t", name, "-r", "cpu=1", "-r", "mem=2g", "-r", accelerator];
+    if enqueue_only {
+        args.insert(2, "--enqueue-only");
+    }
+    args.push(&image);
+    plane.cli(&args)
+}
+
+fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
     let mut whole = start_gpu_agent(plane, "discrete", 22200);
     let shared = start_gpu_agent(plane, "fractional", 22300);
     assert_eq!(agent_capacity(plane, &whole, "cuda.device").parse::<f64>().ok(), Some(2.0));
     assert_eq!(agent_capacity(plane, &shared, "cuda.shares").parse::<f64>().ok(), Some(27.0));
 
     // One whole device: the session runs on the discrete agent with one device of its own.
-    let created = plane.cli(&[
-        "session",
-        "create",
-        "-t",
-        "e2e-gpu-a",
-        "-r",
-        "cpu=1",
-        "-r",
-        "mem=2g",
-        "-r",
-        "cuda.device=1",
-        &image,
-    ]);
+    let created = gpu_session(plane, "e2e-gpu-a", "cuda.device=1", false);
     assert!(
         created.success,
         "cuda.device session: {}\n{}\nmanager log:\n{}",
@@ -659,19 +658,7 @@ fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
     whole.kill_hard().expect("kill -9");
     std::thread::sleep(Duration::from_secs(2));
     whole.restart().expect("the GPU agent starts again");
-    let created = plane.cli(&[
-        "session",
-        "create",
-        "-t",
-        "e2e-gpu-b",
-        "-r",
-        "cpu=1",
-        "-r",
-        "mem=2g",
-        "-r",
-        "cuda.device=1",
-        &image,
-    ]);
+    let created = gpu_session(plane, "e2e-gpu-b", "cuda.device=1", false);
     assert!(created.success, "second cuda.device session: {}\n{}", created.text(), agent_log_tail(&whole));
     let (nodes_b, ids_b) = devices_inside(plane, "e2e-gpu-b");
     assert_eq!(
@@ -680,20 +667,7 @@ fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
         "the free device"
     );
     assert_eq!(session_status(plane, "e2e-gpu-a"), "RUNNING");
-    let queued = plane.cli(&[
-        "session",
-        "create",
-        "--enqueue-only",
-        "-t",
-        "e2e-gpu-c",
-        "-r",
-        "cpu=1",
-        "-r",
-        "mem=2g",
-        "-r",
-        "cuda.device=1",
-        &image,
-    ]);
+    let queued = gpu_session(plane, "e2e-gpu-c", "cuda.device=1", true);
     assert!(queued.success, "enqueue: {}", queued.text());
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(session_status(plane, "e2e-gpu-c"), "PENDING", "no device left for a third session");
@@ -708,19 +682,7 @@ fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
     destroy_session(plane, "e2e-gpu-c");
 
     // Half a device: the fractional agent.
-    let created = plane.cli(&[
-        "session",
-        "create",
-        "-t",
-        "e2e-gpu-half",
-        "-r",
-        "cpu=1",
-        "-r",
-        "mem=2g",
-        "-r",
-        "cuda.shares=0.5",
-        &image,
-    ]);
+    let created = gpu_session(plane, "e2e-gpu-half", "cuda.shares=0.5", false);
     assert!(created.success, "cuda.shares session: {}\n{}", created.text(), agent_log_tail(&shared));
     let (nodes, ids) = devices_inside(plane, "e2e-gpu-half");
     assert_eq!((nodes.as_str(), ids.as_str()), ("nvidia0", "f0000000-0000-4000-8000-000000000001"));
@@ -734,22 +696,8 @@ fn gpu_sessions_get_their_own_mock_devices(plane: &ControlPlane) {
     let names: Vec<String> = (0..20).map(|i| format!("e2e-gpu-many-{i}")).collect();
     std::thread::scope(|scope| {
         for name in &names {
-            let image = image.as_str();
             scope.spawn(move || {
-                let queued = plane.cli(&[
-                    "session",
-                    "create",
-                    "--enqueue-only",
-                    "-t",
-                    name,
-                    "-r",
-                    "cpu=1",
-                    "-r",
-                    "mem=2g",
-                    "-r",
-                    "cuda.shares=2.5",
-                    image,
-                ]);
+                let queued = gpu_session(plane, name, "cuda.shares=2.5", true);
                 assert!(queued.success, "enqueue {name}: {}", queued.text());
             });
         }

@@ -183,6 +183,22 @@ impl DeviceAllocMap {
         if !requested.fract().is_zero() {
             return Err(DeviceAllocError::NotWhole { slot: self.slot.clone(), requested });
         }
+        let picked = self.fill_in_order(requested, order, |free| free.floor());
+        let total: Decimal = picked.iter().map(|(_, amount)| *amount).sum();
+        if total < requested {
+            return Err(self.insufficient(requested));
+        }
+        Ok(picked)
+    }
+
+    /// Takes from each device in `order` what it can give (`usable` of its free amount) until
+    /// `requested` is met or the devices run out.
+    fn fill_in_order(
+        &self,
+        requested: Decimal,
+        order: &[usize],
+        usable: impl Fn(Decimal) -> Decimal,
+    ) -> Vec<(String, Decimal)> {
         let mut remaining = requested;
         let mut picked = Vec::new();
         for &index in order {
@@ -190,16 +206,13 @@ impl DeviceAllocMap {
                 break;
             }
             let device = &self.devices[index];
-            let take = self.free_on(device).floor().min(remaining);
+            let take = usable(self.free_on(device)).min(remaining);
             if take > Decimal::ZERO {
                 picked.push((device.id.clone(), take));
                 remaining -= take;
             }
         }
-        if remaining > Decimal::ZERO {
-            return Err(self.insufficient(requested));
-        }
-        Ok(picked)
+        picked
     }
 
     /// Shares: one device when one can hold it all (FILL the first such, EVENLY the tightest
@@ -226,7 +239,7 @@ impl DeviceAllocMap {
             return Ok(vec![(self.devices[index].id.clone(), requested)]);
         }
         let picked = match self.strategy {
-            AllocationStrategy::Fill => self.fill_shares(requested, order),
+            AllocationStrategy::Fill => self.fill_in_order(requested, order, |free| self.round_down(free)),
             AllocationStrategy::Evenly => self.spread_shares(requested, order),
         };
         let total: Decimal = picked.iter().map(|(_, amount)| *amount).sum();
@@ -234,23 +247,6 @@ impl DeviceAllocMap {
             return Err(self.insufficient(requested));
         }
         Ok(picked)
-    }
-
-    fn fill_shares(&self, requested: Decimal, order: &[usize]) -> Vec<(String, Decimal)> {
-        let mut remaining = requested;
-        let mut picked = Vec::new();
-        for &index in order {
-            if remaining <= Decimal::ZERO {
-                break;
-            }
-            let device = &self.devices[index];
-            let take = self.round_down(self.free_on(device)).min(remaining);
-            if take > Decimal::ZERO {
-                picked.push((device.id.clone(), take));
-                remaining -= take;
-            }
-        }
-        picked
     }
 
     /// Equal parts over the fewest of the freest devices that can hold `requested` together.

@@ -319,6 +319,15 @@ number_format = { binary = false, round_length = 0 }
             .spawn()
             .expect("sleep");
         assert!(plugin.wants_candidates());
+        // Until a child has exec'd, /proc shows the environment it forked with (ours).
+        for child in [busy.id(), idle.id()] {
+            let exec_done =
+                || std::fs::read_to_string(format!("/proc/{child}/comm")).is_ok_and(|comm| comm.trim() == "sleep");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !exec_done() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let uses = plugin.processes(&[busy.id(), idle.id(), u32::MAX]).expect("reads");
         let _ = (busy.kill(), idle.kill(), busy.wait(), idle.wait());
         assert_eq!(uses, [ProcessUse { pid: busy.id(), device_id: id, mem_used_bytes: 4096, sm_util_pct: 70 }]);
