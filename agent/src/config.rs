@@ -3,9 +3,10 @@
 mod policy;
 mod python;
 
+pub use crate::resources::{AcceleratorSettings, DeviceMapping};
 pub use policy::{
-    DeviceMapping, EgressShaper, GuardMode, GuardrailsSection, MetadataHost, MetadataMode, NetworkRule, PolicySection,
-    Protocol, RuleLists,
+    EgressShaper, GuardMode, GuardrailsSection, MetadataHost, MetadataMode, NetworkRule, PolicySection, Protocol,
+    RuleLists,
 };
 
 use std::{
@@ -486,59 +487,15 @@ pub struct ResourceSection {
     pub mock_accelerator: Option<PathBuf>,
 }
 
-/// How one accelerator plugin's devices are handed out (`[accelerators.<plugin>]`; the keys
-/// of Backend.AI's `config/plugins/accelerator/<plugin>/…`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, rename_all = "kebab-case")]
-pub struct AcceleratorSettings {
-    /// `discrete` (`{plugin}.device`, whole devices) or `fractional` (`{plugin}.shares`).
-    pub allocation_mode: crate::resources::AllocationMode,
-    /// The smallest share a device gives (fractional).
-    #[serde(deserialize_with = "decimal")]
-    pub quantum_size: rust_decimal::Decimal,
-    /// Device memory one share stands for (fractional).
-    #[serde(deserialize_with = "byte_size")]
-    pub unit_mem: u64,
-    /// Processing units (multiprocessors) one share stands for (fractional).
-    pub unit_proc: u32,
-    /// Device ids the node keeps for itself: never handed out.
-    pub device_mask: Vec<String>,
-    /// Device memory kept back from a shared device's kernels (`CUDA_RESERVED_MEMORY`).
-    #[serde(deserialize_with = "byte_size")]
-    pub reserved_memory: u64,
-}
-
-impl Default for AcceleratorSettings {
-    fn default() -> Self {
+impl From<&ResourceSection> for crate::resources::CapacityPolicy {
+    fn from(section: &ResourceSection) -> Self {
         Self {
-            allocation_mode: crate::resources::AllocationMode::Discrete,
-            quantum_size: rust_decimal::Decimal::new(1, 2),
-            unit_mem: 2 << 30,
-            unit_proc: 8,
-            device_mask: Vec::new(),
-            reserved_memory: 64 << 20,
+            reserved_cpu: section.reserved_cpu,
+            reserved_mem: section.reserved_mem,
+            cpu_overcommit: section.cpu_overcommit,
+            mem_overcommit: section.mem_overcommit,
         }
     }
-}
-
-/// A positive decimal, written as a string (`"0.01"`) or a number.
-fn decimal<'de, D: Deserializer<'de>>(de: D) -> Result<rust_decimal::Decimal, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Text(String),
-        Float(f64),
-        Int(i64),
-    }
-    let value = match Raw::deserialize(de)? {
-        Raw::Text(text) => text.trim().parse::<rust_decimal::Decimal>().map_err(serde::de::Error::custom)?,
-        Raw::Float(f) => rust_decimal::Decimal::try_from(f).map_err(serde::de::Error::custom)?,
-        Raw::Int(i) => rust_decimal::Decimal::from(i),
-    };
-    if value <= rust_decimal::Decimal::ZERO {
-        return Err(serde::de::Error::custom(format!("{value} must be positive")));
-    }
-    Ok(value.normalize())
 }
 
 /// Kernel containers: scratch directories, published ports, vfolder mounts.
@@ -626,20 +583,7 @@ impl ContainerSection {
 
 /// Accepts a number of bytes or a size with a binary suffix: `"1g"`, `"512m"`, `"1.5G"`.
 fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-    match Raw::deserialize(de)? {
-        Raw::Bytes(bytes) => Ok(bytes),
-        Raw::Text(text) => crate::resources::parse_binary_size(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a size; write e.g. \"1g\", \"512m\" or a number of bytes"
-            ))
-        }),
-    }
+    crate::resources::slots::deserialize_byte_size(de)
 }
 
 /// Where the configuration came from.
@@ -872,6 +816,12 @@ pub fn check_usage_endpoint(endpoint: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capacity_policy_comes_from_the_resource_section() {
+        let section = ResourceSection::default();
+        assert_eq!(crate::resources::CapacityPolicy::from(&section), crate::resources::CapacityPolicy::default());
+    }
 
     #[test]
     fn usage_endpoints_must_be_http_urls() {

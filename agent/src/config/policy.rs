@@ -5,6 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Deserializer};
 
+use crate::resources::DeviceMapping;
+
 /// Per-kernel enforcement, applied to every kernel before its first instruction.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
@@ -300,41 +302,6 @@ impl<'de> Deserialize<'de> for NetworkRule {
     }
 }
 
-/// A host device node a kernel's container gets, as Docker's `--device` has it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceMapping {
-    pub host_path: String,
-    pub container_path: String,
-    /// Some of `r`, `w`, `m`.
-    pub permissions: String,
-}
-
-impl DeviceMapping {
-    /// Parses `host[:container[:permissions]]`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut parts = text.split(':');
-        let host_path = parts.next().unwrap_or_default().trim().to_owned();
-        let container_path = parts.next().map(str::trim).filter(|p| !p.is_empty()).unwrap_or(&host_path).to_owned();
-        let permissions = parts.next().map(str::trim).unwrap_or("rwm").to_owned();
-        if parts.next().is_some() {
-            return Err(format!("`{text}`: expected host[:container[:permissions]]"));
-        }
-        if !host_path.starts_with("/dev/") || !container_path.starts_with('/') {
-            return Err(format!("`{text}`: the host path must be under /dev and the container path absolute"));
-        }
-        if permissions.is_empty() || !permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm')) {
-            return Err(format!("`{text}`: permissions are some of r, w, m"));
-        }
-        Ok(Self { host_path, container_path, permissions })
-    }
-}
-
-impl<'de> Deserialize<'de> for DeviceMapping {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        DeviceMapping::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,17 +329,6 @@ mod tests {
         assert_eq!(lists.deny.len(), 2);
         assert_eq!((lists.deny[1].ports, lists.deny[1].protocol), ((53, 53), Protocol::Udp));
         assert!(toml::from_str::<Lists>("deny = [{ cidr = \"10.0.0.0/8\", port = 1 }]").is_err());
-    }
-
-    #[test]
-    fn device_mappings_parse_as_docker_has_them() {
-        let plain = DeviceMapping::parse("/dev/fuse").unwrap();
-        assert_eq!((plain.container_path.as_str(), plain.permissions.as_str()), ("/dev/fuse", "rwm"));
-        let full = DeviceMapping::parse("/dev/net/tun:/dev/tun0:rw").unwrap();
-        assert_eq!((full.container_path.as_str(), full.permissions.as_str()), ("/dev/tun0", "rw"));
-        for bad in ["fuse", "/etc/passwd", "/dev/fuse:/dev/fuse:rx", "/dev/a:/b:r:x", "/dev/fuse:rel"] {
-            assert!(DeviceMapping::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

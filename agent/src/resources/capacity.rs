@@ -138,17 +138,6 @@ impl Default for CapacityPolicy {
     }
 }
 
-impl From<&crate::config::ResourceSection> for CapacityPolicy {
-    fn from(section: &crate::config::ResourceSection) -> Self {
-        Self {
-            reserved_cpu: section.reserved_cpu,
-            reserved_mem: section.reserved_mem,
-            cpu_overcommit: section.cpu_overcommit,
-            mem_overcommit: section.mem_overcommit,
-        }
-    }
-}
-
 /// What kernels on this node may be given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeCapacity {
@@ -322,12 +311,6 @@ mod tests {
         let policy = CapacityPolicy { cpu_overcommit: 1.4, ..policy };
         let capacity = NodeCapacity::compute(&host(&[0, 1, 2, 3, 4], 4 * GIB), &policy).expect("ok");
         assert_eq!(capacity.cpu, 7, "5 × 1.4 is exactly 7");
-    }
-
-    #[test]
-    fn policy_comes_from_the_resource_section() {
-        let section = crate::config::ResourceSection::default();
-        assert_eq!(CapacityPolicy::from(&section), CapacityPolicy::default());
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod spec;
 
 pub use alloc::{Allocation, AllocationError, AllocationStrategy, ResourceAllocator, format_cpuset};
 pub use capacity::{CapacityError, CapacityPolicy, HostResources, NodeCapacity};
+pub use compute::{AcceleratorSettings, DeviceMapping};
 pub use devices::{AllocationMode, DeviceAllocMap, DeviceCapacity, PerDevice};
 pub use slots::{ResourceSlots, SlotAmount, SlotError, SlotRegistry, SlotType, format_binary_size, parse_binary_size};
 pub use spec::{KernelResourceSpec, MountPermission, MountSpec, RESOURCE_TXT, ResourceFileError};

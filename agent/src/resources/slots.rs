@@ -469,6 +469,25 @@ fn parse_binary_size_decimal(text: &str) -> Option<Decimal> {
     Some(number.checked_mul(multiplier)?.trunc())
 }
 
+/// Deserializes a byte size written as bytes (`1073741824`) or a binary size (`"1g"`,
+/// `"512m"`), for configuration fields (`#[serde(deserialize_with = …)]`).
+pub fn deserialize_byte_size<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match <Raw as serde::Deserialize>::deserialize(de)? {
+        Raw::Bytes(bytes) => Ok(bytes),
+        Raw::Text(text) => parse_binary_size(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a size; write e.g. \"1g\", \"512m\" or a number of bytes"
+            ))
+        }),
+    }
+}
+
 /// Parses a byte size (`"1g"`, `"512m"`, `"1073741824"`) into whole bytes.
 pub fn parse_binary_size(text: &str) -> Option<u64> {
     let value = parse_binary_size_decimal(text)?;

@@ -12,9 +12,8 @@ use std::{
 use rust_decimal::{Decimal, prelude::ToPrimitive};
 
 use super::{ComputeError, mock::MockConfig};
-use crate::{
-    config::{AcceleratorSettings, DeviceMapping},
-    resources::{AllocationMode, AllocationStrategy, DeviceAllocMap, DeviceCapacity, PerDevice, format_binary_size},
+use crate::resources::{
+    AllocationMode, AllocationStrategy, DeviceAllocMap, DeviceCapacity, PerDevice, format_binary_size,
 };
 
 /// NVIDIA's character-device major, which the mock's stand-in nodes also use.
@@ -26,6 +25,97 @@ const MOCK_MAJOR: u32 = 241;
 /// TensorFlow's floor on multiprocessors, which Backend.AI sets for CUDA kernels.
 const MIN_SMP_COUNT: u32 = 4;
 
+/// How one accelerator plugin's devices are handed out (`[accelerators.<plugin>]`; the keys
+/// of Backend.AI's `config/plugins/accelerator/<plugin>/…`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct AcceleratorSettings {
+    /// `discrete` (`{plugin}.device`, whole devices) or `fractional` (`{plugin}.shares`).
+    pub allocation_mode: AllocationMode,
+    /// The smallest share a device gives (fractional).
+    #[serde(deserialize_with = "positive_decimal")]
+    pub quantum_size: Decimal,
+    /// Device memory one share stands for (fractional).
+    #[serde(deserialize_with = "crate::resources::slots::deserialize_byte_size")]
+    pub unit_mem: u64,
+    /// Processing units (multiprocessors) one share stands for (fractional).
+    pub unit_proc: u32,
+    /// Device ids the node keeps for itself: never handed out.
+    pub device_mask: Vec<String>,
+    /// Device memory kept back from a shared device's kernels (`CUDA_RESERVED_MEMORY`).
+    #[serde(deserialize_with = "crate::resources::slots::deserialize_byte_size")]
+    pub reserved_memory: u64,
+}
+
+impl Default for AcceleratorSettings {
+    fn default() -> Self {
+        Self {
+            allocation_mode: AllocationMode::Discrete,
+            quantum_size: Decimal::new(1, 2),
+            unit_mem: 2 << 30,
+            unit_proc: 8,
+            device_mask: Vec::new(),
+            reserved_memory: 64 << 20,
+        }
+    }
+}
+
+/// A positive decimal, written as a string (`"0.01"`) or a number.
+fn positive_decimal<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Decimal, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Float(f64),
+        Int(i64),
+    }
+    let value = match <Raw as serde::Deserialize>::deserialize(de)? {
+        Raw::Text(text) => text.trim().parse::<Decimal>().map_err(serde::de::Error::custom)?,
+        Raw::Float(f) => Decimal::try_from(f).map_err(serde::de::Error::custom)?,
+        Raw::Int(i) => Decimal::from(i),
+    };
+    if value <= Decimal::ZERO {
+        return Err(serde::de::Error::custom(format!("{value} must be positive")));
+    }
+    Ok(value.normalize())
+}
+
+/// A host device node a container gets, as Docker's `--device` has it
+/// (`host[:container[:permissions]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMapping {
+    pub host_path: String,
+    pub container_path: String,
+    /// Some of `r`, `w`, `m`.
+    pub permissions: String,
+}
+
+impl DeviceMapping {
+    /// Parses `host[:container[:permissions]]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = text.split(':');
+        let host_path = parts.next().unwrap_or_default().trim().to_owned();
+        let container_path = parts.next().map(str::trim).filter(|p| !p.is_empty()).unwrap_or(&host_path).to_owned();
+        let permissions = parts.next().map(str::trim).unwrap_or("rwm").to_owned();
+        if parts.next().is_some() {
+            return Err(format!("`{text}`: expected host[:container[:permissions]]"));
+        }
+        if !host_path.starts_with("/dev/") || !container_path.starts_with('/') {
+            return Err(format!("`{text}`: the host path must be under /dev and the container path absolute"));
+        }
+        if permissions.is_empty() || !permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm')) {
+            return Err(format!("`{text}`: permissions are some of r, w, m"));
+        }
+        Ok(Self { host_path, container_path, permissions })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceMapping {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        DeviceMapping::parse(&<String as serde::Deserialize>::deserialize(deserializer)?)
+            .map_err(serde::de::Error::custom)
+    }
+}
 /// One device as allocation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceleratorDevice {
@@ -425,6 +515,17 @@ nvidia_driver = "450.0.0"
 
     fn held(list: &[(&str, &str)]) -> PerDevice {
         list.iter().map(|(id, amount)| ((*id).to_owned(), amount.parse::<SlotAmount>().expect("amount"))).collect()
+    }
+
+    #[test]
+    fn device_mappings_parse_as_docker_has_them() {
+        let plain = DeviceMapping::parse("/dev/fuse").unwrap();
+        assert_eq!((plain.container_path.as_str(), plain.permissions.as_str()), ("/dev/fuse", "rwm"));
+        let full = DeviceMapping::parse("/dev/net/tun:/dev/tun0:rw").unwrap();
+        assert_eq!((full.container_path.as_str(), full.permissions.as_str()), ("/dev/tun0", "rw"));
+        for bad in ["fuse", "/etc/passwd", "/dev/fuse:/dev/fuse:rx", "/dev/a:/b:r:x", "/dev/fuse:rel"] {
+            assert!(DeviceMapping::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

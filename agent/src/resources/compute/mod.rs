@@ -11,7 +11,10 @@ pub mod cuda;
 pub mod mock;
 pub mod rocm;
 
-pub use accelerator::{Accelerator, AcceleratorDevice, AttachedDevice, ContainerDevices, DeviceRequest, Passthrough};
+pub use accelerator::{
+    Accelerator, AcceleratorDevice, AcceleratorSettings, AttachedDevice, ContainerDevices, DeviceMapping,
+    DeviceRequest, Passthrough,
+};
 
 use cuda::Nvml;
 
@@ -96,7 +99,7 @@ pub struct DetectOptions<'a> {
     /// Where the mock's stand-in device nodes are made.
     pub mock_node_dir: &'a std::path::Path,
     /// `[accelerators.<plugin>]`.
-    pub settings: &'a std::collections::BTreeMap<String, crate::config::AcceleratorSettings>,
+    pub settings: &'a std::collections::BTreeMap<String, AcceleratorSettings>,
 }
 
 /// The plugins this node has: each one whose library and devices are present, or the mock
