@@ -202,8 +202,10 @@ struct MemoryReads {
 /// - Then: memory usage and tasks (one small file each); the throttling counters only when
 ///   the kernel has a CPU quota; the memory breakdown (`memory.stat`, the expensive file) and
 ///   `/dev/shm` (whose pages are charged to the kernel) only when usage moved by more than 1 %
-///   (at least 1 MiB) since the last breakdown. Until then the working set follows usage:
-///   small changes are the kernel's own allocations and frees, not inactive page cache.
+///   (at least 1 MiB) since the last breakdown, and once more at the first read where usage
+///   stands still after a breakdown read while it moved (so the end of a burst, e.g. a file
+///   written to `/dev/shm`, shows exactly). Until then the working set follows usage: small
+///   changes are the kernel's own allocations and frees, not inactive page cache.
 /// - Every [`FULL_READ_EVERY`]th pass reads usage, tasks and the peak whatever the kernel did
 ///   (and the breakdown by the rule above), so that what others do to an idle kernel
 ///   (reclaiming its page cache) shows; every [`EVERYTHING_EVERY_FULL_READS`]th full read reads
@@ -234,6 +236,11 @@ pub struct CgroupReaders {
     last_cpu_ns: u64,
     /// Memory usage at the last breakdown.
     breakdown_usage: u64,
+    /// Memory usage at the last read of it.
+    last_usage: u64,
+    /// The last breakdown was read while usage was still moving: read it once more when usage
+    /// stands still, so that what a burst left behind shows (not a reading from its middle).
+    breakdown_mid_move: bool,
     /// Full reads so far.
     full_reads: u32,
     /// CPU time when the files were last read.
@@ -267,6 +274,8 @@ impl CgroupReaders {
             split_read_at_ns: None,
             last_cpu_ns: 0,
             breakdown_usage: 0,
+            last_usage: 0,
+            breakdown_mid_move: false,
             full_reads: 0,
             read_at_cpu_ns: 0,
         };
@@ -350,10 +359,14 @@ impl CgroupReaders {
             Ok(usage) => usage,
             Err(err) => return keep(Err(err)),
         };
-        let stale = aged || breakdown_is_stale(self.breakdown_usage, usage);
+        let moving = usage != self.last_usage;
+        self.last_usage = usage;
+        let settled = self.breakdown_mid_move && !moving;
+        let stale = aged || settled || breakdown_is_stale(self.breakdown_usage, usage);
         if stale {
             keep(reader.read_breakdown(buf, usage, &mut readings.memory));
             self.breakdown_usage = usage;
+            self.breakdown_mid_move = moving;
             if let Some(shm) = &self.shm {
                 keep(shm.read().map(|bytes| readings.shm_bytes = Some(bytes)));
             }
@@ -550,8 +563,10 @@ mod tests {
         readers.read(&mut buf, &mut readings).expect("reads");
         assert_eq!(readings.memory.working_set, 12 * MIB);
 
-        // A full read within the cycle: the breakdown only when usage moved by more than 1 MiB;
-        // the limit waits for the read of everything.
+        // A full read within the cycle: usage stands still after a breakdown read while it
+        // moved, so the breakdown is read once more (the page cache aged meanwhile shows);
+        // after that, only when usage moved by more than 1 MiB. The limit waits for the read
+        // of everything.
         write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 2 * MIB));
         let full_cycle = |readers: &mut CgroupReaders, readings: &mut ContainerReadings, buf: &mut Vec<u8>| {
             for _ in 0..FULL_READ_EVERY {
@@ -559,10 +574,15 @@ mod tests {
             }
         };
         full_cycle(&mut readers, &mut readings, &mut buf);
-        assert_eq!((readings.memory.limit, readings.memory.working_set), (None, 12 * MIB), "usage did not move");
+        assert_eq!(
+            (readings.memory.limit, readings.memory.working_set),
+            (None, 100 * MIB),
+            "usage settled: read again"
+        );
         write(d, "memory.current", format!("{}\n", 102 * MIB + 512 * 1024));
         full_cycle(&mut readers, &mut readings, &mut buf);
-        assert_eq!(readings.memory.working_set, 12 * MIB + 512 * 1024, "half a MiB: usage followed, no breakdown");
+        assert_eq!(readings.memory.working_set, 100 * MIB + 512 * 1024, "half a MiB: usage followed, no breakdown");
+        write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 2 * MIB));
         write(d, "memory.current", format!("{}\n", 104 * MIB + 512 * 1024));
         full_cycle(&mut readers, &mut readings, &mut buf);
         assert_eq!((readings.memory.limit, readings.memory.working_set), (None, 102 * MIB + 512 * 1024));
@@ -572,15 +592,17 @@ mod tests {
         write(d, "cpu.stat", "usage_usec 10\nnr_periods 9\nnr_throttled 5\nthrottled_usec 70\n".into());
         write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 3 * MIB));
         full_cycle(&mut readers, &mut readings, &mut buf);
-        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 102 * MIB + 512 * 1024));
+        // Usage stood still after the breakdown read while it moved: read once more.
+        assert_eq!((readings.memory.limit, readings.memory.working_set), (Some(512 * MIB), 101 * MIB + 512 * 1024));
         assert_eq!(readings.cpu.throttled_periods, 5, "the read of everything reads throttling too");
         // The breakdown, whatever usage did, every tenth full read: aged page cache shows.
+        write(d, "memory.stat", format!("anon {}\nfile {}\ninactive_file {}\n", 20 * MIB, 80 * MIB, 4 * MIB));
         for _ in 5..BREAKDOWN_EVERY_FULL_READS {
             full_cycle(&mut readers, &mut readings, &mut buf);
-            assert_eq!(readings.memory.working_set, 102 * MIB + 512 * 1024);
+            assert_eq!(readings.memory.working_set, 101 * MIB + 512 * 1024);
         }
         full_cycle(&mut readers, &mut readings, &mut buf);
-        assert_eq!(readings.memory.working_set, 101 * MIB + 512 * 1024);
+        assert_eq!(readings.memory.working_set, 100 * MIB + 512 * 1024);
 
         // With a quota, throttling is read whenever the kernel was active.
         write(d, "cpu.max", "50000 100000\n".into());
