@@ -393,6 +393,12 @@ fn gpu_use_is_accounted_per_kernel_from_the_processes_of_its_cgroup() {
     assert_eq!(stat(&stats, "cuda_mem", "current").as_deref(), Some("1073741824"));
     assert_eq!(stat(&stats, "cuda_mem", "capacity").as_deref(), Some("42949672960"), "the device's 40 GiB");
     assert_eq!(util(&mut conn, &idle).as_deref(), Some("0"), "the idle kernel uses nothing");
+    let idle_stats = kernel_stats(&mut conn, &idle).expect("idle stats");
+    assert_eq!(
+        stat(&idle_stats, "cuda_util", "capacity").as_deref(),
+        Some("100"),
+        "the device it was given, though its processes use none (as Backend.AI's plugins count)"
+    );
 
     // Prometheus: per kernel and device, Backend.AI's per-kernel gauge, DCGM's per device.
     let per_kernel = "backendai_kernel_accelerator_utilization_percent";

@@ -131,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             owner_project_id: "project".into(),
             image: "cr.backend.ai/stable/python:3.12".into(),
             pid: 0,
+            accelerator_devices: Vec::new(),
         };
         cgroups.push(KernelCgroup { kernel: Arc::new(kernel), path: dir });
     }

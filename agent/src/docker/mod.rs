@@ -22,6 +22,29 @@ pub mod labels {
     pub const SESSION_ID: &str = "ai.backend.session-id";
     pub const OWNER_USER_ID: &str = "ai.backend.owner-user-id";
     pub const OWNER_PROJECT_ID: &str = "ai.backend.owner-project-id";
+    /// The accelerator devices the kernel was given: `cuda=0,1` (plugin key, device ids;
+    /// plugins separated by `;`).
+    pub const ACCELERATOR_DEVICES: &str = "ai.backend.internal.accelerator-devices";
+
+    /// [`ACCELERATOR_DEVICES`]' value for `(plugin key, device id)` pairs.
+    pub fn accelerator_devices(devices: &[(String, String)]) -> String {
+        let mut by_plugin: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+        for (plugin, device) in devices {
+            by_plugin.entry(plugin.as_str()).or_default().push(device.as_str());
+        }
+        by_plugin.iter().map(|(plugin, ids)| format!("{plugin}={}", ids.join(","))).collect::<Vec<_>>().join(";")
+    }
+
+    /// The pairs of an [`ACCELERATOR_DEVICES`] value; malformed parts are skipped.
+    pub fn parse_accelerator_devices(value: &str) -> Vec<(String, String)> {
+        value
+            .split(';')
+            .filter_map(|part| part.split_once('='))
+            .flat_map(|(plugin, ids)| {
+                ids.split(',').filter(|id| !id.is_empty()).map(move |id| (plugin.to_owned(), id.to_owned()))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +68,8 @@ pub struct KernelContainer {
     pub image: String,
     /// The container's init process, whose cgroup is the container's.
     pub pid: u32,
+    /// The accelerator devices it was given: (plugin key, device id).
+    pub accelerator_devices: Vec<(String, String)>,
 }
 
 /// What the watcher tells the monitor.
@@ -137,6 +162,7 @@ impl DockerClient {
             owner_project_id: label(labels::OWNER_PROJECT_ID),
             image: config.image.unwrap_or_default(),
             pid,
+            accelerator_devices: labels::parse_accelerator_devices(&label(labels::ACCELERATOR_DEVICES)),
         }))
     }
 }

@@ -426,14 +426,11 @@ impl KernelManager {
     /// kernel holds as Backend.AI's plugins report it (`device_id`, `model_name`, `data`
     /// with `smp` and `mem`), plus the slot and amount it holds (for `used_devices`).
     fn attached_devices_value(&self, record: &KernelRecord) -> Value {
-        let devices = record.allocation().devices;
         let by_key = self
-            .accelerators
-            .iter()
-            .filter_map(|accelerator| {
-                let per_device = devices.get(&accelerator.slot())?;
-                let entries = accelerator
-                    .attached_devices(per_device)
+            .attached_devices_of(record)
+            .into_iter()
+            .map(|(key, devices)| {
+                let entries = devices
                     .into_iter()
                     .map(|device| {
                         map(vec![
@@ -448,10 +445,25 @@ impl KernelManager {
                         ])
                     })
                     .collect();
-                Some((Value::from(accelerator.key.as_str()), Value::Array(entries)))
+                (Value::from(key.as_str()), Value::Array(entries))
             })
             .collect();
         Value::Map(by_key)
+    }
+
+    /// The devices a kernel holds, per accelerator key.
+    fn attached_devices_of(
+        &self,
+        record: &KernelRecord,
+    ) -> Vec<(String, Vec<crate::resources::compute::AttachedDevice>)> {
+        let devices = record.allocation().devices;
+        self.accelerators
+            .iter()
+            .filter_map(|accelerator| {
+                let per_device = devices.get(&accelerator.slot())?;
+                Some((accelerator.key.clone(), accelerator.attached_devices(per_device)))
+            })
+            .collect()
     }
 
     /// Puts every kernel created from now on (and every recovered one) under `policy`.
@@ -845,6 +857,14 @@ impl KernelManager {
             (labels::OWNER_PROJECT_ID.to_owned(), record.owner_project_id.clone()),
         ]);
         labels.insert("ai.backend.internal.block-service-ports".into(), "0".into());
+        let given: Vec<(String, String)> = self
+            .attached_devices_of(record)
+            .into_iter()
+            .flat_map(|(key, devices)| devices.into_iter().map(move |device| (key.clone(), device.device_id)))
+            .collect();
+        if !given.is_empty() {
+            labels.insert(labels::ACCELERATOR_DEVICES.to_owned(), labels::accelerator_devices(&given));
+        }
         let given = self.container_devices(&record.allocation().devices);
         let mut environ = self.container_environ(record);
         environ.extend(given.env);

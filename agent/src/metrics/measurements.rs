@@ -86,22 +86,32 @@ fn accelerator_definitions(plugin: &'static str) -> (Definition, Definition) {
     (util, mem)
 }
 
-/// A kernel's use of one plugin's devices at a sample: (utilisation summed over the devices
-/// its processes use, 100 × their number, memory its processes hold on them, those devices'
-/// memory), as Backend.AI's CUDA plugin shapes `cuda_util` / `cuda_mem` per container.
+/// A kernel's use of one plugin's devices at a sample: (utilisation summed over its devices,
+/// 100 × their number, memory its processes hold on them, those devices' memory), as
+/// Backend.AI's CUDA plugin shapes `cuda_util` / `cuda_mem` per container. Its devices are
+/// those it was given (`given`: plugin key, device id), or, for a kernel given none of this
+/// plugin's, those its processes use.
 fn kernel_accelerator_measure(
     readings: &crate::resources::compute::DeviceReadings,
     uses: &[&crate::monitor::accel::KernelDeviceUse],
+    given: &[(String, String)],
 ) -> (f64, f64, f64, f64) {
-    let (mut util, mut util_capacity, mut mem, mut mem_capacity) = (0.0, 0.0, 0.0, 0.0);
-    for used in uses.iter().filter(|u| u.plugin == readings.plugin) {
-        util += f64::from(used.utilization_pct);
-        util_capacity += 100.0;
-        mem += used.mem_used_bytes as f64;
-        mem_capacity +=
-            readings.devices.iter().find(|d| d.id == used.device_id).map_or(0.0, |d| d.mem_total_bytes as f64);
+    let uses: Vec<_> = uses.iter().filter(|u| u.plugin == readings.plugin).collect();
+    let (util, mem) = uses.iter().fold((0.0, 0.0), |(util, mem), used| {
+        (util + f64::from(used.utilization_pct), mem + used.mem_used_bytes as f64)
+    });
+    let mut devices: Vec<&str> =
+        given.iter().filter(|(plugin, _)| plugin == readings.plugin).map(|(_, id)| id.as_str()).collect();
+    if devices.is_empty() {
+        devices = uses.iter().map(|used| used.device_id.as_str()).collect();
     }
-    (util, util_capacity, mem, mem_capacity)
+    devices.sort_unstable();
+    devices.dedup();
+    let mem_capacity = devices
+        .iter()
+        .map(|id| readings.devices.iter().find(|d| d.id == *id).map_or(0.0, |d| d.mem_total_bytes as f64))
+        .sum();
+    (util, 100.0 * devices.len() as f64, mem, mem_capacity)
 }
 
 /// A kernel's `cpu_util` capacity: 1000 ms of CPU per second, one core (as Backend.AI).
@@ -464,7 +474,8 @@ impl Measurements {
             };
             for readings in &snapshot.devices {
                 let (util_def, mem_def) = accelerator_definitions(readings.plugin);
-                let (util, util_capacity, mem, mem_capacity) = kernel_accelerator_measure(readings, uses);
+                let (util, util_capacity, mem, mem_capacity) =
+                    kernel_accelerator_measure(readings, uses, &sample.kernel.accelerator_devices);
                 set.update(util_def, util, Some(util_capacity), false, at);
                 set.update(mem_def, mem, Some(mem_capacity), false, at);
             }
@@ -807,6 +818,32 @@ mod tests {
             .into_iter()
             .collect();
         snapshot
+    }
+
+    #[test]
+    fn a_kernel_given_devices_is_measured_against_all_of_them() {
+        use crate::{
+            monitor::accel::KernelDeviceUse,
+            resources::compute::{DeviceMeasure, DeviceReadings},
+        };
+        let device = |id: &str| DeviceMeasure { id: id.into(), mem_total_bytes: 1000, ..DeviceMeasure::default() };
+        let readings = DeviceReadings { plugin: "cuda", devices: vec![device("0"), device("1")] };
+        let used = KernelDeviceUse {
+            kernel: kernel("a"),
+            plugin: "cuda",
+            device_id: "0".into(),
+            mem_used_bytes: 100,
+            utilization_pct: 100,
+            processes: 1,
+        };
+        let given = [("cuda".to_owned(), "0".to_owned()), ("cuda".to_owned(), "1".to_owned())];
+        // Two devices given, one busy: half of what it has, as Backend.AI's plugins count.
+        assert_eq!(kernel_accelerator_measure(&readings, &[&used], &given), (100.0, 200.0, 100.0, 2000.0));
+        assert_eq!(kernel_accelerator_measure(&readings, &[], &given), (0.0, 200.0, 0.0, 2000.0), "idle");
+        // Given none (a kernel the agent did not give devices): the devices its processes use.
+        assert_eq!(kernel_accelerator_measure(&readings, &[&used], &[]), (100.0, 100.0, 100.0, 1000.0));
+        let other = [("rocm".to_owned(), "0".to_owned())];
+        assert_eq!(kernel_accelerator_measure(&readings, &[], &other), (0.0, 0.0, 0.0, 0.0), "another plugin's");
     }
 
     #[test]

@@ -217,6 +217,7 @@ pub(crate) mod test_support {
             owner_project_id: "p".into(),
             image: "img:1".into(),
             pid: 1,
+            accelerator_devices: Vec::new(),
         })
     }
 
