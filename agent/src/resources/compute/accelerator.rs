@@ -22,6 +22,8 @@ const NVIDIA_MAJOR: u32 = 195;
 const NVIDIACTL_MINOR: u32 = 255;
 /// The major of other mock plugins' stand-in nodes (in the range Linux leaves for local use).
 const MOCK_MAJOR: u32 = 241;
+/// AMD's compute interface, which every ROCm process opens.
+const KFD: &str = "/dev/kfd";
 /// TensorFlow's floor on multiprocessors, which Backend.AI sets for CUDA kernels.
 const MIN_SMP_COUNT: u32 = 4;
 
@@ -140,6 +142,9 @@ pub enum Passthrough {
     Nvidia,
     /// Stand-in nodes the agent made, passed as plain devices.
     Mock,
+    /// AMD's: each device's DRM render node and `/dev/kfd`, passed as plain devices (as AMD's
+    /// instructions for Docker have them).
+    Rocm,
 }
 
 /// A request for the NVIDIA container runtime (Docker's `DeviceRequests` entry).
@@ -267,6 +272,25 @@ impl Accelerator {
         accelerator
     }
 
+    /// AMD devices as ROCm SMI lists them, whole devices only (`rocm.device`).
+    pub fn rocm(devices: Vec<AcceleratorDevice>, settings: AcceleratorSettings) -> Accelerator {
+        if settings.allocation_mode == AllocationMode::Fractional {
+            tracing::warn!(
+                "accelerators.rocm: AMD devices are handed out whole; allocation-mode = fractional is ignored"
+            );
+        }
+        let mut accelerator = Accelerator {
+            key: "rocm".into(),
+            mode: AllocationMode::Discrete,
+            settings,
+            devices,
+            passthrough: Passthrough::Rocm,
+            extra_info: BTreeMap::from([("rocm_support".to_owned(), "true".to_owned())]),
+        };
+        accelerator.apply_mask();
+        accelerator
+    }
+
     /// `device-mask`: devices the node keeps for itself.
     fn apply_mask(&mut self) {
         let mask = &self.settings.device_mask;
@@ -321,7 +345,16 @@ impl Accelerator {
         let visible: Vec<String> = (0..held.len()).map(|index| index.to_string()).collect();
         let upper = self.key.to_ascii_uppercase();
         let env = &mut out.env;
-        env.insert(format!("{upper}_VISIBLE_DEVICES"), visible.join(","));
+        match self.passthrough {
+            // HIP's and the ROCm runtime's own variables.
+            Passthrough::Rocm => {
+                env.insert("HIP_VISIBLE_DEVICES".into(), visible.join(","));
+                env.insert("ROCR_VISIBLE_DEVICES".into(), visible.join(","));
+            }
+            _ => {
+                env.insert(format!("{upper}_VISIBLE_DEVICES"), visible.join(","));
+            }
+        }
         if self.key == "cuda" {
             env.insert("TF_MIN_GPU_MULTIPROCESSOR_COUNT".into(), MIN_SMP_COUNT.to_string());
         }
@@ -368,6 +401,14 @@ impl Accelerator {
                     && let Some(dir) = held.iter().find_map(|device| device.host_node.as_ref()?.parent())
                 {
                     out.nodes.push(node(&dir.join("nvidiactl"), "/dev/nvidiactl"));
+                }
+            }
+            Passthrough::Rocm => {
+                out.nodes.push(node(Path::new(KFD), KFD));
+                for device in &held {
+                    if let Some(host) = &device.host_node {
+                        out.nodes.push(node(host, &device.container_node));
+                    }
                 }
             }
             Passthrough::Nvidia => {
@@ -572,6 +613,27 @@ nvidia_driver = "450.0.0"
         assert_eq!(lines["CUDA_PROCESSOR_LIMITS"], "c59395cd-0001:4");
         let attached = accelerator.attached_devices(&held(&[("c59395cd-0001", "2")]));
         assert_eq!((attached[0].memory_bytes, attached[0].processing_units), (4 << 30, 16));
+    }
+
+    #[test]
+    fn amd_devices_get_their_render_node_and_kfd() {
+        let device = |index: u32, minor: u32| AcceleratorDevice {
+            id: index.to_string(),
+            model: "AMD Instinct MI210".into(),
+            numa_node: Some(0),
+            memory_bytes: 64 << 30,
+            processing_units: 104,
+            host_node: Some(PathBuf::from(format!("/dev/dri/renderD{minor}"))),
+            container_node: format!("/dev/dri/renderD{minor}"),
+        };
+        let accelerator = Accelerator::rocm(vec![device(0, 128), device(1, 129)], AcceleratorSettings::default());
+        assert_eq!(accelerator.slot(), "rocm.device");
+        let given = accelerator.container_devices(&held(&[("1", "1")]));
+        let paths: Vec<&str> = given.nodes.iter().map(|node| node.container_path.as_str()).collect();
+        assert_eq!(paths, vec!["/dev/kfd", "/dev/dri/renderD129"]);
+        assert_eq!((given.env["HIP_VISIBLE_DEVICES"].as_str(), given.env["ROCR_VISIBLE_DEVICES"].as_str()), ("0", "0"));
+        assert_eq!(given.env["GPU_TYPE"], "rocm");
+        assert!(given.device_requests.is_empty() && given.resource_data.is_empty());
     }
 
     #[test]

@@ -142,7 +142,11 @@ pub fn detect(options: &DetectOptions<'_>) -> Result<Detected, ComputeError> {
     }
     match rocm::RocmSmi::load() {
         Ok(smi) => {
-            tracing::warn!(devices = ?smi.device_count(), "ROCm SMI loaded; measuring AMD devices (not yet handed out to kernels)");
+            tracing::info!(devices = ?smi.device_count(), "ROCm SMI loaded; measuring AMD devices");
+            match smi.inventory() {
+                Ok(devices) => accelerators.push(Accelerator::rocm(devices, settings("rocm"))),
+                Err(err) => tracing::error!(error = %err, "listing AMD devices failed; none is handed out"),
+            }
             plugins.push(Box::new(rocm::RocmPlugin(smi)));
         }
         Err(err) => tracing::info!(reason = %err, "no AMD devices: ROCm SMI is not available on this node"),

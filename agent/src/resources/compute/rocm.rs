@@ -1,6 +1,6 @@
 //! AMD GPUs through ROCm SMI: the driver stack's `librocm_smi64.so` is opened at run time, so
-//! the agent runs where ROCm is absent (and says so once). Measured like NVML's devices; not
-//! yet handed out to kernels.
+//! the agent runs where ROCm is absent (and says so once). Measured like NVML's devices and
+//! listed for allocation (whole devices, their DRM render nodes).
 
 use std::ffi::{c_char, c_int};
 
@@ -16,6 +16,7 @@ type CountFn = unsafe extern "C" fn(*mut u32) -> c_int;
 type MemoryFn = unsafe extern "C" fn(u32, c_int, *mut u64) -> c_int;
 type BusyFn = unsafe extern "C" fn(u32, *mut u32) -> c_int;
 type NameFn = unsafe extern "C" fn(u32, *mut c_char, usize) -> c_int;
+type U32Fn = unsafe extern "C" fn(u32, *mut u32) -> c_int;
 
 /// ROCm SMI, loaded and initialised.
 pub struct RocmSmi {
@@ -26,6 +27,9 @@ pub struct RocmSmi {
     memory_usage: MemoryFn,
     busy_percent: BusyFn,
     name: NameFn,
+    /// `rsmi_dev_drm_render_minor_get`, `rsmi_topo_get_numa_node_number` (optional).
+    render_minor: Option<U32Fn>,
+    numa_node: Option<U32Fn>,
 }
 
 impl RocmSmi {
@@ -60,11 +64,22 @@ impl RocmSmi {
                 .get::<BusyFn>(b"rsmi_dev_busy_percent_get\0")
                 .map_err(|_| symbol("rsmi_dev_busy_percent_get"))?;
             let name = *library.get::<NameFn>(b"rsmi_dev_name_get\0").map_err(|_| symbol("rsmi_dev_name_get"))?;
+            let render_minor = library.get::<U32Fn>(b"rsmi_dev_drm_render_minor_get\0").ok().map(|f| *f);
+            let numa_node = library.get::<U32Fn>(b"rsmi_topo_get_numa_node_number\0").ok().map(|f| *f);
             let status = init(0);
             if status != 0 {
                 return Err(format!("rsmi_init failed with status {status}"));
             }
-            Ok(RocmSmi { _library: library, count, memory_total, memory_usage, busy_percent, name })
+            Ok(RocmSmi {
+                _library: library,
+                count,
+                memory_total,
+                memory_usage,
+                busy_percent,
+                name,
+                render_minor,
+                numa_node,
+            })
         }
     }
 
@@ -73,6 +88,32 @@ impl RocmSmi {
         // SAFETY: the pointer is to a live u32 the call writes once.
         let status = unsafe { (self.count)(&mut count) };
         if status == 0 { Ok(count) } else { Err(format!("rsmi_num_monitor_devices: status {status}")) }
+    }
+
+    /// Every device as allocation sees it: index as id, model, memory, NUMA node and DRM render
+    /// node (`/dev/dri/renderD{minor}`, 128 + index where ROCm SMI does not say).
+    pub fn inventory(&self) -> Result<Vec<super::AcceleratorDevice>, String> {
+        let ask = |call: Option<U32Fn>, index: u32| {
+            let mut value = 0u32;
+            // SAFETY: the pointer is to a live u32 the call writes once.
+            call.filter(|f| unsafe { f(index, &mut value) } == 0).map(|_| value)
+        };
+        (0..self.device_count()?)
+            .map(|index| {
+                let measured = self.read(index).map_err(|err| format!("device {index}: {err}"))?;
+                let minor = ask(self.render_minor, index).unwrap_or(128 + index);
+                let node = format!("/dev/dri/renderD{minor}");
+                Ok(super::AcceleratorDevice {
+                    id: measured.id,
+                    model: measured.model,
+                    numa_node: ask(self.numa_node, index),
+                    memory_bytes: measured.mem_total_bytes,
+                    processing_units: 0,
+                    host_node: Some(std::path::PathBuf::from(&node)),
+                    container_node: node,
+                })
+            })
+            .collect()
     }
 
     fn read(&self, index: u32) -> Result<DeviceMeasure, String> {
