@@ -172,6 +172,13 @@ fn whole_devices_reach_only_their_kernel_and_survive_kill_9() {
         let err = create(&client, "s", &unique("gpu-c"), gpu_config("cuda.device", "1")).await.expect_err("none left");
         assert!(err.contains("insufficient cuda.device: requested 1, available 0 of 2"), "{err}");
         assert_eq!(alloc_map(&client).await, vec![(GPU0.into(), "1".into()), (GPU1.into(), "1".into())]);
+        // The operator's view of the same map.
+        let out = Command::new(bai_agent_tests::agentctl_binary())
+            .args(["--agent", &format!("tcp://{}", agent.rpc_addr), "--json", "gpu-alloc-map"])
+            .output()
+            .expect("bai-agentctl runs");
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(shown, serde_json::json!({ GPU0: "1", GPU1: "1" }), "bai-agentctl gpu-alloc-map");
         client.call("destroy_kernel", vec![second.as_str().into()], vec![]).await.expect("destroy");
         (first, container)
     });

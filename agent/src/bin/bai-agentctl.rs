@@ -57,6 +57,8 @@ enum Command {
     },
     /// `gather_hwinfo()`: the node's devices.
     Hwinfo,
+    /// `scan_gpu_alloc_map()`: the share of each GPU that kernels hold.
+    GpuAllocMap,
     /// `get_local_config()`: the configuration the agent runs with.
     Config,
     /// `health()`: the agent's health report.
@@ -301,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Hwinfo => show(&agent.call("gather_hwinfo", vec![]).await?, json),
+        Command::GpuAllocMap => show(&agent.call("scan_gpu_alloc_map", vec![]).await?, json),
         Command::Config => show(&agent.call("get_local_config", vec![]).await?, json),
         Command::Health => show(&agent.call("health", vec![]).await?, json),
         Command::Create(create_args) => {
