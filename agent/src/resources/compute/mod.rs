@@ -116,7 +116,11 @@ pub fn detect(options: &DetectOptions<'_>) -> Result<Detected, ComputeError> {
             devices = config.devices.len(),
             "using mock accelerators (resource.mock-accelerator); never in production"
         );
-        accelerators.push(Accelerator::mock(&config, settings(&config.slot_name), options.mock_node_dir)?);
+        // Backend.AI's mock takes its settings under its own plugin name (`mock`); ours also
+        // under the slot it stands in for.
+        let mock_settings =
+            if options.settings.contains_key("mock") { settings("mock") } else { settings(&config.slot_name) };
+        accelerators.push(Accelerator::mock(&config, mock_settings, options.mock_node_dir)?);
         plugins.push(Box::new(mock::MockPlugin::new(config)));
         return Ok(Detected { plugins, accelerators });
     }
@@ -152,4 +156,49 @@ pub fn detect(options: &DetectOptions<'_>) -> Result<Detected, ComputeError> {
         Err(err) => tracing::info!(reason = %err, "no AMD devices: ROCm SMI is not available on this node"),
     }
     Ok(Detected { plugins, accelerators })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::AllocationMode;
+
+    const MOCK: &str = r#"slot_name = "cuda"
+device_plugin_name = "CUDADevice"
+devices = [
+  { mother_uuid = "a", model_name = "CUDA GPU", numa_node = 0, subproc_count = 108, memory_size = "40G", is_mig_device = false },
+]
+"#;
+
+    fn detected_mode(settings: &[(&str, AllocationMode)]) -> AllocationMode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mock.toml");
+        std::fs::write(&path, MOCK).expect("write");
+        let settings = settings
+            .iter()
+            .map(|(key, mode)| {
+                ((*key).to_owned(), AcceleratorSettings { allocation_mode: *mode, ..Default::default() })
+            })
+            .collect();
+        let detected = detect(&DetectOptions {
+            fake_cuda_devices: 0,
+            mock_config: Some(&path),
+            mock_node_dir: &dir.path().join("nodes"),
+            settings: &settings,
+        })
+        .expect("detects");
+        assert_eq!(detected.plugins.len(), 1);
+        detected.accelerators[0].mode
+    }
+
+    #[test]
+    fn the_mock_takes_backend_ais_mock_settings_else_its_slots() {
+        assert_eq!(detected_mode(&[]), AllocationMode::Discrete, "Backend.AI's default");
+        assert_eq!(detected_mode(&[("cuda", AllocationMode::Fractional)]), AllocationMode::Fractional);
+        assert_eq!(
+            detected_mode(&[("cuda", AllocationMode::Discrete), ("mock", AllocationMode::Fractional)]),
+            AllocationMode::Fractional,
+            "[accelerators.mock] (config/plugins/accelerator/mock/…) first"
+        );
+    }
 }
