@@ -184,7 +184,7 @@ pub struct MonitorSection {
     #[serde(deserialize_with = "duration")]
     pub stats_interval: Duration,
     /// Resources counted from cgroup files even where their eBPF program loads.
-    pub cgroup_file_resources: Vec<crate::monitor::Resource>,
+    pub cgroup_file_resources: Vec<Resource>,
     /// Where the counters and the programs' links are pinned (bpffs), so they outlive the
     /// agent; `{bpffs-dir}/{agent id}`. Empty: nothing is pinned.
     pub bpffs_dir: PathBuf,
@@ -495,6 +495,45 @@ impl From<&ResourceSection> for crate::resources::CapacityPolicy {
             cpu_overcommit: section.cpu_overcommit,
             mem_overcommit: section.mem_overcommit,
         }
+    }
+}
+
+/// A resource the agent counts per container with eBPF when it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resource {
+    Cpu,
+    Network,
+    BlockIo,
+    Oom,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 4] = [Resource::Cpu, Resource::Network, Resource::BlockIo, Resource::Oom];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Cpu => "cpu",
+            Resource::Network => "network",
+            Resource::BlockIo => "block-io",
+            Resource::Oom => "oom",
+        }
+    }
+
+    /// What a reader of the cgroup files uses instead.
+    pub fn fallback(self) -> &'static str {
+        match self {
+            Resource::Cpu => "cpuacct.usage / cpu.stat",
+            Resource::Network => "/proc/<pid>/net/dev of the container",
+            Resource::BlockIo => "blkio.throttle.io_service* / io.stat",
+            Resource::Oom => "memory.oom_control / memory.events",
+        }
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -1,48 +1,7 @@
 //! Where each counted resource comes from: its eBPF program where that loads on this
 //! kernel, else the container's cgroup files (and `/proc/<pid>/net/dev` for network).
 
-use std::fmt;
-
-use serde::Deserialize;
-
-/// A resource the agent counts per container with eBPF when it can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Resource {
-    Cpu,
-    Network,
-    BlockIo,
-    Oom,
-}
-
-impl Resource {
-    pub const ALL: [Resource; 4] = [Resource::Cpu, Resource::Network, Resource::BlockIo, Resource::Oom];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Resource::Cpu => "cpu",
-            Resource::Network => "network",
-            Resource::BlockIo => "block-io",
-            Resource::Oom => "oom",
-        }
-    }
-
-    /// What a reader of the cgroup files uses instead.
-    pub fn fallback(self) -> &'static str {
-        match self {
-            Resource::Cpu => "cpuacct.usage / cpu.stat",
-            Resource::Network => "/proc/<pid>/net/dev of the container",
-            Resource::BlockIo => "blkio.throttle.io_service* / io.stat",
-            Resource::Oom => "memory.oom_control / memory.events",
-        }
-    }
-}
-
-impl fmt::Display for Resource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::config::Resource;
 
 /// How a resource is being counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
