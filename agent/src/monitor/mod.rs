@@ -13,6 +13,7 @@ pub mod node;
 pub mod oom;
 pub mod pins;
 pub mod selfcheck;
+pub mod snapshot;
 pub mod sources;
 
 use std::{
@@ -27,13 +28,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     docker::{ContainerEvent, KernelContainer},
-    metrics::{ContainerSample, MapUsage, MetricsState, MonitorSnapshot},
     resources::compute::ComputePlugin,
 };
 pub use cgroup::{CgroupLayout, ContainerCgroups, UnifiedCgroup};
 pub use cputime::CpuSplit;
 pub use ebpf::{EbpfError, EbpfMonitor, ProgramStats};
 pub use files::{ContainerReadings, CpuThrottling, MemoryStats};
+pub use snapshot::{ContainerSample, MapUsage, MonitorSnapshot, SnapshotSink};
 pub use sources::{Resource, Source, Sources};
 
 /// How many passes a snapshot keeps reporting a container that ended while no agent ran.
@@ -506,7 +507,7 @@ pub async fn run_monitor(
     mut monitor: ContainerMonitor,
     mut events: mpsc::Receiver<ContainerEvent>,
     interval: Duration,
-    metrics: Arc<MetricsState>,
+    metrics: Arc<dyn SnapshotSink>,
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
