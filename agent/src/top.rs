@@ -97,6 +97,22 @@ pub fn readings(samples: &[Sample]) -> BTreeMap<String, Reading> {
     by_kernel
 }
 
+/// The agent's sampling passes so far (`backendai_agent_monitor_passes_total`): readings move
+/// once per pass, so rates are taken between passes.
+pub fn monitor_passes(samples: &[Sample]) -> Option<f64> {
+    samples.iter().find(|sample| sample.name == "backendai_agent_monitor_passes_total").map(|sample| sample.value)
+}
+
+/// The time two scrapes' readings are apart: the passes between them times the monitor
+/// interval where both are known (the readings are the passes'), else the wall time between
+/// the scrapes.
+pub fn readings_apart(passes: Option<(f64, f64)>, monitor_interval: f64, wall: f64) -> f64 {
+    match passes {
+        Some((before, now)) if monitor_interval > 0.0 && now > before => (now - before) * monitor_interval,
+        _ => wall,
+    }
+}
+
 /// What `list_kernels` says of a kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listed {
@@ -257,6 +273,16 @@ mod tests {
         assert_eq!(now["k1"].owner, "alice");
         assert_eq!(now["k1"].memory_limit, 268435456.0);
         assert_eq!(now["k2"].tx_bytes, 2048.0);
+    }
+
+    #[test]
+    fn rates_span_the_passes_between_two_scrapes() {
+        let samples = parse_exposition("backendai_agent_monitor_passes_total 42\n# HELP x\nother 1\n");
+        assert_eq!(monitor_passes(&samples), Some(42.0));
+        assert_eq!(monitor_passes(&parse_exposition("other 1\n")), None);
+        assert_eq!(readings_apart(Some((40.0, 42.0)), 1.0, 1.3), 2.0, "two passes of a second");
+        assert_eq!(readings_apart(Some((42.0, 42.0)), 1.0, 1.3), 1.3, "no pass between: the wall time");
+        assert_eq!(readings_apart(None, 1.0, 1.3), 1.3);
     }
 
     #[test]

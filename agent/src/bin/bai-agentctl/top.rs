@@ -29,7 +29,8 @@ pub async fn run(
     let url = format!("http://{}/metrics", metrics_addr(agent, agent_addr, metrics).await?);
     // The agent's counters move once per monitor pass: two readings closer than that can show
     // no change at all, so readings are never closer.
-    let interval = interval.max(monitor_interval(agent).await.as_secs_f64());
+    let monitor_interval = monitor_interval(agent).await.as_secs_f64();
+    let interval = interval.max(monitor_interval);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let live = std::io::stdout().is_terminal() && iterations.is_none();
     let _raw = if live { Some(RawTerminal::enter()?) } else { None };
@@ -48,11 +49,12 @@ pub async fn run(
         } else {
             tokio::time::sleep(wait).await;
         }
-        let now = scrape(&http, &url).await?;
-        let elapsed = taken.elapsed().as_secs_f64();
+        let now = scrape_after_a_pass(&http, &url, &before, Duration::from_secs_f64(interval)).await?;
+        let wall = taken.elapsed().as_secs_f64();
         taken = Instant::now();
+        let elapsed = top::readings_apart(before.passes.zip(now.passes), monitor_interval, wall);
         let listed = listed(agent).await?;
-        let mut rows = top::rows(&before, &now, elapsed, &listed);
+        let mut rows = top::rows(&before.readings, &now.readings, elapsed, &listed);
         top::sort(&mut rows, key);
         let table = top::render(&rows, key, agent_addr, interval);
         let mut out = std::io::stdout().lock();
@@ -106,9 +108,39 @@ async fn monitor_interval(agent: &Agent) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<BTreeMap<String, Reading>> {
+/// One scrape: the kernels' readings and the agent's passes so far.
+struct Scrape {
+    readings: BTreeMap<String, Reading>,
+    passes: Option<f64>,
+}
+
+async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Scrape> {
     let text = http.get(url).send().await.with_context(|| format!("reading {url}"))?.text().await?;
-    Ok(top::readings(&top::parse_exposition(&text)))
+    let samples = top::parse_exposition(&text);
+    Ok(Scrape { readings: top::readings(&samples), passes: top::monitor_passes(&samples) })
+}
+
+/// A scrape after the agent's next pass since `before`: scrapes again every tenth of a second,
+/// for at most `patience`, while the agent has not sampled since (two readings from one pass
+/// would show every rate as 0).
+async fn scrape_after_a_pass(
+    http: &reqwest::Client,
+    url: &str,
+    before: &Scrape,
+    patience: Duration,
+) -> anyhow::Result<Scrape> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let now = scrape(http, url).await?;
+        let moved = match (before.passes, now.passes) {
+            (Some(before), Some(now)) => now > before,
+            _ => true,
+        };
+        if moved || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn listed(agent: &Agent) -> anyhow::Result<BTreeMap<String, Listed>> {
