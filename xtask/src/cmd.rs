@@ -1,4 +1,5 @@
-//! Subprocess helpers: print-and-run, capture, probe with a timeout, and SIGINT handling.
+//! Subprocess helpers: print-and-run, capture, probe with a timeout, and SIGINT handling; and
+//! the progress lines every task prints.
 //!
 //! Every failure message names the command that failed, the way it would be typed in a shell.
 
@@ -225,6 +226,21 @@ impl Drop for SigintIgnored {
             unsafe { libc::signal(libc::SIGINT, self.previous) };
         }
     }
+}
+
+/// Prints `==> step: what`: a setup step starting.
+pub fn step(name: &str, what: &str) {
+    println!("==> {name}: {what}");
+}
+
+/// Prints that the step succeeded.
+pub fn ok() {
+    println!("    ok");
+}
+
+/// Prints that the step found its work done.
+pub fn already_present() {
+    println!("    already present");
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     Ctx, cmd,
+    cmd::{ok, step},
     krunner::{KRUNNER_INSTALL_PATH, MUSL_TARGET, check_static_elf},
-    setup::{ok, step},
 };
 
 /// The package's name (Debian package and archive prefix).

@@ -13,9 +13,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    Ctx, cmd,
+    Ctx,
+    backendai::backendai_python,
+    cmd,
+    cmd::{already_present, ok, step},
     services::{log_tail, spawn_daemon},
-    setup::{already_present, backendai_python, ok, step},
 };
 
 /// How long one `docker version` may take before it counts as "not answering".

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     Ctx, cmd,
-    setup::{already_present, ok, step},
+    cmd::{already_present, ok, step},
 };
 
 /// Where setup installs the runner; the agent's default `[container] krunner-path`.

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the developer entry point of bai-agent (setup, eBPF build, run, test, bench, dist).
 
+mod backendai;
 mod cmd;
 mod dist;
 mod docker;
@@ -16,8 +17,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::cmd::step;
 pub use crate::krunner::KRUNNER_INSTALL_PATH;
-use crate::setup::step;
 
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 
@@ -269,8 +270,8 @@ fn test(ctx: &Ctx, selection: &[&str], args: &[String]) -> Result<()> {
         test.env("BAI_AGENT_BIN", &agent_bin)
             .env("BAI_TEST_REDIS", &redis_addr)
             .env("BAI_TEST_ETCD", &etcd_addr)
-            .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python())
-            .env("BAI_TEST_BACKENDAI_INSTALL", setup::BACKENDAI_INSTALL),
+            .env("BAI_TEST_BACKENDAI_PYTHON", backendai::backendai_python())
+            .env("BAI_TEST_BACKENDAI_INSTALL", backendai::BACKENDAI_INSTALL),
     )
     .context("test: step `test` failed")?;
     println!("tests passed");
@@ -349,8 +350,8 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
                 .args(args)
                 .env("BAI_AGENT_BIN", &agent)
                 // bench-backendai: the manager's venv (with the Python agent) and its templates.
-                .env("BAI_TEST_BACKENDAI_PYTHON", setup::backendai_python())
-                .env("BAI_TEST_BACKENDAI_INSTALL", setup::BACKENDAI_INSTALL)
+                .env("BAI_TEST_BACKENDAI_PYTHON", backendai::backendai_python())
+                .env("BAI_TEST_BACKENDAI_INSTALL", backendai::BACKENDAI_INSTALL)
                 .current_dir(&ctx.workspace),
         )?;
         drop(stats);
