@@ -22,10 +22,21 @@ use aya::{
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::ebpf::EbpfError;
+/// A counter map missing from the object, or failing to read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("eBPF map `{0}` is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map `{name}`: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("cgroup {0} is not attached")]
+    NotAttached(CgroupId),
+    #[error("reading the cgroup files of cgroup {id} for its baseline: {source}")]
+    Baseline { id: CgroupId, source: std::io::Error },
+}
 
-fn map_error(name: &'static str) -> impl Fn(MapError) -> EbpfError {
-    move |source| EbpfError::Map { name, source }
+fn map_error(name: &'static str) -> impl Fn(MapError) -> CounterError {
+    move |source| CounterError::Map { name, source }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,11 +160,11 @@ pub struct CounterStore {
 }
 
 impl CounterStore {
-    pub fn take_from(ebpf: &mut Ebpf, cpus: usize) -> Result<Self, EbpfError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(EbpfError::MissingMap(name));
+    pub fn take_from(ebpf: &mut Ebpf, cpus: usize) -> Result<Self, CounterError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(CounterError::MissingMap(name));
         let lines_map: Array<MapData, CounterLine> = Array::try_from(take(SLOTS_MAP)?).map_err(map_error(SLOTS_MAP))?;
         let lines = MappedLines::map(lines_map.map(), SLOTS as usize * cpus)
-            .map_err(|source| EbpfError::Map { name: SLOTS_MAP, source: MapError::IoError(source) })?;
+            .map_err(|source| CounterError::Map { name: SLOTS_MAP, source: MapError::IoError(source) })?;
         let baselines_map = BpfHashMap::try_from(take(BASELINES_MAP)?).map_err(map_error(BASELINES_MAP))?;
         let overflow_flags = Array::try_from(take(SLOT_OVERFLOW_MAP)?).map_err(map_error(SLOT_OVERFLOW_MAP))?;
         let overflow = PerCpuHashMap::try_from(take(COUNTERS_MAP)?).map_err(map_error(COUNTERS_MAP))?;
@@ -170,9 +181,9 @@ impl CounterStore {
         })
     }
 
-    fn per_cpu<T: aya::Pod + Clone>(&self, value: T, name: &'static str) -> Result<PerCpuValues<T>, EbpfError> {
+    fn per_cpu<T: aya::Pod + Clone>(&self, value: T, name: &'static str) -> Result<PerCpuValues<T>, CounterError> {
         PerCpuValues::try_from(vec![value; self.cpus])
-            .map_err(|source| EbpfError::Map { name, source: MapError::IoError(source) })
+            .map_err(|source| CounterError::Map { name, source: MapError::IoError(source) })
     }
 
     fn line(&self, slot: u32, cpu: usize) -> usize {
@@ -181,7 +192,7 @@ impl CounterStore {
 
     /// Rebuilds which cgroups are registered, and where, and their baselines, from maps an
     /// earlier agent filled (pinned maps outlive it); returns how many cgroups were found.
-    pub fn recover(&mut self) -> Result<usize, EbpfError> {
+    pub fn recover(&mut self) -> Result<usize, CounterError> {
         self.placements.clear();
         self.overflow_counts.clear();
         for slot in 0..SLOTS {
@@ -213,7 +224,7 @@ impl CounterStore {
 
     /// Starts counting `id` from zero; `false` when it was registered already (recovered from
     /// pinned maps: it keeps its counts and baseline).
-    pub fn register(&mut self, id: CgroupId) -> Result<bool, EbpfError> {
+    pub fn register(&mut self, id: CgroupId) -> Result<bool, CounterError> {
         if self.placements.contains_key(&id) {
             return Ok(false);
         }
@@ -246,11 +257,11 @@ impl CounterStore {
         &mut self,
         id: CgroupId,
         mut read_files: impl FnMut() -> io::Result<u64>,
-    ) -> Result<CgroupCounters, EbpfError> {
+    ) -> Result<CgroupCounters, CounterError> {
         let mut seen = None;
         for _ in 0..8 {
             let before = self.read_raw(id)?.cpu_ns;
-            let files = read_files().map_err(|source| EbpfError::Baseline { id, source })?;
+            let files = read_files().map_err(|source| CounterError::Baseline { id, source })?;
             let after = self.read_raw(id)?.cpu_ns;
             seen = Some((before, files));
             if before == after {
@@ -265,30 +276,30 @@ impl CounterStore {
     }
 
     /// `id`'s counters summed over CPUs, its baseline included, read now.
-    pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+    pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, CounterError> {
         self.read_handle(&self.handle(id)?)
     }
 
     /// Where `id`'s counters are (valid until it is unregistered or its baseline set).
-    pub fn handle(&self, id: CgroupId) -> Result<CounterHandle, EbpfError> {
-        let placement = *self.placements.get(&id).ok_or(EbpfError::NotAttached(id))?;
+    pub fn handle(&self, id: CgroupId) -> Result<CounterHandle, CounterError> {
+        let placement = *self.placements.get(&id).ok_or(CounterError::NotAttached(id))?;
         Ok(CounterHandle { id, placement, baseline: self.baselines.get(&id).copied().unwrap_or_default() })
     }
 
     /// The counters a handle points at, its baseline included, read now.
-    pub fn read_handle(&self, handle: &CounterHandle) -> Result<CgroupCounters, EbpfError> {
+    pub fn read_handle(&self, handle: &CounterHandle) -> Result<CgroupCounters, CounterError> {
         let mut total = self.read_placement(handle.id, handle.placement)?;
         total.accumulate(&handle.baseline);
         Ok(total)
     }
 
     /// What the programs counted for `id` since it was registered.
-    fn read_raw(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        let placement = *self.placements.get(&id).ok_or(EbpfError::NotAttached(id))?;
+    fn read_raw(&self, id: CgroupId) -> Result<CgroupCounters, CounterError> {
+        let placement = *self.placements.get(&id).ok_or(CounterError::NotAttached(id))?;
         self.read_placement(id, placement)
     }
 
-    fn read_placement(&self, id: CgroupId, placement: Placement) -> Result<CgroupCounters, EbpfError> {
+    fn read_placement(&self, id: CgroupId, placement: Placement) -> Result<CgroupCounters, CounterError> {
         let mut total = CgroupCounters::default();
         match placement {
             Placement::Slot(index) => {
@@ -309,7 +320,7 @@ impl CounterStore {
     }
 
     /// Stops counting `id`; returns its last counters (baseline included).
-    pub fn unregister(&mut self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
+    pub fn unregister(&mut self, id: CgroupId) -> Result<CgroupCounters, CounterError> {
         let mut last = match self.placements.remove(&id) {
             Some(Placement::Slot(index)) => {
                 // Read after the owner is cleared: nothing counts into the lines any more.
@@ -338,7 +349,7 @@ impl CounterStore {
                 }
                 last
             }
-            None => return Err(EbpfError::NotAttached(id)),
+            None => return Err(CounterError::NotAttached(id)),
         };
         if let Some(baseline) = self.baselines.remove(&id) {
             last.accumulate(&baseline);

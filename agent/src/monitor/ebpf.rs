@@ -56,12 +56,12 @@ pub enum EbpfError {
     Cpus(String),
     #[error("cgroup {0} is not attached")]
     NotAttached(CgroupId),
-    #[error("reading the cgroup files of cgroup {id} for its baseline: {source}")]
-    Baseline { id: CgroupId, source: std::io::Error },
     #[error("pinning the link of eBPF program `{name}`: {reason}")]
     Pin { name: &'static str, reason: String },
     #[error("finding the fields the program reads in kernel BTF: {0}")]
     KernelLayout(#[from] BtfError),
+    #[error(transparent)]
+    Counters(#[from] super::counters::CounterError),
 }
 
 /// Links of the per-cgroup programs for one attached cgroup.
@@ -318,8 +318,8 @@ impl EbpfMonitor {
         self.unpin_skb(id);
         match self.counters.unregister(id) {
             // Only its pinned links were left.
-            Err(EbpfError::NotAttached(_)) => Ok(CgroupCounters::default()),
-            other => other,
+            Err(super::counters::CounterError::NotAttached(_)) => Ok(CgroupCounters::default()),
+            other => Ok(other?),
         }
     }
 
@@ -468,18 +468,18 @@ impl EbpfMonitor {
 
     /// The cgroup's counters, summed over CPUs, read now.
     pub fn read(&self, id: CgroupId) -> Result<CgroupCounters, EbpfError> {
-        self.counters.read(id)
+        Ok(self.counters.read(id)?)
     }
 
     /// Where an attached cgroup's counters are, for [`EbpfMonitor::read_handle`] (valid until
     /// it is detached or its baseline seeded).
     pub fn handle(&self, id: CgroupId) -> Result<CounterHandle, EbpfError> {
-        self.counters.handle(id)
+        Ok(self.counters.handle(id)?)
     }
 
     /// The counters a handle points at, read now without looking anything up.
     pub fn read_handle(&self, handle: &CounterHandle) -> Result<CgroupCounters, EbpfError> {
-        self.counters.read_handle(handle)
+        Ok(self.counters.read_handle(handle)?)
     }
 
     /// Sets a freshly attached cgroup's CPU baseline from its cgroup files (see
@@ -490,7 +490,7 @@ impl EbpfMonitor {
         id: CgroupId,
         read_files: impl FnMut() -> std::io::Result<u64>,
     ) -> Result<CgroupCounters, EbpfError> {
-        self.counters.seed_cpu_baseline(id, read_files)
+        Ok(self.counters.seed_cpu_baseline(id, read_files)?)
     }
 
     /// What the kernel measured of each program (advances while `kernel.bpf_stats_enabled=1`).
