@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io, os::unix::process::ExitStatusExt, path::Pat
 use bytes::Bytes;
 use tokio::{io::AsyncReadExt, process::Command};
 
-use crate::{protocol::reply, runner::Outbox};
+use crate::protocol::{Outbox, reply};
 
 const READ_CHUNK: usize = 64 * 1024;
 

@@ -31,8 +31,7 @@ const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3);
 
 use crate::{
     config::{Runtime, RuntimeKind},
-    protocol::{reply, waiting_input_payload},
-    runner::Outbox,
+    protocol::{Outbox, reply, waiting_input_payload},
 };
 
 /// The Python driver, run with `python3 -u -c`.

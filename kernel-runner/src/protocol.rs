@@ -2,6 +2,7 @@
 //! (JSON `{"exitCode": N}`, msgpack status, `waiting-input`), as Backend.AI's `BaseRunner` speaks them.
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 /// Agent → runner op names.
 pub mod op {
@@ -122,6 +123,22 @@ pub fn monotonic_seconds() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Sends `[op, payload]` messages through the PUSH socket's task.
+#[derive(Clone)]
+pub struct Outbox(mpsc::Sender<(&'static str, Bytes)>);
+
+impl Outbox {
+    pub fn new(sender: mpsc::Sender<(&'static str, Bytes)>) -> Outbox {
+        Outbox(sender)
+    }
+
+    pub async fn send(&self, op: &'static str, payload: Bytes) {
+        if self.0.send((op, payload)).await.is_err() {
+            tracing::debug!(op, "outbox closed; message dropped");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::{
     batch,
     config::RunnerConfig,
     interp::{InterpError, Interpreter},
-    protocol::{self, Request, reply},
+    protocol::{self, Outbox, Request, reply},
     service::Services,
 };
 
@@ -30,18 +30,6 @@ pub enum RunnerError {
     Bind { addr: SocketAddr, source: Box<ZmqError> },
     #[error("creating the scratch dir {path}: {source}")]
     Scratch { path: PathBuf, source: std::io::Error },
-}
-
-/// Sends `[op, payload]` messages through the PUSH socket's task.
-#[derive(Clone)]
-pub struct Outbox(mpsc::Sender<(&'static str, Bytes)>);
-
-impl Outbox {
-    pub async fn send(&self, op: &'static str, payload: Bytes) {
-        if self.0.send((op, payload)).await.is_err() {
-            tracing::debug!(op, "outbox closed; message dropped");
-        }
-    }
 }
 
 /// A queued query/batch job.
@@ -84,7 +72,7 @@ pub async fn run(config: RunnerConfig, shutdown: impl std::future::Future<Output
         .map_err(|source| RunnerError::Scratch { path: scratch.clone(), source })?;
 
     let (out_tx, out_rx) = mpsc::channel(OUTBOX_CAPACITY);
-    let outbox = Outbox(out_tx);
+    let outbox = Outbox::new(out_tx);
     let sender = tokio::spawn(send_loop(push, out_rx));
     let (job_tx, job_rx) = mpsc::unbounded_channel();
     let (input_tx, input_rx) = mpsc::unbounded_channel();
