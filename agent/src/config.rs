@@ -437,11 +437,15 @@ impl Default for LoggingSection {
     }
 }
 
+/// The node's host name (`/proc/sys/kernel/hostname`); empty when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned()
+}
+
 /// Backend.AI names agents `i-<hostname>` unless told otherwise.
 fn default_agent_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host = host.trim();
-    format!("i-{}", if host.is_empty() { "localhost" } else { host })
+    let host = host_name();
+    format!("i-{}", if host.is_empty() { "localhost" } else { &host })
 }
 
 /// Accepts `"1s"`, `"250ms"`, `"2m"` or a number of seconds.

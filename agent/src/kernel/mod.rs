@@ -129,10 +129,10 @@ pub struct KernelRecord {
     /// Its own guardrail modes (`internal_data.guardrails`), re-applied after a restart.
     #[serde(default)]
     pub guardrails: Option<serde_json::Value>,
-    /// Accelerator slot → the devices it holds and how much of each (decimal strings); the
-    /// copy of `resource.txt`'s `<SLOT>_SHARES` lines a restart falls back on.
+    /// Accelerator slot → the devices it holds and how much of each; the copy of
+    /// `resource.txt`'s `<SLOT>_SHARES` lines a restart falls back on.
     #[serde(default)]
-    pub devices: BTreeMap<String, Vec<(String, String)>>,
+    pub devices: BTreeMap<String, crate::resources::PerDevice>,
 }
 
 impl KernelRecord {
@@ -154,15 +154,7 @@ impl KernelRecord {
             .iter()
             .filter_map(|(slot, amount)| Some((slot.clone(), amount.parse::<SlotAmount>().ok()?)))
             .collect::<ResourceSlots>();
-        let devices = self
-            .devices
-            .iter()
-            .map(|(slot, per_device)| {
-                let parsed = per_device.iter().filter_map(|(id, amount)| Some((id.clone(), amount.parse().ok()?)));
-                (slot.clone(), parsed.collect())
-            })
-            .collect();
-        Allocation { cpuset: self.cpuset.clone(), mem_bytes: self.mem_bytes, slots, devices }
+        Allocation { cpuset: self.cpuset.clone(), mem_bytes: self.mem_bytes, slots, devices: self.devices.clone() }
     }
 }
 
@@ -413,6 +405,7 @@ impl KernelManager {
         for accelerator in &self.accelerators {
             let Some(per_device) = devices.get(&accelerator.slot()) else { continue };
             let given = accelerator.container_devices(per_device);
+            all.given.extend(given.given);
             all.env.extend(given.env);
             all.nodes.extend(given.nodes);
             all.allowed_only.extend(given.allowed_only);
@@ -456,11 +449,10 @@ impl KernelManager {
         &self,
         record: &KernelRecord,
     ) -> Vec<(String, Vec<crate::resources::compute::AttachedDevice>)> {
-        let devices = record.allocation().devices;
         self.accelerators
             .iter()
             .filter_map(|accelerator| {
-                let per_device = devices.get(&accelerator.slot())?;
+                let per_device = record.devices.get(&accelerator.slot())?;
                 Some((accelerator.key.clone(), accelerator.attached_devices(per_device)))
             })
             .collect()
@@ -480,7 +472,7 @@ impl KernelManager {
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
         let guards = crate::policy::guards::kernel_exceptions(record.guardrails.as_ref())
             .map_err(|message| failed(kernel_id, format!("its guardrails: {message}")))?;
-        let given = self.container_devices(&record.allocation().devices);
+        let given = self.container_devices(&record.devices);
         let devices: Vec<crate::config::DeviceMapping> =
             self.kernel_devices.iter().cloned().chain(given.nodes).chain(given.allowed_only).collect();
         let input = crate::policy::KernelInput {
@@ -768,13 +760,7 @@ impl KernelManager {
             record.mem_bytes = record_allocation.mem_bytes;
             record.slots =
                 record_allocation.slots.iter().map(|(slot, amount)| (slot.to_owned(), amount.to_string())).collect();
-            record.devices = record_allocation
-                .devices
-                .iter()
-                .map(|(slot, per_device)| {
-                    (slot.clone(), per_device.iter().map(|(id, amount)| (id.clone(), amount.to_string())).collect())
-                })
-                .collect();
+            record.devices = record_allocation.devices.clone();
             record.host_ports = ports_taken.clone();
             record.repl_in_port = ports_taken[0];
             record.repl_out_port = ports_taken[1];
@@ -857,15 +843,10 @@ impl KernelManager {
             (labels::OWNER_PROJECT_ID.to_owned(), record.owner_project_id.clone()),
         ]);
         labels.insert("ai.backend.internal.block-service-ports".into(), "0".into());
-        let given: Vec<(String, String)> = self
-            .attached_devices_of(record)
-            .into_iter()
-            .flat_map(|(key, devices)| devices.into_iter().map(move |device| (key.clone(), device.device_id)))
-            .collect();
-        if !given.is_empty() {
-            labels.insert(labels::ACCELERATOR_DEVICES.to_owned(), labels::accelerator_devices(&given));
+        let given = self.container_devices(&record.devices);
+        if !given.given.is_empty() {
+            labels.insert(labels::ACCELERATOR_DEVICES.to_owned(), labels::accelerator_devices(&given.given));
         }
-        let given = self.container_devices(&record.allocation().devices);
         let mut environ = self.container_environ(record);
         environ.extend(given.env);
         let env: Vec<String> = environ.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -49,8 +49,7 @@ pub struct AcceleratorCollector {
 
 impl AcceleratorCollector {
     pub fn new(state: Arc<MetricsState>) -> AcceleratorCollector {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
-        AcceleratorCollector { state, hostname }
+        AcceleratorCollector { state, hostname: crate::config::host_name() }
     }
 }
 

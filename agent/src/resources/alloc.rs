@@ -102,6 +102,12 @@ struct State {
 }
 
 impl State {
+    /// Whether `slot` is a plain amount against its capacity: neither `cpu` or `mem` nor a
+    /// slot some device map hands out.
+    fn pooled(&self, slot: &str) -> bool {
+        !is_intrinsic(slot) && !self.device_maps.iter().any(|map| map.slot() == slot)
+    }
+
     fn device_map(&mut self, slot: &str) -> Option<&mut DeviceAllocMap> {
         self.device_maps.iter_mut().find(|map| map.slot() == slot)
     }
@@ -214,10 +220,7 @@ impl ResourceAllocator {
         // Everything else: a plain amount against the slot's capacity (none if unknown here);
         // device slots are checked by their maps below.
         let mut extra_after = Vec::new();
-        let by_device = |slot: &str| state.device_maps.iter().any(|map| map.slot() == slot);
-        for (slot, requested) in
-            request.iter().filter(|(slot, amount)| !is_intrinsic(slot) && !amount.is_zero() && !by_device(slot))
-        {
+        for (slot, requested) in request.iter().filter(|(slot, amount)| !amount.is_zero() && state.pooled(slot)) {
             let capacity = self.capacity.extra.amount(slot);
             let used = state.extra_used.get(slot).copied().unwrap_or_default();
             let available = capacity.checked_sub(used).unwrap_or_default();
@@ -308,9 +311,8 @@ impl ResourceAllocator {
         state.cpu_used = state.cpu_used.saturating_sub(allocation.cpuset.len() as u64);
         state.mem_used = state.mem_used.saturating_sub(allocation.mem_bytes);
         state.free_devices(&allocation.devices);
-        for (slot, amount) in
-            allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot) && !allocation.devices.contains_key(*slot))
-        {
+        let pooled: Vec<(&str, SlotAmount)> = allocation.slots.iter().filter(|(slot, _)| state.pooled(slot)).collect();
+        for (slot, amount) in pooled {
             if let Some(used) = state.extra_used.get_mut(slot) {
                 *used = used.checked_sub(amount).unwrap_or_default();
             }
@@ -336,8 +338,7 @@ impl ResourceAllocator {
             });
         }
         let mut extra_after = Vec::new();
-        let by_device = |slot: &str| state.device_maps.iter().any(|map| map.slot() == slot);
-        for (slot, amount) in allocation.slots.iter().filter(|(slot, _)| !is_intrinsic(slot) && !by_device(slot)) {
+        for (slot, amount) in allocation.slots.iter().filter(|(slot, _)| state.pooled(slot)) {
             let used = state.extra_used.get(slot).copied().unwrap_or_default();
             let after = used.checked_add(amount).ok_or_else(|| AllocationError::BadRestore {
                 kernel_id: kernel_id.to_string(),

@@ -91,14 +91,6 @@ impl DeviceAllocMap {
         &self.slot
     }
 
-    pub fn mode(&self) -> AllocationMode {
-        self.mode
-    }
-
-    pub fn devices(&self) -> &[DeviceCapacity] {
-        &self.devices
-    }
-
     /// The slot's capacity: every device's together.
     pub fn capacity(&self) -> Decimal {
         self.devices.iter().map(|device| device.capacity).sum()

@@ -446,30 +446,7 @@ impl Methods {
             ("mem".to_owned(), hw_entry(mem, "/proc/meminfo")),
         ];
         for accelerator in self.kernels.iter().flat_map(|kernels| kernels.accelerators()) {
-            let mut metadata: Vec<(String, String)> = vec![
-                ("slot".into(), accelerator.slot()),
-                ("devices".into(), accelerator.devices.len().to_string()),
-                (
-                    "models".into(),
-                    accelerator
-                        .devices
-                        .iter()
-                        .map(|d| d.model.as_str())
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .into_iter()
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                ("mock".into(), (accelerator.passthrough == crate::resources::compute::Passthrough::Mock).to_string()),
-            ];
-            metadata.extend(
-                accelerator
-                    .extra_info
-                    .iter()
-                    .filter(|(key, _)| !key.ends_with("_support"))
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-            entries.push((accelerator.key.clone(), hw_entry(Ok(metadata), &accelerator.key)));
+            entries.push((accelerator.key.clone(), hw_entry(Ok(accelerator.hwinfo()), &accelerator.key)));
         }
         Ok(Value::Map(entries.into_iter().map(|(key, value)| (key.into(), value)).collect()))
     }

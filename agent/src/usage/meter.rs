@@ -130,7 +130,7 @@ impl Metered {
 
     /// Integrates memory and accelerator utilisation up to `at_ns` with the readings held
     /// since the last one.
-    fn hold_memory_until(&mut self, at_ns: u64) {
+    fn hold_readings_until(&mut self, at_ns: u64) {
         let span = u128::from(at_ns.saturating_sub(self.mem_at_ns));
         self.now.mem_byte_ns = self.now.mem_byte_ns.saturating_add(u128::from(self.mem_bytes) * span);
         for (kind, pct) in &self.accel_pct {
@@ -250,7 +250,7 @@ impl Meter {
             let first = by_kernel.partition_point(|o| o.kernel_id < kernel_id.as_str());
             let count = by_kernel[first..].iter().take_while(|o| o.kernel_id == kernel_id.as_str()).count();
             let mine = &by_kernel[first..first + count];
-            metered.hold_memory_until(at_ns);
+            metered.hold_readings_until(at_ns);
             let mut running_mem = 0u64;
             let mut running_accel: BTreeMap<String, u64> = BTreeMap::new();
             let mut run = None;
@@ -328,7 +328,7 @@ impl Meter {
             let Some(mut metered) = self.kernels.remove(&kernel_id) else { continue };
             let Some((reason, _)) = metered.ending.clone() else { continue };
             let at_ns = at_ns.max(metered.window_start_ns);
-            metered.hold_memory_until(at_ns);
+            metered.hold_readings_until(at_ns);
             lines.push(close_window(&self.agent_id, &kernel_id, &mut metered, at_ns, Some(&reason)));
         }
         lines

@@ -118,6 +118,7 @@ impl<'de> serde::Deserialize<'de> for DeviceMapping {
             .map_err(serde::de::Error::custom)
     }
 }
+
 /// One device as allocation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceleratorDevice {
@@ -158,6 +159,8 @@ pub struct DeviceRequest {
 /// What one kernel's container gets for its devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerDevices {
+    /// The devices given: (plugin key, device id).
+    pub given: Vec<(String, String)>,
     pub env: BTreeMap<String, String>,
     /// Device nodes passed to the container (and allowed by the device program).
     pub nodes: Vec<DeviceMapping>,
@@ -251,41 +254,38 @@ impl Accelerator {
         settings: AcceleratorSettings,
         driver: Option<String>,
     ) -> Accelerator {
-        let mut extra_info = BTreeMap::from([("cuda_support".to_owned(), "true".to_owned())]);
+        let mut accelerator = Self::whole_devices("cuda", devices, settings, Passthrough::Nvidia);
         if let Some(driver) = driver {
-            extra_info.insert("nvidia_version".into(), driver);
+            accelerator.extra_info.insert("nvidia_version".into(), driver);
         }
-        if settings.allocation_mode == AllocationMode::Fractional {
-            tracing::warn!(
-                "accelerators.cuda: real NVIDIA devices are handed out whole; allocation-mode = fractional is ignored"
-            );
-        }
-        let mut accelerator = Accelerator {
-            key: "cuda".into(),
-            mode: AllocationMode::Discrete,
-            settings,
-            devices,
-            passthrough: Passthrough::Nvidia,
-            extra_info,
-        };
-        accelerator.apply_mask();
         accelerator
     }
 
     /// AMD devices as ROCm SMI lists them, whole devices only (`rocm.device`).
     pub fn rocm(devices: Vec<AcceleratorDevice>, settings: AcceleratorSettings) -> Accelerator {
+        Self::whole_devices("rocm", devices, settings, Passthrough::Rocm)
+    }
+
+    /// A real vendor's devices, which are handed out whole whatever `allocation-mode` says.
+    fn whole_devices(
+        key: &str,
+        devices: Vec<AcceleratorDevice>,
+        settings: AcceleratorSettings,
+        passthrough: Passthrough,
+    ) -> Accelerator {
         if settings.allocation_mode == AllocationMode::Fractional {
             tracing::warn!(
-                "accelerators.rocm: AMD devices are handed out whole; allocation-mode = fractional is ignored"
+                plugin = key,
+                "real devices are handed out whole; accelerators.{key}.allocation-mode = fractional is ignored"
             );
         }
         let mut accelerator = Accelerator {
-            key: "rocm".into(),
+            key: key.to_owned(),
             mode: AllocationMode::Discrete,
             settings,
             devices,
-            passthrough: Passthrough::Rocm,
-            extra_info: BTreeMap::from([("rocm_support".to_owned(), "true".to_owned())]),
+            passthrough,
+            extra_info: BTreeMap::from([(format!("{key}_support"), "true".to_owned())]),
         };
         accelerator.apply_mask();
         accelerator
@@ -295,6 +295,22 @@ impl Accelerator {
     fn apply_mask(&mut self) {
         let mask = &self.settings.device_mask;
         self.devices.retain(|device| !mask.contains(&device.id));
+    }
+
+    /// Its `gather_hwinfo` metadata: the slot, how many devices, their models, whether they
+    /// are the mock's, and the plugin's attributes (`nvidia_driver`, …).
+    pub fn hwinfo(&self) -> Vec<(String, String)> {
+        let models: std::collections::BTreeSet<&str> = self.devices.iter().map(|d| d.model.as_str()).collect();
+        let mut metadata = vec![
+            ("slot".to_owned(), self.slot()),
+            ("devices".to_owned(), self.devices.len().to_string()),
+            ("models".to_owned(), models.into_iter().collect::<Vec<_>>().join(",")),
+            ("mock".to_owned(), (self.passthrough == Passthrough::Mock).to_string()),
+        ];
+        metadata.extend(
+            self.extra_info.iter().filter(|(key, _)| !key.ends_with("_support")).map(|(k, v)| (k.clone(), v.clone())),
+        );
+        metadata
     }
 
     /// The slot this accelerator hands out (`cuda.device`, `cuda.shares`).
@@ -342,6 +358,7 @@ impl Accelerator {
             return out;
         }
         let ids: Vec<String> = held.iter().map(|device| device.id.clone()).collect();
+        out.given = ids.iter().map(|id| (self.key.clone(), id.clone())).collect();
         let visible: Vec<String> = (0..held.len()).map(|index| index.to_string()).collect();
         let upper = self.key.to_ascii_uppercase();
         let env = &mut out.env;
@@ -388,15 +405,15 @@ impl Accelerator {
             container_path: container.to_owned(),
             permissions: "rwm".into(),
         };
+        let held_nodes = held
+            .iter()
+            .filter_map(|device| Some(node(device.host_node.as_ref()?, &device.container_node)))
+            .collect::<Vec<_>>();
         match self.passthrough {
             Passthrough::Mock => {
-                env.insert(format!("BACKENDAI_MOCK_{upper}_DEVICES"), ids.join(","));
+                env.insert(super::mock::devices_var(&self.key), ids.join(","));
                 env.insert(format!("BACKENDAI_MOCK_{upper}_DEVICE_COUNT"), ids.len().to_string());
-                for device in &held {
-                    if let Some(host) = &device.host_node {
-                        out.nodes.push(node(host, &device.container_node));
-                    }
-                }
+                out.nodes = held_nodes;
                 if self.key == "cuda"
                     && let Some(dir) = held.iter().find_map(|device| device.host_node.as_ref()?.parent())
                 {
@@ -405,11 +422,7 @@ impl Accelerator {
             }
             Passthrough::Rocm => {
                 out.nodes.push(node(Path::new(KFD), KFD));
-                for device in &held {
-                    if let Some(host) = &device.host_node {
-                        out.nodes.push(node(host, &device.container_node));
-                    }
-                }
+                out.nodes.extend(held_nodes);
             }
             Passthrough::Nvidia => {
                 out.device_requests.push(DeviceRequest {
@@ -417,11 +430,7 @@ impl Accelerator {
                     device_ids: ids.clone(),
                     capabilities: ["utility", "compute", "video", "graphics", "display"].map(str::to_owned).to_vec(),
                 });
-                for device in &held {
-                    if let Some(host) = &device.host_node {
-                        out.allowed_only.push(node(host, &device.container_node));
-                    }
-                }
+                out.allowed_only = held_nodes;
                 for control in ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"] {
                     if Path::new(control).exists() {
                         out.allowed_only.push(node(Path::new(control), control));

@@ -156,6 +156,8 @@ pub struct MockPlugin {
     key: &'static str,
     config: MockConfig,
     ids: Vec<String>,
+    /// Each device's memory, in bytes (read once: the file was checked at load).
+    totals: Vec<u64>,
     devices_var: String,
     /// The processes of the last read, for the devices' own readings.
     last: Vec<ProcessUse>,
@@ -166,8 +168,9 @@ impl MockPlugin {
     pub fn new(config: MockConfig) -> MockPlugin {
         let key: &'static str = Box::leak(config.slot_name.clone().into_boxed_str());
         let ids = config.device_ids();
+        let totals = config.devices.iter().map(|device| device.memory_bytes().unwrap_or(0)).collect();
         let devices_var = devices_var(&config.slot_name);
-        MockPlugin { key, config, ids, devices_var, last: Vec::new(), buf: Vec::with_capacity(4096) }
+        MockPlugin { key, config, ids, totals, devices_var, last: Vec::new(), buf: Vec::with_capacity(4096) }
     }
 
     /// The uses of one process from its environment; none when it claims no device of ours.
@@ -202,12 +205,12 @@ impl ComputePlugin for MockPlugin {
             .devices
             .iter()
             .zip(&self.ids)
-            .map(|(device, id)| {
+            .zip(&self.totals)
+            .map(|((device, id), &total)| {
                 let on = self.last.iter().filter(|p| p.device_id == *id);
                 let (mem, util) = on.fold((0u64, 0u32), |(m, u), p| {
                     (m.saturating_add(p.mem_used_bytes), u.saturating_add(p.sm_util_pct))
                 });
-                let total = device.memory_bytes().unwrap_or(0);
                 DeviceMeasure {
                     id: id.clone(),
                     model: device.model_name.clone(),
