@@ -7,16 +7,18 @@
 //!    The other hooks' programs, from the same kernel and statistics: `sendmsg4` and the skb
 //!    egress program (UDP datagrams), `getpeername4`, the device program (opening /dev/null)
 //!    and the raw-socket guardrail (`socket()`).
-//! 2. Allowed TCP throughput: a kernel of an agent with the policy and one of an agent without
-//!    it (`enabled = false`) each send the same bytes over one connection to a sink on the
-//!    host's docker0 address, in alternating rounds (with `kernel.bpf_stats_enabled=0`, as in
-//!    production).
+//! 2. Allowed TCP throughput: one kernel of an agent without the policy sends the same bytes
+//!    over one connection to a sink on the host's docker0 address, in pairs of transfers: one
+//!    with every policy program attached to the kernel's own cgroup by the bench (an
+//!    [`Enforcer`] with part 1's node policy), one without; the order alternates
+//!    (`kernel.bpf_stats_enabled=0`, as in production). Then the programs' share of the CPU
+//!    time one transfer uses, from the kernel's own accounting.
 //! 3. The egress cap's accuracy: one kernel, its cap set through `set_egress_cap` to each of
 //!    several rates, sends to the sink; the rate the sink saw against the cap.
 
 use std::{
     io::Read,
-    net::{Ipv4Addr, TcpListener},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
     process::Command,
     sync::mpsc,
 };
@@ -24,7 +26,10 @@ use std::{
 use agent_common::policy::programs::{CONNECT4, DEVICE, GETPEERNAME4, GUARD_SOCK_CREATE, SENDMSG4, SKB_EGRESS};
 use anyhow::{Context, bail, ensure};
 use bai_agent::{
-    config::MetadataHost, monitor::CgroupLayout, policy::programs::PolicyBaseline, rpc::client::RpcClient,
+    config::{MetadataHost, NetworkRule, PolicySection},
+    monitor::CgroupLayout,
+    policy::{Enforcer, programs::PolicyBaseline},
+    rpc::client::RpcClient,
 };
 use bai_agent_tests::{
     Agent, PYTHON_IMAGE, RedisServer,
@@ -35,16 +40,18 @@ use bai_agent_tests::{
 };
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-/// Throughput rounds unless the third argument says otherwise.
-const ROUNDS: usize = 5;
+/// Pairs of throughput transfers unless the third argument says otherwise.
+const PAIRS: usize = 20;
 const CHUNK: usize = 1 << 20;
+/// The pause before each throughput transfer.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> anyhow::Result<()> {
-    let usage = "usage: bench-policy [CONNECTS] [GIB] [ROUNDS]";
+    let usage = "usage: bench-policy [CONNECTS] [GIB] [PAIRS]";
     let mut args = std::env::args().skip(1);
     let connects: u64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(20_000);
     let gib: f64 = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(2.0);
-    let rounds: usize = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(ROUNDS).max(1);
+    let pairs: usize = args.next().map(|s| s.parse()).transpose().context(usage)?.unwrap_or(PAIRS).max(1);
     require_environment();
     if std::fs::read_to_string(BPF_STATS).unwrap_or_default().trim() != "1" {
         bail!("kernel.bpf_stats_enabled is not 1; run through `cargo xtask bench -- policy`, which sets it");
@@ -59,12 +66,12 @@ fn main() -> anyhow::Result<()> {
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_owned();
     println!("Machine: nproc {nproc}, kernel {kernel} ({})\n", machine_description()?);
-    println!("Command: `cargo xtask bench -- policy {connects} {gib} {rounds}`\n");
+    println!("Command: `cargo xtask bench -- policy {connects} {gib} {pairs}`\n");
 
     connect_cost(host, connects)?;
     // Per-packet programs pay two clock reads per run while statistics are on: off, as in production.
-    let _stats_off = BpfStatsOff::set()?;
-    throughput(host, (gib * (1u64 << 30) as f64) as u64, rounds)?;
+    let _stats_off = BpfStats::set("0")?;
+    throughput(host, (gib * (1u64 << 30) as f64) as u64, pairs)?;
     cap_accuracy(host)?;
     Ok(())
 }
@@ -172,41 +179,201 @@ fn other_hooks(
     Ok(())
 }
 
-/// Part 2: Gbit/s of one TCP connection from a kernel with and one without the policy.
-fn throughput(host: Ipv4Addr, bytes: u64, rounds: usize) -> anyhow::Result<()> {
+/// Part 2: allowed TCP throughput of one kernel with the policy programs on its cgroup and
+/// without them, in pairs of transfers (the order alternating), so that nothing but the
+/// programs differs: the same container, cgroup, socket path and sink. Each transfer's CPU time
+/// (every task on the host, steal excluded) is counted too: on this CPU-bound path it is what
+/// the programs can cost, and it varies far less than a virtual machine's wall-clock rate.
+fn throughput(host: Ipv4Addr, bytes: u64, pairs: usize) -> anyhow::Result<()> {
     let (sink, received) = sink(host)?;
     let port = sink.local_addr()?.port();
-    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-    let with = Agent::start(&format!("{}\n[policy]\nmetadata-service-port = 0\n", kernel_toml(dirs[0].path(), 24600)))?;
-    let without = Agent::start(&format!("{}\n[policy]\nenabled = false\n", kernel_toml(dirs[1].path(), 24650)))?;
-    let kernels = [("with the policy", create_python(&with)?.1), ("policy disabled", create_python(&without)?.1)];
-    // Warm-up: one short transfer each, not reported.
-    for (_, container) in &kernels {
-        send(container, host, port, 64 * CHUNK as u64, &received)?;
+    let dir = tempfile::tempdir()?;
+    // The kernel's agent attaches no policy: the bench attaches it to the kernel itself.
+    let agent = Agent::start(&format!("{}\n[policy]\nenabled = false\n", kernel_toml(dir.path(), 24650)))?;
+    let (_, container) = create_python(&agent)?;
+    let policy = KernelPolicy::of(&container, host)?;
+    let transfer = || send(&container, host, port, bytes, &received);
+    // Warm-up: one short transfer each way, not reported.
+    send(&container, host, port, 64 * CHUNK as u64, &received)?;
+    {
+        let _on = policy.attach()?;
+        send(&container, host, port, 64 * CHUNK as u64, &received)?;
     }
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..rounds {
-        // Alternate which goes first, so that neither always follows the other.
-        for i in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-            rates[i].push(send(&kernels[i].1, host, port, bytes, &received)?);
+    let mut with = Vec::with_capacity(pairs);
+    let mut without = Vec::with_capacity(pairs);
+    for pair in 0..pairs {
+        let policy_first = pair % 2 == 0;
+        for on in [policy_first, !policy_first] {
+            // Loading, attaching and freeing programs leave work behind (RCU grace periods,
+            // deferred frees): every transfer starts after the same pause.
+            if on {
+                let _on = policy.attach()?;
+                std::thread::sleep(SETTLE);
+                with.push(transfer()?);
+            } else {
+                std::thread::sleep(SETTLE);
+                without.push(transfer()?);
+            }
         }
     }
-    println!("### Allowed TCP throughput, one connection to the host's docker0 address\n");
+    println!("### Allowed TCP throughput, with the policy programs and without, on the same kernel\n");
     println!(
-        "{:.2} GiB per transfer in 1 MiB `sendall`s, {rounds} rounds alternating; each kernel cpu 1, mem 512 MiB; \
-         kernel.bpf_stats_enabled=0.\n",
-        bytes as f64 / (1u64 << 30) as f64
+        "One python kernel (cpu 1, mem 512 MiB) sends {:.2} GiB over one TCP connection to a sink on the host's \
+         docker0 address, in 1 MiB `sendall`s; {pairs} pairs of transfers, one with the policy's programs attached \
+         to the kernel's cgroup (all of them, the node policy of part 1 in their maps: 21 deny rules, metadata \
+         redirect) and one without, the order alternating, each after a {} s pause; kernel.bpf_stats_enabled=0. \
+         CPU time: the sending thread's, per GiB (where the skb programs run).\n",
+        bytes as f64 / (1u64 << 30) as f64,
+        SETTLE.as_secs_f64(),
     );
-    println!("| kernel | min Gbit/s | median Gbit/s | max Gbit/s |");
+    println!("| kernel | min | median | max |");
     println!("|---|---:|---:|---:|");
-    let mut medians = [0.0; 2];
-    for (i, (name, _)) in kernels.iter().enumerate() {
-        rates[i].sort_by(f64::total_cmp);
-        medians[i] = rates[i][rounds / 2];
-        println!("| {name} | {:.2} | {:.2} | {:.2} |", rates[i][0], medians[i], rates[i][rounds - 1]);
+    let gbit = |t: &[Transfer]| t.iter().map(|t| t.gbit).collect::<Vec<_>>();
+    let cpu_per_gib = |t: &[Transfer]| t.iter().map(|t| t.cpu_s_per_gib).collect::<Vec<_>>();
+    for (measure, of) in [("Gbit/s", &gbit as &dyn Fn(&[Transfer]) -> Vec<f64>), ("CPU s/GiB", &cpu_per_gib)] {
+        for (name, transfers) in [("with the policy programs", &with), ("without", &without)] {
+            let sorted = sorted(&of(transfers));
+            println!(
+                "| {name}, {measure} | {:.3} | {:.3} | {:.3} |",
+                sorted[0],
+                median(&sorted),
+                sorted[sorted.len() - 1]
+            );
+        }
     }
-    println!("\nMedian with the policy against without: {:+.2} %", (medians[0] / medians[1] - 1.0) * 100.0);
+    println!();
+    for (measure, of) in [("Throughput", &gbit as &dyn Fn(&[Transfer]) -> Vec<f64>), ("CPU time per GiB", &cpu_per_gib)]
+    {
+        let ratios: Vec<f64> = of(&with).iter().zip(of(&without)).map(|(w, wo)| (w / wo - 1.0) * 100.0).collect();
+        let (mean, half_width) = mean_and_ci95(&ratios);
+        println!(
+            "{measure}, with against without, pair by pair: median {:+.2} %, mean {mean:+.2} % (95 % confidence \
+             interval {:+.2} % to {:+.2} %).\n",
+            median(&sorted(&ratios)),
+            mean - half_width,
+            mean + half_width
+        );
+    }
+    cpu_share(&policy, &container, host, port, bytes, &received)
+}
+
+/// One transfer's rate and the host's CPU time per GiB it took.
+struct Transfer {
+    gbit: f64,
+    cpu_s_per_gib: f64,
+}
+
+/// What the policy programs take of the CPU time a transfer uses: their run time (the kernel's
+/// own accounting, statistics on for this one transfer) against the sending thread's CPU time.
+/// On a CPU-bound path this bounds how much throughput the programs can cost.
+fn cpu_share(
+    policy: &KernelPolicy,
+    container: &str,
+    host: Ipv4Addr,
+    port: u16,
+    bytes: u64,
+    received: &mpsc::Receiver<u64>,
+) -> anyhow::Result<()> {
+    let enforcer = policy.attach()?;
+    std::thread::sleep(SETTLE);
+    let _stats_on = BpfStats::set("1")?;
+    let programs_before: u64 = enforcer.program_stats().iter().map(|s| s.run_time_ns).sum();
+    let runs_before = skb_runs(&enforcer);
+    let transfer = send(container, host, port, bytes, received)?;
+    let programs: u64 = enforcer.program_stats().iter().map(|s| s.run_time_ns).sum::<u64>() - programs_before;
+    let runs = skb_runs(&enforcer) - runs_before;
+    ensure!(runs > 0, "the transfer met no skb program");
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let sender_ns = transfer.cpu_s_per_gib * gib * 1e9;
+    println!(
+        "CPU share, one more transfer with the programs and kernel.bpf_stats_enabled=1 ({:.2} Gbit/s): the \
+         policy programs ran {:.1} µs in all ({runs} runs of {SKB_EGRESS}, {:.1} ns each, {:.0} per GiB), against \
+         {:.1} ms of the sending thread's CPU time: **{:.3} %** of it. Statistics add two clock reads to every \
+         run, so this is an upper bound.\n",
+        transfer.gbit,
+        programs as f64 / 1e3,
+        programs as f64 / runs as f64,
+        runs as f64 / gib,
+        sender_ns / 1e6,
+        programs as f64 / sender_ns * 100.0
+    );
     Ok(())
+}
+
+fn skb_runs(enforcer: &Enforcer) -> u64 {
+    enforcer.program_stats().iter().filter(|s| s.name == SKB_EGRESS).map(|s| s.run_count).sum()
+}
+
+/// The agent's policy, attachable to one kernel's own cgroup: the same programs and node policy
+/// an agent attaches at its kernels' parent, held by the bench while a transfer runs.
+struct KernelPolicy {
+    section: PolicySection,
+    unified_root: std::path::PathBuf,
+    /// The kernel's cgroup, as the last component of `{cgroup-parent}/{agent-id}`.
+    leaf: String,
+    redirect: SocketAddrV4,
+}
+
+impl KernelPolicy {
+    fn of(container: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
+        let out = Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", container]).output()?;
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .with_context(|| format!("the cgroups of container {container} (pid {pid:?})"))?;
+        let unified =
+            cgroups.lines().find_map(|l| l.strip_prefix("0::")).context("the kernel has no cgroup v2 entry")?;
+        let (parent, leaf) = unified.rsplit_once('/').context("the kernel's cgroup has no parent")?;
+        let deny = (0..20)
+            .map(|i| NetworkRule::parse(&format!("10.{i}.0.0/16"), None, None, None))
+            .chain([NetworkRule::parse(&format!("{host}/32"), Some("1"), None, Some("bench-denied"))])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let section = PolicySection {
+            cgroup_parent: if parent.is_empty() { "/".into() } else { parent.to_owned() },
+            deny,
+            ..PolicySection::default()
+        };
+        Ok(Self {
+            section,
+            unified_root: CgroupLayout::detect()?.unified_root,
+            leaf: leaf.to_owned(),
+            redirect: SocketAddrV4::new(host, 40128),
+        })
+    }
+
+    /// Attaches every policy program to the kernel's cgroup, until the value is dropped.
+    fn attach(&self) -> anyhow::Result<Enforcer> {
+        Enforcer::start(&self.section, &self.leaf, &self.unified_root, Vec::new(), None, self.redirect)
+            .context("attaching the policy to the kernel's cgroup")
+    }
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+/// The mean and the half-width of its 95 % confidence interval (Student's t).
+fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::INFINITY);
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // t(0.975) for 1..=30 degrees of freedom; about 1.96 beyond.
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (variance / n as f64).sqrt())
 }
 
 /// Part 3: the rate a capped kernel sends at, against its cap, for several caps.
@@ -237,7 +404,7 @@ fn cap_accuracy(host: Ipv4Addr) -> anyhow::Result<()> {
                 .map_err(|err| anyhow::anyhow!("set_egress_cap: {err:?}"))
         })?;
         let bytes = ((cap as f64 / 8.0 * SECONDS) as u64 / CHUNK as u64).max(1) * CHUNK as u64;
-        let gbit = send(&container, host, port, bytes, &received)?;
+        let gbit = send(&container, host, port, bytes, &received)?.gbit;
         let mbit = gbit * 1000.0;
         let capped = cap as f64 / 1e6;
         println!("| {capped:.0} | {mbit:.2} | {:.3} | {:.3} |", mbit / capped, mbit / (capped * 1448.0 / 1514.0));
@@ -322,26 +489,38 @@ fn connect_loop(container: &str, host: Ipv4Addr, port: u16, count: u64, outcome:
     Ok(seconds)
 }
 
-/// Sends `bytes` from the kernel to the sink over one connection; Gbit/s as Python timed it
-/// (from the first `sendall` until the sink closed after reading everything).
-fn send(container: &str, host: Ipv4Addr, port: u16, bytes: u64, received: &mpsc::Receiver<u64>) -> anyhow::Result<f64> {
+/// Sends `bytes` from the kernel to the sink over one connection: the rate as Python timed it
+/// (from the first `sendall` until the sink closed after reading everything) and the sending
+/// thread's CPU time over the same span (`CLOCK_THREAD_CPUTIME_ID`: the kernel's exact run time
+/// of the thread, which includes the stack's work done in its context and the skb programs).
+fn send(
+    container: &str,
+    host: Ipv4Addr,
+    port: u16,
+    bytes: u64,
+    received: &mpsc::Receiver<u64>,
+) -> anyhow::Result<Transfer> {
     let chunks = bytes / CHUNK as u64;
     let code = format!(
         "import socket, time\n\
          chunk = memoryview(bytearray({CHUNK}))\n\
          s = socket.create_connection(('{host}', {port}))\n\
-         start = time.perf_counter()\n\
+         start, cpu = time.perf_counter(), time.thread_time_ns()\n\
          for _ in range({chunks}):\n\
          \x20   s.sendall(chunk)\n\
          s.shutdown(socket.SHUT_WR)\n\
          s.recv(1)\n\
-         print(time.perf_counter() - start)\n"
+         print(time.perf_counter() - start, time.thread_time_ns() - cpu)\n"
     );
     let out = python_in(container, &code)?;
-    let seconds: f64 = out.parse().with_context(|| format!("transfer: {out}"))?;
+    let (seconds, cpu_ns) = out
+        .split_once(' ')
+        .and_then(|(seconds, cpu)| Some((seconds.parse::<f64>().ok()?, cpu.parse::<f64>().ok()?)))
+        .with_context(|| format!("transfer: {out}"))?;
     let got = received.recv()?;
     ensure!(got == chunks * CHUNK as u64, "the sink read {got} bytes of {}", chunks * CHUNK as u64);
-    Ok(got as f64 * 8.0 / seconds / 1e9)
+    let gib = got as f64 / (1u64 << 30) as f64;
+    Ok(Transfer { gbit: got as f64 * 8.0 / seconds / 1e9, cpu_s_per_gib: cpu_ns / 1e9 / gib })
 }
 
 /// Run time (ns) and count of one program.
@@ -383,18 +562,18 @@ fn per_call(before: Stats, after: Stats, name: &str) -> anyhow::Result<(f64, f64
     Ok((runs, (after.0 - before.0) / runs))
 }
 
-/// Turns `kernel.bpf_stats_enabled` off, and back to what it was when dropped.
-struct BpfStatsOff(String);
+/// Sets `kernel.bpf_stats_enabled`, and puts back what it was when dropped.
+struct BpfStats(String);
 
-impl BpfStatsOff {
-    fn set() -> anyhow::Result<Self> {
+impl BpfStats {
+    fn set(value: &str) -> anyhow::Result<Self> {
         let previous = std::fs::read_to_string(BPF_STATS)?.trim().to_owned();
-        std::fs::write(BPF_STATS, "0")?;
+        std::fs::write(BPF_STATS, value)?;
         Ok(Self(previous))
     }
 }
 
-impl Drop for BpfStatsOff {
+impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write(BPF_STATS, &self.0);
     }

@@ -99,8 +99,9 @@ enum Task {
     /// Set up, build (release) and run the benchmarks of the tests package: `bench-ebpf` (with
     /// kernel.bpf_stats_enabled=1, restored afterwards), `bench-lifecycle`, `bench-exec`, then
     /// `bench-accounting` (with kernel.bpf_stats_enabled=1 too), then `bench-policy` (the network
-    /// policy's cost per `connect`, with kernel.bpf_stats_enabled=1 too, and on TCP throughput,
-    /// which it measures with the setting off), then `bench-usage`, then `bench-gpu` (per-kernel
+    /// policy's cost per `connect`, with kernel.bpf_stats_enabled=1 too, and on one kernel's TCP
+    /// throughput and CPU time with the programs and without, which it measures with the setting
+    /// off), then `bench-usage`, then `bench-gpu` (per-kernel
     /// GPU accounting per sample: processes read and mapped to kernels), then `bench-cpu` (CPU time per
     /// shape of work against the kernel's accounting), then `bench-backendai` (bai-agent against
     /// the Python agent 26.9.6 on a real manager).
@@ -108,7 +109,7 @@ enum Task {
     /// After `--`, `ebpf`, `lifecycle`, `exec`, `accounting`, `policy`, `usage`, `gpu`, `cpu` or
     /// `backendai` runs that one alone with the arguments that follow it (`cargo xtask bench --
     /// ebpf 20`, `cargo xtask bench -- lifecycle 30 5000`, `cargo xtask bench -- exec 1000 256`,
-    /// `cargo xtask bench -- accounting 100 30 2`, `cargo xtask bench -- policy 20000 2`, `cargo
+    /// `cargo xtask bench -- accounting 100 30 2`, `cargo xtask bench -- policy 20000 1 40`, `cargo
     /// xtask bench -- gpu 100 10 200`, `cargo
     /// xtask bench -- cpu /path/to/an/earlier/bai-agent`, `cargo xtask bench -- backendai 10`);
     /// without a name all run, and any arguments go to bench-ebpf (`cargo xtask bench -- 20`).

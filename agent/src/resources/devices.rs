@@ -149,8 +149,8 @@ impl DeviceAllocMap {
     }
 
     /// Devices with room, in the order this map prefers them: those on the kernel's NUMA
-    /// nodes first; within each group FILL keeps the node's order (packing the first
-    /// devices) and EVENLY takes the freest device first.
+    /// nodes first, then the freest device first (the node's order among equals), as
+    /// Backend.AI's alloc maps order them for both strategies.
     fn preference_order(&self, numa_nodes: &BTreeSet<u32>) -> Vec<usize> {
         let mut order: Vec<usize> =
             (0..self.devices.len()).filter(|&index| self.free_on(&self.devices[index]) > Decimal::ZERO).collect();
@@ -158,15 +158,12 @@ impl DeviceAllocMap {
             Some(node) if !numa_nodes.is_empty() => !numa_nodes.contains(&node),
             _ => false,
         };
-        match self.strategy {
-            AllocationStrategy::Fill => order.sort_by_key(|index| (remote(index), *index)),
-            AllocationStrategy::Evenly => order.sort_by(|a, b| {
-                remote(a)
-                    .cmp(&remote(b))
-                    .then_with(|| self.free_on(&self.devices[*b]).cmp(&self.free_on(&self.devices[*a])))
-                    .then_with(|| a.cmp(b))
-            }),
-        }
+        order.sort_by(|a, b| {
+            remote(a)
+                .cmp(&remote(b))
+                .then_with(|| self.free_on(&self.devices[*b]).cmp(&self.free_on(&self.devices[*a])))
+                .then_with(|| a.cmp(b))
+        });
         order
     }
 
@@ -207,9 +204,9 @@ impl DeviceAllocMap {
         picked
     }
 
-    /// Shares: one device when one can hold it all (FILL the first such, EVENLY the tightest
-    /// fit, keeping bigger holes for bigger requests); else spread over the fewest devices,
-    /// FILL filling each in turn, EVENLY in equal parts (a device that cannot hold its part
+    /// Shares: one device when one can hold it all (FILL the freest, EVENLY the tightest fit,
+    /// keeping bigger holes for bigger requests); else spread over the fewest devices, FILL
+    /// filling the freest first, EVENLY in equal parts (a device that cannot hold its part
     /// gives what it has and the rest is split again), every part rounded down to the quantum.
     fn pick_shares(&self, requested: Decimal, order: &[usize]) -> Result<Vec<(String, Decimal)>, DeviceAllocError> {
         let requested = self.round_down(requested);
@@ -404,13 +401,15 @@ mod tests {
     }
 
     #[test]
-    fn shares_fill_the_first_device_with_room() {
+    fn shares_fill_the_freest_device_first() {
+        // Backend.AI's FractionAllocMap FILL: devices by free amount, most first, each given
+        // what it has until the request is met.
         let mut map = shares(AllocationStrategy::Fill, &[("a", None, "1"), ("b", None, "1")]);
         assert_eq!(shown(&map.allocate(dec("0.5"), ANY).expect("fits")), pairs(&[("a", "0.5")]));
-        assert_eq!(shown(&map.allocate(dec("0.3"), ANY).expect("fits")), pairs(&[("a", "0.3")]));
+        assert_eq!(shown(&map.allocate(dec("0.3"), ANY).expect("fits")), pairs(&[("b", "0.3")]));
         assert_eq!(shown(&map.allocate(dec("0.5"), ANY).expect("fits")), pairs(&[("b", "0.5")]));
-        // 0.2 on a and 0.5 on b are left: 0.6 spans both.
-        assert_eq!(shown(&map.allocate(dec("0.6"), ANY).expect("fits")), pairs(&[("a", "0.2"), ("b", "0.4")]));
+        // 0.5 on a and 0.2 on b are left: 0.6 takes a's all first.
+        assert_eq!(shown(&map.allocate(dec("0.6"), ANY).expect("fits")), pairs(&[("a", "0.5"), ("b", "0.1")]));
         let err = map.allocate(dec("0.2"), ANY).expect_err("0.1 left");
         assert_eq!(err.to_string(), "insufficient cuda.shares: requested 0.2, available 0.1 of 2");
     }
