@@ -680,6 +680,59 @@ fn guardrail_active(agent: &Agent, guardrail: &str) -> bool {
     })
 }
 
+fn guardrail_observed(agent: &Agent, guardrail: &str) -> bool {
+    agent.metrics().expect("metrics").iter().any(|s| {
+        s.name == "backendai_agent_policy_guardrails_observed"
+            && s.labels.get("guardrail").map(String::as_str) == Some(guardrail)
+            && s.value == 1.0
+    })
+}
+
+/// `bpf()`, `perf_event_open()` and `mount()` from a kernel's own process (Docker's seccomp
+/// profile and capabilities apply), with what each gave.
+const RUNTIME_REFUSED: &str = "import ctypes, errno, os, json\n\
+libc = ctypes.CDLL(None, use_errno=True)\n\
+libc.syscall.restype = ctypes.c_long\n\
+NR_PERF, NR_BPF = (298, 321) if os.uname().machine == 'x86_64' else (241, 280)\n\
+def result(rc):\n\
+\x20   return 'ok' if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), '?')\n\
+attr = (ctypes.c_uint32 * 18)(2, 4, 4, 1)\n\
+perf = (ctypes.c_uint8 * 128)()\n\
+perf[0] = 1\n\
+perf[4] = 128\n\
+os.makedirs('/tmp/guarded-mount', exist_ok=True)\n\
+print(json.dumps({'bpf': result(libc.syscall(NR_BPF, 0, ctypes.byref(attr), ctypes.sizeof(attr))),\n\
+\x20   'perf-event': result(libc.syscall(NR_PERF, ctypes.byref(perf), 0, -1, -1, 0)),\n\
+\x20   'mount': result(libc.mount(b'none', b'/tmp/guarded-mount', b'tmpfs', 0, None))}, sort_keys=True))";
+
+/// Without BPF LSM: the guardrails with a syscall tracepoint are reported observed, and a
+/// kernel's calls are counted with their outcome: the packet socket it opened (Docker gives
+/// CAP_NET_RAW) as monitored, `bpf()`, `perf_event_open()` and `mount()` (refused by Docker's
+/// seccomp profile) as denied, each exactly once (the runtime's own mounts before the kernel's
+/// first program are not its calls), and reported in the log.
+fn observed_without_lsm(agent: &Agent, kernel: &str, container: &str) {
+    for guardrail in ["packet-socket", "bpf", "perf-event", "mount"] {
+        assert!(guardrail_observed(agent, guardrail), "{guardrail} is observed");
+        assert!(!guardrail_active(agent, guardrail), "{guardrail} does not decide here");
+    }
+    assert!(!guardrail_observed(agent, "raw-socket"), "raw sockets are decided, not just observed");
+    assert!(!guardrail_observed(agent, "ptrace-outside"), "no tracepoint can tell a ptrace target's kernel");
+    assert!(verdicts(agent, kernel, "packet-socket", "monitored") >= 1.0, "the packet socket it opened");
+    let calls: serde_json::Value = serde_json::from_str(&python_in(container, RUNTIME_REFUSED)).expect("json");
+    for guardrail in ["bpf", "perf-event", "mount"] {
+        assert_eq!(calls[guardrail], "EPERM", "Docker's seccomp profile refuses {guardrail}: {calls}");
+        assert_eq!(verdicts(agent, kernel, guardrail, "denied"), 1.0, "{guardrail} counted once as denied");
+        assert_eq!(verdicts(agent, kernel, guardrail, "monitored"), 0.0, "{guardrail}: nothing else counted");
+    }
+    wait_until("the observed calls are logged", Duration::from_secs(5), || {
+        let log = agent.log_text();
+        ["bpf", "perf-event", "mount"]
+            .iter()
+            .all(|rule| log.lines().any(|line| line.contains("a guardrail saw") && line.contains(rule)))
+    })
+    .expect("logged");
+}
+
 /// What opening a raw IPv4 socket and a packet socket gives inside a kernel's container.
 const RAW_AND_PACKET: &str = "import socket, errno\n\
 for family, kind, proto in [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP), (17, socket.SOCK_RAW, 0)]:\n\
@@ -749,13 +802,14 @@ fn guardrails_enforce_or_monitor_per_kernel_and_a_flip_applies_to_the_next_call(
             }
         } else {
             eprintln!(
-                "NOTE: this host refuses BPF LSM programs; the LSM guardrails are checked for being reported inactive and for `required = true` refusing to start, not for their verdicts"
+                "NOTE: this host refuses BPF LSM programs; the LSM guardrails are checked for being reported inactive, observed by syscall tracepoints, and for `required = true` refusing to start, not for their own verdicts"
             );
             assert!(
                 agent.log_text().contains("the BPF LSM guardrails cannot run on this host"),
                 "the agent says why: {}",
                 agent.log_text()
             );
+            observed_without_lsm(&agent, &guarded, &guarded_container);
         }
 
         // Flipped in the file: raw sockets monitored (and the LSM rules loosened) from the next call.

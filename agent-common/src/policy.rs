@@ -96,6 +96,17 @@ pub mod programs {
     pub const GUARD_PTRACE: &str = "guard_ptrace_access_check";
     /// The exec tracepoint that arms a kernel's mount guardrail.
     pub const GUARD_ARM: &str = "guard_arm_on_exec";
+    /// Where BPF LSM cannot run: syscall tracepoints that observe (count and report) the
+    /// guarded calls and their outcome, as (program, tracepoint in `syscalls`, guardrail).
+    pub const GUARD_OBSERVERS: [(&str, &str, usize); 7] = [
+        ("guard_seen_socket_enter", "sys_enter_socket", super::guard::PACKET_SOCKET),
+        ("guard_seen_socket", "sys_exit_socket", super::guard::PACKET_SOCKET),
+        ("guard_seen_bpf", "sys_exit_bpf", super::guard::BPF),
+        ("guard_seen_perf_event_open", "sys_exit_perf_event_open", super::guard::PERF_EVENT),
+        ("guard_seen_mount", "sys_exit_mount", super::guard::MOUNT),
+        ("guard_seen_move_mount", "sys_exit_move_mount", super::guard::MOUNT),
+        ("guard_seen_umount", "sys_exit_umount", super::guard::MOUNT),
+    ];
     /// An empty `connect4` program, for the benchmark's baseline.
     pub const BASELINE_CONNECT4: &str = "baseline_connect4";
 }

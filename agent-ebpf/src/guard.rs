@@ -12,9 +12,10 @@ use agent_common::{
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, cgroup_sock, lsm_cgroup, map},
-    maps::HashMap,
-    programs::{BtfTracePointContext, LsmContext, SockContext},
+    helpers::bpf_get_current_pid_tgid,
+    macros::{btf_tracepoint, cgroup_sock, lsm_cgroup, map, tracepoint},
+    maps::{HashMap, LruHashMap},
+    programs::{BtfTracePointContext, LsmContext, SockContext, TracePointContext},
 };
 
 use crate::{Destination, count, current_kernel, kernel_level, report};
@@ -24,6 +25,11 @@ static POLICY_KERNEL_GUARDS: HashMap<CgroupId, KernelGuards> = HashMap::with_max
 
 #[map]
 static POLICY_GUARDS_ARMED: HashMap<CgroupId, u32> = HashMap::with_max_entries(KERNEL_GUARDS_MAX, 0);
+
+/// A packet socket being made by a task of a guarded kernel (thread id → the `socket()`
+/// detail), from the syscall's entry to its exit, for the observers.
+#[map]
+static GUARD_SOCKETS_PENDING: LruHashMap<u64, u16> = LruHashMap::with_max_entries(4096, 0);
 
 /// Where a task's cgroup is, from the running kernel's BTF (agent_common::policy::offsets);
 /// `OFFSETS_KNOWN` is 0 when the loader could not read them (the ptrace rule then allows).
@@ -235,4 +241,95 @@ pub fn guard_arm_on_exec(_ctx: BtfTracePointContext) -> i32 {
         let _ = POLICY_GUARDS_ARMED.insert(&kernel, &1, u64::from(BPF_NOEXIST));
     }
     0
+}
+
+// Where the kernel refuses BPF LSM programs, syscall tracepoints observe the guarded calls: a
+// call refused (`EPERM`/`EACCES`: the container runtime's seccomp profile or a missing
+// capability) counts as denied, one that went through as monitored. They stop nothing.
+
+/// Offsets in the `syscalls` tracepoints' records: after the common header and the syscall
+/// number, `sys_enter_*` has the arguments and `sys_exit_*` the return value.
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_RET: usize = 16;
+const EPERM: i64 = 1;
+const EACCES: i64 = 13;
+
+/// Reports the current task's call under `rule` when its kernel guards it, with the outcome
+/// the syscall's return value shows.
+#[inline(always)]
+fn observe(ctx: &TracePointContext, rule: usize, detail: u16) -> u32 {
+    let kernel = current_kernel();
+    if kernel == 0 {
+        return 0;
+    }
+    // SAFETY: the value is plain data the map owns.
+    let Some(guards) = (unsafe { POLICY_KERNEL_GUARDS.get(&kernel) }) else {
+        return 0;
+    };
+    if guards.modes[rule & 7] == guard_mode::OFF {
+        return 0;
+    }
+    // SAFETY: an offset inside the tracepoint's record.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.unwrap_or(0);
+    let outcome = if ret == -EPERM || ret == -EACCES { verdict::DENIED } else { verdict::MONITORED };
+    record(kernel, rule, detail, outcome);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn guard_seen_socket_enter(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets inside the tracepoint's record (family, type).
+    let (family, kind) = unsafe {
+        (ctx.read_at::<u64>(SYSCALL_ARG0).unwrap_or(0) as i32, ctx.read_at::<u64>(SYSCALL_ARG0 + 8).unwrap_or(0) as i32)
+    };
+    if family == AF_PACKET && current_kernel() != 0 {
+        let _ = GUARD_SOCKETS_PENDING.insert(&bpf_get_current_pid_tgid(), &socket_detail(family, kind), 0);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_socket")]
+pub fn guard_seen_socket(ctx: TracePointContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: the value is plain data the map owns.
+    let Some(detail) = (unsafe { GUARD_SOCKETS_PENDING.get(&thread) }).copied() else {
+        return 0;
+    };
+    let _ = GUARD_SOCKETS_PENDING.remove(&thread);
+    observe(&ctx, guard::PACKET_SOCKET, detail)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bpf")]
+pub fn guard_seen_bpf(ctx: TracePointContext) -> u32 {
+    observe(&ctx, guard::BPF, 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_perf_event_open")]
+pub fn guard_seen_perf_event_open(ctx: TracePointContext) -> u32 {
+    observe(&ctx, guard::PERF_EVENT, 0)
+}
+
+/// Mounts as [`check_mount`] counts them: once the kernel's own program runs.
+#[inline(always)]
+fn observe_mount(ctx: &TracePointContext, which: u16) -> u32 {
+    // SAFETY: the value is plain data the map owns.
+    if unsafe { POLICY_GUARDS_ARMED.get(&current_kernel()) }.is_none() {
+        return 0;
+    }
+    observe(ctx, guard::MOUNT, which)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_mount")]
+pub fn guard_seen_mount(ctx: TracePointContext) -> u32 {
+    observe_mount(&ctx, 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_move_mount")]
+pub fn guard_seen_move_mount(ctx: TracePointContext) -> u32 {
+    observe_mount(&ctx, 1)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_umount")]
+pub fn guard_seen_umount(ctx: TracePointContext) -> u32 {
+    observe_mount(&ctx, 2)
 }

@@ -23,7 +23,9 @@ use std::{
     sync::mpsc,
 };
 
-use agent_common::policy::programs::{CONNECT4, DEVICE, GETPEERNAME4, GUARD_SOCK_CREATE, SENDMSG4, SKB_EGRESS};
+use agent_common::policy::programs::{
+    CONNECT4, DEVICE, GETPEERNAME4, GUARD_OBSERVERS, GUARD_SOCK_CREATE, SENDMSG4, SKB_EGRESS,
+};
 use anyhow::{Context, bail, ensure};
 use bai_agent::{
     config::{MetadataHost, NetworkRule, PolicySection},
@@ -147,6 +149,10 @@ fn other_hooks(
     let sockets = format!(
         "import socket\nfor _ in range({count}):\n\x20   socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\nprint('done')"
     );
+    let bpf = format!(
+        "import ctypes\nlibc = ctypes.CDLL(None)\nattr = (ctypes.c_uint32 * 18)(2, 4, 4, 1)\n\
+         for _ in range({count}):\n\x20   libc.syscall(321, 0, ctypes.byref(attr), 72)\nprint('done')"
+    );
     println!("### Cost per run of the other programs\n");
     println!(
         "{count} calls per workload from the same kernel. For scale: the empty connect4 program measures {floor:.1} ns/run, \
@@ -156,7 +162,7 @@ fn other_hooks(
     println!("|---|---|---|---:|---:|");
     // (what the kernel does, its Python, the programs it runs: name and hook)
     type Workload<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
-    let workloads: [Workload; 4] = [
+    let workloads: [Workload; 5] = [
         (
             "UDP `sendto` of 64 bytes (one packet each)",
             &udp,
@@ -164,13 +170,31 @@ fn other_hooks(
         ),
         ("`getpeername` on a connected socket", &peer, &[(GETPEERNAME4, "cgroup/getpeername4")]),
         ("`open` of /dev/null", &device, &[(DEVICE, "cgroup/dev")]),
-        ("`socket(AF_INET, SOCK_DGRAM)`", &sockets, &[(GUARD_SOCK_CREATE, "cgroup/sock_create")]),
+        (
+            "`socket(AF_INET, SOCK_DGRAM)`",
+            &sockets,
+            &[
+                (GUARD_SOCK_CREATE, "cgroup/sock_create"),
+                // Where BPF LSM cannot run: the packet-socket guardrail's observers.
+                (GUARD_OBSERVERS[0].0, "tracepoint/syscalls/sys_enter_socket"),
+                (GUARD_OBSERVERS[1].0, "tracepoint/syscalls/sys_exit_socket"),
+            ],
+        ),
+        (
+            "`bpf(BPF_MAP_CREATE)` (refused by Docker's seccomp profile)",
+            &bpf,
+            &[(GUARD_OBSERVERS[2].0, "tracepoint/syscalls/sys_exit_bpf")],
+        ),
     ];
     for (workload, code, programs) in workloads {
-        let before =
-            programs.iter().map(|(program, _)| program_stats(agent, program)).collect::<Result<Vec<_>, _>>()?;
+        // The observers run only where BPF LSM cannot: a program the agent does not report is not there.
+        let present: Vec<_> = programs.iter().filter(|(program, _)| program_stats(agent, program).is_ok()).collect();
+        if present.is_empty() {
+            continue;
+        }
+        let before = present.iter().map(|(program, _)| program_stats(agent, program)).collect::<Result<Vec<_>, _>>()?;
         python_in(container, code)?;
-        for ((program, hook), before) in programs.iter().zip(before) {
+        for ((program, hook), before) in present.iter().zip(before) {
             let (runs, ns) = per_call(before, program_stats(agent, program)?, program)?;
             println!("| {program} | {hook} | {workload} | {runs} | {ns:.1} |");
         }

@@ -68,8 +68,21 @@ impl Collector for PolicyCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (guardrail, running) in enforcer.guards_active() {
-            ConstGauge::new(i64::from(running)).encode(active.encode_family(&GuardLabels { guardrail })?)?;
+        let guards = enforcer.guards_active();
+        for guard in &guards {
+            let labels = GuardLabels { guardrail: guard.name };
+            ConstGauge::new(i64::from(guard.active)).encode(active.encode_family(&labels)?)?;
+        }
+        let mut observed = encoder.encode_descriptor(
+            "backendai_agent_policy_guardrails_observed",
+            "1 for each guardrail that cannot run on this host but whose calls syscall tracepoints count and report \
+             (outcome denied where the container runtime refused the call); the agent stops none of them.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for guard in &guards {
+            let labels = GuardLabels { guardrail: guard.name };
+            ConstGauge::new(i64::from(guard.observed)).encode(observed.encode_family(&labels)?)?;
         }
         ConstGauge::new(i64::try_from(enforcer.kernel_count()).unwrap_or(i64::MAX)).encode(
             encoder.encode_descriptor(

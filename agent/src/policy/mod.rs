@@ -102,6 +102,8 @@ struct State {
     guard_node: crate::config::GuardrailsSection,
     /// The guardrail programs run on this host.
     guards_active: bool,
+    /// Guardrails observed by syscall tracepoints where the BPF LSM programs cannot run.
+    guards_observed: Vec<usize>,
 }
 
 impl State {
@@ -197,6 +199,16 @@ pub struct VerdictCount {
     pub count: u64,
 }
 
+/// One guardrail on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardStatus {
+    pub name: &'static str,
+    /// It decides (counts, and denies in `enforce` mode).
+    pub active: bool,
+    /// It cannot decide here, but its calls are counted and reported with their outcome.
+    pub observed: bool,
+}
+
 /// The enforcement programs and the kernels they cover.
 pub struct Enforcer {
     state: Mutex<State>,
@@ -230,7 +242,11 @@ impl Enforcer {
         let (mut programs, mut maps) =
             PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref(), offsets)?;
         devices::replace_list(&mut maps.devices, 0, &devices::STANDARD)?;
-        let guards_active = wants_guards && start_guards(&mut programs, &kernels_dir, pins.as_deref(), section)?;
+        let guards = if wants_guards {
+            start_guards(&mut programs, &kernels_dir, pins.as_deref(), section)?
+        } else {
+            GuardSupport { active: false, observed: Vec::new() }
+        };
         let enforcer = Self {
             state: Mutex::new(State {
                 maps,
@@ -246,7 +262,8 @@ impl Enforcer {
                     crate::config::EgressShaper::Auto => pacing::Shaper::detect(),
                 },
                 guard_node: section.guardrails.clone(),
-                guards_active,
+                guards_active: guards.active,
+                guards_observed: guards.observed,
             }),
             kernels_dir,
             relative,
@@ -556,14 +573,17 @@ impl Enforcer {
         state.maps.lost.get(&0, 0).map(|values| values.iter().sum()).unwrap_or(0)
     }
 
-    /// Each guardrail and whether it runs on this host: raw sockets always (a cgroup socket
-    /// program), the rest when BPF LSM does.
-    pub fn guards_active(&self) -> Vec<(&'static str, bool)> {
-        let lsm = self.state().guards_active;
+    /// Each guardrail, whether it runs on this host (raw sockets always: a cgroup socket
+    /// program; the rest when BPF LSM does), and whether its calls are observed instead.
+    pub fn guards_active(&self) -> Vec<GuardStatus> {
+        let state = self.state();
         agent_common::policy::guard::NAMES
             .iter()
             .enumerate()
-            .map(|(index, name)| (*name, lsm || index == agent_common::policy::guard::RAW_SOCKET))
+            .map(|(index, name)| {
+                let active = state.guards_active || index == agent_common::policy::guard::RAW_SOCKET;
+                GuardStatus { name, active, observed: !active && state.guards_observed.contains(&index) }
+            })
             .collect()
     }
 
@@ -617,14 +637,14 @@ fn read_offsets() -> Option<guards::CgroupOffsets> {
     }
 }
 
-/// Attaches the guardrail programs; `Ok(false)` when this host cannot run them and they are
-/// not required (logged).
+/// Attaches the guardrail programs; where this host cannot run them and they are not required
+/// (logged), the observers of their calls instead.
 fn start_guards(
     programs: &mut PolicyPrograms,
     parent: &Path,
     pins: Option<&Path>,
     section: &PolicySection,
-) -> Result<bool, PolicyError> {
+) -> Result<GuardSupport, PolicyError> {
     let outcome = match guards::unavailable_reason() {
         Some(reason) => Err(reason),
         None => programs
@@ -632,16 +652,40 @@ fn start_guards(
             .map_err(|err| format!("this kernel refuses BPF LSM programs ({err}); only the raw-socket guardrail runs")),
     };
     match outcome {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(GuardSupport { active: true, observed: Vec::new() }),
         Err(reason) if section.guardrails.required => Err(PolicyError::Guardrails(reason)),
         Err(reason) => {
             tracing::error!(
                 reason,
                 "the BPF LSM guardrails cannot run on this host; kernels run without them (see backendai_agent_policy_guardrails_active)"
             );
-            Ok(false)
+            let observed = match programs.attach_observers(parent, pins) {
+                Ok(()) => programs.observed_guards(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "the guardrails' calls cannot be observed either");
+                    Vec::new()
+                }
+            };
+            if !observed.is_empty() {
+                let names: Vec<&str> = observed.iter().map(|g| agent_common::policy::guard::NAMES[*g]).collect();
+                tracing::warn!(
+                    guardrails = ?names,
+                    "these guardrails' calls are observed by syscall tracepoints instead: counted and reported with \
+                     their outcome (denied where the container runtime refused them), never stopped by the agent \
+                     (see backendai_agent_policy_guardrails_observed)"
+                );
+            }
+            Ok(GuardSupport { active: false, observed })
         }
     }
+}
+
+/// What of the guardrails runs on this host.
+struct GuardSupport {
+    /// The BPF LSM programs decide every guardrail.
+    active: bool,
+    /// Without them: the guardrails (indices of `guard::NAMES`) whose calls are observed.
+    observed: Vec<usize>,
 }
 
 fn has_subdirectories(dir: &Path) -> bool {

@@ -18,7 +18,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupDevice, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        LsmCgroup, ProgramError, links::FdLink,
+        LsmCgroup, ProgramError, TracePoint, links::FdLink,
     },
 };
 
@@ -121,8 +121,10 @@ pub struct PolicyPrograms {
     owned_raw: Vec<OwnedFd>,
     /// Programs an earlier agent left attached (same code), for their statistics.
     adopted: Vec<(&'static str, OwnedFd)>,
-    /// The guardrail programs are attached.
-    guards: bool,
+    /// Which guardrail programs are attached.
+    guards: Guards,
+    /// The observer programs attached (or adopted), by name.
+    observers: Vec<&'static str>,
 }
 
 /// `{pins}/policy-v{N}`: maps and links of the enforcement object.
@@ -182,7 +184,14 @@ impl PolicyPrograms {
         }
         let ebpf = loader.load(POLICY_OBJECT)?;
         let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
-        let mut programs = Self { ebpf, owned: Vec::new(), owned_raw: Vec::new(), adopted: Vec::new(), guards: false };
+        let mut programs = Self {
+            ebpf,
+            owned: Vec::new(),
+            owned_raw: Vec::new(),
+            adopted: Vec::new(),
+            guards: Guards::None,
+            observers: Vec::new(),
+        };
         for name in SOCK_ADDR_PROGRAMS {
             programs.attach(name, &dir, pins, Kind::SockAddr)?;
         }
@@ -202,8 +211,41 @@ impl PolicyPrograms {
             self.attach(name, &dir, pins, Kind::Lsm { hook, btf: &btf })?;
         }
         self.attach(programs::GUARD_ARM, &dir, pins, Kind::ExecTracepoint { btf: &btf })?;
-        self.guards = true;
+        self.guards = Guards::Lsm;
         Ok(())
+    }
+
+    /// Where BPF LSM cannot run: attaches the syscall tracepoints that observe the guarded
+    /// calls (they count and report, and stop nothing), and the exec tracepoint that arms the
+    /// mount rule. A tracepoint this kernel lacks is skipped; `parent` only names the links.
+    pub fn attach_observers(&mut self, parent: &Path, pins: Option<&Path>) -> Result<(), ProgramsError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|err| ProgramsError::Map { name: "btf", reason: err.to_string() })?;
+        let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
+        for (name, tracepoint, _) in programs::GUARD_OBSERVERS {
+            if !syscall_tracepoint_exists(tracepoint) {
+                tracing::info!(
+                    tracepoint,
+                    "this kernel has no such syscall tracepoint; its guardrail call is not observed"
+                );
+                continue;
+            }
+            self.attach(name, &dir, pins, Kind::SyscallTracepoint { tracepoint })?;
+            self.observers.push(name);
+        }
+        self.attach(programs::GUARD_ARM, &dir, pins, Kind::ExecTracepoint { btf: &btf })?;
+        self.guards = Guards::Observed;
+        Ok(())
+    }
+
+    /// The guardrails whose calls the observers see (none unless [`Self::attach_observers`] ran).
+    pub fn observed_guards(&self) -> Vec<usize> {
+        let mut guards: Vec<usize> = programs::GUARD_OBSERVERS
+            .iter()
+            .filter(|(name, _, _)| self.observers.contains(name))
+            .map(|(_, _, guard)| *guard)
+            .collect();
+        guards.dedup();
+        guards
     }
 
     fn attach(
@@ -248,6 +290,16 @@ impl PolicyPrograms {
                 }
                 let id = program.attach(dir).map_err(at)?;
                 program.take_link(id).map_err(at)?.into()
+            }
+            Kind::SyscallTracepoint { tracepoint } => {
+                let program: &mut TracePoint = program.try_into().map_err(at)?;
+                program.load().map_err(at)?;
+                if let Some(running) = pin.as_deref().and_then(|pin| adopt(pin, program.fd().ok()?.as_fd())) {
+                    self.adopted.push((name, running));
+                    return Ok(());
+                }
+                let id = program.attach("syscalls", tracepoint).map_err(at)?;
+                program.take_link(id).map_err(at)?.try_into().map_err(link_error)?
             }
             Kind::ExecTracepoint { btf } => {
                 let program: &mut BtfTracePoint = program.try_into().map_err(at)?;
@@ -329,8 +381,12 @@ impl PolicyPrograms {
             .into_iter()
             .chain([programs::SKB_EGRESS, programs::DEVICE, programs::GUARD_SOCK_CREATE])
             .collect();
-        if self.guards {
-            names.extend(GUARD_PROGRAMS.iter().map(|(name, _)| *name));
+        match self.guards {
+            Guards::None => {}
+            Guards::Lsm => names.extend(GUARD_PROGRAMS.iter().map(|(name, _)| *name)),
+            Guards::Observed => names.extend(self.observers.iter().copied()),
+        }
+        if self.guards != Guards::None {
             names.push(programs::GUARD_ARM);
         }
         running_program_stats(&self.ebpf, &names, &self.adopted)
@@ -344,6 +400,27 @@ enum Kind<'a> {
     SockCreate,
     Lsm { hook: &'static str, btf: &'a aya::Btf },
     ExecTracepoint { btf: &'a aya::Btf },
+    SyscallTracepoint { tracepoint: &'static str },
+}
+
+/// Which guardrail programs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guards {
+    None,
+    /// The BPF LSM programs: every guardrail decides.
+    Lsm,
+    /// The syscall tracepoints: guardrails observed only.
+    Observed,
+}
+
+/// Whether the kernel has the tracepoint `syscalls/{name}` (absent, e.g., for calls a kernel
+/// was built without). Reading tracefs may be refused where BPF is not: then assume it does.
+fn syscall_tracepoint_exists(name: &str) -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(|root| Path::new(root).join("events/syscalls"))
+        .find(|events| events.exists())
+        .is_none_or(|events| events.join(name).exists())
 }
 
 /// Pins a new link at `pin` with `pin_with`, the old pin there (another build's) moved aside
