@@ -733,6 +733,52 @@ fn observed_without_lsm(agent: &Agent, kernel: &str, container: &str) {
     .expect("logged");
 }
 
+/// `drop-net-raw`: packet sockets refused on every host. Where BPF LSM cannot run, a kernel
+/// under `enforce` for both socket guardrails starts without `CAP_NET_RAW`; a kernel whose own
+/// packet-socket mode is `monitor` keeps it (its raw sockets still meet the raw-socket
+/// guardrail). Where BPF LSM runs, its guardrail refuses the packet socket and the capability
+/// stays: the same outcomes.
+#[test]
+fn drop_net_raw_refuses_packet_sockets_where_the_guardrail_cannot() {
+    require_environment();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "{}\n[policy]\nmetadata-service-port = 0\n[policy.guardrails]\ndrop-net-raw = true\n",
+        kernel_toml(dir.path(), 25100)
+    );
+    let agent = Agent::start(&toml).expect("agent starts");
+    let lsm = guardrail_active(&agent, "packet-socket");
+    runtime().block_on(async {
+        let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
+        let (strict, monitored) = (unique("kernel"), unique("kernel"));
+        let strict_container = create_python(&client, &strict, "strict", None).await;
+        let config = with_field(
+            kernel_config(PYTHON_IMAGE, "1", "268435456"),
+            "internal_data",
+            map(vec![("guardrails", map(vec![("packet-socket", "monitor".into())]))]),
+        );
+        let monitored_container =
+            created_id(&create(&client, "s-policy", &monitored, config).await.expect("create"), "container_id");
+        assert_eq!(python_in(&strict_container, RAW_AND_PACKET), "EPERM\nEPERM", "both refused");
+        assert_eq!(python_in(&monitored_container, RAW_AND_PACKET), "EPERM\nok", "its own exception");
+        assert!(verdicts(&agent, &strict, "packet-socket", "denied") >= 1.0, "the refusal is counted");
+        assert!(verdicts(&agent, &monitored, "packet-socket", "monitored") >= 1.0, "the packet socket is seen");
+        let cap_drop = |container: &str| {
+            let out = Command::new("docker")
+                .args(["inspect", "-f", "{{json .HostConfig.CapDrop}}", container])
+                .output()
+                .expect("docker inspect");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let expected = if lsm { "null" } else { "[\"NET_RAW\"]" };
+        assert_eq!(cap_drop(&strict_container), expected, "the capability is dropped only where it has to be");
+        assert_eq!(cap_drop(&monitored_container), "null");
+        for kernel in [&strict, &monitored] {
+            destroy(&client, kernel).await;
+        }
+    });
+}
+
 /// What opening a raw IPv4 socket and a packet socket gives inside a kernel's container.
 const RAW_AND_PACKET: &str = "import socket, errno\n\
 for family, kind, proto in [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP), (17, socket.SOCK_RAW, 0)]:\n\

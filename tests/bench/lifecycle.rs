@@ -414,6 +414,7 @@ async fn engine_api_start(engine: &DockerClient, dir: &Path) -> anyhow::Result<D
         network: None,
         hostname: None,
         cgroup_parent: None,
+        cap_drop: Vec::new(),
         devices: Vec::new(),
         device_requests: Vec::new(),
     };

@@ -68,6 +68,10 @@ pub struct GuardrailsSection {
     /// `/sys/kernel/security/lsm`, or a kernel without `lsm_cgroup`); otherwise that is
     /// logged and `backendai_agent_policy_guardrails_active` reads 0.
     pub required: bool,
+    /// Where BPF LSM cannot run: kernels under `enforce` for both raw and packet sockets get
+    /// no `CAP_NET_RAW` (decided at a kernel's start), so that packet sockets, which no other
+    /// hook sees, are refused too.
+    pub drop_net_raw: bool,
     pub raw_socket: GuardMode,
     pub packet_socket: GuardMode,
     pub bpf: GuardMode,
@@ -81,6 +85,7 @@ impl Default for GuardrailsSection {
     fn default() -> Self {
         Self {
             required: false,
+            drop_net_raw: false,
             raw_socket: GuardMode::Enforce,
             packet_socket: GuardMode::Enforce,
             bpf: GuardMode::Enforce,

@@ -44,6 +44,8 @@ pub struct ContainerSpec {
     /// The cgroup the container's own goes under (the kernel's policy directory); `None`:
     /// the engine's default.
     pub cgroup_parent: Option<String>,
+    /// Capabilities taken from the engine's default set (`NET_RAW`).
+    pub cap_drop: Vec<String>,
     /// Host device nodes the container gets.
     pub devices: Vec<crate::config::DeviceMapping>,
     /// Devices a runtime hook provides (`DeviceRequests`: the NVIDIA runtime's GPUs).
@@ -94,6 +96,7 @@ impl DockerClient {
             init: Some(true),
             network_mode: spec.network.clone(),
             cgroup_parent: spec.cgroup_parent.clone(),
+            cap_drop: (!spec.cap_drop.is_empty()).then(|| spec.cap_drop.clone()),
             devices: Some(
                 spec.devices
                     .iter()

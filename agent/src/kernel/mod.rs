@@ -180,6 +180,20 @@ pub enum KernelError {
     Creation(String),
 }
 
+/// Where a kernel's policy puts its container: the cgroup parent and the capabilities taken.
+#[derive(Debug, Default)]
+struct Placement {
+    cgroup_parent: Option<String>,
+    cap_drop: Vec<String>,
+}
+
+impl Placement {
+    fn onto(self, spec: &mut ContainerSpec) {
+        spec.cgroup_parent = self.cgroup_parent;
+        spec.cap_drop = self.cap_drop;
+    }
+}
+
 fn failed(kernel_id: &str, message: impl std::fmt::Display) -> KernelError {
     KernelError::Failed { kernel_id: kernel_id.to_owned(), message: message.to_string() }
 }
@@ -465,9 +479,9 @@ impl KernelManager {
 
     /// Writes a kernel's policy and returns the cgroup parent of its container; a policy that
     /// cannot be applied stops the kernel from starting.
-    fn apply_policy(&self, record: &KernelRecord) -> Result<Option<String>, KernelError> {
+    fn apply_policy(&self, record: &KernelRecord) -> Result<Placement, KernelError> {
         let kernel_id = record.kernel_id.as_str();
-        let Some(policy) = &self.policy else { return Ok(None) };
+        let Some(policy) = &self.policy else { return Ok(Placement::default()) };
         let rules = crate::policy::kernel_rules(record.network_policy.as_ref())
             .map_err(|message| failed(kernel_id, format!("its network policy: {message}")))?;
         let guards = crate::policy::guards::kernel_exceptions(record.guardrails.as_ref())
@@ -481,10 +495,11 @@ impl KernelManager {
             egress_bps: record.egress_bps.unwrap_or(0),
             guards: &guards,
         };
-        policy
+        let cgroup_parent = policy
             .prepare_kernel(kernel_id, input)
-            .map(Some)
-            .map_err(|err| failed(kernel_id, format!("applying its policy: {err}")))
+            .map_err(|err| failed(kernel_id, format!("applying its policy: {err}")))?;
+        let cap_drop = if policy.drops_net_raw(&guards) { vec!["NET_RAW".to_owned()] } else { Vec::new() };
+        Ok(Placement { cgroup_parent: Some(cgroup_parent), cap_drop })
     }
 
     /// Paces a started kernel's egress when it has a cap.
@@ -792,7 +807,7 @@ impl KernelManager {
         let launch = self.launch_checked(kernel_id, &labels, record.startup_command.as_deref())?;
         let mut container_spec =
             self.container_spec(&record, &launch, &kernel_scratch.work, &kernel_scratch.config, &container_ports);
-        container_spec.cgroup_parent = self.apply_policy(&record)?;
+        self.apply_policy(&record)?.onto(&mut container_spec);
         let container_id = self.start_container(&docker, kernel_id, &container_spec).await?;
         if let Err(err) = kernel_scratch.record_container_id(&container_id) {
             tracing::warn!(kernel_id, error = %err, "recording the container id in resource.txt failed");
@@ -873,6 +888,7 @@ impl KernelManager {
             network: record.network.clone(),
             hostname: record.cluster_hostname.clone(),
             cgroup_parent: None,
+            cap_drop: Vec::new(),
             devices: self.kernel_devices.iter().cloned().chain(given.nodes).collect(),
             device_requests: given
                 .device_requests
@@ -1096,10 +1112,10 @@ impl KernelManager {
             .and_then(|labels| self.launch_checked(kernel_id, &labels, record.startup_command.as_deref()))
         {
             Ok(launch) => match self.apply_policy(&record) {
-                Ok(cgroup_parent) => {
+                Ok(placement) => {
                     let mut spec =
                         self.container_spec(&record, &launch, &scratch.work, &scratch.config, &container_ports);
-                    spec.cgroup_parent = cgroup_parent;
+                    placement.onto(&mut spec);
                     self.start_container(&docker, kernel_id, &spec).await
                 }
                 Err(err) => Err(err),

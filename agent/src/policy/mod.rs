@@ -587,6 +587,21 @@ impl Enforcer {
             .collect()
     }
 
+    /// Whether a kernel with these guardrail exceptions starts without `CAP_NET_RAW`
+    /// (`[policy.guardrails] drop-net-raw` on a host where the packet-socket guardrail cannot
+    /// decide, and both socket guardrails under `enforce` for it).
+    pub fn drops_net_raw(&self, exceptions: &guards::Exceptions) -> bool {
+        let state = self.state();
+        if !state.guard_node.drop_net_raw || state.guards_active {
+            return false;
+        }
+        let modes = guards::kernel_modes(&state.guard_node, exceptions).modes;
+        let enforce = guards::mode_byte(crate::config::GuardMode::Enforce);
+        [agent_common::policy::guard::RAW_SOCKET, agent_common::policy::guard::PACKET_SOCKET]
+            .iter()
+            .all(|guard| modes[*guard] == enforce)
+    }
+
     /// A kernel's cgroup made anew for a new container: its mount guardrail waits for the
     /// container's first program again.
     pub fn disarm(&self, kernel_id: &str) {
