@@ -752,13 +752,7 @@ fn drop_net_raw_refuses_packet_sockets_where_the_guardrail_cannot() {
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let (strict, monitored) = (unique("kernel"), unique("kernel"));
         let strict_container = create_python(&client, &strict, "strict", None).await;
-        let config = with_field(
-            kernel_config(PYTHON_IMAGE, "1", "268435456"),
-            "internal_data",
-            map(vec![("guardrails", map(vec![("packet-socket", "monitor".into())]))]),
-        );
-        let monitored_container =
-            created_id(&create(&client, "s-policy", &monitored, config).await.expect("create"), "container_id");
+        let monitored_container = create_with_guardrail(&client, &monitored, "packet-socket", "monitor").await;
         assert_eq!(python_in(&strict_container, RAW_AND_PACKET), "EPERM\nEPERM", "both refused");
         assert_eq!(python_in(&monitored_container, RAW_AND_PACKET), "EPERM\nok", "its own exception");
         assert!(verdicts(&agent, &strict, "packet-socket", "denied") >= 1.0, "the refusal is counted");
@@ -777,6 +771,16 @@ fn drop_net_raw_refuses_packet_sockets_where_the_guardrail_cannot() {
             destroy(&client, kernel).await;
         }
     });
+}
+
+/// A python kernel with its own mode for one guardrail (`internal_data.guardrails`): its container.
+async fn create_with_guardrail(client: &RpcClient, kernel: &str, guardrail: &str, mode: &str) -> String {
+    let config = with_field(
+        kernel_config(PYTHON_IMAGE, "1", "268435456"),
+        "internal_data",
+        map(vec![("guardrails", map(vec![(guardrail, mode.into())]))]),
+    );
+    created_id(&create(client, "s-policy", kernel, config).await.expect("create"), "container_id")
 }
 
 /// What opening a raw IPv4 socket and a packet socket gives inside a kernel's container.
@@ -806,13 +810,7 @@ fn guardrails_enforce_or_monitor_per_kernel_and_a_flip_applies_to_the_next_call(
         let client = RpcClient::connect(&agent.rpc_addr).await.expect("connect");
         let (guarded, excepted) = (unique("kernel"), unique("kernel"));
         let guarded_container = create_python(&client, &guarded, "guarded", None).await;
-        let config = with_field(
-            kernel_config(PYTHON_IMAGE, "1", "268435456"),
-            "internal_data",
-            map(vec![("guardrails", map(vec![("raw-socket", "off".into())]))]),
-        );
-        let excepted_container =
-            created_id(&create(&client, "s-policy", &excepted, config).await.expect("create"), "container_id");
+        let excepted_container = create_with_guardrail(&client, &excepted, "raw-socket", "off").await;
 
         // The kernel's own processes, as Docker runs them (CAP_NET_RAW included).
         let packet = if lsm { "EPERM" } else { "ok" };
