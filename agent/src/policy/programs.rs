@@ -215,13 +215,22 @@ impl PolicyPrograms {
         Ok(())
     }
 
-    /// Where BPF LSM cannot run: attaches the syscall tracepoints that observe the guarded
-    /// calls (they count and report, and stop nothing), and the exec tracepoint that arms the
-    /// mount rule. A tracepoint this kernel lacks is skipped; `parent` only names the links.
+    /// Where BPF LSM cannot run: attaches the exec tracepoint that arms the mount rule and the
+    /// syscall tracepoints that observe the guarded calls (they count and report, and stop
+    /// nothing; they run for every task and look the caller's kernel up first). A tracepoint
+    /// this kernel lacks, or one that cannot be attached, is skipped and logged.
     pub fn attach_observers(&mut self, parent: &Path, pins: Option<&Path>) -> Result<(), ProgramsError> {
         let btf = aya::Btf::from_sys_fs().map_err(|err| ProgramsError::Map { name: "btf", reason: err.to_string() })?;
         let dir = File::open(parent).map_err(|source| ProgramsError::Cgroup { path: parent.to_path_buf(), source })?;
-        for (name, tracepoint, _) in programs::GUARD_OBSERVERS {
+        // Without the arming program no mount would ever count: the mount observers need it.
+        let armed = self.attach(programs::GUARD_ARM, &dir, pins, Kind::ExecTracepoint { btf: &btf });
+        if let Err(err) = &armed {
+            tracing::warn!(error = %err, "mounts cannot be observed: the exec tracepoint that arms them failed");
+        }
+        for (name, tracepoint, guard) in programs::GUARD_OBSERVERS {
+            if guard == agent_common::policy::guard::MOUNT && armed.is_err() {
+                continue;
+            }
             if !syscall_tracepoint_exists(tracepoint) {
                 tracing::info!(
                     tracepoint,
@@ -229,22 +238,29 @@ impl PolicyPrograms {
                 );
                 continue;
             }
-            self.attach(name, &dir, pins, Kind::SyscallTracepoint { tracepoint })?;
-            self.observers.push(name);
+            match self.attach(name, &dir, pins, Kind::SyscallTracepoint { tracepoint }) {
+                Ok(()) => self.observers.push(name),
+                Err(err) => tracing::warn!(tracepoint, error = %err, "a guardrail observer cannot be attached"),
+            }
         }
-        self.attach(programs::GUARD_ARM, &dir, pins, Kind::ExecTracepoint { btf: &btf })?;
         self.guards = Guards::Observed;
         Ok(())
     }
 
-    /// The guardrails whose calls the observers see (none unless [`Self::attach_observers`] ran).
+    /// The guardrails whose calls the observers see: each whose observers all run (none unless
+    /// [`Self::attach_observers`] ran).
     pub fn observed_guards(&self) -> Vec<usize> {
-        let mut guards: Vec<usize> = programs::GUARD_OBSERVERS
-            .iter()
-            .filter(|(name, _, _)| self.observers.contains(name))
-            .map(|(_, _, guard)| *guard)
-            .collect();
+        let mut guards: Vec<usize> = programs::GUARD_OBSERVERS.iter().map(|(_, _, guard)| *guard).collect();
         guards.dedup();
+        guards.retain(|guard| {
+            let mut observers = programs::GUARD_OBSERVERS.iter().filter(|(_, _, g)| g == guard);
+            let needs_all = *guard == agent_common::policy::guard::PACKET_SOCKET;
+            if needs_all {
+                observers.all(|(name, _, _)| self.observers.contains(name))
+            } else {
+                observers.any(|(name, _, _)| self.observers.contains(name))
+            }
+        });
         guards
     }
 
