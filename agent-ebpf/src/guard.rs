@@ -143,12 +143,17 @@ pub fn guard_perf_event_open(ctx: LsmContext) -> i32 {
 /// container (its mounts included) happens in the kernel's cgroup before that.
 #[inline(always)]
 fn check_mount(which: u16) -> i32 {
-    let kernel = current_kernel();
-    // SAFETY: the value is plain data the map owns.
-    if unsafe { POLICY_GUARDS_ARMED.get(&kernel) }.is_none() {
+    if !armed(current_kernel()) {
         return ALLOW;
     }
     check(guard::MOUNT, which)
+}
+
+/// Whether `kernel`'s own program has run (its mounts count from then on).
+#[inline(always)]
+fn armed(kernel: CgroupId) -> bool {
+    // SAFETY: the value is plain data the map owns.
+    unsafe { POLICY_GUARDS_ARMED.get(&kernel) }.is_some()
 }
 
 #[lsm_cgroup(hook = "sb_mount")]
@@ -237,7 +242,7 @@ pub fn guard_arm_on_exec(_ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: the value is plain data the map owns.
-    if unsafe { POLICY_KERNEL_GUARDS.get(&kernel) }.is_some() && unsafe { POLICY_GUARDS_ARMED.get(&kernel) }.is_none() {
+    if unsafe { POLICY_KERNEL_GUARDS.get(&kernel) }.is_some() && !armed(kernel) {
         let _ = POLICY_GUARDS_ARMED.insert(&kernel, &1, u64::from(BPF_NOEXIST));
     }
     0
@@ -254,19 +259,18 @@ const SYSCALL_RET: usize = 16;
 const EPERM: i64 = 1;
 const EACCES: i64 = 13;
 
-/// Reports the current task's call under `rule` when its kernel guards it, with the outcome
-/// the syscall's return value shows.
+/// Whether `kernel` (0: the task is in no kernel) has `rule` on.
 #[inline(always)]
-fn observe(ctx: &TracePointContext, rule: usize, detail: u16) -> u32 {
-    let kernel = current_kernel();
-    if kernel == 0 {
-        return 0;
-    }
+fn guarded(kernel: CgroupId, rule: usize) -> bool {
     // SAFETY: the value is plain data the map owns.
-    let Some(guards) = (unsafe { POLICY_KERNEL_GUARDS.get(&kernel) }) else {
-        return 0;
-    };
-    if guards.modes[rule & 7] == guard_mode::OFF {
+    kernel != 0 && unsafe { POLICY_KERNEL_GUARDS.get(&kernel) }.is_some_and(|g| g.modes[rule & 7] != guard_mode::OFF)
+}
+
+/// Reports `kernel`'s call under `rule` when it guards it, with the outcome the syscall's
+/// return value shows.
+#[inline(always)]
+fn observe(ctx: &TracePointContext, kernel: CgroupId, rule: usize, detail: u16) -> u32 {
+    if !guarded(kernel, rule) {
         return 0;
     }
     // SAFETY: an offset inside the tracepoint's record.
@@ -282,7 +286,7 @@ pub fn guard_seen_socket_enter(ctx: TracePointContext) -> u32 {
     let (family, kind) = unsafe {
         (ctx.read_at::<u64>(SYSCALL_ARG0).unwrap_or(0) as i32, ctx.read_at::<u64>(SYSCALL_ARG0 + 8).unwrap_or(0) as i32)
     };
-    if family == AF_PACKET && current_kernel() != 0 {
+    if family == AF_PACKET && guarded(current_kernel(), guard::PACKET_SOCKET) {
         let _ = GUARD_SOCKETS_PENDING.insert(&bpf_get_current_pid_tgid(), &socket_detail(family, kind), 0);
     }
     0
@@ -296,27 +300,27 @@ pub fn guard_seen_socket(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = GUARD_SOCKETS_PENDING.remove(&thread);
-    observe(&ctx, guard::PACKET_SOCKET, detail)
+    observe(&ctx, current_kernel(), guard::PACKET_SOCKET, detail)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bpf")]
 pub fn guard_seen_bpf(ctx: TracePointContext) -> u32 {
-    observe(&ctx, guard::BPF, 0)
+    observe(&ctx, current_kernel(), guard::BPF, 0)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_perf_event_open")]
 pub fn guard_seen_perf_event_open(ctx: TracePointContext) -> u32 {
-    observe(&ctx, guard::PERF_EVENT, 0)
+    observe(&ctx, current_kernel(), guard::PERF_EVENT, 0)
 }
 
 /// Mounts as [`check_mount`] counts them: once the kernel's own program runs.
 #[inline(always)]
 fn observe_mount(ctx: &TracePointContext, which: u16) -> u32 {
-    // SAFETY: the value is plain data the map owns.
-    if unsafe { POLICY_GUARDS_ARMED.get(&current_kernel()) }.is_none() {
+    let kernel = current_kernel();
+    if !armed(kernel) {
         return 0;
     }
-    observe(ctx, guard::MOUNT, which)
+    observe(ctx, kernel, guard::MOUNT, which)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_mount")]

@@ -78,17 +78,30 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The node's deny rules of the bench, as (CIDR, ports, name): `bench-denied` for `denied` on
+/// the host, and 20 rules no traffic of the bench meets.
+fn node_deny_rules(host: Ipv4Addr, denied: u16) -> Vec<(String, Option<String>, Option<&'static str>)> {
+    std::iter::once((format!("{host}/32"), Some(denied.to_string()), Some("bench-denied")))
+        .chain((0..20).map(|i| (format!("10.{i}.0.0/16"), None, None)))
+        .collect()
+}
+
 /// Part 1: ns per `connect` of `policy_connect4` and of the empty program, allowed and denied.
 fn connect_cost(host: Ipv4Addr, connects: u64) -> anyhow::Result<()> {
     let (_allowed_listener, allowed) = listener(host)?;
     let (_denied_listener, denied) = listener(host)?;
     let dir = tempfile::tempdir()?;
-    let unrelated: Vec<String> = (0..20).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+    let deny: Vec<String> = node_deny_rules(host, denied)
+        .iter()
+        .map(|(cidr, ports, name)| match (ports, name) {
+            (Some(ports), Some(name)) => format!("{{ cidr = \"{cidr}\", ports = \"{ports}\", name = \"{name}\" }}"),
+            _ => format!("\"{cidr}\""),
+        })
+        .collect();
     let toml = format!(
-        "{}\n[policy]\nmetadata-service-port = 0\ndeny = [{{ cidr = \"{host}/32\", ports = \"{denied}\", \
-         name = \"bench-denied\" }}, {}]\n",
+        "{}\n[policy]\nmetadata-service-port = 0\ndeny = [{}]\n",
         kernel_toml(dir.path(), 24600),
-        unrelated.join(", ")
+        deny.join(", ")
     );
     let agent = Agent::start(&toml)?;
     let (kernel, container) = create_python(&agent)?;
@@ -215,7 +228,8 @@ fn throughput(host: Ipv4Addr, bytes: u64, pairs: usize) -> anyhow::Result<()> {
     // The kernel's agent attaches no policy: the bench attaches it to the kernel itself.
     let agent = Agent::start(&format!("{}\n[policy]\nenabled = false\n", kernel_toml(dir.path(), 24650)))?;
     let (_, container) = create_python(&agent)?;
-    let policy = KernelPolicy::of(&container, host)?;
+    // Part 1's rules, `bench-denied` on a port of the host no transfer uses.
+    let policy = KernelPolicy::of(&container, host, 1)?;
     let transfer = || send(&container, host, port, bytes, &received);
     // Warm-up: one short transfer each way, not reported.
     send(&container, host, port, 64 * CHUNK as u64, &received)?;
@@ -339,27 +353,22 @@ struct KernelPolicy {
 }
 
 impl KernelPolicy {
-    fn of(container: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
+    fn of(container: &str, host: Ipv4Addr, denied: u16) -> anyhow::Result<Self> {
         let out = Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", container]).output()?;
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .with_context(|| format!("the cgroups of container {container} (pid {pid:?})"))?;
-        let unified =
-            cgroups.lines().find_map(|l| l.strip_prefix("0::")).context("the kernel has no cgroup v2 entry")?;
-        let (parent, leaf) = unified.rsplit_once('/').context("the kernel's cgroup has no parent")?;
-        let deny = (0..20)
-            .map(|i| NetworkRule::parse(&format!("10.{i}.0.0/16"), None, None, None))
-            .chain([NetworkRule::parse(&format!("{host}/32"), Some("1"), None, Some("bench-denied"))])
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().context("the kernel's pid")?;
+        let layout = CgroupLayout::detect()?;
+        let cgroup = layout.cgroup_of_pid(pid)?.path;
+        let relative = cgroup.strip_prefix(&layout.unified_root).context("the kernel's cgroup")?.to_string_lossy();
+        let (parent, leaf) = relative.rsplit_once('/').context("the kernel's cgroup has no parent")?;
+        let deny = node_deny_rules(host, denied)
+            .iter()
+            .map(|(cidr, ports, name)| NetworkRule::parse(cidr, ports.as_deref(), None, *name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(anyhow::Error::msg)?;
-        let section = PolicySection {
-            cgroup_parent: if parent.is_empty() { "/".into() } else { parent.to_owned() },
-            deny,
-            ..PolicySection::default()
-        };
+        let section = PolicySection { cgroup_parent: format!("/{parent}"), deny, ..PolicySection::default() };
         Ok(Self {
             section,
-            unified_root: CgroupLayout::detect()?.unified_root,
+            unified_root: layout.unified_root,
             leaf: leaf.to_owned(),
             redirect: SocketAddrV4::new(host, 40128),
         })

@@ -100,10 +100,6 @@ struct State {
     shaper: pacing::Shaper,
     /// `[policy.guardrails]`.
     guard_node: crate::config::GuardrailsSection,
-    /// The guardrail programs run on this host.
-    guards_active: bool,
-    /// Guardrails observed by syscall tracepoints where the BPF LSM programs cannot run.
-    guards_observed: Vec<usize>,
 }
 
 impl State {
@@ -242,11 +238,9 @@ impl Enforcer {
         let (mut programs, mut maps) =
             PolicyPrograms::load(section.kernel_cgroup_level(), &kernels_dir, pins.as_deref(), offsets)?;
         devices::replace_list(&mut maps.devices, 0, &devices::STANDARD)?;
-        let guards = if wants_guards {
-            start_guards(&mut programs, &kernels_dir, pins.as_deref(), section)?
-        } else {
-            GuardSupport { active: false, observed: Vec::new() }
-        };
+        if wants_guards {
+            start_guards(&mut programs, &kernels_dir, pins.as_deref(), section)?;
+        }
         let enforcer = Self {
             state: Mutex::new(State {
                 maps,
@@ -262,8 +256,6 @@ impl Enforcer {
                     crate::config::EgressShaper::Auto => pacing::Shaper::detect(),
                 },
                 guard_node: section.guardrails.clone(),
-                guards_active: guards.active,
-                guards_observed: guards.observed,
             }),
             kernels_dir,
             relative,
@@ -577,12 +569,13 @@ impl Enforcer {
     /// program; the rest when BPF LSM does), and whether its calls are observed instead.
     pub fn guards_active(&self) -> Vec<GuardStatus> {
         let state = self.state();
+        let (decide, observed) = (state.programs.guards_decide(), state.programs.observed_guards());
         agent_common::policy::guard::NAMES
             .iter()
             .enumerate()
             .map(|(index, name)| {
-                let active = state.guards_active || index == agent_common::policy::guard::RAW_SOCKET;
-                GuardStatus { name, active, observed: !active && state.guards_observed.contains(&index) }
+                let active = decide || index == agent_common::policy::guard::RAW_SOCKET;
+                GuardStatus { name, active, observed: !active && observed.contains(&index) }
             })
             .collect()
     }
@@ -592,7 +585,7 @@ impl Enforcer {
     /// decide, and both socket guardrails under `enforce` for it).
     pub fn drops_net_raw(&self, exceptions: &guards::Exceptions) -> bool {
         let state = self.state();
-        if !state.guard_node.drop_net_raw || state.guards_active {
+        if !state.guard_node.drop_net_raw || state.programs.guards_decide() {
             return false;
         }
         let modes = guards::kernel_modes(&state.guard_node, exceptions).modes;
@@ -659,48 +652,34 @@ fn start_guards(
     parent: &Path,
     pins: Option<&Path>,
     section: &PolicySection,
-) -> Result<GuardSupport, PolicyError> {
+) -> Result<(), PolicyError> {
     let outcome = match guards::unavailable_reason() {
         Some(reason) => Err(reason),
         None => programs
             .attach_guards(parent, pins)
             .map_err(|err| format!("this kernel refuses BPF LSM programs ({err}); only the raw-socket guardrail runs")),
     };
-    match outcome {
-        Ok(()) => Ok(GuardSupport { active: true, observed: Vec::new() }),
-        Err(reason) if section.guardrails.required => Err(PolicyError::Guardrails(reason)),
-        Err(reason) => {
-            tracing::error!(
-                reason,
-                "the BPF LSM guardrails cannot run on this host; kernels run without them (see backendai_agent_policy_guardrails_active)"
-            );
-            let observed = match programs.attach_observers(parent, pins) {
-                Ok(()) => programs.observed_guards(),
-                Err(err) => {
-                    tracing::warn!(error = %err, "the guardrails' calls cannot be observed either");
-                    Vec::new()
-                }
-            };
-            if !observed.is_empty() {
-                let names: Vec<&str> = observed.iter().map(|g| agent_common::policy::guard::NAMES[*g]).collect();
-                tracing::warn!(
-                    guardrails = ?names,
-                    "these guardrails' calls are observed by syscall tracepoints instead: counted and reported with \
-                     their outcome (denied where the container runtime refused them), never stopped by the agent \
-                     (see backendai_agent_policy_guardrails_observed)"
-                );
-            }
-            Ok(GuardSupport { active: false, observed })
-        }
+    let Err(reason) = outcome else { return Ok(()) };
+    if section.guardrails.required {
+        return Err(PolicyError::Guardrails(reason));
     }
-}
-
-/// What of the guardrails runs on this host.
-struct GuardSupport {
-    /// The BPF LSM programs decide every guardrail.
-    active: bool,
-    /// Without them: the guardrails (indices of `guard::NAMES`) whose calls are observed.
-    observed: Vec<usize>,
+    tracing::error!(
+        reason,
+        "the BPF LSM guardrails cannot run on this host; kernels run without them (see backendai_agent_policy_guardrails_active)"
+    );
+    if let Err(err) = programs.attach_observers(parent, pins) {
+        tracing::warn!(error = %err, "the guardrails' calls cannot be observed either");
+    }
+    let names: Vec<&str> = programs.observed_guards().iter().map(|g| agent_common::policy::guard::NAMES[*g]).collect();
+    if !names.is_empty() {
+        tracing::warn!(
+            guardrails = ?names,
+            "these guardrails' calls are observed by syscall tracepoints instead: counted and reported with \
+             their outcome (denied where the container runtime refused them), never stopped by the agent \
+             (see backendai_agent_policy_guardrails_observed)"
+        );
+    }
+    Ok(())
 }
 
 fn has_subdirectories(dir: &Path) -> bool {

@@ -125,6 +125,8 @@ pub struct PolicyPrograms {
     guards: Guards,
     /// The observer programs attached (or adopted), by name.
     observers: Vec<&'static str>,
+    /// Guardrails with an observer that could not run (their counts would be partial).
+    unobservable: Vec<usize>,
 }
 
 /// `{pins}/policy-v{N}`: maps and links of the enforcement object.
@@ -191,6 +193,7 @@ impl PolicyPrograms {
             adopted: Vec::new(),
             guards: Guards::None,
             observers: Vec::new(),
+            unobservable: Vec::new(),
         };
         for name in SOCK_ADDR_PROGRAMS {
             programs.attach(name, &dir, pins, Kind::SockAddr)?;
@@ -229,6 +232,7 @@ impl PolicyPrograms {
         }
         for (name, tracepoint, guard) in programs::GUARD_OBSERVERS {
             if guard == agent_common::policy::guard::MOUNT && armed.is_err() {
+                self.unobservable.push(guard);
                 continue;
             }
             if !syscall_tracepoint_exists(tracepoint) {
@@ -240,27 +244,30 @@ impl PolicyPrograms {
             }
             match self.attach(name, &dir, pins, Kind::SyscallTracepoint { tracepoint }) {
                 Ok(()) => self.observers.push(name),
-                Err(err) => tracing::warn!(tracepoint, error = %err, "a guardrail observer cannot be attached"),
+                Err(err) => {
+                    tracing::warn!(tracepoint, error = %err, "a guardrail observer cannot be attached");
+                    self.unobservable.push(guard);
+                }
             }
         }
         self.guards = Guards::Observed;
         Ok(())
     }
 
-    /// The guardrails whose calls the observers see: each whose observers all run (none unless
-    /// [`Self::attach_observers`] ran).
+    /// Every guardrail decides (the BPF LSM programs run).
+    pub fn guards_decide(&self) -> bool {
+        self.guards == Guards::Lsm
+    }
+
+    /// The guardrails whose calls the observers see: an observer of each runs and none failed
+    /// (none unless [`Self::attach_observers`] ran).
     pub fn observed_guards(&self) -> Vec<usize> {
-        let mut guards: Vec<usize> = programs::GUARD_OBSERVERS.iter().map(|(_, _, guard)| *guard).collect();
+        let mut guards: Vec<usize> = programs::GUARD_OBSERVERS
+            .iter()
+            .filter(|(name, _, guard)| self.observers.contains(name) && !self.unobservable.contains(guard))
+            .map(|(_, _, guard)| *guard)
+            .collect();
         guards.dedup();
-        guards.retain(|guard| {
-            let mut observers = programs::GUARD_OBSERVERS.iter().filter(|(_, _, g)| g == guard);
-            let needs_all = *guard == agent_common::policy::guard::PACKET_SOCKET;
-            if needs_all {
-                observers.all(|(name, _, _)| self.observers.contains(name))
-            } else {
-                observers.any(|(name, _, _)| self.observers.contains(name))
-            }
-        });
         guards
     }
 
